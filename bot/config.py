@@ -1,0 +1,289 @@
+"""config.toml, loaded once at start-up into typed, frozen objects.
+
+Unknown keys and bad values raise :class:`ConfigError` naming the key.
+Secrets never live here: they come from the environment (see :class:`Secrets`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from bot.errors import ConfigError
+
+EMBEDDED_MODEL = "embedded"
+
+PromptFormat = Literal["xwin", "chat_template"]
+EngineKind = Literal["transformers", "openai", "fake"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    id: str = "TheBloke/Xwin-LM-70B-V0.1-GPTQ"
+    revision: str = "main"
+    engine: EngineKind = "transformers"
+    # "xwin" builds the Vicuna v1.1 prompt; "chat_template" uses the tokenizer's own.
+    prompt_format: PromptFormat = "xwin"
+    context_length: int = 4096
+    device_map: str = "auto"
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    gptq_backend: Literal["auto", "marlin", "exllama_v2", "triton", "torch", "machete"] = "auto"
+    # Concurrent replies decoded together by the one worker (1 = one at a time).
+    max_batch: int = 1
+    # "generate": one model.generate() per reply; "continuous": transformers'
+    # continuous batching, concurrent replies decoded together (GPU path).
+    decode: Literal["generate", "continuous"] = "generate"
+    # engine = "openai": an OpenAI-compatible server (vLLM, TGI, llama.cpp).
+    base_url: str = ""
+    served_model: str = ""
+    api_key_env: str = "OPENAI_API_KEY"
+    request_timeout: float = 120.0
+    max_concurrency: int = 8
+    api: Literal["completions", "chat"] = "completions"
+    # Tokenizer to build prompts with for the openai engine ("" = same as id).
+    tokenizer: str = ""
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    temperature: float = 0.1
+    top_p: float = 0.95
+    top_k: int = 0
+    repetition_penalty: float = 1.1
+    max_new_tokens: int = 512
+    system_prompt: str = (
+        "A chat between a curious user and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the user's questions."
+    )
+
+
+@dataclass(frozen=True)
+class BotConfig:
+    database: str = "xwin-bot.sqlite3"
+    max_queue: int = 64
+    max_pending_per_user: int = 3
+    # Messages older than this many days are purged at start-up (0 = keep forever).
+    retention_days: int = 0
+    # Seconds between streamed edits of a reply (platform rate limits).
+    stream_interval: float = 1.0
+    # Longest message accepted, in characters; longer ones are cut with a notice.
+    max_message_chars: int = 16000
+
+
+@dataclass(frozen=True)
+class DiscordConfig:
+    enabled: bool = False
+    reply_in: Literal["thread", "reply"] = "thread"
+    guilds: tuple[str, ...] = ()
+    channels: tuple[str, ...] = ()
+    admin_roles: tuple[str, ...] = ()
+    allow_dms: bool = True
+    command_guilds: tuple[str, ...] = ()
+    message_content_intent: bool = True
+    api_base_url: str = "https://discord.com/api/v10"
+    gateway_url: str = "wss://gateway.discord.gg"
+
+
+@dataclass(frozen=True)
+class SlackConfig:
+    enabled: bool = False
+    mode: Literal["socket", "http"] = "socket"
+    http_host: str = "127.0.0.1"
+    http_port: int = 3000
+    teams: tuple[str, ...] = ()
+    channels: tuple[str, ...] = ()
+    admin_users: tuple[str, ...] = ()
+    allow_dms: bool = True
+    api_base_url: str = "https://slack.com/api/"
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    bot: BotConfig = field(default_factory=BotConfig)
+    discord: DiscordConfig = field(default_factory=DiscordConfig)
+    slack: SlackConfig = field(default_factory=SlackConfig)
+    # Folder that relative paths (the database) are taken from.
+    base_dir: Path = field(default=Path("."), compare=False)
+
+    def database_path(self) -> Path:
+        path = Path(self.bot.database)
+        return path if path.is_absolute() else self.base_dir / path
+
+
+@dataclass(frozen=True)
+class Secrets:
+    """Tokens from the environment. ``repr`` never shows them."""
+
+    discord_token: str = field(default="", repr=False)
+    slack_bot_token: str = field(default="", repr=False)
+    slack_app_token: str = field(default="", repr=False)
+    slack_signing_secret: str = field(default="", repr=False)
+    openai_api_key: str = field(default="", repr=False)
+
+    @classmethod
+    def from_env(cls, env: typing.Mapping[str, str] | None = None, api_key_env: str = "OPENAI_API_KEY") -> Secrets:
+        env = os.environ if env is None else env
+        return cls(
+            discord_token=env.get("DISCORD_TOKEN", ""),
+            slack_bot_token=env.get("SLACK_BOT_TOKEN", ""),
+            slack_app_token=env.get("SLACK_APP_TOKEN", ""),
+            slack_signing_secret=env.get("SLACK_SIGNING_SECRET", ""),
+            openai_api_key=env.get(api_key_env, ""),
+        )
+
+    def all_values(self) -> list[str]:
+        return [v for v in dataclasses.astuple(self) if v]
+
+
+_SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "generation": GenerationConfig,
+    "bot": BotConfig,
+    "discord": DiscordConfig,
+    "slack": SlackConfig,
+}
+
+
+def load_config(path: Path | str | None = None, *, model_override: str | None = None) -> Config:
+    """Read and validate a config file (or the defaults when ``path`` is None)."""
+    raw: dict[str, Any] = {}
+    base_dir = Path(".")
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        base_dir = path.resolve().parent
+    return parse_config(raw, base_dir=base_dir, model_override=model_override)
+
+
+def parse_config(
+    raw: dict[str, Any], *, base_dir: Path = Path("."), model_override: str | None = None
+) -> Config:
+    for section in raw:
+        if section not in _SECTIONS:
+            raise ConfigError(f"unknown config section [{section}] (known: {', '.join(_SECTIONS)})")
+    built: dict[str, Any] = {}
+    for section, cls in _SECTIONS.items():
+        values = raw.get(section, {})
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{section}] must be a table")
+        built[section] = _build_section(section, cls, values)
+    if model_override:
+        built["model"] = _with_model(built["model"], model_override)
+    config = Config(**built, base_dir=base_dir)
+    _check_cross_field(config)
+    return config
+
+
+def _with_model(model: ModelConfig, model_id: str) -> ModelConfig:
+    if model_id == EMBEDDED_MODEL:
+        # The embedded model has its own chat template and a 8192-token window;
+        # keep the operator's context setting only if it fits.
+        return dataclasses.replace(
+            model,
+            id=model_id,
+            engine="transformers",
+            prompt_format="chat_template",
+            context_length=min(model.context_length, 8192),
+            device_map="cpu",
+            gptq_backend="auto",
+        )
+    return dataclasses.replace(model, id=model_id)
+
+
+def _build_section(section: str, cls: type, values: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"[{section}] {key}: unknown key (known: {', '.join(sorted(names))})")
+        kwargs[key] = _coerce(f"[{section}] {key}", hints[key], value)
+    return cls(**kwargs)
+
+
+def _coerce(name: str, hint: Any, value: Any) -> Any:
+    origin = get_origin(hint)
+    if origin is Literal:
+        allowed = get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{name}: must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, (str, int)) for v in value):
+            raise ConfigError(f"{name}: must be a list of strings, got {value!r}")
+        return tuple(str(v) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{name}: unsupported type")  # pragma: no cover - schema bug
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}: must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}: must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{name}: unsupported type {hint!r}")  # pragma: no cover - schema bug
+
+
+def _check_cross_field(config: Config) -> None:
+    m, g, b = config.model, config.generation, config.bot
+    _positive("[model] context_length", m.context_length)
+    _positive("[model] max_batch", m.max_batch)
+    _positive("[model] max_concurrency", m.max_concurrency)
+    _positive("[bot] max_queue", b.max_queue)
+    _positive("[bot] max_pending_per_user", b.max_pending_per_user)
+    _positive("[bot] max_message_chars", b.max_message_chars)
+    if b.retention_days < 0:
+        raise ConfigError(f"[bot] retention_days: must be 0 or more, got {b.retention_days}")
+    if b.stream_interval < 0:
+        raise ConfigError(f"[bot] stream_interval: must be 0 or more, got {b.stream_interval}")
+    if m.engine == "openai" and not m.base_url:
+        raise ConfigError("[model] base_url: required when engine = \"openai\"")
+    if m.request_timeout <= 0:
+        raise ConfigError(f"[model] request_timeout: must be more than 0, got {m.request_timeout}")
+    # Generation defaults obey the same ranges as /xwin set.
+    from bot.settings import validate_settings  # local: settings imports nothing from here
+
+    try:
+        validate_settings(settings_from_generation(g), context_length=m.context_length)
+    except ValueError as exc:
+        raise ConfigError(f"[generation] {exc}") from None
+
+
+def _positive(name: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"{name}: must be 1 or more, got {value}")
+
+
+def settings_from_generation(g: GenerationConfig) -> Any:
+    from bot.types import Settings
+
+    return Settings(
+        temperature=g.temperature,
+        top_p=g.top_p,
+        top_k=g.top_k,
+        repetition_penalty=g.repetition_penalty,
+        max_new_tokens=g.max_new_tokens,
+        system_prompt=g.system_prompt,
+    )

@@ -1,0 +1,112 @@
+"""The normalized, platform-free types every adapter speaks.
+
+Adapters turn a platform's events into :class:`Incoming` and implement
+:class:`ReplySink`; nothing in ``bot/`` knows Discord or Slack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+Platform = Literal["discord", "slack", "console"]
+Role = Literal["user", "assistant"]
+
+
+@dataclass(frozen=True)
+class ConversationKey:
+    """Where a conversation lives.
+
+    ``workspace`` is the guild or team id (``"dm"`` for direct messages);
+    ``thread`` is the Discord thread id, the Slack ``thread_ts``, or ``""`` for
+    a DM channel's running conversation.
+    """
+
+    platform: Platform
+    workspace: str
+    channel: str
+    thread: str = ""
+
+    def channel_key(self) -> ConversationKey:
+        """The same place without the thread (a channel's own scope)."""
+        return ConversationKey(self.platform, self.workspace, self.channel, "")
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """One message for the bot, already stripped of platform markup."""
+
+    key: ConversationKey
+    message_id: str
+    author_id: str
+    author_name: str
+    text: str
+    is_dm: bool
+    created_at: float
+    # Adapter data needed to answer this message again after a restart
+    # (e.g. the Discord channel to post in); stored with the job, opaque to bot/.
+    reply_ref: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: Role
+    text: str
+    author_name: str = ""
+    message_id: str = ""
+
+
+@dataclass(frozen=True)
+class Settings:
+    temperature: float
+    top_p: float
+    top_k: int
+    repetition_penalty: float
+    max_new_tokens: int
+    system_prompt: str
+
+
+@dataclass(frozen=True)
+class CommandContext:
+    """Who asked for a command, and where."""
+
+    key: ConversationKey
+    author_id: str
+    is_dm: bool
+    # The adapter decides: Discord Manage Channels / admin role, Slack admin_users.
+    is_admin: bool
+
+
+@dataclass(frozen=True)
+class CommandReply:
+    text: str
+    ephemeral: bool = True
+    ok: bool = True
+
+
+class ReplySink(Protocol):
+    """How the core talks back to whoever asked.
+
+    The worker calls these in order: ``queued`` (maybe several times, as the
+    queue moves), ``started``, ``update`` (throttled to ``update_interval``
+    seconds), then exactly one of ``finish`` or ``fail``.
+    """
+
+    #: Seconds between ``update`` calls; 0 means every piece as it comes.
+    update_interval: float
+
+    async def queued(self, position: int) -> None: ...
+
+    async def started(self) -> None: ...
+
+    async def update(self, text_so_far: str) -> None: ...
+
+    async def finish(self, text: str) -> None: ...
+
+    async def fail(self, user_message: str) -> None: ...
+
+
+class SinkFactory(Protocol):
+    """Re-creates a sink for a job after a restart, from its ``reply_ref``."""
+
+    def __call__(self, key: ConversationKey, reply_ref: dict[str, str]) -> ReplySink: ...
