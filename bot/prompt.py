@@ -1,0 +1,183 @@
+"""Prompt building, as token ids.
+
+The ``xwin`` format is Vicuna v1.1, exactly as on Xwin-LM's model card::
+
+    <s>{system} USER: Hi! ASSISTANT: Hello.</s>USER: Who are you? ASSISTANT: I am Xwin-LM.</s>USER: {new} ASSISTANT:
+
+The prompt is built as ids, not as one string tokenized at the end: BOS once,
+each finished assistant turn closed by the real EOS id, and every piece of
+text between special tokens encoded as plain text, so that a user who types
+``</s>`` gets four characters, not an end of sequence. Role markers typed by
+a user (``USER:``, ``ASSISTANT:``) are defused so that no turn can be forged.
+
+``chat_template`` uses the tokenizer's own template, rendered with placeholder
+contents that are then replaced by the plain-text encoding of each message.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from bot.engine.base import PromptTokenizer
+from bot.errors import GenerationError
+from bot.types import Settings, Turn
+
+USER, ASSISTANT = "USER:", "ASSISTANT:"
+#: Generated text is cut here: small models go on with the user's next turn.
+XWIN_STOPS = (USER, "</s>")
+CHAT_TEMPLATE_STOPS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>")
+
+_MARKER = re.compile(r"\b(USER|ASSISTANT)(\s*):", re.IGNORECASE)
+TRUNCATION_NOTICE = "(Your message was too long for the model; I read only its beginning.)\n\n"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    ids: list[int]
+    #: Older turns left out to fit the context.
+    dropped_turns: int = 0
+    #: The newest message was cut to fit: tell the user.
+    truncated: bool = False
+
+
+def defuse(text: str) -> str:
+    """Make role markers in untrusted text harmless: ``USER:`` → ``USER :``."""
+    return _MARKER.sub(lambda m: f"{m.group(1)} :", text)
+
+
+def speaker(turn: Turn, is_dm: bool) -> str:
+    text = turn.text.strip()
+    if turn.role == "user" and not is_dm and turn.author_name:
+        name = turn.author_name.replace(":", "").strip() or "someone"
+        text = f"{name}: {text}"
+    # Defused after the name is joined: "ASSISTANT" as a name must not make a marker.
+    return defuse(text)
+
+
+@dataclass(frozen=True)
+class _Exchange:
+    """One user segment (consecutive user turns) and the reply to it, if any."""
+
+    user: str
+    reply: str | None
+
+
+def _exchanges(turns: Sequence[Turn], is_dm: bool) -> list[_Exchange]:
+    out: list[_Exchange] = []
+    users: list[str] = []
+    for turn in turns:
+        if turn.role == "user":
+            users.append(speaker(turn, is_dm))
+        elif users:
+            out.append(_Exchange("\n".join(users), speaker(turn, is_dm)))
+            users = []
+        # An assistant turn with no question before it (history cut) is skipped.
+    if users:
+        out.append(_Exchange("\n".join(users), None))
+    return out
+
+
+class PromptBuilder:
+    def __init__(self, tokenizer: PromptTokenizer, *, fmt: str, context_length: int) -> None:
+        if fmt not in ("xwin", "chat_template"):
+            raise GenerationError(f"unknown prompt format {fmt!r}")
+        self.tokenizer = tokenizer
+        self.fmt = fmt
+        self.context_length = context_length
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        return XWIN_STOPS if self.fmt == "xwin" else CHAT_TEMPLATE_STOPS
+
+    def build(self, turns: Sequence[Turn], settings: Settings, *, is_dm: bool) -> Prompt:
+        """Ids for ``turns`` (the newest last, a user turn), fitted to
+        ``context_length - max_new_tokens`` by dropping the oldest exchanges
+        whole, then by cutting the newest message."""
+        exchanges = _exchanges(turns, is_dm)
+        if not exchanges or exchanges[-1].reply is not None:
+            raise GenerationError("the conversation has no new message to answer")
+        budget = self.context_length - settings.max_new_tokens
+        system = settings.system_prompt.strip()
+        for start in range(self._first_fitting(system, exchanges, budget), len(exchanges)):
+            ids = self._encode(system, exchanges[start:])
+            if len(ids) <= budget:
+                return Prompt(ids, dropped_turns=start)
+        return self._cut_newest(system, exchanges[-1], budget, dropped=len(exchanges) - 1)
+
+    def _first_fitting(self, system: str, exchanges: Sequence[_Exchange], budget: int) -> int:
+        """A cheap estimate of the oldest exchange that can stay (each one
+        encoded alone), so that long histories are not encoded again and
+        again; :meth:`build` then checks the exact encoding."""
+        used = len(self._encode(system, []))
+        for i in range(len(exchanges) - 1, -1, -1):
+            used += len(self._encode("", exchanges[i : i + 1]))
+            if used > budget:
+                return min(i + 1, len(exchanges) - 1)
+        return 0
+
+    def _cut_newest(self, system: str, newest: _Exchange, budget: int, dropped: int) -> Prompt:
+        empty = len(self._encode(system, [_Exchange("", None)]))
+        room = budget - empty
+        if room < 8:
+            raise GenerationError(
+                "the system prompt and max_new_tokens leave no room for your message: "
+                "lower max_new_tokens or shorten the system prompt"
+            )
+        text_ids = self.tokenizer.encode_text(newest.user)
+        text = self.tokenizer.decode(text_ids[:room])
+        while True:
+            ids = self._encode(system, [_Exchange(text, None)])
+            if len(ids) <= budget or not text:
+                return Prompt(ids, dropped_turns=dropped, truncated=True)
+            text = text[: max(0, len(text) - max(1, (len(ids) - budget) * 2))]
+
+    def _encode(self, system: str, exchanges: Sequence[_Exchange]) -> list[int]:
+        if self.fmt == "xwin":
+            return self._encode_xwin(system, exchanges)
+        return self._encode_template(system, exchanges)
+
+    def _encode_xwin(self, system: str, exchanges: Sequence[_Exchange]) -> list[int]:
+        tok = self.tokenizer
+        ids: list[int] = [] if tok.bos_id is None else [tok.bos_id]
+        head = f"{system} " if system else ""
+        for ex in exchanges:
+            chunk = f"{head}{USER} {ex.user} {ASSISTANT}"
+            if ex.reply is None:
+                ids += tok.encode_text(chunk)
+                break
+            ids += tok.encode_text(f"{chunk} {ex.reply}")
+            if tok.eos_id is not None:
+                ids.append(tok.eos_id)
+            head = ""
+        return ids
+
+    def _encode_template(self, system: str, exchanges: Sequence[_Exchange]) -> list[int]:
+        contents: list[str] = []
+        messages: list[dict[str, str]] = []
+
+        def add(role: str, content: str) -> None:
+            placeholder = f"@@{uuid.uuid4().hex}@@"
+            contents.append(content)
+            messages.append({"role": role, "content": placeholder})
+
+        if system:
+            add("system", system)
+        for ex in exchanges:
+            add("user", ex.user)
+            if ex.reply is not None:
+                add("assistant", ex.reply)
+        rendered = self.tokenizer.render_chat(messages)
+        ids: list[int] = []
+        rest = rendered
+        for message, content in zip(messages, contents, strict=True):
+            before, found, after = rest.partition(message["content"])
+            if not found:  # a template that leaves this message out
+                continue
+            ids += self.tokenizer.encode_template(before)
+            ids += self.tokenizer.encode_text(content)
+            rest = after
+        ids += self.tokenizer.encode_template(rest)
+        return ids
