@@ -1,0 +1,122 @@
+"""The console chat: a third platform, for a machine with no tokens.
+
+It goes through the same store, queue and worker as Discord and Slack
+(platform ``console``). On a terminal the reply streams as it is generated;
+when standard input is not a terminal it reads one message per line, prints
+each whole reply followed by a blank line, and returns at end of input once
+every reply is out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import logging
+import time
+import uuid
+from typing import TextIO
+
+from bot.app import Bot
+from bot.types import CommandContext, ConversationKey, Incoming, ReplySink
+
+log = logging.getLogger(__name__)
+
+KEY = ConversationKey("console", "local", "console", "")
+PREFIX = "/xwin"
+
+
+class ConsoleSink:
+    """Prints one reply: streamed on a terminal, whole otherwise."""
+
+    def __init__(self, out: TextIO, *, interactive: bool) -> None:
+        self.out = out
+        self.interactive = interactive
+        self.update_interval = 0.0 if interactive else 3600.0
+        self.done = asyncio.Event()
+        self._shown = ""
+
+    async def queued(self, position: int) -> None:
+        if self.interactive and position > 0:
+            self._write(f"(queued: {position} ahead)\n")
+
+    async def started(self) -> None:
+        if self.interactive:
+            self._write("xwin> ")
+
+    async def update(self, text_so_far: str) -> None:
+        if self.interactive and text_so_far.startswith(self._shown):
+            self._write(text_so_far[len(self._shown) :])
+            self._shown = text_so_far
+
+    async def finish(self, text: str) -> None:
+        if text.startswith(self._shown):
+            self._write(text[len(self._shown) :] + "\n\n")
+        else:  # the final text differs from what streamed (it was tidied up)
+            self._write("\n" + text + "\n\n")
+        self.done.set()
+
+    async def fail(self, user_message: str) -> None:
+        self._write(f"{user_message}\n\n")
+        self.done.set()
+
+    def _write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+
+class ConsoleAdapter:
+    def __init__(self, bot: Bot, *, stdin: TextIO, stdout: TextIO, interactive: bool,
+                 user: str | None = None) -> None:
+        self.bot = bot
+        self.stdin = stdin
+        self.stdout = stdout
+        self.interactive = interactive
+        self.user = user or _user_name()
+        bot.register_platform("console", self.sink_for)
+
+    def sink_for(self, key: ConversationKey, reply_ref: dict[str, str]) -> ReplySink:
+        return ConsoleSink(self.stdout, interactive=self.interactive)
+
+    async def run(self) -> None:
+        """Read and answer messages until end of input."""
+        if self.interactive:
+            self._write("Talking to the bot. /xwin for commands, Ctrl-D to quit.\n")
+        while (line := await self._read_line()) is not None:
+            text = line.strip()
+            if text == PREFIX or text.startswith(PREFIX + " "):
+                await self._command(text[len(PREFIX) :].strip())
+            elif text:
+                await self._message(text)
+        await self.bot.drain()
+
+    async def _read_line(self) -> str | None:
+        if self.interactive:
+            self._write("you> ")
+        line = await asyncio.to_thread(self.stdin.readline)
+        return line if line else None
+
+    async def _command(self, text: str) -> None:
+        ctx = CommandContext(key=KEY, author_id=self.user, is_dm=True, is_admin=True)
+        reply = await self.bot.command(ctx, text)
+        self._write(reply.text + "\n\n")
+
+    async def _message(self, text: str) -> None:
+        sink = ConsoleSink(self.stdout, interactive=self.interactive)
+        incoming = Incoming(
+            key=KEY, message_id=uuid.uuid4().hex, author_id=self.user, author_name=self.user,
+            text=text, is_dm=True, created_at=time.time(),
+        )
+        result = await self.bot.handle(incoming, sink)
+        if result == "queued":
+            await sink.done.wait()
+
+    def _write(self, text: str) -> None:
+        self.stdout.write(text)
+        self.stdout.flush()
+
+
+def _user_name() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:
+        return "you"

