@@ -1,0 +1,218 @@
+"""Text both ways between the model and Slack, with no Slack SDK involved.
+
+Outgoing (model → Slack): :func:`to_mrkdwn` escapes ``&``, ``<`` and ``>`` in
+everything the model wrote, so no ``<!channel>``, ``<!here>``, ``<!everyone>``
+or ``<@U…>`` can ever reach Slack as a working mention, and turns the Markdown
+that Slack spells differently into mrkdwn (bold, italics, strike, links,
+headings); code keeps its text. :func:`split_message` cuts a long reply into
+messages under Slack's limit without breaking a code block.
+
+Incoming (Slack → model): :func:`readable_text` removes the bot's mention and
+turns Slack markup (``<@U1>``, ``<#C1|general>``, ``<https://x|label>``) into
+plain, readable text.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+FENCE = "```"
+
+_FENCED = re.compile(r"```.*?(?:```|\Z)", re.DOTALL)
+_INLINE_CODE = re.compile(r"`[^`\n]+`")
+_LINK = re.compile(r"\[([^\[\]\n]+)\]\(((?:https?://|mailto:)[^\s()<>|]+)\)")
+_BOLD = re.compile(r"(\*\*|__)(?=\S)(.+?)(?<=\S)\1")
+_ITALIC = re.compile(r"(?<![*\w])\*(?=[^\s*])([^*\n]+?)(?<=[^\s*])\*(?![*\w])")
+_STRIKE = re.compile(r"~~(?=\S)(.+?)(?<=\S)~~")
+_HEADING = re.compile(r"^#{1,6}[ \t]+(.+?)[ \t]*#*[ \t]*$", re.MULTILINE)
+_BULLET = re.compile(r"^([ \t]*)[-*+][ \t]+", re.MULTILINE)
+_ENTITY_TAIL = re.compile(r"&[a-z]{0,3}$")
+_MARKUP = re.compile(r"<([^<>\n]+)>")
+_USER = re.compile(r"<@([UW][A-Z0-9]+)(?:\|[^>]*)?>")
+_CHANNEL = re.compile(r"<#([CGD][A-Z0-9]+)(?:\|[^>]*)?>")
+
+
+# ---------------------------------------------------------------- outgoing
+
+
+def escape(text: str) -> str:
+    """Slack's three control characters as entities (``&`` first)."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def to_mrkdwn(markdown: str) -> str:
+    """Model Markdown → Slack mrkdwn, every ``&``, ``<`` and ``>`` escaped."""
+    out: list[str] = []
+    pos = 0
+    for match in _FENCED.finditer(markdown):
+        out.append(_prose_to_mrkdwn(markdown[pos : match.start()]))
+        out.append(escape(match.group(0)))
+        pos = match.end()
+    out.append(_prose_to_mrkdwn(markdown[pos:]))
+    return "".join(out)
+
+
+def _prose_to_mrkdwn(text: str) -> str:
+    """Text outside fenced blocks: inline code kept, the rest converted."""
+    out: list[str] = []
+    pos = 0
+    for match in _INLINE_CODE.finditer(text):
+        out.append(_links_to_mrkdwn(text[pos : match.start()]))
+        out.append(escape(match.group(0)))
+        pos = match.end()
+    out.append(_links_to_mrkdwn(text[pos:]))
+    return "".join(out)
+
+
+def _links_to_mrkdwn(text: str) -> str:
+    out: list[str] = []
+    pos = 0
+    for match in _LINK.finditer(text):
+        out.append(_style_to_mrkdwn(text[pos : match.start()]))
+        out.append(_link(match.group(2), match.group(1)))
+        pos = match.end()
+    out.append(_style_to_mrkdwn(text[pos:]))
+    return "".join(out)
+
+
+def _link(url: str, label: str) -> str:
+    # The URL pattern admits no whitespace, "<", ">" or "|", so the link can't
+    # be broken out of; the label is escaped and may not hold a "|" either.
+    return f"<{escape(url)}|{escape(label).replace('|', '/')}>"
+
+
+def _style_to_mrkdwn(text: str) -> str:
+    text = _BULLET.sub(lambda m: f"{m.group(1)}• ", escape(text))
+    text = _ITALIC.sub(lambda m: f"_{m.group(1)}_", text)
+    text = _BOLD.sub(lambda m: f"*{m.group(2)}*", text)
+    text = _STRIKE.sub(lambda m: f"~{m.group(1)}~", text)
+    return _HEADING.sub(lambda m: f"*{m.group(1).strip('*')}*", text)
+
+
+# ---------------------------------------------------------------- splitting
+
+
+@dataclass
+class _Packer:
+    """Packs lines into messages of at most ``limit`` characters, closing an
+    open code fence at the end of a message and reopening it in the next."""
+
+    limit: int
+    chunks: list[str]
+    lines: list[str]
+    size: int = 0
+    fence: str = ""  # the opening fence line while inside a code block
+
+    def add(self, line: str) -> None:
+        toggles = line.count(FENCE) % 2 == 1
+        reserve = len(FENCE) + 1 if (self.fence or toggles) else 0
+        if self.lines and self.size + 1 + len(line) + reserve > self.limit:
+            self.flush()
+        self.lines.append(line)
+        self.size += len(line) + (1 if len(self.lines) > 1 else 0)
+        if toggles:
+            self.fence = "" if self.fence else line.strip()
+
+    def flush(self) -> None:
+        if self.fence:
+            self.lines.append(FENCE)
+        self.chunks.append("\n".join(self.lines))
+        self.lines = [self.fence] if self.fence else []
+        self.size = len(self.fence)
+
+    def done(self) -> list[str]:
+        if any(line.strip() for line in self.lines):
+            self.chunks.append("\n".join(self.lines))
+        return self.chunks
+
+
+def split_message(text: str, limit: int) -> list[str]:
+    """Cut mrkdwn into messages of at most ``limit`` characters.
+
+    Cuts fall between lines where possible, else at a space, never inside an
+    entity (``&amp;``) or a ``<…>`` link; a code block cut in two is closed
+    and reopened so both halves render as code.
+    """
+    if len(text) <= limit:
+        return [text]
+    piece_limit = max(limit - 2 * (len(FENCE) + 1) - 16, 16)
+    packer = _Packer(limit=limit, chunks=[], lines=[])
+    for line in text.split("\n"):
+        for piece in _cut_line(line, piece_limit):
+            packer.add(piece)
+    return packer.done()
+
+
+def _cut_line(line: str, limit: int) -> list[str]:
+    pieces: list[str] = []
+    while len(line) > limit:
+        cut = _cut_point(line, limit)
+        pieces.append(line[:cut].rstrip(" "))
+        line = line[cut:].lstrip(" ")
+    pieces.append(line)
+    return pieces
+
+
+def _cut_point(line: str, limit: int) -> int:
+    head = line[:limit]
+    space = head.rfind(" ")
+    cut = space + 1 if space > limit // 2 else limit
+    opened = line.rfind("<", 0, cut)
+    if opened > line.rfind(">", 0, cut) and opened > 0:
+        cut = opened  # don't cut a <url|label> link
+    entity = _ENTITY_TAIL.search(line[:cut])
+    if entity and entity.start() > 0:
+        cut = entity.start()  # don't cut &amp; &lt; &gt;
+    return cut
+
+
+# ---------------------------------------------------------------- incoming
+
+
+def mentioned_users(text: str) -> set[str]:
+    return set(_USER.findall(text))
+
+
+def mentioned_channels(text: str) -> set[str]:
+    return {m.group(1) for m in _CHANNEL.finditer(text) if "|" not in m.group(0)}
+
+
+def readable_text(
+    text: str,
+    *,
+    bot_user_id: str,
+    user_names: Mapping[str, str],
+    channel_names: Mapping[str, str] | None = None,
+) -> str:
+    """Slack markup → plain text, the bot's own mention removed."""
+    if bot_user_id:
+        text = re.sub(rf"<@{re.escape(bot_user_id)}(?:\|[^>]*)?>", " ", text)
+    names = channel_names or {}
+    text = _MARKUP.sub(lambda m: _readable_markup(m.group(1), user_names, names), text)
+    text = text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+    return re.sub(r"[ \t]{2,}", " ", text).strip()
+
+
+def _readable_markup(inner: str, users: Mapping[str, str], channels: Mapping[str, str]) -> str:
+    target, _, label = inner.partition("|")
+    if target.startswith("@"):
+        return "@" + (users.get(target[1:]) or label or target[1:])
+    if target.startswith("#"):
+        return "#" + (label or channels.get(target[1:]) or target[1:])
+    if target.startswith("!"):
+        return _readable_special(target[1:], label)
+    if target.startswith("mailto:"):
+        return label or target.removeprefix("mailto:")
+    if label and label != target:
+        return f"{label} ({target})"
+    return target
+
+
+def _readable_special(target: str, label: str) -> str:
+    if label:
+        return label if label.startswith("@") or target.startswith("date") else "@" + label
+    if target.startswith("subteam^"):
+        return "@" + target.removeprefix("subteam^")
+    return "@" + target  # here, channel, everyone
