@@ -48,6 +48,9 @@ class Bot:
         self._factories: dict[str, SinkFactory] = {}
         self._worker: Worker | None = None
         self._closing = False
+        self._closed = False
+        # Jobs an earlier process left pending, noted before any new message.
+        self._left_pending: list[int] = []
         self.commands = Commands(store, self.defaults, engine.context_length, self._stop_here, self.status)
 
     async def __aenter__(self) -> Bot:
@@ -66,6 +69,7 @@ class Bot:
     async def start(self) -> None:
         """Load the model and start the worker (jobs from before a restart
         are resumed by :meth:`resume_pending`, once the adapters are up)."""
+        self._left_pending = [job.id for job in await self.store.pending_jobs()]
         await self.engine.start()
         if self.config.bot.retention_days:
             purged = await self.store.purge_messages_older_than(self.config.bot.retention_days)
@@ -77,7 +81,12 @@ class Bot:
         self._worker.start()
 
     async def close(self, grace: float = 5.0) -> None:
+        """Stop taking messages, let running replies end or cancel them
+        (their jobs stay queued), unload the model. Safe to call twice."""
         self._closing = True
+        if self._closed:
+            return
+        self._closed = True
         if self._worker is not None:
             await self._worker.stop(grace)
         await self.engine.close()
@@ -87,9 +96,13 @@ class Bot:
 
     async def resume_pending(self) -> int:
         """Queue again the jobs left queued or running by an earlier process,
-        for the platforms that are registered. Returns how many."""
+        for the platforms that are registered. Returns how many. Jobs of this
+        process (messages that came while the adapters started) are left alone."""
         resumed = 0
-        for job in await self.store.pending_jobs():
+        for job_id in self._left_pending:
+            job = await self.store.job(job_id)
+            if job is None or job.state not in ("queued", "running") or self.worker.holds(job_id):
+                continue
             factory = self._factories.get(job.key.platform)
             if factory is None:
                 continue
@@ -97,6 +110,7 @@ class Bot:
                 await self.store.set_job_state(job.id, "queued")
             self.worker.submit(job.id, factory(job.key, job.reply_ref))
             resumed += 1
+        self._left_pending = [j for j in self._left_pending if not self.worker.holds(j)]
         if resumed:
             log.info("resumed %d pending jobs from before the restart", resumed)
         return resumed

@@ -151,12 +151,31 @@ async def _run(bot: Bot, config: Config, secrets: Secrets, stop: asyncio.Event) 
             started.append(adapter)
         await bot.resume_pending()
         log.info("running; Ctrl-C or SIGTERM stops")
-        await stop.wait()
+        await _until_stop_or_adapter_dies(started, stop)
         return 0
     finally:
+        # The bot first, so that its last words ("restarting...") still reach
+        # the platforms; then the adapters.
+        await bot.close()
         for adapter in reversed(started):
             with contextlib.suppress(Exception):
                 await adapter.close()
+
+
+async def _until_stop_or_adapter_dies(adapters: Sequence[Adapter], stop: asyncio.Event) -> None:
+    """Return on SIGINT/SIGTERM; raise the AdapterError of an adapter that
+    lost its platform for good (a revoked token, say)."""
+    waits = [asyncio.ensure_future(w()) for a in adapters if (w := getattr(a, "wait_closed", None))]
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        done, _ = await asyncio.wait({stopper, *waits}, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is not stopper:
+                task.result()  # raises the adapter's error
+                raise AdapterError("a platform connection closed; stopping")
+    finally:
+        for task in (stopper, *waits):
+            task.cancel()
 
 
 def build_adapters(bot: Bot, config: Config, secrets: Secrets) -> list[Adapter]:

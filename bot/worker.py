@@ -111,6 +111,10 @@ class Worker:
         while not self._idle.is_set():
             await self._idle.wait()
 
+    def holds(self, job_id: int) -> bool:
+        """Whether this worker already has the job (queued, waiting or running)."""
+        return job_id in self._sinks or job_id in self._tasks
+
     def running(self) -> int:
         return len(self._tasks)
 
