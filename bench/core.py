@@ -27,13 +27,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from adapters.console import KEY, ConsoleSink  # noqa: E402
-from bot.app import Bot  # noqa: E402
-from bot.config import EMBEDDED_MODEL, parse_config, settings_from_generation  # noqa: E402
-from bot.engine.transformers import TransformersEngine  # noqa: E402
-from bot.prompt import PromptBuilder  # noqa: E402
-from bot.store import Store  # noqa: E402
-from bot.types import Incoming, Turn  # noqa: E402
+from adapters.console import KEY, ConsoleSink
+from bot.app import Bot
+from bot.config import EMBEDDED_MODEL, parse_config, settings_from_generation
+from bot.engine.transformers import TransformersEngine
+from bot.prompt import PromptBuilder
+from bot.store import Store
+from bot.types import Incoming, Turn
 
 QUESTIONS = [
     "What is the capital of France?",

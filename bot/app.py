@@ -75,7 +75,8 @@ class Bot:
             purged = await self.store.purge_messages_older_than(self.config.bot.retention_days)
             log.info("retention: purged %d old messages", purged)
         builder = PromptBuilder(
-            self.engine.tokenizer, fmt=self.engine.prompt_format, context_length=self.engine.context_length
+            self.engine.tokenizer, fmt=self.engine.prompt_format, context_length=self.engine.context_length,
+            max_message_chars=self.config.bot.max_message_chars,
         )
         self._worker = Worker(self.store, self.engine, builder, self._settings_for_job)
         self._worker.start()

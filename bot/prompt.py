@@ -16,6 +16,7 @@ contents that are then replaced by the plain-text encoding of each message.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import uuid
 from collections.abc import Sequence
@@ -81,12 +82,16 @@ def _exchanges(turns: Sequence[Turn], is_dm: bool) -> list[_Exchange]:
 
 
 class PromptBuilder:
-    def __init__(self, tokenizer: PromptTokenizer, *, fmt: str, context_length: int) -> None:
+    def __init__(self, tokenizer: PromptTokenizer, *, fmt: str, context_length: int,
+                 max_message_chars: int = 16000) -> None:
         if fmt not in ("xwin", "chat_template"):
             raise GenerationError(f"unknown prompt format {fmt!r}")
         self.tokenizer = tokenizer
         self.fmt = fmt
         self.context_length = context_length
+        # Longer messages are stored whole but read only this far (a 1 MB paste
+        # is not tokenized to be thrown away).
+        self.max_message_chars = max_message_chars
 
     @property
     def stops(self) -> tuple[str, ...]:
@@ -96,9 +101,16 @@ class PromptBuilder:
         """Ids for ``turns`` (the newest last, a user turn), fitted to
         ``context_length - max_new_tokens`` by dropping the oldest exchanges
         whole, then by cutting the newest message."""
+        limit = self.max_message_chars
+        newest_cut = bool(turns) and len(turns[-1].text) > limit
+        turns = [dataclasses.replace(t, text=t.text[:limit]) if len(t.text) > limit else t for t in turns]
         exchanges = _exchanges(turns, is_dm)
         if not exchanges or exchanges[-1].reply is not None:
             raise GenerationError("the conversation has no new message to answer")
+        prompt = self._fit(exchanges, settings)
+        return dataclasses.replace(prompt, truncated=True) if newest_cut else prompt
+
+    def _fit(self, exchanges: list[_Exchange], settings: Settings) -> Prompt:
         budget = self.context_length - settings.max_new_tokens
         system = settings.system_prompt.strip()
         for start in range(self._first_fitting(system, exchanges, budget), len(exchanges)):

@@ -11,15 +11,15 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from collections.abc import AsyncIterator, Iterator  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
 
-import pytest  # noqa: E402
+import pytest
 
-from bot.config import Config, parse_config  # noqa: E402
-from bot.engine.transformers import HFPromptTokenizer  # noqa: E402
-from tests.llama_tokenizer import build_llama_tokenizer  # noqa: E402
+from bot.config import Config, parse_config
+from bot.engine.transformers import HFPromptTokenizer
+from tests.llama_tokenizer import build_llama_tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -298,3 +298,17 @@ async def test_status_shows_model_and_queue(bot: Bot) -> None:
     ctx = CommandContext(key=DM, author_id="u1", is_dm=True, is_admin=False)
     text = (await bot.command(ctx, "status")).text
     assert "engine: fake" in text and "queued: 0" in text and "tokens/s" in text
+
+
+async def test_a_huge_message_is_stored_whole_and_the_reply_says_it_was_cut(tmp_path: Path) -> None:
+    config = make_config(tmp_path, bot={"max_message_chars": 1000})
+    engine = FakeEngine(replies=["Summary."])
+    async with Store(config.database_path()) as store, Bot(config, store, engine) as bot:
+        huge = "lorem ipsum " * 50_000  # 600 kB
+        sink = RecordingSink()
+        await bot.handle(msg("m1", huge), sink)
+        kind, text = await sink.wait()
+        assert kind == "finish" and str(text).startswith("(Your message was too long") and "Summary." in str(text)
+        assert len(engine.calls[0].prompt_ids) < 1200
+        job = await store.job(1)
+        assert job is not None and (await store.history(job))[0].text == huge
