@@ -268,9 +268,13 @@ def generation_kwargs(settings: Settings, tokenizer: HFPromptTokenizer) -> dict[
 
 
 def _gptq_kernel(model: Any) -> str:
-    """The class of the first quantized linear layer, e.g. ``MarlinQuantLinear``."""
+    """The class of the first GPTQ layer (``MarlinLinear``, ``TorchAtenLinear``...),
+    or "" for a model that is not GPTQ-quantized."""
+    try:
+        from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+    except ImportError:
+        return ""
     for module in model.modules():
-        name = type(module).__name__
-        if "QuantLinear" in name or "Avx512Linear" in name or name.endswith("QLinear"):
-            return name
+        if isinstance(module, BaseQuantLinear):
+            return type(module).__name__
     return ""
