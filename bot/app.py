@@ -71,6 +71,8 @@ class Bot:
         are resumed by :meth:`resume_pending`, once the adapters are up)."""
         self._left_pending = [job.id for job in await self.store.pending_jobs()]
         await self.engine.start()
+        # An engine may shrink its context to what its KV cache holds.
+        self.commands.context_length = self.engine.context_length
         if self.config.bot.retention_days:
             purged = await self.store.purge_messages_older_than(self.config.bot.retention_days)
             log.info("retention: purged %d old messages", purged)

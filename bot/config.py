@@ -36,9 +36,10 @@ class ModelConfig:
     gptq_backend: Literal["auto", "marlin", "exllama_v2", "triton", "torch", "machete"] = "auto"
     # Concurrent replies decoded together by the one worker (1 = one at a time).
     max_batch: int = 1
-    # "generate": one model.generate() per reply; "continuous": transformers'
-    # continuous batching, concurrent replies decoded together (GPU path).
-    decode: Literal["generate", "continuous"] = "generate"
+    # "generate": one model.generate() per reply, as in the seed; "batched":
+    # bot/engine/batched.py, up to max_batch replies decoded together with a
+    # static KV cache and CUDA graphs (the GPU path, see docs/benchmarks.md).
+    decode: Literal["generate", "batched"] = "generate"
     # engine = "openai": an OpenAI-compatible server (vLLM, TGI, llama.cpp).
     base_url: str = ""
     served_model: str = ""

@@ -124,7 +124,7 @@ async def test_engine_streams_from_gptq_checkpoint(tiny_gptq: Path) -> None:
     )
     await engine.start()
     try:
-        kinds = assert_really_quantized(engine._model)
+        kinds = assert_really_quantized(engine.model)
         assert kinds, "no GPTQ modules"
         tok = engine.tokenizer
         prompt = [tok.bos_id, *tok.encode_text("USER: Hi! ASSISTANT:")]
@@ -156,7 +156,7 @@ async def test_engine_describes_gptq_kernel(tiny_gptq: Path) -> None:
     )
     await engine.start()
     try:
-        kinds = assert_really_quantized(engine._model)
+        kinds = assert_really_quantized(engine.model)
         assert engine.describe().get("gptq kernel") in kinds
     finally:
         await engine.close()

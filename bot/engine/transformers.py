@@ -116,18 +116,18 @@ class TransformersEngine:
         self.prompt_format = config.prompt_format
         self.last_stats: StreamStats | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
-        self._model: Any = None
+        self.model: Any = None
         self.tokenizer: HFPromptTokenizer
         self._device = "?"
         self._kernel = ""
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._load)
+        await loop.run_in_executor(self._executor, self.load)
 
     async def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
-        self._model = None
+        self.model = None
 
     def describe(self) -> dict[str, str]:
         info = {"engine": "transformers", "model": self.config.id, "device": self._device}
@@ -136,16 +136,18 @@ class TransformersEngine:
         return info
 
     # -- loading ---------------------------------------------------------
-    def _load(self) -> None:
+    def load(self) -> None:
+        """Load the tokenizer and the model (blocking; :meth:`start` runs it in
+        the generation thread). The batched engine loads through this too."""
         started = time.perf_counter()
         self.tokenizer = load_tokenizer(self.config)
-        self._model = self._load_model()
-        self._model.eval()
-        self._device = str(getattr(self._model, "device", "?"))
-        self._kernel = _gptq_kernel(self._model)
+        self.model = self._load_model()
+        self.model.eval()
+        self._device = str(getattr(self.model, "device", "?"))
+        self._kernel = _gptq_kernel(self.model)
         log.info(
             "loaded %s on %s (%s) in %.1f s",
-            self.config.id, self._device, self._model.dtype, time.perf_counter() - started,
+            self.config.id, self._device, self.model.dtype, time.perf_counter() - started,
         )
 
     def _load_model(self) -> Any:
@@ -190,7 +192,7 @@ class TransformersEngine:
 
     # -- generation ------------------------------------------------------
     async def stream(self, prompt_ids: list[int], settings: Settings) -> AsyncGenerator[str, None]:
-        if self._model is None:
+        if self.model is None:
             raise GenerationError("the model is not loaded")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -237,9 +239,9 @@ class TransformersEngine:
             streamer.end()
             return
         try:
-            inputs = torch.tensor([prompt_ids], device=self._model.device)
+            inputs = torch.tensor([prompt_ids], device=self.model.device)
             with torch.inference_mode():
-                self._model.generate(
+                self.model.generate(
                     inputs,
                     attention_mask=torch.ones_like(inputs),
                     streamer=streamer,

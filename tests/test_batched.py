@@ -1,0 +1,167 @@
+"""The batched engine on the CPU: a tiny random Llama, no download.
+
+Greedy ids must equal transformers' own ``generate()`` for every stream, also
+when streams join and leave mid-way (rows are compacted by moving caches).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import pytest
+import torch
+
+from bot.config import ModelConfig
+from bot.engine.batched import BatchedEngine, DecodeCore, Sampler
+from bot.errors import GenerationError
+from bot.types import Settings
+
+VOCAB = 320
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    return LlamaForCausalLM(cfg).eval()  # type: ignore[no-untyped-call]
+
+
+def greedy(n: int) -> Settings:
+    return Settings(0.0, 1.0, 0, 1.0, n, "")
+
+
+def reference(model: Any, prompt: list[int], n: int) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+        )
+    return [int(t) for t in out[0, len(prompt):]]
+
+
+def make_engine(model: Any, llama_tok: Any, max_batch: int = 4) -> BatchedEngine:
+    cfg = ModelConfig(id="tiny", max_batch=max_batch, context_length=128)
+    return BatchedEngine.over(model, llama_tok, cfg, eos_ids=(), max_len=129)
+
+
+async def collect(it: AsyncGenerator[list[int], None], limit: int | None = None) -> list[int]:
+    out: list[int] = []
+    async for chunk in it:
+        out.extend(chunk)
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(3)
+    return [[1, *torch.randint(3, VOCAB, (k,), generator=g).tolist()] for k in (7, 19, 12)]
+
+
+async def test_concurrent_streams_match_generate(tiny_model: Any, llama_tok: Any) -> None:
+    engine = make_engine(tiny_model, llama_tok)
+    await engine.start()
+    try:
+        ps = prompts()
+        got = await asyncio.gather(*(collect(engine.stream_ids(p, greedy(10))) for p in ps))
+    finally:
+        await engine.close()
+    for p, ids in zip(ps, got, strict=True):
+        assert ids == reference(tiny_model, p, 10)
+    assert engine.last_stats is not None and engine.last_stats.new_tokens == 10
+
+
+async def test_closing_a_stream_frees_its_row_and_others_go_on(tiny_model: Any, llama_tok: Any) -> None:
+    engine = make_engine(tiny_model, llama_tok, max_batch=2)
+    await engine.start()
+    try:
+        a, b, c = prompts()
+        first = engine.stream_ids(a, greedy(40))
+        second = asyncio.create_task(collect(engine.stream_ids(b, greedy(25))))
+        assert len(await collect(first, limit=3)) >= 3
+        await first.aclose()  # row 0 leaves: row 1 (b) is moved into it
+        third = asyncio.create_task(collect(engine.stream_ids(c, greedy(12))))  # takes the free row
+        got_b, got_c = await asyncio.wait_for(asyncio.gather(second, third), timeout=60)
+    finally:
+        await engine.close()
+    assert got_b == reference(tiny_model, b, 25)
+    assert got_c == reference(tiny_model, c, 12)
+
+
+async def test_more_streams_than_rows_wait_their_turn(tiny_model: Any, llama_tok: Any) -> None:
+    engine = make_engine(tiny_model, llama_tok, max_batch=2)
+    await engine.start()
+    try:
+        ps = prompts()
+        got = await asyncio.gather(*(collect(engine.stream_ids(p, greedy(6))) for p in ps))
+    finally:
+        await engine.close()
+    assert got == [reference(tiny_model, p, 6) for p in ps]
+
+
+async def test_eos_ends_the_stream_and_is_not_sent(tiny_model: Any, llama_tok: Any) -> None:
+    p = prompts()[0]
+    ref = reference(tiny_model, p, 8)
+    cfg = ModelConfig(id="tiny", max_batch=2, context_length=128)
+    engine = BatchedEngine.over(tiny_model, llama_tok, cfg, eos_ids=(ref[3],), max_len=129)
+    await engine.start()
+    try:
+        got = await collect(engine.stream_ids(p, greedy(8)))
+    finally:
+        await engine.close()
+    assert got == ref[: ref.index(ref[3])]
+
+
+async def test_prompt_too_long_fails_cleanly(tiny_model: Any, llama_tok: Any) -> None:
+    engine = make_engine(tiny_model, llama_tok)
+    await engine.start()
+    try:
+        with pytest.raises(GenerationError):
+            await collect(engine.stream_ids([1] * 200, greedy(4)))
+        # the engine still serves afterwards
+        p = prompts()[1]
+        assert await collect(engine.stream_ids(p, greedy(3))) == reference(tiny_model, p, 3)
+    finally:
+        await engine.close()
+
+
+async def test_text_never_holds_half_a_character(tiny_model: Any, llama_tok: Any) -> None:
+    engine = make_engine(tiny_model, llama_tok)
+    byte_ids = [llama_tok.hf.convert_tokens_to_ids(f"<0x{b:02X}>") for b in "日本".encode()]
+
+    async def scripted(prompt_ids: list[int], settings: Settings) -> AsyncGenerator[list[int], None]:
+        for t in byte_ids:
+            yield [t]
+
+    engine.stream_ids = scripted  # type: ignore[method-assign]
+    pieces = [p async for p in engine.stream([1, 5], greedy(8))]
+    assert "".join(pieces) == "日本"
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_sampler_top_k_one_is_greedy_and_survives_nan() -> None:
+    s = Sampler(4, 16, torch.device("cpu"))
+    logits = torch.randn(3, 16)
+    logits[2] = float("nan")
+    sampled = s.sample(logits, [Settings(0.7, 0.9, 1, 1.0, 4, "")] * 3)
+    assert sampled[:2] == torch.argmax(logits[:2], dim=-1).tolist()
+    assert 0 <= sampled[2] < 16
+
+
+def test_decode_core_step_matches_forward(tiny_model: Any) -> None:
+    core = DecodeCore(tiny_model, 2, 65)
+    p = prompts()[1]
+    with torch.inference_mode():
+        core.prefill(1, [1, 2])  # another row in use
+        core.prefill(0, p)
+        step = core.step([7, 9], [len(p), 2])[0]
+        ref = tiny_model(torch.tensor([[*p, 7]])).logits[0, -1]
+    assert float((step - ref).norm() / ref.norm()) < 1e-4

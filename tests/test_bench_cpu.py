@@ -1,0 +1,41 @@
+"""bench/gpu.py, small, on the CPU: the GPU benchmark cannot rot."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_tiny_prints_the_table(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.gpu", "--tiny", "--checkpoint", str(tmp_path / "ckpt"),
+         "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=280,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = proc.stdout
+
+    def number(pattern: str) -> float:
+        m = re.search(pattern, text)
+        assert m, f"no match for {pattern!r} in:\n{text[-2000:]}"
+        return float(m.group(1))
+
+    assert number(r"\| copy bandwidth \(read\+write\) \| ([\d.]+) GB/s") > 0
+    assert number(r"\| decode, 1 conversation \| ([\d.]+) ms/step") > 0
+    assert number(r"\| TTFT, \d+-token prompt \| ([\d.]+) ms") > 0
+    for n in (1, 4, 16, 32):
+        for path in ("batched engine", "bot worker \\+ engine", "sequential generate\\(\\)"):
+            row = re.search(rf"^\| {n} \| {path}[^|]* \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", text, re.M)
+            assert row, f"row {n} {path} missing"
+            assert all(float(x) > 0 for x in row.groups())
+    res = json.loads(out.read_text())
+    assert res["check_step_rel_err"] < 1e-3
+    assert not any(r["extra"].get("errors") for r in res["runs"]["worker"].values())
