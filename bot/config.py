@@ -200,6 +200,8 @@ def _with_model(model: ModelConfig, model_id: str) -> ModelConfig:
             context_length=min(model.context_length, 8192),
             device_map="cpu",
             gptq_backend="auto",
+            decode="generate",
+            max_batch=1,
         )
     return dataclasses.replace(model, id=model_id)
 

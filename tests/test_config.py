@@ -33,6 +33,7 @@ def test_the_shipped_config_is_the_real_deployment() -> None:
 def test_model_override_and_embedded() -> None:
     config = load_config(ROOT / "config.toml", model_override="embedded")
     assert config.model.id == "embedded" and config.model.prompt_format == "chat_template"
+    assert config.model.decode == "generate" and config.model.device_map == "cpu"
     other = load_config(ROOT / "config.toml", model_override="/models/xwin-7b")
     assert other.model.id == "/models/xwin-7b" and other.model.prompt_format == "xwin"
 
