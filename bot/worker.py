@@ -231,7 +231,7 @@ class Worker:
         stops = StopFilter(self.builder.stops)
         started = time.perf_counter()
         tokens = 0
-        stream = self.engine.stream(prompt.ids, settings)
+        stream = self.engine.stream(prompt.ids, settings, turns=turns, is_dm=job.is_dm)
         try:
             async for piece in stream:
                 tokens += 1

@@ -121,9 +121,9 @@ async def test_busy_limits_give_a_clear_reply_and_keep_the_message(tmp_path: Pat
     engine = FakeEngine(replies=[slow], delay=0.0)
     original = engine.stream
 
-    async def gated(prompt_ids: list[int], settings: Any) -> AsyncIterator[str]:
+    async def gated(prompt_ids: list[int], settings: Any, **kwargs: Any) -> AsyncIterator[str]:
         await gate.wait()
-        async for piece in original(prompt_ids, settings):
+        async for piece in original(prompt_ids, settings, **kwargs):
             yield piece
 
     engine.stream = gated  # type: ignore[method-assign]

@@ -62,6 +62,7 @@ def feed(stop: StopFilter, pieces: list[str]) -> str:
         (["A MYUSER: is not a turn"], "A MYUSER: is not a turn"),
         (["Paris. US", "A is a country"], "Paris. USA is a country"),
         (["done </s> more"], "done"),
+        (["The answer is 8</", "s> USER: next"], "The answer is 8"),
     ],
 )
 def test_stop_strings_are_never_shown(pieces: list[str], expected: str) -> None:

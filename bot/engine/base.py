@@ -6,7 +6,7 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from bot.types import Settings
+from bot.types import Settings, Turn
 
 
 class PromptTokenizer(Protocol):
@@ -66,9 +66,12 @@ class Engine(Protocol):
 
     async def close(self) -> None: ...
 
-    def stream(self, prompt_ids: list[int], settings: Settings) -> AsyncGenerator[str, None]:
+    def stream(self, prompt_ids: list[int], settings: Settings, *,
+               turns: Sequence[Turn] = (), is_dm: bool = False) -> AsyncGenerator[str, None]:
         """Text pieces of the reply, never half a character. Stops at EOS or
-        ``settings.max_new_tokens``; closing the iterator cancels generation."""
+        ``settings.max_new_tokens``; closing the iterator cancels generation.
+        ``turns`` (the conversation the ids were built from) is for engines
+        that send a conversation instead of ids (a server's chat API)."""
         ...
 
     def describe(self) -> dict[str, str]: ...

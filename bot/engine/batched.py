@@ -49,7 +49,7 @@ from bot.config import ModelConfig
 from bot.engine.base import PromptTokenizer, StreamStats
 from bot.engine.detok import IncrementalDecoder
 from bot.errors import GenerationError
-from bot.types import Settings
+from bot.types import Settings, Turn
 
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 _CTX_BUCKETS = tuple(range(256, 32768 + 1, 256))  # attention reads at most 255 extra positions
@@ -765,7 +765,8 @@ class BatchedEngine:
         finally:
             req.cancelled = True
 
-    async def stream(self, prompt_ids: list[int], settings: Settings) -> AsyncGenerator[str, None]:
+    async def stream(self, prompt_ids: list[int], settings: Settings, *,
+                     turns: Sequence[Turn] = (), is_dm: bool = False) -> AsyncGenerator[str, None]:
         decoder = IncrementalDecoder(self.tokenizer.decode)
         ids = self.stream_ids(prompt_ids, settings)
         try:

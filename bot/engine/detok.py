@@ -49,8 +49,9 @@ class StopFilter:
     """Cuts the text at the first stop string and holds back any tail that
     could still become one, so a stop string is never shown, even in part.
 
-    A stop string counts only at the start of the reply or after white space
-    (``USER:`` opening a new turn, not ``MYUSER:`` inside a word).
+    A stop string that starts with a letter counts only at the start of the
+    reply or after white space (``USER:`` opening a new turn, not ``MYUSER:``
+    inside a word); markup such as ``</s>`` counts anywhere (``8</s>``).
     """
 
     def __init__(self, stops: Sequence[str]) -> None:
@@ -84,7 +85,7 @@ class StopFilter:
         for stop in self._stops:
             start = 0
             while (i := self._text.find(stop, start)) != -1:
-                if i == 0 or self._text[i - 1].isspace():
+                if i == 0 or self._text[i - 1].isspace() or not stop[0].isalnum():
                     best = i if best is None else min(best, i)
                     break
                 start = i + 1

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from bot.engine.base import StreamStats
 from bot.errors import GenerationError
-from bot.types import Settings
+from bot.types import Settings, Turn
 
 BOS, EOS = 1, 2
 _OFFSET = 16  # ids below this are reserved for special tokens
@@ -89,7 +89,8 @@ class FakeEngine:
     def describe(self) -> dict[str, str]:
         return {"engine": "fake", "model": "fake", "device": "none"}
 
-    async def stream(self, prompt_ids: list[int], settings: Settings) -> AsyncGenerator[str, None]:
+    async def stream(self, prompt_ids: list[int], settings: Settings, *,
+                     turns: Sequence[Turn] = (), is_dm: bool = False) -> AsyncGenerator[str, None]:
         call = Call(list(prompt_ids), self.tokenizer.decode(prompt_ids), settings)
         self.calls.append(call)
         reply = self.replies[min(len(self.calls) - 1, len(self.replies) - 1)]

@@ -25,7 +25,7 @@ from bot.config import EMBEDDED_MODEL, ModelConfig
 from bot.engine.base import StreamStats
 from bot.engine.detok import IncrementalDecoder
 from bot.errors import GenerationError
-from bot.types import Settings
+from bot.types import Settings, Turn
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,8 @@ class TransformersEngine:
         return GPTQConfig(bits=quant.get("bits", 4), backend=self.config.gptq_backend)
 
     # -- generation ------------------------------------------------------
-    async def stream(self, prompt_ids: list[int], settings: Settings) -> AsyncGenerator[str, None]:
+    async def stream(self, prompt_ids: list[int], settings: Settings, *,
+                     turns: Sequence[Turn] = (), is_dm: bool = False) -> AsyncGenerator[str, None]:
         if self.model is None:
             raise GenerationError("the model is not loaded")
         loop = asyncio.get_running_loop()
