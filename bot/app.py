@@ -80,7 +80,8 @@ class Bot:
             self.engine.tokenizer, fmt=self.engine.prompt_format, context_length=self.engine.context_length,
             max_message_chars=self.config.bot.max_message_chars,
         )
-        self._worker = Worker(self.store, self.engine, builder, self._settings_for_job)
+        self._worker = Worker(self.store, self.engine, builder, self._settings_for_job,
+                              retries=self.config.bot.retries, retry_delay=self.config.bot.retry_delay)
         self._worker.start()
 
     async def close(self, grace: float = 5.0) -> None:

@@ -73,8 +73,12 @@ class BotConfig:
     retention_days: int = 0
     # Seconds between streamed edits of a reply (platform rate limits).
     stream_interval: float = 1.0
-    # Longest message accepted, in characters; longer ones are cut with a notice.
+    # Longest message read, in characters; longer ones are stored whole and cut with a notice.
     max_message_chars: int = 16000
+    # A reply that fails on a passing fault (model server down, 5xx, cut stream)
+    # is tried again this many times, after retry_delay seconds, doubling.
+    retries: int = 2
+    retry_delay: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -259,6 +263,8 @@ def _check_cross_field(config: Config) -> None:
     _positive("[bot] max_message_chars", b.max_message_chars)
     if b.retention_days < 0:
         raise ConfigError(f"[bot] retention_days: must be 0 or more, got {b.retention_days}")
+    if b.retries < 0 or b.retry_delay < 0:
+        raise ConfigError("[bot] retries and retry_delay: must be 0 or more")
     if b.stream_interval < 0:
         raise ConfigError(f"[bot] stream_interval: must be 0 or more, got {b.stream_interval}")
     if m.engine == "openai" and not m.base_url:

@@ -24,7 +24,15 @@ class CommandError(BotError):
 
 
 class GenerationError(BotError):
-    """The engine could not produce a reply."""
+    """The engine could not produce a reply.
+
+    ``retryable`` marks a passing fault (a model server refused the connection,
+    answered 5xx, timed out or cut the stream): the worker tries the job again
+    before it gives up."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class StoreError(BotError):

@@ -62,7 +62,9 @@ class ReplyStats:
 
 class Worker:
     def __init__(self, store: Store, engine: Engine, builder: PromptBuilder,
-                 settings_for: SettingsFor) -> None:
+                 settings_for: SettingsFor, *, retries: int = 2, retry_delay: float = 2.0) -> None:
+        self.retries = retries
+        self.retry_delay = retry_delay
         self.store = store
         self.engine = engine
         self.builder = builder
@@ -196,7 +198,7 @@ class Worker:
         try:
             await self.store.set_job_state(job.id, "running")
             await _safe(sink.started())
-            text = await self._generate(job, reply)
+            text = await self._generate_with_retries(job, reply)
             await self.store.add_assistant_message(job, text, f"job:{job.id}")
             await _safe(sink.finish(text))
         except asyncio.CancelledError as exc:
@@ -222,7 +224,20 @@ class Worker:
         else:
             await _safe(sink.fail(MSG_STOPPED))
 
+    async def _generate_with_retries(self, job: Job, reply: _Reply) -> str:
+        for attempt in range(self.retries + 1):
+            try:
+                return await self._generate(job, reply)
+            except GenerationError as exc:
+                if not exc.retryable or attempt == self.retries:
+                    raise
+                delay = self.retry_delay * 2**attempt
+                log.warning("job %d: %s; trying again in %.1f s", job.id, exc, delay)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
     async def _generate(self, job: Job, reply: _Reply) -> str:
+        reply.text = ""  # a retry starts the reply over
         settings = await self.settings_for(job)
         turns = await self.store.history(job)
         prompt = self.builder.build(turns, settings, is_dm=job.is_dm)

@@ -166,6 +166,32 @@ async def test_a_crash_mid_reply_fails_cleanly_and_the_next_job_runs(bot: Bot) -
     assert await sink2.wait() == ("finish", "fine again")
 
 
+async def test_a_passing_fault_is_retried_and_the_reply_starts_over(tmp_path: Path) -> None:
+    from bot.errors import GenerationError
+
+    config = make_config(tmp_path, bot={"retries": 2, "retry_delay": 0.01})
+    down = GenerationError("the model server cannot be reached", retryable=True)
+    engine = FakeEngine(replies=[down, down, "Back: Paris."])
+    async with Store(config.database_path()) as store, Bot(config, store, engine) as bot:
+        sink = RecordingSink()
+        await bot.handle(msg("m1"), sink)
+        assert await sink.wait() == ("finish", "Back: Paris.")
+        assert len(engine.calls) == 3
+        job = await store.job(1)
+        assert job is not None and job.state == "done"
+        # Out of retries: one clear sentence, and the question is still stored.
+        engine.replies = [down]
+        sink2 = RecordingSink()
+        await bot.handle(msg("m2"), sink2)
+        kind, text = await sink2.wait()
+        assert kind == "fail" and "cannot be reached" in str(text) and len(engine.calls) == 6
+        # A fault that is not passing is not retried.
+        engine.replies = [GenerationError("your message is too long for the model")]
+        calls = len(engine.calls)
+        await bot.handle(msg("m3"), sink3 := RecordingSink())
+        assert (await sink3.wait())[0] == "fail" and len(engine.calls) == calls + 1
+
+
 async def test_stop_cancels_a_running_reply(bot: Bot) -> None:
     fake(bot).replies = ["word " * 400]
     fake(bot).delay = 0.01

@@ -100,6 +100,8 @@ class FakeEngine:
         try:
             if isinstance(text, Exception):
                 yield "partial "
+                if isinstance(text, GenerationError):
+                    raise text
                 raise GenerationError(str(text)) from text
             for i in range(0, len(text), self.piece_chars):
                 if self.delay:

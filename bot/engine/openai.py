@@ -231,7 +231,7 @@ class OpenAIEngine:
             if tail := joiner.flush():
                 yield tail
             if not outcome.finished:
-                raise GenerationError("the model server stopped in the middle of the reply")
+                raise GenerationError("the model server stopped in the middle of the reply", retryable=True)
         finally:
             resp.close()  # cancels generation on the server if the reply is not done
 
@@ -388,7 +388,7 @@ def _event_text(event: dict[str, Any] | None, outcome: _Outcome) -> str:
         return ""
     if "error" in event:
         log.warning("model server reported an error: %.300s", event["error"])
-        raise GenerationError("the model server failed while writing the reply")
+        raise GenerationError("the model server failed while writing the reply", retryable=True)
     usage = event.get("usage")
     if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
         outcome.new_tokens = usage["completion_tokens"]
@@ -434,7 +434,7 @@ async def _raise_for_status(resp: aiohttp.ClientResponse) -> None:
         return
     detail = (await resp.text())[:300]
     log.warning("model server answered HTTP %d to %s: %s", resp.status, resp.url.path, detail)
-    raise GenerationError(_status_sentence(resp.status))
+    raise GenerationError(_status_sentence(resp.status), retryable=resp.status == 429 or resp.status >= 500)
 
 
 def _status_sentence(status: int) -> str:
@@ -467,7 +467,7 @@ class _TransportErrors:
         if sentence is None:
             return
         log.warning("model server request failed: %s: %s", type(exc).__name__, exc)
-        raise GenerationError(sentence) from exc
+        raise GenerationError(sentence, retryable=True) from exc
 
     def _sentence(self, exc: BaseException) -> str | None:
         if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
