@@ -12,8 +12,10 @@ kernel is chosen by ``[model] gptq_backend``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import logging
+import sys
 import threading
 import time
 from collections.abc import AsyncGenerator, Sequence
@@ -138,7 +140,14 @@ class TransformersEngine:
     # -- loading ---------------------------------------------------------
     def load(self) -> None:
         """Load the tokenizer and the model (blocking; :meth:`start` runs it in
-        the generation thread). The batched engine loads through this too."""
+        the generation thread). The batched engine loads through this too.
+
+        Standard output belongs to the console chat: libraries that print
+        while loading (gptqmodel's banner) are sent to standard error."""
+        with contextlib.redirect_stdout(sys.stderr):
+            self._load()
+
+    def _load(self) -> None:
         started = time.perf_counter()
         self.tokenizer = load_tokenizer(self.config)
         self.model = self._load_model()
