@@ -281,11 +281,12 @@ def generation_kwargs(settings: Settings, tokenizer: HFPromptTokenizer) -> dict[
 
 def _gptq_kernel(model: Any) -> str:
     """The class of the first GPTQ layer (``MarlinLinear``, ``TorchAtenLinear``...),
-    or "" for a model that is not GPTQ-quantized."""
-    try:
-        from gptqmodel.nn_modules.qlinear import BaseQuantLinear
-    except ImportError:
+    or "" for a model that is not GPTQ-quantized. Loading a GPTQ checkpoint
+    imports gptqmodel; for any other model it is not imported here either (its
+    import prints a banner and changes the process environment)."""
+    if "gptqmodel" not in sys.modules:
         return ""
+    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
     for module in model.modules():
         if isinstance(module, BaseQuantLinear):
             return type(module).__name__
