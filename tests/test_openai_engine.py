@@ -267,3 +267,23 @@ async def test_bot_answers_and_reports_failures_through_the_remote_engine(tmp_pa
             assert f"server: {server.base_url}" in status and "model: fake-model" in status
     finally:
         await server.close()
+
+
+async def test_chat_api_through_the_bot_sends_the_threads_history(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    server = await FakeOpenAIServer(pieces=["Paris."]).start()
+    engine = OpenAIEngine(replace(config.model, engine="openai", api="chat", base_url=server.base_url,
+                                  request_timeout=FAST), tokenizer=byte_tokenizer())
+    thread = ConversationKey("slack", "T1", "C1", "171.1")
+    try:
+        async with Store(config.database_path()) as store, Bot(config, store, engine) as bot:
+            for mid, text in (("m1", "Capital of France?"), ("m2", "Say it again")):
+                sink = RecordingSink()
+                await bot.handle(Incoming(thread, mid, "u1", "Aki", text, False, time.time()), sink)
+                assert await sink.wait() == ("finish", "Paris.")
+    finally:
+        await server.close()
+    messages = server.requests[1]["messages"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert messages[1]["content"] == "Aki: Capital of France?" and messages[2]["content"] == "Paris."
+    assert messages[3]["content"] == "Aki: Say it again"
