@@ -235,6 +235,7 @@ async def bot_on(
     delay: float = 0.0,
     discord: dict[str, Any] | Callable[[Json, Json, Json], dict[str, Any]] | None = None,
     token: str | None = None,
+    embedded: bool = False,
 ) -> AsyncIterator[World]:
     """The real core with a fake engine, and the adapter logged in to the fake.
     ``discord`` is the [discord] config, or a function of (guild, #general, #random)
@@ -250,8 +251,16 @@ async def bot_on(
         },
         "bot": {"database": str(tmp_path / "bot.sqlite3"), "stream_interval": 0.05},
     }
-    config = parse_config(raw)
-    engine = FakeEngine(replies=replies or ["Hello from the fake engine."], delay=delay)
+    engine: Any
+    if embedded:  # the real model on the real code path
+        from bot.engine.transformers import TransformersEngine
+
+        raw["generation"] = {"temperature": 0.0, "max_new_tokens": 24}
+        config = parse_config(raw, model_override="embedded")
+        engine = TransformersEngine(config.model)
+    else:
+        config = parse_config(raw)
+        engine = FakeEngine(replies=replies or ["Hello from the fake engine."], delay=delay)
     async with Store(config.database_path()) as store:
         bot = Bot(config, store, engine)
         await bot.start()
@@ -775,3 +784,32 @@ async def test_xwin_bot_run_with_a_wrong_token_says_so_in_one_line(tmp_path: Pat
         errors = [line for line in text.splitlines() if "ERROR" in line]
         assert len(errors) == 1 and "DISCORD_TOKEN" in errors[0], text
         assert "a-wrong-token" not in text
+
+
+# ---------------------------------------------------------------------------- the embedded model
+
+
+@pytest.mark.model
+async def test_embedded_model_answers_a_mention_in_its_thread(tmp_path: Path) -> None:
+    async with running(tmp_path, embedded=True) as w:
+        asked = await w.say("What is the capital of France?")
+        thread = w.thread_of(await wait_for(lambda: w.fake.sent("POST", "/threads$") and asked, within=60))
+        answer = await stored_reply(w.bot, within=300)
+        # The last edit reaches Discord: the thread's one bot message is the stored reply.
+        await wait_for(lambda: [m.content for m in w.fake.bot_messages(thread)] == [answer], within=30)
+    assert answer.strip()
+    for leak in ("<s>", "</s>", "USER:", "ASSISTANT:", "\ufffd", "<|im_start|>", "<|im_end|>"):
+        assert leak not in answer
+    assert all(body.get("allowed_mentions", {}).get("parse") == [] for body in content_bodies(w.fake))
+
+
+async def stored_reply(bot: Bot, *, within: float) -> str:
+    """The assistant turn the worker stored, once there is one."""
+    deadline = asyncio.get_running_loop().time() + within
+    while asyncio.get_running_loop().time() < deadline:
+        async with bot.store.db.execute("SELECT text FROM messages WHERE role = 'assistant'") as cur:
+            row = await cur.fetchone()
+        if row is not None:
+            return str(row[0])
+        await asyncio.sleep(0.2)
+    raise AssertionError("the model's reply was never stored")
