@@ -48,7 +48,6 @@ class Bot:
         self._factories: dict[str, SinkFactory] = {}
         self._worker: Worker | None = None
         self._closing = False
-        self._closed = False
         # Jobs an earlier process left pending, noted before any new message.
         self._left_pending: list[int] = []
         self.commands = Commands(store, self.defaults, engine.context_length, self._stop_here, self.status)
@@ -87,10 +86,9 @@ class Bot:
     async def close(self, grace: float = 5.0) -> None:
         """Stop taking messages, let running replies end or cancel them
         (their jobs stay queued), unload the model. Safe to call twice."""
-        self._closing = True
-        if self._closed:
+        if self._closing:
             return
-        self._closed = True
+        self._closing = True
         if self._worker is not None:
             await self._worker.stop(grace)
         await self.engine.close()

@@ -9,13 +9,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from bot.errors import ConfigError
+from bot.settings import validate_settings
+from bot.types import Settings
 
 EMBEDDED_MODEL = "embedded"
 
@@ -232,8 +233,6 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, (str, int)) for v in value):
             raise ConfigError(f"{name}: must be a list of strings, got {value!r}")
         return tuple(str(v) for v in value)
-    if origin in (typing.Union, types.UnionType):
-        raise ConfigError(f"{name}: unsupported type")  # pragma: no cover - schema bug
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{name}: must be true or false, got {value!r}")
@@ -272,8 +271,6 @@ def _check_cross_field(config: Config) -> None:
     if m.request_timeout <= 0:
         raise ConfigError(f"[model] request_timeout: must be more than 0, got {m.request_timeout}")
     # Generation defaults obey the same ranges as /xwin set.
-    from bot.settings import validate_settings  # local: settings imports nothing from here
-
     try:
         validate_settings(settings_from_generation(g), context_length=m.context_length)
     except ValueError as exc:
@@ -285,9 +282,7 @@ def _positive(name: str, value: int) -> None:
         raise ConfigError(f"{name}: must be 1 or more, got {value}")
 
 
-def settings_from_generation(g: GenerationConfig) -> Any:
-    from bot.types import Settings
-
+def settings_from_generation(g: GenerationConfig) -> Settings:
     return Settings(
         temperature=g.temperature,
         top_p=g.top_p,

@@ -201,8 +201,9 @@ class Worker:
             text = await self._generate_with_retries(job, reply)
             await self.store.add_assistant_message(job, text, f"job:{job.id}")
             await _safe(sink.finish(text))
-        except asyncio.CancelledError as exc:
-            await self._cancelled(job, sink, reply, shutdown=self._stopping or "shutdown" in exc.args)
+        except asyncio.CancelledError:
+            # stop() sets _stopping before it cancels; any other cancel is the user's.
+            await self._cancelled(job, sink, reply, shutdown=self._stopping)
         except GenerationError as exc:
             log.warning("job %d failed: %s", job.id, exc)
             await self.store.set_job_state(job.id, "failed", str(exc))

@@ -83,7 +83,9 @@ class StopFilter:
     def _find_stop(self) -> int | None:
         best: int | None = None
         for stop in self._stops:
-            start = 0
+            # Released text holds no stop string (it would have stopped) and no
+            # start of one (that is held back): search only what is new.
+            start = self._sent
             while (i := self._text.find(stop, start)) != -1:
                 if i == 0 or self._text[i - 1].isspace() or not stop[0].isalnum():
                     best = i if best is None else min(best, i)
