@@ -22,8 +22,8 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from bot.engine.base import PromptTokenizer
 from bot.errors import GenerationError
+from bot.tokenizer import PromptTokenizer
 from bot.types import Settings, Turn
 
 USER, ASSISTANT = "USER:", "ASSISTANT:"

@@ -52,7 +52,7 @@ def embedded_model_file() -> Path:
 
 
 class HFPromptTokenizer:
-    """A transformers tokenizer, seen as a :class:`~bot.engine.base.PromptTokenizer`."""
+    """A transformers tokenizer, seen as a :class:`~bot.tokenizer.PromptTokenizer`."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.hf = tokenizer
