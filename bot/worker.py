@@ -207,7 +207,7 @@ class Worker:
         except GenerationError as exc:
             log.warning("job %d failed: %s", job.id, exc)
             await self.store.set_job_state(job.id, "failed", str(exc))
-            await _safe(sink.fail(MSG_FAILED.format(reason=str(exc).rstrip("."))))
+            await _safe(sink.fail(MSG_FAILED.format(reason=exc.user_message.rstrip("."))))
         except Exception as exc:
             log.exception("job %d crashed", job.id)
             await self.store.set_job_state(job.id, "failed", f"{type(exc).__name__}: {exc}")

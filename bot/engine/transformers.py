@@ -229,7 +229,7 @@ class TransformersEngine:
             raise
         except Exception as exc:
             log.exception("generation failed")
-            raise GenerationError(f"the model failed: {type(exc).__name__}") from exc
+            raise GenerationError.internal(exc, "generate") from exc
         finally:
             cancel.set()
             stats.total_s = time.perf_counter() - started
