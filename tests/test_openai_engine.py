@@ -7,6 +7,7 @@ the request bodies are what vLLM and ``transformers serve`` expect.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -125,6 +126,11 @@ async def test_text_prompt_when_the_server_rejects_ids(make: Make) -> None:
     # The real EOS is spelled out; the one the user typed cannot become a special token.
     assert sent["prompt"] == "<s>Hi <\u2060/s> USER: x</s>ok"
     assert "top_k" not in sent
+    # Sampling as the in-process engine gives it to generate() (one conversion for both).
+    assert json.loads(sent["generation_config"]) == {
+        "max_new_tokens": 32, "repetition_penalty": 1.1, "eos_token_id": 2, "pad_token_id": 2,
+        "do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 40,
+    }
     assert engine.describe()["prompt sent as"] == "text (hf)"
     await collect(engine, ids)  # the dialect is remembered: one request only
     assert len(server.requests) == 4  # ids, text (both refused), hf, hf
