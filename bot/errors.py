@@ -48,7 +48,9 @@ class GenerationError(BotError):
     def internal(cls, exc: BaseException, where: str) -> GenerationError:
         """A foreign exception from inside generation: the user gets
         :data:`MODEL_FAILED`, the log gets ``where`` and the exception's repr."""
-        return cls(MODEL_FAILED, detail=f"{where}: {exc!r}")
+        err = cls(MODEL_FAILED, detail=f"{where}: {exc!r}")
+        err.__cause__ = exc  # the log's traceback shows where it came from
+        return err
 
 
 class StoreError(BotError):
