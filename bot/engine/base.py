@@ -6,30 +6,10 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from bot.tokenizer import PromptTokenizer
 from bot.types import Settings, Turn
 
-
-class PromptTokenizer(Protocol):
-    """What prompt building needs from a tokenizer."""
-
-    bos_id: int | None
-    eos_id: int | None
-
-    def encode_text(self, text: str) -> list[int]:
-        """Token ids of plain text: no BOS/EOS added, and no special token can
-        come out of it (``</s>`` typed by a user is the four characters)."""
-        ...
-
-    def encode_template(self, text: str) -> list[int]:
-        """Token ids of trusted template text, special-token strings parsed."""
-        ...
-
-    def decode(self, ids: Sequence[int]) -> str: ...
-
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
-        """The tokenizer's own chat template, rendered to text with the
-        assistant's generation prompt at the end."""
-        ...
+__all__ = ["Engine", "PromptTokenizer", "StreamStats"]
 
 
 @dataclass

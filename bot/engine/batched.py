@@ -543,7 +543,7 @@ class BatchScheduler:
                 if self._live:
                     self._step()
             except BaseException as exc:  # fail every live stream, keep serving
-                err = GenerationError(f"decode failed: {exc!r}")
+                err = GenerationError.internal(exc, "decode")
                 for req in self._live:
                     _post(req, err)
                 self._live.clear()
@@ -569,7 +569,7 @@ class BatchScheduler:
                 self.sampler.admit(row, req.ids)
                 tok = self.sampler.sample(logits[None], [req.settings], row0=row)[0]
             except Exception as exc:
-                err = exc if isinstance(exc, GenerationError) else GenerationError(f"prefill failed: {exc!r}")
+                err = exc if isinstance(exc, GenerationError) else GenerationError.internal(exc, "prefill")
                 _post(req, err)
                 continue
             req.first_token_at = time.perf_counter()

@@ -102,7 +102,7 @@ class FakeEngine:
                 yield "partial "
                 if isinstance(text, GenerationError):
                     raise text
-                raise GenerationError(str(text)) from text
+                raise GenerationError.internal(text, "fake engine") from text
             for i in range(0, len(text), self.piece_chars):
                 if self.delay:
                     await asyncio.sleep(self.delay)

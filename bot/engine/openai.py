@@ -43,10 +43,11 @@ from typing import Any, Literal
 import aiohttp
 
 from bot.config import ModelConfig
-from bot.engine.base import PromptTokenizer, StreamStats
-from bot.engine.transformers import HFPromptTokenizer, load_tokenizer
+from bot.engine.base import StreamStats
+from bot.engine.transformers import HFPromptTokenizer, generation_kwargs, load_tokenizer
 from bot.errors import GenerationError
-from bot.prompt import speaker
+from bot.prompt import chat_messages, fit_messages
+from bot.tokenizer import PromptTokenizer
 from bot.types import Settings, Turn
 
 log = logging.getLogger(__name__)
@@ -258,15 +259,20 @@ class OpenAIEngine:
             body.update(top_k=settings.top_k if settings.top_k > 0 else -1,
                         repetition_penalty=settings.repetition_penalty)
         elif dialect == "hf":
-            body["generation_config"] = json.dumps(hf_generation_config(settings, self._hf_tokenizer()))
+            # The same arguments the in-process engine gives generate(); unset ones left out.
+            kwargs = generation_kwargs(settings, self._hf_tokenizer())
+            body["generation_config"] = json.dumps({k: v for k, v in kwargs.items() if v is not None})
         return body
 
     def _chat_body(self, turns: Sequence[Turn], settings: Settings, is_dm: bool) -> dict[str, Any]:
         if not turns:
             raise GenerationError("the chat API needs the conversation's turns")
         body = self._sampling(settings)
-        body["messages"] = fit_messages(chat_messages(turns, settings, is_dm), self._hf_tokenizer(),
-                                        self.context_length - settings.max_new_tokens)
+        tok = self._hf_tokenizer()
+        # Xwin's tokenizer has no template (the server brings its own): then fitting estimates.
+        body["messages"] = fit_messages(chat_messages(turns, settings, is_dm), tok,
+                                        self.context_length - settings.max_new_tokens,
+                                        exact=bool(getattr(tok.hf, "chat_template", None)))
         body.pop("stop", None)  # the server's chat template knows its own end of turn
         return body
 
@@ -312,53 +318,6 @@ def _defuse_specials(text: str, specials: Sequence[str]) -> str:
         if len(s) > 1 and s in text:
             text = text.replace(s, s[0] + WORD_JOINER + s[1:])
     return text
-
-
-def hf_generation_config(settings: Settings, tokenizer: HFPromptTokenizer) -> dict[str, Any]:
-    """Sampling for ``transformers serve`` (its ``generation_config`` field)."""
-    config: dict[str, Any] = {"max_new_tokens": settings.max_new_tokens,
-                              "repetition_penalty": settings.repetition_penalty,
-                              "eos_token_id": tokenizer.eos_id}
-    if settings.temperature > 0:
-        config.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p,
-                      top_k=settings.top_k)
-    else:
-        config.update(do_sample=False)
-    return config
-
-
-# -- chat messages ---------------------------------------------------------------
-def chat_messages(turns: Sequence[Turn], settings: Settings, is_dm: bool) -> list[dict[str, str]]:
-    """System prompt, then the turns, speakers named as in the prompt builder."""
-    messages = [{"role": "system", "content": settings.system_prompt.strip()}]
-    for turn in turns:
-        text = speaker(turn, is_dm)
-        if messages[-1]["role"] == turn.role:  # strict templates want alternating roles
-            messages[-1]["content"] += "\n" + text
-        else:
-            messages.append({"role": turn.role, "content": text})
-    return messages
-
-
-def fit_messages(messages: list[dict[str, str]], tokenizer: HFPromptTokenizer,
-                 budget: int) -> list[dict[str, str]]:
-    """Drop the oldest turns (never the system prompt or the newest) until the
-    rendered prompt fits ``budget`` tokens."""
-    kept = list(messages)
-    while len(kept) > 2 and _chat_tokens(kept, tokenizer) > budget:
-        del kept[1]
-    if len(kept) > 2 and kept[1]["role"] == "assistant":
-        del kept[1]
-    if _chat_tokens(kept, tokenizer) > budget:
-        raise GenerationError("your message is too long for the model")
-    return kept
-
-
-def _chat_tokens(messages: list[dict[str, str]], tokenizer: HFPromptTokenizer) -> int:
-    if getattr(tokenizer.hf, "chat_template", None):
-        return len(tokenizer.encode_template(tokenizer.render_chat(messages)))
-    # No template here (Xwin has none; the server brings its own): an estimate.
-    return sum(len(tokenizer.encode_text(m["content"])) + 8 for m in messages)
 
 
 # -- SSE -----------------------------------------------------------------------------

@@ -52,7 +52,7 @@ def embedded_model_file() -> Path:
 
 
 class HFPromptTokenizer:
-    """A transformers tokenizer, seen as a :class:`~bot.engine.base.PromptTokenizer`."""
+    """A transformers tokenizer, seen as a :class:`~bot.tokenizer.PromptTokenizer`."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.hf = tokenizer
@@ -229,7 +229,7 @@ class TransformersEngine:
             raise
         except Exception as exc:
             log.exception("generation failed")
-            raise GenerationError(f"the model failed: {type(exc).__name__}") from exc
+            raise GenerationError.internal(exc, "generate") from exc
         finally:
             cancel.set()
             stats.total_s = time.perf_counter() - started

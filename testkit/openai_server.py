@@ -148,7 +148,7 @@ def _chunk(text: str, finish: str | None, chat: bool) -> dict[str, Any]:
 # -- a real server: `transformers serve` with the embedded model -----------------------
 EMBEDDED_DIR_MARK = "converted-from-gguf.txt"
 #: Where the converted model is kept between runs (git-ignored).
-EMBEDDED_DIR = Path(__file__).resolve().parents[2] / ".cache" / "openai-server-smollm2"
+EMBEDDED_DIR = Path(__file__).resolve().parents[1] / ".cache" / "openai-server-smollm2"
 
 
 def embedded_model_dir(cache: Path = EMBEDDED_DIR) -> Path:
