@@ -55,6 +55,7 @@ class FakeSlack:
         "im:history",
         "commands",
         "users:read",
+        "files:read",
     )
     users: dict[str, str] = field(default_factory=lambda: {"U1": "aki", "U2": "ben", "UADMIN": "root"})
     channels: dict[str, str] = field(default_factory=lambda: {"C1": "general", "C2": "random"})
