@@ -12,7 +12,8 @@ platform-free:
   looked at.
 - **how much**: ``max_file_bytes`` per file (the fetcher stops reading one byte
   past it), then all files of one message together within ``context_share`` of
-  the model's context, in tokens. A cut file keeps its beginning.
+  the model's context, in tokens, shared fairly (short files whole, the long
+  ones an even part each). A cut file keeps its beginning.
 - **what is said**: :func:`files_notice`, e.g. "I read a.log (first 40 KB) and
   skipped photo.png: I read text files only."
 - **how the model sees them**: :func:`with_files` joins them to the turn's text
@@ -25,12 +26,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from bot.config import AttachmentsConfig
-from bot.engine.base import Engine, PromptTokenizer
+from bot.engine.base import Engine
 from bot.errors import BotError
 from bot.types import Attachment, RemoteFile
 
@@ -55,6 +55,8 @@ _TEXT_TYPES = frozenset({
 #: Types that say nothing: the UTF-8 check decides.
 _UNKNOWN_TYPES = frozenset({"", "application/octet-stream", "binary/octet-stream", "application/unknown"})
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")
+#: Generous: tokens are 3-4 characters on average; a beginning this long holds enough.
+_CHARS_PER_TOKEN = 8
 _NAME_UNSAFE = re.compile(r"[\x00-\x1f\x7f\[\]\"]+")
 
 
@@ -110,20 +112,16 @@ def safe_name(name: str) -> str:
     return (cleaned or "file")[:100]
 
 
-@dataclass(frozen=True)
-class _Budget:
-    """Tokens left for the files of one message."""
-
-    tokenizer: PromptTokenizer
-    tokens: int
-
-    def take(self, text: str) -> tuple[_Budget, str, bool]:
-        """(what is left, the part of ``text`` that fits, whether it was cut)."""
-        ids = self.tokenizer.encode_text(text)
-        if len(ids) <= self.tokens:
-            return _Budget(self.tokenizer, self.tokens - len(ids)), text, False
-        kept = self.tokenizer.decode(ids[: self.tokens])
-        return _Budget(self.tokenizer, 0), kept, True
+def share_out(sizes: Mapping[int, int], budget: int) -> dict[int, int]:
+    """Tokens for each file, fairly: the shortest take what they need, the rest
+    split what is left evenly (so every file shows its beginning)."""
+    out: dict[int, int] = {}
+    left = max(0, budget)
+    order = sorted(sizes, key=lambda k: sizes[k])
+    for n, key in enumerate(order):
+        out[key] = min(sizes[key], left // (len(order) - n))
+        left -= out[key]
+    return out
 
 
 class FileReader:
@@ -142,19 +140,20 @@ class FileReader:
             reason = TURNED_OFF if not cfg.enabled else NOT_FETCHED
             return tuple(_skipped(f, reason) for f in files)
         wanted = [i for i, f in enumerate(files[: cfg.max_files]) if content_kind(f.content_type) != "binary"]
-        fetched = dict(zip(wanted, await asyncio.gather(*(self._fetch(files[i], fetcher) for i in wanted)),
-                           strict=True))
-        budget = _Budget(self.engine.tokenizer, int(cfg.context_share * self.engine.context_length))
-        out: list[Attachment] = []
-        for i, file in enumerate(files):
-            if i >= cfg.max_files:
-                out.append(_skipped(file, TOO_MANY.format(n=cfg.max_files)))
-            elif i not in fetched:
-                out.append(_skipped(file, NOT_TEXT))
+        fetched = await asyncio.gather(*(self._fetch(files[i], fetcher) for i in wanted))
+        out: dict[int, Attachment] = {
+            i: _skipped(f, TOO_MANY.format(n=cfg.max_files) if i >= cfg.max_files else NOT_TEXT)
+            for i, f in enumerate(files) if i not in wanted
+        }
+        texts: dict[int, tuple[str, bool]] = {}
+        for i, data in zip(wanted, fetched, strict=True):
+            found = self._decode(files[i], data)
+            if isinstance(found, Attachment):
+                out[i] = found
             else:
-                attachment, budget = self._fit(file, fetched[i], budget)
-                out.append(attachment)
-        return tuple(out)
+                texts[i] = found
+        out.update(self._fit(files, texts))
+        return tuple(out[i] for i in range(len(files)))
 
     async def _fetch(self, file: RemoteFile, fetcher: FileFetcher) -> bytes | FetchError:
         try:
@@ -165,19 +164,41 @@ class FileReader:
             log.exception("downloading the attached file %r failed", file.name)
             return FetchError(NOT_FETCHED)
 
-    def _fit(self, file: RemoteFile, data: bytes | FetchError, budget: _Budget) -> tuple[Attachment, _Budget]:
+    def _decode(self, file: RemoteFile, data: bytes | FetchError) -> tuple[str, bool] | Attachment:
+        """(the text, whether the byte cap cut it), or the file skipped."""
         if isinstance(data, FetchError):
-            return _skipped(file, str(data) or NOT_FETCHED), budget
+            return _skipped(file, str(data) or NOT_FETCHED)
         cap = self.config.max_file_bytes
-        cut = len(data) > cap
-        text = decode_text(data[:cap], cut=cut)
+        text = decode_text(data[:cap], cut=len(data) > cap)
         if text is None:
-            reason = NOT_TEXT if content_kind(file.content_type) == "unknown" else NOT_UTF8
-            return _skipped(file, reason), budget
-        if budget.tokens <= 0 and text:
-            return _skipped(file, NO_ROOM), budget
-        budget, text, over = budget.take(text)
-        return Attachment(safe_name(file.name), "cut" if cut or over else "read", text), budget
+            return _skipped(file, NOT_TEXT if content_kind(file.content_type) == "unknown" else NOT_UTF8)
+        return text, len(data) > cap
+
+    def _fit(self, files: Sequence[RemoteFile], texts: Mapping[int, tuple[str, bool]]) -> dict[int, Attachment]:
+        """The texts within the message's share of the context, in tokens."""
+        budget = int(self.config.context_share * self.engine.context_length)
+        ids = {i: self._ids(text, budget) for i, (text, _cut) in texts.items()}
+        allowed = share_out({i: len(v) for i, (v, _whole) in ids.items()}, budget)
+        out: dict[int, Attachment] = {}
+        for i, (text, cut) in texts.items():
+            file_ids, whole = ids[i]
+            if allowed[i] < len(file_ids) or not whole:
+                cut, text = True, self.engine.tokenizer.decode(file_ids[: allowed[i]])
+            if file_ids and not text:
+                out[i] = _skipped(files[i], NO_ROOM)
+            else:
+                out[i] = Attachment(safe_name(files[i].name), "cut" if cut else "read", text)
+        return out
+
+    def _ids(self, text: str, most: int) -> tuple[list[int], bool]:
+        """Token ids of ``text`` (and True), or of a beginning of it that holds at
+        least ``most`` tokens (and False): a long file is not tokenized only to be
+        thrown away."""
+        head = text[: most * _CHARS_PER_TOKEN]
+        ids = self.engine.tokenizer.encode_text(head)
+        if len(head) < len(text) and len(ids) < most:
+            return self.engine.tokenizer.encode_text(text), True
+        return ids, len(head) == len(text)
 
 
 def _skipped(file: RemoteFile, reason: str) -> Attachment:

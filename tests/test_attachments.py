@@ -107,16 +107,19 @@ async def test_binary_types_are_not_downloaded_and_unknown_ones_are_checked() ->
     assert "mem://photo.png" not in [url for url, _ in fetcher.asked]
 
 
-async def test_bytes_per_file_files_per_message_and_context_share() -> None:
+async def test_bytes_per_file_files_per_message_and_a_fair_share_of_the_context() -> None:
     files = [remote(f"f{i}.txt") for i in range(4)]
-    data: dict[str, bytes | Exception] = {f"f{i}.txt": b"x" * 30 for i in range(4)}
-    data["f0.txt"] = b"y" * 100
-    # 40 bytes a file, 3 files a message, a quarter of 200 tokens (one a character) = 50.
+    data: dict[str, bytes | Exception] = {"f0.txt": b"y" * 100, "f1.txt": b"s" * 10, "f2.txt": b"m" * 30, "f3.txt": b""}
+    # 40 bytes a file, 3 files a message, a quarter of 200 tokens (one a character) = 50:
+    # the short file whole, the two longer ones 20 tokens each.
     got, fetcher = await read(files, data, context=200, max_file_bytes=40, max_files=3, context_share=0.25)
-    assert [(a.status, len(a.text)) for a in got] == [("cut", 40), ("cut", 10), ("skipped", 0), ("skipped", 0)]
-    assert got[0].text == "y" * 40
-    assert got[2].reason == NO_ROOM and got[3].reason == "I read at most 3 files per message"
+    assert [(a.status, a.text) for a in got] == [
+        ("cut", "y" * 20), ("read", "s" * 10), ("cut", "m" * 20), ("skipped", "")]
+    assert got[3].reason == "I read at most 3 files per message"
     assert all(cap == 40 for _, cap in fetcher.asked) and len(fetcher.asked) == 3
+    # Fewer tokens than files: the first gets none and is skipped, saying why.
+    got, _ = await read(files[:3], {f"f{i}.txt": b"abcde" for i in range(3)}, context=4, context_share=0.5)
+    assert [(a.status, a.text, a.reason) for a in got] == [("skipped", "", NO_ROOM), ("cut", "a", ""), ("cut", "a", "")]
 
 
 async def test_a_failed_download_is_skipped_with_one_clause_and_no_internals() -> None:
