@@ -611,7 +611,7 @@ def _files_of(event: Mapping[str, Any]) -> tuple[RemoteFile, ...]:
         RemoteFile(
             name=str(f.get("name") or f.get("title") or "file"),
             content_type=str(f.get("mimetype") or ""),
-            size=int(f.get("size") or -1),
+            size=f["size"] if isinstance(f.get("size"), int) else -1,
             url=str(f.get("url_private_download") or f.get("url_private") or ""),
         )
         for f in files

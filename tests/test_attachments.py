@@ -194,6 +194,15 @@ async def test_files_are_stored_with_the_message_and_read_again_after_a_restart(
     assert '[file "a.log" (its beginning)]\nERROR disk full' in prompt and "and now?" in prompt
 
 
+async def test_retention_purges_a_message_with_its_files(store: Store) -> None:
+    old = Incoming(ConversationKey("discord", "g", "c", "t"), "m1", "u1", "aki", "see file", False, 0.0)
+    await store.add_user_message(old, settings_scope="s", with_job=False,
+                                 attachments=[Attachment("a.txt", "read", "hello")])
+    assert await store.attachments([1]) == {1: (Attachment("a.txt", "read", "hello"),)}
+    assert await store.purge_messages_older_than(1) == 1
+    assert await store.attachments([1]) == {}
+
+
 # ---------------------------------------------------------------- the downloader
 
 
