@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Final
@@ -35,10 +35,11 @@ import discord.http
 import yarl
 from discord import app_commands
 
+from adapters.files import Downloader
 from bot.config import DiscordConfig
 from bot.errors import AdapterError
 from bot.settings import SPECS, SYSTEM_PROMPT_MAX
-from bot.types import CommandContext, ConversationKey, Incoming, ReplySink
+from bot.types import CommandContext, ConversationKey, Incoming, RemoteFile, ReplySink
 
 if TYPE_CHECKING:
     from bot.app import Bot
@@ -54,6 +55,8 @@ PLACEHOLDER_THINKING = "thinking…"
 EMPTY_REPLY = "(the model gave an empty reply)"
 HANDLER_FAILED = "Sorry, something went wrong while handling that message."
 NOT_HERE = "The bot is not enabled here."
+#: Where attachments are downloaded from; nowhere else.
+FILE_ORIGINS = ("https://cdn.discordapp.com", "https://media.discordapp.net")
 
 
 # ---------------------------------------------------------------------------- pure helpers
@@ -442,8 +445,11 @@ class DiscordAdapter:
         *,
         ready_timeout: float = 60.0,
         guild_ready_timeout: float = 2.0,
+        file_origins: Sequence[str] = FILE_ORIGINS,
     ) -> None:
         self._bot = bot
+        # Attachment URLs are signed: no token goes with the download.
+        self._files = Downloader("Discord", file_origins, timeout=bot.config.attachments.download_timeout)
         self._config = config
         self._token = token
         self._ready_timeout = ready_timeout
@@ -658,8 +664,9 @@ class DiscordAdapter:
     async def _start_conversation(self, message: discord.Message, guild: discord.Guild) -> None:
         channel_key = ConversationKey(PLATFORM, str(guild.id), str(message.channel.id), "")
         text = self._text(message)
-        if text and self._config.reply_in == "thread":
-            thread = await self._open_thread(message, text)
+        title = text or next((a.filename for a in message.attachments), "")
+        if title and self._config.reply_in == "thread":
+            thread = await self._open_thread(message, title)
             if thread is not None:
                 key = ConversationKey(PLATFORM, str(guild.id), str(message.channel.id), str(thread.id))
                 await self._handle(message, key, thread, reference=None, text=text)
@@ -698,8 +705,9 @@ class DiscordAdapter:
             is_dm=message.guild is None,
             created_at=message.created_at.timestamp(),
             reply_ref=_reply_ref(channel, message, reference is not None),
+            files=_files_of(message),
         )
-        result = await self._bot.handle(incoming, self._sink(channel, ref))
+        result = await self._bot.handle(incoming, self._sink(channel, ref), self._files)
         log.debug("Discord: message %s in %s -> %s", message.id, key, result)
 
     def _text(self, message: discord.Message) -> str:
@@ -807,6 +815,12 @@ def _keys_for_deleted(place: _Place, message_id: int) -> list[ConversationKey]:
     if place.guild_id is not None and place.parent_id is None:
         keys.insert(0, ConversationKey(PLATFORM, str(place.guild_id), str(place.channel_id), str(message_id)))
     return keys
+
+
+def _files_of(message: discord.Message) -> tuple[RemoteFile, ...]:
+    return tuple(
+        RemoteFile(a.filename, a.content_type or "", a.size, a.url) for a in message.attachments
+    )
 
 
 def _reply_ref(channel: discord.abc.Messageable, message: discord.Message, reference: bool) -> dict[str, str]:

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -35,6 +35,7 @@ from slack_sdk.errors import SlackApiError, SlackClientError
 from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
 from slack_sdk.web.async_client import AsyncWebClient
 
+from adapters.files import Downloader
 from adapters.slack_format import (
     mentioned_channels,
     mentioned_users,
@@ -42,9 +43,18 @@ from adapters.slack_format import (
     split_message,
     to_mrkdwn,
 )
+from bot.attachments import FileFetcher
 from bot.config import Config, Secrets, SlackConfig
 from bot.errors import AdapterError
-from bot.types import CommandContext, CommandReply, ConversationKey, Incoming, ReplySink, SinkFactory
+from bot.types import (
+    CommandContext,
+    CommandReply,
+    ConversationKey,
+    Incoming,
+    RemoteFile,
+    ReplySink,
+    SinkFactory,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +66,15 @@ MESSAGE_LIMIT = 3500
 #: Scopes the bot cannot work without, and the ones that only degrade it.
 REQUIRED_SCOPES = ("app_mentions:read", "chat:write")
 DM_SCOPE = "im:history"
-OPTIONAL_SCOPES = ("channels:history", "users:read")
+OPTIONAL_SCOPES = ("channels:history", "users:read", "files:read")
 #: Message subtypes that are someone writing to the bot.
 _USER_SUBTYPES = frozenset({"", "file_share", "thread_broadcast"})
 _SEEN_EVENTS = 2048
 _CONNECT_TIMEOUT = 30.0
 _EVENTS_PATH = "/slack/events"
 _SORRY = "Sorry, something went wrong on my side; please try again."
+#: Where attached files are downloaded from (with the bot token); nowhere else.
+FILE_ORIGINS = ("https://files.slack.com",)
 
 
 class SlackBot(Protocol):
@@ -73,7 +85,9 @@ class SlackBot(Protocol):
 
     def register_platform(self, platform: Literal["slack"], sink_factory: SinkFactory) -> None: ...
 
-    async def handle(self, incoming: Incoming, sink: ReplySink) -> object: ...
+    async def handle(
+        self, incoming: Incoming, sink: ReplySink, fetcher: FileFetcher | None = None
+    ) -> object: ...
 
     async def command(self, ctx: CommandContext, text: str) -> CommandReply: ...
 
@@ -203,6 +217,7 @@ class _Message:
     is_dm: bool
     subtype: str
     from_bot: bool
+    files: tuple[RemoteFile, ...] = ()
 
     @classmethod
     def of(cls, event: Mapping[str, Any], body: Mapping[str, Any]) -> _Message:
@@ -218,6 +233,7 @@ class _Message:
             is_dm=event.get("channel_type") == "im" or str(event.get("channel", "")).startswith("D"),
             subtype=str(event.get("subtype") or ""),
             from_bot=bool(event.get("bot_id")) or event.get("subtype") == "bot_message",
+            files=_files_of(event),
         )
 
 
@@ -232,6 +248,8 @@ class SlackAdapter:
         bot: SlackBot,
         config: SlackConfig,
         secrets: Secrets,
+        *,
+        file_origins: Sequence[str] = FILE_ORIGINS,
     ) -> None:
         self._bot = bot
         self._config = config
@@ -241,6 +259,10 @@ class SlackAdapter:
         self._update_interval = bot.config.bot.stream_interval
         self._client = AsyncWebClient(token=self._bot_token or None, base_url=config.api_base_url)
         self._client.retry_handlers.append(AsyncRateLimitErrorRetryHandler(max_retry_count=2))
+        self._files = Downloader(
+            "Slack", file_origins, timeout=bot.config.attachments.download_timeout,
+            headers={"Authorization": f"Bearer {self._bot_token}"},
+        )
         self._app: AsyncApp | None = None
         self._identity = _Identity("", "", "", frozenset())
         self._names: dict[str, str] = {}
@@ -512,8 +534,9 @@ class SlackAdapter:
             is_dm=msg.is_dm,
             created_at=_ts_seconds(msg.ts),
             reply_ref={"channel": msg.channel, "thread_ts": reply_thread},
+            files=msg.files,
         )
-        result = await self._bot.handle(incoming, self._sink(msg.channel, reply_thread))
+        result = await self._bot.handle(incoming, self._sink(msg.channel, reply_thread), self._files)
         log.debug("slack: message %s in %s: %s", msg.ts, msg.channel, result)
 
     # ------------------------------------------------------------ commands
@@ -568,6 +591,7 @@ class SlackAdapter:
 _OPTIONAL_WHY = {
     "channels:history": "follow-ups in a thread need a mention of the bot.",
     "users:read": "people are shown to the model by their ids, not their names.",
+    "files:read": "files attached to messages cannot be read.",
 }
 
 
@@ -577,6 +601,22 @@ def _error_of(exc: SlackApiError) -> str:
     if isinstance(data, dict):
         return str(data.get("error", "unknown error"))
     return f"HTTP {exc.response.status_code}"
+
+
+def _files_of(event: Mapping[str, Any]) -> tuple[RemoteFile, ...]:
+    """The files of a message event (``url_private_download``, else ``url_private``;
+    none for a file deleted or hidden by the plan's limits)."""
+    files = event.get("files") or []
+    return tuple(
+        RemoteFile(
+            name=str(f.get("name") or f.get("title") or "file"),
+            content_type=str(f.get("mimetype") or ""),
+            size=f["size"] if isinstance(f.get("size"), int) else -1,
+            url=str(f.get("url_private_download") or f.get("url_private") or ""),
+        )
+        for f in files
+        if isinstance(f, Mapping)
+    )
 
 
 def _dm_key(channel: str) -> ConversationKey:

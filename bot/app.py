@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Literal
 
+from bot.attachments import FileFetcher, FileReader
 from bot.commands import Commands, settings_scope
 from bot.config import Config, settings_from_generation
 from bot.engine.base import Engine
@@ -51,6 +52,7 @@ class Bot:
         # Jobs an earlier process left pending, noted before any new message.
         self._left_pending: list[int] = []
         self.commands = Commands(store, self.defaults, engine.context_length, self._stop_here, self.status)
+        self.files = FileReader(config.attachments, engine)
 
     async def __aenter__(self) -> Bot:
         await self.start()
@@ -118,16 +120,21 @@ class Bot:
         return resumed
 
     # -- messages --------------------------------------------------------
-    async def handle(self, incoming: Incoming, sink: ReplySink) -> HandleResult:
+    async def handle(
+        self, incoming: Incoming, sink: ReplySink, fetcher: FileFetcher | None = None
+    ) -> HandleResult:
+        """``fetcher`` downloads ``incoming.files`` (only once the quotas let the message in)."""
         if self._closing:
             await sink.fail(STOPPED)
             return "stopped"
-        if not incoming.text.strip():
+        if not incoming.text.strip() and not incoming.files:
             await sink.fail(EMPTY_HELP)
             return "empty"
         busy = await self._busy_reason(incoming.author_id)
         scope = settings_scope(incoming.key, incoming.author_id, incoming.is_dm)
-        stored = await self.store.add_user_message(incoming, settings_scope=scope, with_job=busy is None)
+        attachments = await self.files.read(incoming.files, fetcher) if busy is None else ()
+        stored = await self.store.add_user_message(incoming, settings_scope=scope, with_job=busy is None,
+                                                   attachments=attachments)
         if stored is None:
             log.info("ignoring re-delivered message %s", incoming.message_id)
             return "duplicate"

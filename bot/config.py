@@ -109,6 +109,20 @@ class SlackConfig:
     api_base_url: str = "https://slack.com/api/"
 
 
+# [attachments] (issue 11): text files attached to a message are read into its turn.
+@dataclass(frozen=True)
+class AttachmentsConfig:
+    enabled: bool = True
+    # Bytes read per file at most; a longer file is cut there (and the reply says so).
+    max_file_bytes: int = 65536
+    # Files read per message; the rest are skipped (and the reply says so).
+    max_files: int = 5
+    # Share of the model's context that all files of one message may fill, (0, 1].
+    context_share: float = 0.5
+    # Seconds one download may take.
+    download_timeout: float = 20.0
+
+
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -116,6 +130,7 @@ class Config:
     bot: BotConfig = field(default_factory=BotConfig)
     discord: DiscordConfig = field(default_factory=DiscordConfig)
     slack: SlackConfig = field(default_factory=SlackConfig)
+    attachments: AttachmentsConfig = field(default_factory=AttachmentsConfig)
     # Folder that relative paths (the database) are taken from.
     base_dir: Path = field(default=Path("."), compare=False)
 
@@ -155,6 +170,7 @@ _SECTIONS: dict[str, type] = {
     "bot": BotConfig,
     "discord": DiscordConfig,
     "slack": SlackConfig,
+    "attachments": AttachmentsConfig,
 }
 
 
@@ -270,11 +286,21 @@ def _check_cross_field(config: Config) -> None:
         raise ConfigError("[model] base_url: required when engine = \"openai\"")
     if m.request_timeout <= 0:
         raise ConfigError(f"[model] request_timeout: must be more than 0, got {m.request_timeout}")
+    _check_attachments(config.attachments)
     # Generation defaults obey the same ranges as /xwin set.
     try:
         validate_settings(settings_from_generation(g), context_length=m.context_length)
     except ValueError as exc:
         raise ConfigError(f"[generation] {exc}") from None
+
+
+def _check_attachments(a: AttachmentsConfig) -> None:
+    _positive("[attachments] max_file_bytes", a.max_file_bytes)
+    _positive("[attachments] max_files", a.max_files)
+    if not 0 < a.context_share <= 1:
+        raise ConfigError(f"[attachments] context_share: must be in (0, 1], got {a.context_share}")
+    if a.download_timeout <= 0:
+        raise ConfigError(f"[attachments] download_timeout: must be more than 0, got {a.download_timeout}")
 
 
 def _positive(name: str, value: int) -> None:

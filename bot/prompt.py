@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from bot.attachments import with_files
 from bot.errors import GenerationError
 from bot.tokenizer import PromptTokenizer
 from bot.types import Settings, Turn
@@ -54,7 +55,8 @@ def defuse(text: str) -> str:
 
 
 def speaker(turn: Turn, is_dm: bool) -> str:
-    text = turn.text.strip()
+    # Attached files join the text before defusing: they are as untrusted as it.
+    text = with_files(turn.text.strip(), turn.attachments)
     if turn.role == "user" and not is_dm and turn.author_name:
         name = turn.author_name.replace(":", "").strip() or "someone"
         text = f"{name}: {text}"

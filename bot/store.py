@@ -22,7 +22,7 @@ from typing import Any, Literal
 import aiosqlite
 
 from bot.errors import StoreError
-from bot.types import ConversationKey, Incoming, Turn
+from bot.types import Attachment, ConversationKey, Incoming, Turn
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,18 @@ MIGRATIONS: list[str] = [
         finished_at REAL
     );
     CREATE INDEX jobs_by_state ON jobs (state, id);
+    """,
+    # 2 (issue 11): text files attached to user messages, as the model reads them
+    """
+    CREATE TABLE attachments (
+        message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+        position INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('read', 'cut', 'skipped')),
+        text TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        PRIMARY KEY (message_id, position)
+    );
     """,
 ]
 
@@ -208,9 +220,10 @@ class Store:
         return await self._conversation(key, create=False) is not None
 
     async def add_user_message(
-        self, incoming: Incoming, *, settings_scope: str, with_job: bool
+        self, incoming: Incoming, *, settings_scope: str, with_job: bool,
+        attachments: Sequence[Attachment] = (),
     ) -> tuple[int, int | None] | None:
-        """Store a user turn (and its job) in one transaction.
+        """Store a user turn (with its attached files, and its job) in one transaction.
 
         Returns ``(message row id, job id or None)``, or None when this
         platform message was stored before (a re-delivered event)."""
@@ -229,6 +242,7 @@ class Store:
                 return None
             message_id = cur.lastrowid
             assert message_id is not None
+            await self._add_attachments(message_id, attachments)
             if not with_job:
                 return message_id, None
             jcur = await db.execute(
@@ -238,6 +252,25 @@ class Store:
                  json.dumps(incoming.reply_ref), time.time()),
             )
             return message_id, jcur.lastrowid
+
+    async def _add_attachments(self, message_id: int, attachments: Sequence[Attachment]) -> None:
+        await self.db.executemany(
+            "INSERT INTO attachments (message_id, position, name, status, text, reason) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [(message_id, i, a.name, a.status, a.text, a.reason) for i, a in enumerate(attachments)],
+        )
+
+    async def attachments(self, message_ids: Sequence[int]) -> dict[int, tuple[Attachment, ...]]:
+        """The files of these messages, by message row id, in the order attached."""
+        found: dict[int, list[Attachment]] = {}
+        for start in range(0, len(message_ids), 500):
+            chunk = list(message_ids[start : start + 500])
+            sql = ("SELECT message_id, name, status, text, reason FROM attachments "
+                   f"WHERE message_id IN ({','.join('?' * len(chunk))}) ORDER BY message_id, position")
+            async with self.db.execute(sql, chunk) as cur:
+                for row in await cur.fetchall():
+                    found.setdefault(int(row[0]), []).append(Attachment(row[1], row[2], row[3], row[4]))
+        return {k: tuple(v) for k, v in found.items()}
 
     async def add_assistant_message(self, job: Job, text: str, platform_message_id: str) -> None:
         """The reply, and its job marked done, in one transaction."""
@@ -269,7 +302,7 @@ class Store:
         turns are ordered by the question they belong to, each reply right
         after its question."""
         sql = """
-            SELECT role, text, author_name, platform_message_id FROM (
+            SELECT role, text, author_name, platform_message_id, id FROM (
                 SELECT m.role, m.text, m.author_name, m.platform_message_id,
                        COALESCE(m.reply_to, m.id) AS question, m.role = 'assistant' AS is_reply, m.id
                 FROM messages m JOIN conversations c ON c.id = m.conversation_id
@@ -281,7 +314,9 @@ class Store:
         args = (job.conversation_id, job.message_id, job.message_id, limit)
         async with self.db.execute(sql, args) as cur:
             rows = await cur.fetchall()
-        return [Turn(role=r[0], text=r[1], author_name=r[2], message_id=r[3]) for r in rows]
+        files = await self.attachments([int(r[4]) for r in rows if r[0] == "user"])
+        return [Turn(role=r[0], text=r[1], author_name=r[2], message_id=r[3],
+                     attachments=files.get(int(r[4]), ())) for r in rows]
 
     async def message_count(self) -> int:
         async with self.db.execute("SELECT COUNT(*) FROM messages") as cur:

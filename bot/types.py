@@ -11,6 +11,29 @@ from typing import Literal, Protocol
 
 Platform = Literal["discord", "slack", "console"]
 Role = Literal["user", "assistant"]
+AttachmentStatus = Literal["read", "cut", "skipped"]
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """A file attached to a message, as the platform describes it (nothing
+    downloaded yet). ``url`` is opaque to ``bot/``: the adapter's fetcher reads it."""
+
+    name: str
+    content_type: str  # "" when the platform does not say
+    size: int  # bytes, from the platform's metadata; -1 when unknown
+    url: str
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """A file as stored with its message: the text the model reads, or why it
+    was left out (see ``bot/attachments.py``)."""
+
+    name: str
+    status: AttachmentStatus
+    text: str = ""  # "" when skipped
+    reason: str = ""  # why it was skipped, one clause for the user
 
 
 @dataclass(frozen=True)
@@ -46,6 +69,9 @@ class Incoming:
     # Adapter data needed to answer this message again after a restart
     # (e.g. the Discord channel to post in); stored with the job, opaque to bot/.
     reply_ref: dict[str, str] = field(default_factory=dict)
+    # Files attached to the message (issue 11): read by Bot.handle through the
+    # adapter's fetcher, within [attachments] limits.
+    files: tuple[RemoteFile, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -54,6 +80,7 @@ class Turn:
     text: str
     author_name: str = ""
     message_id: str = ""
+    attachments: tuple[Attachment, ...] = ()
 
 
 @dataclass(frozen=True)

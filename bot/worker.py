@@ -20,6 +20,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from bot.attachments import files_notice
 from bot.engine.base import Engine
 from bot.engine.detok import StopFilter
 from bot.errors import BotError, GenerationError
@@ -242,8 +243,10 @@ class Worker:
         settings = await self.settings_for(job)
         turns = await self.store.history(job)
         prompt = self.builder.build(turns, settings, is_dm=job.is_dm)
+        notice = files_notice(turns[-1].attachments) if turns else ""
+        reply.text = f"{notice}\n\n" if notice else ""  # files cut or skipped
         if prompt.truncated:
-            reply.text = TRUNCATION_NOTICE
+            reply.text += TRUNCATION_NOTICE
         stops = StopFilter(self.builder.stops)
         started = time.perf_counter()
         tokens = 0

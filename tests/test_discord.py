@@ -236,6 +236,7 @@ async def bot_on(
     discord: dict[str, Any] | Callable[[Json, Json, Json], dict[str, Any]] | None = None,
     token: str | None = None,
     embedded: bool = False,
+    sections: dict[str, dict[str, Any]] | None = None,
 ) -> AsyncIterator[World]:
     """The real core with a fake engine, and the adapter logged in to the fake.
     ``discord`` is the [discord] config, or a function of (guild, #general, #random)
@@ -250,6 +251,7 @@ async def bot_on(
             **extra,
         },
         "bot": {"database": str(tmp_path / "bot.sqlite3"), "stream_interval": 0.05},
+        **(sections or {}),
     }
     engine: Any
     if embedded:  # the real model on the real code path
@@ -264,7 +266,9 @@ async def bot_on(
     async with Store(config.database_path()) as store:
         bot = Bot(config, store, engine)
         await bot.start()
-        adapter = DiscordAdapter(bot, config.discord, token or server.token, guild_ready_timeout=0.05)
+        adapter = DiscordAdapter(
+            bot, config.discord, token or server.token, guild_ready_timeout=0.05, file_origins=(server.base_url,)
+        )
         try:
             await adapter.start()
             user = server.user("aki")

@@ -104,7 +104,7 @@ async def start_env(tmp_path: Path, fake: FakeSlack) -> AsyncIterator[Starter]:
             slack_app_token=app_token or fake.app_token,
             slack_signing_secret=SECRET,
         )
-        adapter = SlackAdapter(bot, slack_cfg, secrets)
+        adapter = SlackAdapter(bot, slack_cfg, secrets, file_origins=(fake.base,))
         started.append((adapter, bot, store))
         await adapter.start()
         return Env(fake, engine, bot, adapter)

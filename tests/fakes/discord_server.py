@@ -29,6 +29,8 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from tests.fakes.file_host import FileHost
+
 DISCORD_EPOCH_MS = 1420070400000
 MANAGE_CHANNELS = 1 << 4
 MESSAGE_CONTENT_INTENT = 1 << 15
@@ -107,6 +109,8 @@ class FakeDiscord:
         self._seq = 0
         self._runner: web.AppRunner | None = None
         self.port = 0
+        # Attachments, as the CDN serves them (outside /api, no token needed).
+        self.cdn = FileHost()
 
     # ------------------------------------------------------------------ ids and objects
 
@@ -215,6 +219,7 @@ class FakeDiscord:
         app = web.Application()
         app.router.add_get("/gateway", self._gateway)
         app.router.add_route("*", "/api/v10/{tail:.*}", self._rest)
+        app.router.add_get("/attachments/{tail:.*}", self.cdn.serve)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -315,9 +320,11 @@ class FakeDiscord:
         *,
         mentions: list[Json] | None = None,
         guild_id: str | None = None,
+        attachments: list[Json] | None = None,
     ) -> str:
         """A user posts ``content``; ``mentions`` are the users it mentions (Discord
-        sends them in the payload: discord.py does not parse ``<@id>``)."""
+        sends them in the payload: discord.py does not parse ``<@id>``);
+        ``attachments`` are payloads from :meth:`attachment`."""
         mid = self.snowflake()
         data: Json = {
             "id": mid,
@@ -330,7 +337,7 @@ class FakeDiscord:
             "mention_everyone": False,
             "mentions": mentions or [],
             "mention_roles": [],
-            "attachments": [],
+            "attachments": attachments or [],
             "embeds": [],
             "pinned": False,
             "type": 0,
@@ -342,6 +349,18 @@ class FakeDiscord:
         self.messages[mid] = FakeMessage(mid, channel_id, content, author)
         await self.dispatch("MESSAGE_CREATE", data)
         return mid
+
+    def attachment(self, name: str, data: bytes, content_type: str | None, *, base_url: str = "") -> Json:
+        """An attachment payload whose URL the fake CDN serves (at ``base_url``,
+        by default this server)."""
+        aid = self.snowflake()
+        path = f"/attachments/{aid}/{name}"
+        self.cdn.add(path, data, content_type or "application/octet-stream")
+        url = (base_url or self.base_url) + path
+        payload: Json = {"id": aid, "filename": name, "size": len(data), "url": url, "proxy_url": url}
+        if content_type is not None:
+            payload["content_type"] = content_type
+        return payload
 
     async def delete_message(self, channel_id: str, message_id: str, guild_id: str | None = None) -> None:
         data: Json = {"id": message_id, "channel_id": channel_id}

@@ -29,6 +29,8 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from tests.fakes.file_host import FileHost, FileRequest
+
 JSON = dict[str, Any]
 
 
@@ -55,6 +57,7 @@ class FakeSlack:
         "im:history",
         "commands",
         "users:read",
+        "files:read",
     )
     users: dict[str, str] = field(default_factory=lambda: {"U1": "aki", "U2": "ben", "UADMIN": "root"})
     channels: dict[str, str] = field(default_factory=lambda: {"C1": "general", "C2": "random"})
@@ -66,6 +69,8 @@ class FakeSlack:
     _sockets: list[web.WebSocketResponse] = field(default_factory=list)
     _ts: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _connected: asyncio.Event = field(default_factory=asyncio.Event)
+    # Attached files, as files.slack.com serves them (url_private_download).
+    file_host: FileHost = field(default_factory=FileHost)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -74,6 +79,7 @@ class FakeSlack:
         app.router.add_route("*", "/api/{method}", self._api)
         app.router.add_post("/response/{rid}", self._response_url)
         app.router.add_get("/socket", self._socket)
+        app.router.add_get("/files-pri/{tail:.*}", self._file)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -200,6 +206,28 @@ class FakeSlack:
 
     def _connections_open(self, call: ApiCall) -> JSON:
         return {"ok": True, "url": f"ws://127.0.0.1:{self.port}/socket"}
+
+    # ------------------------------------------------------------ files
+
+    def file(self, name: str, data: bytes, mimetype: str, *, base_url: str = "") -> JSON:
+        """A file object for a message event's ``files``, served (with the bot
+        token only) at ``base_url``, by default this server."""
+        fid = f"F{next(self._ts):06d}"
+        path = f"/files-pri/{self.team_id}-{fid}/{name}"
+        self.file_host.add(path + "/download", data, mimetype)
+        base = base_url or self.base
+        return {
+            "id": fid, "name": name, "title": name, "mimetype": mimetype, "size": len(data),
+            "mode": "hosted", "url_private": base + path, "url_private_download": base + path + "/download",
+        }
+
+    async def _file(self, request: web.Request) -> web.Response:
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if token != self.bot_token:
+            # Slack answers an unauthorized download with its sign-in page.
+            self.file_host.requests.append(FileRequest(request.path, dict(request.headers)))
+            return web.Response(text="<html>Sign in to Slack</html>", content_type="text/html")
+        return await self.file_host.serve(request)
 
     # ------------------------------------------------------------ response_url
 
