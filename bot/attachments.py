@@ -30,8 +30,8 @@ from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from bot.config import AttachmentsConfig
-from bot.engine.base import Engine
 from bot.errors import BotError
+from bot.tokenizer import PromptTokenizer
 from bot.types import Attachment, RemoteFile
 
 log = logging.getLogger(__name__)
@@ -124,10 +124,20 @@ def share_out(sizes: Mapping[int, int], budget: int) -> dict[int, int]:
     return out
 
 
+class TokenBudget(Protocol):
+    """What the reader needs of an engine (an :class:`~bot.engine.base.Engine` is one)."""
+
+    @property
+    def tokenizer(self) -> PromptTokenizer: ...
+
+    @property
+    def context_length(self) -> int: ...
+
+
 class FileReader:
     """Turns a message's files into :class:`Attachment` rows (see the module doc)."""
 
-    def __init__(self, config: AttachmentsConfig, engine: Engine) -> None:
+    def __init__(self, config: AttachmentsConfig, engine: TokenBudget) -> None:
         self.config = config
         # The engine's tokenizer and context are known once it has started.
         self.engine = engine
