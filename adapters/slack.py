@@ -289,7 +289,8 @@ class PanelReplySink:
 
     async def _stream(self, text: str, *, final: bool) -> bool:
         """Stream what is new in ``text``; False if Slack refused the stream."""
-        for i, piece in enumerate(self._splitter.feed(text)):
+        # Trailing blanks wait for what follows them: the final text has none.
+        for i, piece in enumerate(self._splitter.feed(text if final else text.rstrip())):
             if i:
                 await self._stop(final=False)
             if piece and not await self._send(piece):

@@ -61,6 +61,7 @@ class FakeSlack:
         "im:history",
         "commands",
         "users:read",
+        "assistant:write",
     )
     users: dict[str, str] = field(default_factory=lambda: {"U1": "aki", "U2": "ben", "UADMIN": "root"})
     channels: dict[str, str] = field(default_factory=lambda: {"C1": "general", "C2": "random"})
@@ -118,7 +119,7 @@ class FakeSlack:
         """Parameters of every chat.postMessage, in order."""
         return [c.params for c in self.calls_to("chat.postMessage")]
 
-    def thread(self, channel: str, thread_ts: str) -> list[str]:
+    def thread(self, channel: str, thread_ts: str | None) -> list[str]:
         """Latest text of each message the bot posted or streamed in a thread, in order."""
         return [
             str(m["text"])
