@@ -652,6 +652,32 @@ async def test_socket_mode_panel_message_retried_is_answered_once(start_env: Sta
     assert env.fake.thread("D1", "2800.000001") == ["only once"]
 
 
+async def test_panel_obeys_allow_dms_before_any_work(start_env: Starter) -> None:
+    engine = FakeEngine()
+    env = await start_env(engine, allow_dms=False)
+    calls_before = len(env.fake.calls)
+    await post_event(env, panel_started("3000.000001"))
+    await post_event(env, panel_message("hello?", ts="3000.000002", thread_ts="3000.000001"))
+    await post_command(env, "status")  # handled after both events: they were dropped by then
+    assert engine.calls == []
+    # Only bolt's own lazy auth.test: no greeting, status, title or reply.
+    assert {c.method for c in env.fake.calls[calls_before:]} <= {"auth.test"}
+
+
+async def test_sink_factory_resumes_a_panel_reply_as_a_stream(start_env: Starter) -> None:
+    env = await start_env()
+    key = ConversationKey("slack", "dm", "D1", "3100.000001")
+    ref = {"channel": "D1", "thread_ts": "3100.000001", "panel": "1", "user": "U1", "team": "T1"}
+    sink = env.adapter.sink_for(key, ref)
+    await sink.queued(2)
+    await sink.finish("resumed <!here>")
+    assert env.fake.thread("D1", "3100.000001") == ["resumed &lt;!here&gt;"]
+    [status] = env.fake.calls_to("assistant.threads.setStatus")
+    assert status.params["status"] == "is waiting: 2 ahead of you…"
+    assert [c.method for c in env.fake.calls if c.method.startswith("chat.")] == [
+        "chat.startStream", "chat.stopStream"]
+
+
 def test_manifest_declares_what_the_adapter_uses() -> None:
     import yaml
 
@@ -720,7 +746,8 @@ async def test_sink_factory_answers_a_resumed_job_in_its_thread(start_env: Start
 
 
 @pytest.mark.model
-async def test_embedded_model_answers_a_mention_in_its_thread(tmp_path: Path, fake: FakeSlack) -> None:
+async def test_embedded_model_answers_a_mention_and_a_panel_thread(tmp_path: Path, fake: FakeSlack) -> None:
+    """One model load for both surfaces: a channel mention (edits) and a panel thread (native stream)."""
     from bot.config import GenerationConfig, parse_config
     from bot.engine.transformers import TransformersEngine
 
@@ -751,9 +778,24 @@ async def test_embedded_model_answers_a_mention_in_its_thread(tmp_path: Path, fa
                 what="the model's reply",
             )
             await bot.drain()
+            await fake.send_envelope(event_body(panel_started("1400.000001")))
+            panel_question = panel_message("What is the capital of Italy?", ts="1400.000002", thread_ts="1400.000001")
+            await fake.send_envelope(event_body(panel_question))
+            await poll(lambda: bool(thread_calls(fake, "chat.startStream", "1400.000001")), within=60,
+                       what="the panel stream")
+            await poll(lambda: bool(fake.calls_to("chat.stopStream")) and not bot.worker.running(), within=120,
+                       what="the panel reply")
+            await bot.drain()
         finally:
             await adapter.close()
-    [answer] = [t for t in fake.message_texts().values() if not t.startswith("_")]
-    assert answer.strip()
-    for leak in ("<s>", "</s>", "USER:", "ASSISTANT:", "\ufffd", "<|im_start|>"):
-        assert leak not in answer
+    [answer] = fake.thread("C1", "1300.000001")
+    greeting, panel_answer = fake.thread("D1", "1400.000001")
+    assert greeting.startswith("Hi!")
+    for text in (answer, panel_answer):
+        assert text.strip()
+        for leak in ("<s>", "</s>", "USER:", "ASSISTANT:", "\ufffd", "<|im_start|>", "<!", "<@"):
+            assert leak not in text
+    panel_ts = {ts for ts, m in fake.messages.items() if m["thread_ts"] == "1400.000001"}
+    assert not [c for c in fake.calls_to("chat.update") if c.params["ts"] in panel_ts]  # streamed, not edited
+    titles = [c.params["title"] for c in fake.calls_to("assistant.threads.setTitle")]
+    assert titles == ["What is the capital of Italy?"]
