@@ -31,7 +31,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -277,8 +277,8 @@ class PanelReplySink:
         return []
 
     async def _show(self, text: str, *, final: bool) -> None:
-        if self._edits_from is None and not self._streams.available:
-            self._edits_from = len(self._splitter.consumed)
+        if self._edits_from is None and not self._streams.available and not self._splitter.consumed:
+            self._edits_from = 0  # refused before this reply began (a stream under way goes on)
         if self._edits_from is None:
             before = len(self._splitter.consumed)
             if await self._stream(text, final=final):
@@ -589,6 +589,7 @@ class SlackAdapter:
         assistant = AsyncAssistant(thread_context_store=self._panel_contexts, logger=log)
         assistant.thread_started(self._on_panel_started)
         assistant.user_message(self._on_panel_message)
+        app.use(self._panel_deletions)  # before the assistant middleware, which swallows them
         app.use(assistant)  # thread_context_changed: bolt's default saves it to _PanelContexts
         app.event("app_mention")(self._on_mention)
         app.event("message")(self._on_message)
@@ -647,6 +648,15 @@ class SlackAdapter:
                 await set_suggested_prompts(prompts=prompts)
         except SlackApiError as exc:
             log.warning("slack: greeting panel thread %s failed: %s", thread.get("thread_ts"), _error_of(exc))
+
+    async def _panel_deletions(self, body: JSON, next: Callable[[], Awaitable[None]]) -> None:
+        """A question deleted in a panel (DM) thread cancels its reply, as elsewhere."""
+        event = body.get("event") or {}
+        previous = event.get("previous_message") or {}
+        if (event.get("type") == "message" and event.get("subtype") == "message_deleted"
+                and event.get("channel_type") == "im" and previous.get("thread_ts")):
+            await self._on_deleted(event, _Message.of(event, body))
+        await next()
 
     async def _on_panel_message(self, event: JSON, body: JSON, set_title: AsyncSetTitle) -> None:
         msg = _Message.of(event, body)
@@ -746,7 +756,10 @@ class SlackAdapter:
         if not ts or not self._allowed(msg.team, msg.channel, msg.is_dm):
             return
         thread = str(previous.get("thread_ts") or ts)
-        key = _dm_key(msg.channel) if msg.is_dm else ConversationKey("slack", msg.team, msg.channel, thread)
+        if msg.is_dm:  # a DM thread (a panel chat) is its own conversation
+            key = ConversationKey("slack", "dm", msg.channel, str(previous.get("thread_ts") or ""))
+        else:
+            key = ConversationKey("slack", msg.team, msg.channel, thread)
         if await self._bot.cancel_message(key, ts):
             log.info("slack: message %s deleted; its reply was cancelled", ts)
 

@@ -636,6 +636,22 @@ async def test_panel_text_commands_stop_and_show_settings(start_env: Starter) ->
     assert panel_command("stop the war") is None and panel_command("settings of a story") is None
 
 
+async def test_panel_deleting_the_question_cancels_its_reply(start_env: Starter) -> None:
+    long_reply = "word " * 400
+    engine = FakeEngine(replies=[long_reply], piece_chars=1, delay=0.01)  # ~20 s if not stopped
+    env = await start_env(engine)
+    thread = "2750.000001"
+    await post_event(env, panel_message("long please", ts="2750.000002", thread_ts=thread))
+    await poll(lambda: engine.streaming.is_set(), what="streaming")
+    previous = {"type": "message", "user": "U1", "ts": "2750.000002", "thread_ts": thread, "text": "long please"}
+    deleted = message("", ts="2750.000003", channel="D1", channel_type="im", subtype="message_deleted",
+                      deleted_ts="2750.000002", previous_message=previous)
+    deleted.pop("user")
+    assert await post_event(env, deleted) == 200
+    await poll(lambda: "stopped" in "".join(env.fake.thread("D1", thread)).lower(), what="the stopped reply")
+    assert long_reply.strip() not in "".join(env.fake.thread("D1", thread))
+
+
 async def test_socket_mode_panel_message_retried_is_answered_once(start_env: Starter) -> None:
     engine = FakeEngine(replies=["only once"])
     env = await start_env(engine, mode="socket")
