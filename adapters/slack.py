@@ -7,6 +7,16 @@ bot's threads and DMs into :class:`~bot.types.Incoming`, answers through
 ``chat.update`` about once a second, continued in new thread messages past
 Slack's limit), and maps the ``/xwin`` slash command onto ``Bot.command``.
 
+The assistant panel ("Agents & AI Apps") goes through slack-bolt's
+``AsyncAssistant`` middleware: a new panel thread is greeted and given
+suggested prompts, each panel thread is its own conversation, its title is
+the first question, and replies there go through :class:`PanelReplySink`
+(the thread's status line while waiting, then native streaming with
+``chat.startStream``/``appendStream``/``stopStream``, or edits where Slack
+refuses streams). The panel has no slash commands: a message that is exactly
+``stop``, ``settings``, ``status``, ``forget`` or ``help``, or that starts
+with ``/xwin``, runs that command there.
+
 Usage (``bot.main``)::
 
     slack = SlackAdapter(bot, config.slack, Secrets.from_env())
@@ -21,22 +31,29 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
-from slack_bolt.async_app import AsyncApp
+from slack_bolt.async_app import AsyncApp, AsyncAssistant
 from slack_bolt.context.ack.async_ack import AsyncAck
+from slack_bolt.context.assistant.thread_context import AssistantThreadContext
+from slack_bolt.context.assistant.thread_context_store.async_store import AsyncAssistantThreadContextStore
 from slack_bolt.context.respond.async_respond import AsyncRespond
+from slack_bolt.context.say.async_say import AsyncSay
+from slack_bolt.context.set_suggested_prompts.async_set_suggested_prompts import AsyncSetSuggestedPrompts
+from slack_bolt.context.set_title.async_set_title import AsyncSetTitle
 from slack_sdk.errors import SlackApiError, SlackClientError
 from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
 from slack_sdk.web.async_client import AsyncWebClient
 
 from adapters.files import Downloader
 from adapters.slack_format import (
+    StreamSplitter,
+    escape,
     mentioned_channels,
     mentioned_users,
     readable_text,
@@ -66,7 +83,7 @@ MESSAGE_LIMIT = 3500
 #: Scopes the bot cannot work without, and the ones that only degrade it.
 REQUIRED_SCOPES = ("app_mentions:read", "chat:write")
 DM_SCOPE = "im:history"
-OPTIONAL_SCOPES = ("channels:history", "users:read", "files:read")
+OPTIONAL_SCOPES = ("channels:history", "users:read", "files:read", "assistant:write")
 #: Message subtypes that are someone writing to the bot.
 _USER_SUBTYPES = frozenset({"", "file_share", "thread_broadcast"})
 _SEEN_EVENTS = 2048
@@ -75,6 +92,13 @@ _EVENTS_PATH = "/slack/events"
 _SORRY = "Sorry, something went wrong on my side; please try again."
 #: Where attached files are downloaded from (with the bot token); nowhere else.
 FILE_ORIGINS = ("https://files.slack.com",)
+#: Errors of chat.startStream that mean "never for this app": edits from then on.
+_NO_STREAMING = frozenset({"unknown_method", "not_allowed_token_type"})
+#: Whole messages in a panel thread that run a command instead of asking the model.
+PANEL_COMMANDS = frozenset({"stop", "settings", "status", "forget", "help"})
+_THINKING = "is thinking…"
+_TITLE_CHARS = 80
+_PANEL_CONTEXTS = 1024
 
 
 class SlackBot(Protocol):
@@ -191,6 +215,164 @@ class SlackReplySink:
         self._shown[index] = text
 
 
+class StreamSupport:
+    """Whether this app may stream replies natively; refused once, off for
+    the rest of the process (with one log line)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.available = enabled
+
+    def refuse(self, error: str) -> None:
+        if self.available:
+            self.available = False
+            log.warning("slack: native streaming is not available (%s); replies use chat.update edits "
+                        "from now on", error)
+
+
+class PanelReplySink:
+    """One reply in an assistant (panel) thread.
+
+    The thread's status line shows the wait (queue position, "is thinking…")
+    until the first text; the text then streams into the thread through
+    ``chat.startStream``/``appendStream``/``stopStream``, in messages of at
+    most ``limit`` characters that never break a code block. Where Slack
+    refuses a stream, the reply (the rest of it) goes through a
+    :class:`SlackReplySink`'s edits instead.
+    """
+
+    def __init__(
+        self,
+        client: AsyncWebClient,
+        channel: str,
+        thread_ts: str,
+        *,
+        user: str,
+        team: str,
+        streams: StreamSupport,
+        update_interval: float,
+        limit: int = MESSAGE_LIMIT,
+    ) -> None:
+        self.update_interval = update_interval
+        self._client = client
+        self._channel = channel
+        self._thread_ts = thread_ts
+        self._user = user or None
+        self._team = team or None
+        self._streams = streams
+        self._splitter = StreamSplitter(limit)
+        self._edits = SlackReplySink(client, channel, thread_ts, update_interval=update_interval, limit=limit)
+        self._ts = ""  # the message being streamed
+        self._edits_from: int | None = None  # reply characters streamed before edits took over
+        self._lock = asyncio.Lock()
+
+    async def queued(self, position: int) -> None:
+        await self._status(_THINKING if position <= 0 else f"is waiting: {position} ahead of you…")
+
+    async def started(self) -> None:
+        await self._status(_THINKING)
+
+    async def update(self, text_so_far: str) -> None:
+        if text_so_far.strip():
+            async with self._lock:
+                await self._show(text_so_far, final=False)
+
+    async def finish(self, text: str) -> None:
+        async with self._lock:
+            await self._show(text if text.strip() else "_(no reply)_", final=True)
+
+    async def fail(self, user_message: str) -> None:
+        async with self._lock:
+            if self._ts:
+                await self._stop(final=True)  # keep the partial answer, say why it stopped
+            await self._edits.fail(user_message)
+
+    def final_blocks(self) -> list[JSON]:
+        """Blocks shown under the finished reply (none yet)."""
+        return []
+
+    async def _show(self, text: str, *, final: bool) -> None:
+        if self._edits_from is None and not self._streams.available and not self._splitter.consumed:
+            self._edits_from = 0  # refused before this reply began (a stream under way goes on)
+        if self._edits_from is None:
+            before = len(self._splitter.consumed)
+            if await self._stream(text, final=final):
+                return
+            self._edits_from = before
+        rest = text[self._edits_from :]
+        await (self._edits.finish(rest) if final else self._edits.update(rest))
+
+    async def _stream(self, text: str, *, final: bool) -> bool:
+        """Stream what is new in ``text``; False if Slack refused the stream."""
+        # Trailing blanks wait for what follows them: the final text has none.
+        for i, piece in enumerate(self._splitter.feed(text if final else text.rstrip())):
+            if i:
+                await self._stop(final=False)
+            if piece and not await self._send(piece):
+                return False
+        if final and self._ts:
+            await self._stop(final=True)
+        return True
+
+    async def _send(self, piece: str) -> bool:
+        markdown = escape(piece)  # no <!here>, <@U…> or <#C…> from the model
+        method = "chat.appendStream" if self._ts else "chat.startStream"
+        try:
+            if self._ts:
+                await self._client.chat_appendStream(channel=self._channel, ts=self._ts, markdown_text=markdown)
+            else:
+                resp = await self._client.chat_startStream(
+                    channel=self._channel, thread_ts=self._thread_ts, markdown_text=markdown,
+                    recipient_user_id=self._user, recipient_team_id=self._team,
+                )
+                self._ts = str(resp["ts"])
+        except SlackApiError as exc:
+            error = _error_of(exc)
+            if error in _NO_STREAMING:
+                self._streams.refuse(error)
+            else:
+                log.warning("slack: %s in %s failed (%s); this reply goes on as edits", method,
+                            self._channel, error)
+            if self._ts:
+                await self._stop(final=False)
+            return False
+        return True
+
+    async def _stop(self, *, final: bool) -> None:
+        ts, self._ts = self._ts, ""
+        blocks = self.final_blocks() if final else []
+        try:
+            await self._client.chat_stopStream(channel=self._channel, ts=ts, blocks=blocks or None)
+        except SlackApiError as exc:
+            log.warning("slack: chat.stopStream in %s failed: %s", self._channel, _error_of(exc))
+
+    async def _status(self, status: str) -> None:
+        try:
+            await self._client.assistant_threads_setStatus(
+                channel_id=self._channel, thread_ts=self._thread_ts, status=status
+            )
+        except SlackApiError as exc:
+            log.warning("slack: assistant.threads.setStatus in %s failed: %s", self._channel, _error_of(exc))
+
+
+class _PanelContexts(AsyncAssistantThreadContextStore):
+    """What channel each panel thread's user is viewing, as Slack reported it
+    (``assistant_thread_context_changed``): recorded in memory, never read
+    from Slack and never given to the model."""
+
+    def __init__(self) -> None:
+        self._contexts: OrderedDict[tuple[str, str], dict[str, str]] = OrderedDict()
+
+    async def save(self, *, channel_id: str, thread_ts: str, context: dict[str, str]) -> None:
+        log.debug("slack: panel thread %s/%s now shows %s", channel_id, thread_ts, context.get("channel_id"))
+        self._contexts[(channel_id, thread_ts)] = dict(context)
+        while len(self._contexts) > _PANEL_CONTEXTS:
+            self._contexts.popitem(last=False)
+
+    async def find(self, *, channel_id: str, thread_ts: str) -> AssistantThreadContext | None:
+        context = self._contexts.get((channel_id, thread_ts))
+        return AssistantThreadContext(context) if context else None
+
+
 # ---------------------------------------------------------------- identity
 
 
@@ -268,6 +450,8 @@ class SlackAdapter:
         self._names: dict[str, str] = {}
         self._channel_names: dict[str, str] = {}
         self._seen: OrderedDict[str, None] = OrderedDict()
+        self._streams = StreamSupport(config.native_streaming)
+        self._panel_contexts = _PanelContexts()
         self._socket: AsyncSocketModeHandler | None = None
         self._runner: web.AppRunner | None = None
         self._port = 0
@@ -314,7 +498,13 @@ class SlackAdapter:
     def sink_for(self, key: ConversationKey, reply_ref: dict[str, str]) -> ReplySink:
         """Sink factory for jobs resumed after a restart."""
         channel = reply_ref.get("channel") or key.channel
+        if reply_ref.get("panel"):
+            return self._panel_sink(channel, key.thread, reply_ref.get("user", ""), reply_ref.get("team", ""))
         return self._sink(channel, reply_ref.get("thread_ts", key.thread))
+
+    def _panel_sink(self, channel: str, thread_ts: str, user: str, team: str) -> PanelReplySink:
+        return PanelReplySink(self._client, channel, thread_ts, user=user, team=team, streams=self._streams,
+                              update_interval=self._update_interval)
 
     def _sink(self, channel: str, thread_ts: str) -> SlackReplySink:
         return SlackReplySink(self._client, channel, thread_ts, update_interval=self._update_interval)
@@ -418,6 +608,11 @@ class SlackAdapter:
             logger=log,
             name="xwin-bot",
         )
+        assistant = AsyncAssistant(thread_context_store=self._panel_contexts, logger=log)
+        assistant.thread_started(self._on_panel_started)
+        assistant.user_message(self._on_panel_message)
+        app.use(self._panel_deletions)  # before the assistant middleware, which swallows them
+        app.use(assistant)  # thread_context_changed: bolt's default saves it to _PanelContexts
         app.event("app_mention")(self._on_mention)
         app.event("message")(self._on_message)
         app.command("/xwin")(self._on_command)
@@ -457,6 +652,69 @@ class SlackAdapter:
             await respond(text=to_mrkdwn(reply.text), response_type=response_type, replace_original=False)
         except (SlackClientError, OSError) as exc:
             log.warning("slack: could not answer /xwin through its response_url: %s", exc)
+
+    # ------------------------------------------------------------ the assistant panel
+
+    async def _on_panel_started(
+        self, event: JSON, body: JSON, say: AsyncSay, set_suggested_prompts: AsyncSetSuggestedPrompts
+    ) -> None:
+        thread = event.get("assistant_thread") or {}
+        team = str(body.get("team_id") or "")
+        if not self._fresh(body) or not self._allowed(team, str(thread.get("channel_id", "")), True):
+            return
+        try:
+            if self._config.assistant_greeting.strip():
+                await say(text=to_mrkdwn(self._config.assistant_greeting), unfurl_links=False)
+            prompts = [_suggested_prompt(p) for p in self._config.suggested_prompts]
+            if prompts:
+                await set_suggested_prompts(prompts=prompts)
+        except SlackApiError as exc:
+            log.warning("slack: greeting panel thread %s failed: %s", thread.get("thread_ts"), _error_of(exc))
+
+    async def _panel_deletions(self, body: JSON, next: Callable[[], Awaitable[None]]) -> None:
+        """A question deleted in a panel (DM) thread cancels its reply, as elsewhere."""
+        event = body.get("event") or {}
+        previous = event.get("previous_message") or {}
+        if (event.get("type") == "message" and event.get("subtype") == "message_deleted"
+                and event.get("channel_type") == "im" and previous.get("thread_ts")):
+            await self._on_deleted(event, _Message.of(event, body))
+        await next()
+
+    async def _on_panel_message(self, event: JSON, body: JSON, set_title: AsyncSetTitle) -> None:
+        msg = _Message.of(event, body)
+        if not self._fresh(body) or self._ignored(msg):
+            return
+
+        async def answer(msg: _Message) -> None:
+            await self._on_panel_thread(msg, set_title)
+
+        await self._guarded(msg, answer)
+
+    async def _on_panel_thread(self, msg: _Message, set_title: AsyncSetTitle) -> None:
+        key = ConversationKey("slack", "dm", msg.channel, msg.thread_ts)
+        command = panel_command(msg.text)
+        if command is not None:
+            ctx = CommandContext(key=key, author_id=msg.user, is_dm=True,
+                                 is_admin=msg.user in self._config.admin_users)
+            reply = await self._bot.command(ctx, command)
+            await self._say(msg.channel, msg.thread_ts, to_mrkdwn(reply.text))
+            return
+        first = not await self._bot.knows_conversation(key)
+        sink = self._panel_sink(msg.channel, msg.thread_ts, msg.user, msg.team)
+        ref = {"panel": "1", "user": msg.user, "team": msg.team}
+        result = await self._handle(msg, key, msg.thread_ts, sink=sink, ref=ref)
+        if first and result != "duplicate":
+            try:
+                await set_title(_title(await self._readable(msg.text)))
+            except SlackApiError as exc:
+                log.warning("slack: assistant.threads.setTitle in %s failed: %s", msg.channel, _error_of(exc))
+
+    async def _say(self, channel: str, thread_ts: str, text: str) -> None:
+        try:
+            await self._client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=text,
+                                                unfurl_links=False, link_names=False)
+        except SlackApiError as exc:
+            log.warning("slack: chat.postMessage in %s failed: %s", channel, _error_of(exc))
 
     # ------------------------------------------------------------ events
 
@@ -520,11 +778,22 @@ class SlackAdapter:
         if not ts or not self._allowed(msg.team, msg.channel, msg.is_dm):
             return
         thread = str(previous.get("thread_ts") or ts)
-        key = _dm_key(msg.channel) if msg.is_dm else ConversationKey("slack", msg.team, msg.channel, thread)
+        if msg.is_dm:  # a DM thread (a panel chat) is its own conversation
+            key = ConversationKey("slack", "dm", msg.channel, str(previous.get("thread_ts") or ""))
+        else:
+            key = ConversationKey("slack", msg.team, msg.channel, thread)
         if await self._bot.cancel_message(key, ts):
             log.info("slack: message %s deleted; its reply was cancelled", ts)
 
-    async def _handle(self, msg: _Message, key: ConversationKey, reply_thread: str) -> None:
+    async def _handle(
+        self,
+        msg: _Message,
+        key: ConversationKey,
+        reply_thread: str,
+        *,
+        sink: ReplySink | None = None,
+        ref: Mapping[str, str] | None = None,
+    ) -> object:
         incoming = Incoming(
             key=key,
             message_id=msg.ts,
@@ -533,11 +802,12 @@ class SlackAdapter:
             text=await self._readable(msg.text),
             is_dm=msg.is_dm,
             created_at=_ts_seconds(msg.ts),
-            reply_ref={"channel": msg.channel, "thread_ts": reply_thread},
+            reply_ref={"channel": msg.channel, "thread_ts": reply_thread, **(ref or {})},
             files=msg.files,
         )
-        result = await self._bot.handle(incoming, self._sink(msg.channel, reply_thread), self._files)
+        result = await self._bot.handle(incoming, sink or self._sink(msg.channel, reply_thread), self._files)
         log.debug("slack: message %s in %s: %s", msg.ts, msg.channel, result)
+        return result
 
     # ------------------------------------------------------------ commands
 
@@ -592,7 +862,31 @@ _OPTIONAL_WHY = {
     "channels:history": "follow-ups in a thread need a mention of the bot.",
     "users:read": "people are shown to the model by their ids, not their names.",
     "files:read": "files attached to messages cannot be read.",
+    "assistant:write": "the assistant panel (greeting, prompts, status, titles) will not work.",
 }
+
+
+def panel_command(text: str) -> str | None:
+    """The ``/xwin`` command a panel message stands for, or None for a question."""
+    words = text.strip()
+    if words.lower().rstrip(".!") in PANEL_COMMANDS:
+        return words.lower().rstrip(".!")
+    if words.lower() == "/xwin" or words.lower().startswith("/xwin "):
+        return words[len("/xwin") :].strip()
+    return None
+
+
+def _suggested_prompt(spec: str) -> dict[str, str]:
+    """``"Title | message"`` (or just a message) as Slack's prompt object."""
+    title, bar, message = spec.partition("|")
+    if not bar:
+        return {"title": _title(spec), "message": spec.strip()}
+    return {"title": title.strip(), "message": message.strip()}
+
+
+def _title(text: str) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= _TITLE_CHARS else line[: _TITLE_CHARS - 1].rstrip() + "…"
 
 
 def _error_of(exc: SlackApiError) -> str:

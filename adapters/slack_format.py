@@ -5,7 +5,8 @@ everything the model wrote, so no ``<!channel>``, ``<!here>``, ``<!everyone>``
 or ``<@U…>`` can ever reach Slack as a working mention, and turns the Markdown
 that Slack spells differently into mrkdwn (bold, italics, strike, links,
 headings); code keeps its text. :func:`split_message` cuts a long reply into
-messages under Slack's limit without breaking a code block.
+messages under Slack's limit without breaking a code block; :class:`StreamSplitter`
+does the same for a reply that grows while it is streamed (append-only).
 
 Incoming (Slack → model): :func:`readable_text` removes the bot's mention and
 turns Slack markup (``<@U1>``, ``<#C1|general>``, ``<https://x|label>``) into
@@ -166,6 +167,94 @@ def _cut_point(line: str, limit: int) -> int:
     if entity and entity.start() > 0:
         cut = entity.start()  # don't cut &amp; &lt; &gt;
     return cut
+
+
+class StreamSplitter:
+    """Cuts a growing reply into messages for append-only streaming.
+
+    ``feed(text_so_far)`` returns the pieces to send now: the first is
+    appended to the current message, each further one starts a new message.
+    Sizes are counted as escaped text (``escape``), each message stays within
+    ``limit``, cuts fall after a line or at a space where possible, and a code
+    block cut in two is closed and reopened. What was sent is never taken
+    back: a text that no longer extends what was fed (trailing spaces stripped
+    at the end) continues from where the two agree.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(limit, 64)
+        #: The reply text placed in messages so far.
+        self.consumed = ""
+        self._size = 0  # escaped characters in the current message
+        self._tail = ""  # its last character
+
+    def feed(self, text: str) -> list[str]:
+        done = _common_prefix(self.consumed, text)
+        self.consumed, new = text[:done], text[done:]
+        pieces = [""]
+        while new:
+            fit = _fitting(new, self.limit - len(FENCE) - 1 - self._size)
+            if fit >= len(new):
+                self._place(pieces, new)
+                break
+            cut = _cut_before(new, fit)
+            self._place(pieces, new[:cut])
+            rest = new[cut:].lstrip(" ")
+            self.consumed += new[cut : len(new) - len(rest)]
+            new = rest
+            self._next_message(pieces)
+        return pieces
+
+    def _place(self, pieces: list[str], text: str) -> None:
+        if text:
+            pieces[-1] += text
+            self.consumed += text
+            self._size += len(escape(text))
+            self._tail = text[-1]
+
+    def _next_message(self, pieces: list[str]) -> None:
+        fence = _open_fence(self.consumed)
+        if fence:
+            pieces[-1] += ("" if self._tail in ("\n", "") else "\n") + FENCE
+        opening = fence + "\n" if fence else ""
+        pieces.append(opening)
+        self._size, self._tail = len(escape(opening)), opening[-1:]
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _fitting(text: str, budget: int) -> int:
+    """How many characters of ``text`` fit in ``budget`` once escaped."""
+    used = 0
+    for i, ch in enumerate(text):
+        used += len(escape(ch))
+        if used > budget:
+            return i
+    return len(text)
+
+
+def _cut_before(text: str, fit: int) -> int:
+    head = text[:fit]
+    newline = head.rfind("\n")
+    if newline >= 0:
+        return newline + 1
+    space = head.rfind(" ")
+    return space + 1 if space > fit // 2 else fit
+
+
+def _open_fence(text: str) -> str:
+    """The opening line of the code block ``text`` ends inside, or ""."""
+    if text.count(FENCE) % 2 == 0:
+        return ""
+    at = text.rfind(FENCE)
+    end = text.find("\n", at)
+    return text[at : end if end >= 0 else len(text)].strip()
 
 
 # ---------------------------------------------------------------- incoming

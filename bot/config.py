@@ -107,6 +107,18 @@ class SlackConfig:
     admin_users: tuple[str, ...] = ()
     allow_dms: bool = True
     api_base_url: str = "https://slack.com/api/"
+    # -- issue 10: the assistant panel ("Agents & AI Apps") and native streaming --
+    # First message of a new panel thread (Markdown).
+    assistant_greeting: str = "Hi! Ask me anything. Type `stop` to stop a reply, `settings` to see my settings."
+    # Up to 4 buttons under the greeting: "Title | message sent" (or just the message).
+    suggested_prompts: tuple[str, ...] = (
+        "Explain something | Explain how public-key cryptography works, simply.",
+        "Write code | Write a Python function that checks whether a string is a palindrome.",
+        "Summarize text | Summarize the following text in three bullet points:",
+    )
+    # Stream replies with chat.startStream/appendStream/stopStream where Slack allows it
+    # (panel threads); false = always placeholder + chat.update edits.
+    native_streaming: bool = True
 
 
 # [attachments] (issue 11): text files attached to a message are read into its turn.
@@ -284,6 +296,7 @@ def _check_cross_field(config: Config) -> None:
         raise ConfigError(f"[bot] stream_interval: must be 0 or more, got {b.stream_interval}")
     if m.engine == "openai" and not m.base_url:
         raise ConfigError("[model] base_url: required when engine = \"openai\"")
+    _check_slack(config.slack)
     if m.request_timeout <= 0:
         raise ConfigError(f"[model] request_timeout: must be more than 0, got {m.request_timeout}")
     _check_attachments(config.attachments)
@@ -301,6 +314,14 @@ def _check_attachments(a: AttachmentsConfig) -> None:
         raise ConfigError(f"[attachments] context_share: must be in (0, 1], got {a.context_share}")
     if a.download_timeout <= 0:
         raise ConfigError(f"[attachments] download_timeout: must be more than 0, got {a.download_timeout}")
+def _check_slack(s: SlackConfig) -> None:
+    """issue 10: Slack shows at most 4 suggested prompts, each with a title and a message."""
+    if len(s.suggested_prompts) > 4:
+        raise ConfigError(f"[slack] suggested_prompts: at most 4, got {len(s.suggested_prompts)}")
+    for prompt in s.suggested_prompts:
+        title, _, message = prompt.partition("|")
+        if not title.strip() or ("|" in prompt and not message.strip()):
+            raise ConfigError(f"[slack] suggested_prompts: {prompt!r} must be \"Title | message\" or a message")
 
 
 def _positive(name: str, value: int) -> None:

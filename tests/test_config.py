@@ -51,6 +51,8 @@ def test_model_override_and_embedded() -> None:
         ("[discord]\nenabled = 'yes'\n", r"\[discord\] enabled: must be true or false"),
         ("[slack]\nadmin_users = 'U1'\n", r"\[slack\] admin_users: must be a list of strings"),
         ("[model]\nengine = 'openai'\n", r"\[model\] base_url: required"),
+        ("[slack]\nsuggested_prompts = ['a', 'b', 'c', 'd', 'e']\n", r"\[slack\] suggested_prompts: at most 4"),
+        ("[slack]\nsuggested_prompts = ['Title |']\n", r"\[slack\] suggested_prompts: 'Title \|' must be"),
         ("[model\nid = 1", r"not valid TOML"),
     ],
 )

@@ -18,7 +18,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from adapters.slack import MESSAGE_LIMIT, SlackAdapter
+from adapters.slack import DM_SCOPE, MESSAGE_LIMIT, OPTIONAL_SCOPES, REQUIRED_SCOPES, SlackAdapter, panel_command
+from adapters.slack_format import escape
 from bot.app import Bot
 from bot.config import BotConfig, Config, Secrets, SlackConfig
 from bot.engine.fake import FakeEngine
@@ -489,6 +490,240 @@ async def test_socket_mode_slash_command_is_acked_and_answered(start_env: Starte
     assert env.fake.responses[0]["response_type"] == "ephemeral"
 
 
+# ---------------------------------------------------------------- the assistant panel
+
+
+def panel_started(thread_ts: str, *, channel: str = "D1", user: str = "U1") -> JSON:
+    """``assistant_thread_started``: the user opened a new chat in the panel."""
+    thread = {
+        "user_id": user,
+        "context": {"channel_id": "C1", "team_id": "T1", "enterprise_id": None},
+        "channel_id": channel,
+        "thread_ts": thread_ts,
+    }
+    return {"type": "assistant_thread_started", "assistant_thread": thread, "event_ts": thread_ts}
+
+
+def panel_message(text: str, *, ts: str, thread_ts: str, channel: str = "D1", user: str = "U1") -> JSON:
+    return message(text, ts=ts, channel=channel, thread_ts=thread_ts, channel_type="im", user=user,
+                   parent_user_id="UBOT")
+
+
+def thread_calls(fake: FakeSlack, method: str, thread_ts: str) -> list[JSON]:
+    return [c.params for c in fake.calls_to(method) if c.params.get("thread_ts") == thread_ts]
+
+
+async def wait_panel_reply(env: Env, thread_ts: str, final: str, channel: str = "D1") -> list[str]:
+    """Waits until the bot's messages there end with ``final`` and no stream is open."""
+    await poll(lambda: "".join(env.fake.thread(channel, thread_ts)).endswith(final),
+               what=f"panel reply ending {final!r} in {thread_ts}")
+    await poll(lambda: not any(m["streaming"] for m in env.fake.messages.values()), what="streams stopped")
+    return env.fake.thread(channel, thread_ts)
+
+
+async def test_panel_thread_is_greeted_with_prompts_once_and_its_context_only_recorded(
+    start_env: Starter, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG", logger="adapters.slack")
+    env = await start_env(
+        assistant_greeting="Hello! Ask **anything**.",
+        suggested_prompts=("Explain | Explain TLS simply.", "Write a haiku about tea."),
+    )
+    started = panel_started("2000.000001")
+    assert await post_event(env, started, event_id="EvPANEL1") == 200
+    await poll(lambda: bool(env.fake.calls_to("assistant.threads.setSuggestedPrompts")), what="prompts")
+    assert env.fake.thread("D1", "2000.000001") == ["Hello! Ask *anything*."]
+    [prompts] = [c.params for c in env.fake.calls_to("assistant.threads.setSuggestedPrompts")]
+    assert (prompts["channel_id"], prompts["thread_ts"]) == ("D1", "2000.000001")
+    assert prompts["prompts"] == [
+        {"title": "Explain", "message": "Explain TLS simply."},
+        {"title": "Write a haiku about tea.", "message": "Write a haiku about tea."},
+    ]
+    # A retry of the same event greets nobody twice.
+    retry = {"X-Slack-Retry-Num": "1", "X-Slack-Retry-Reason": "http_timeout"}
+    assert await post_event(env, started, event_id="EvPANEL1", extra=retry) == 200
+    # The user switches channels: recorded, nothing read from Slack, nothing said.
+    calls_before = len(env.fake.calls)
+    changed = panel_started("2000.000001")
+    changed["type"] = "assistant_thread_context_changed"
+    changed["assistant_thread"]["context"]["channel_id"] = "C2"
+    assert await post_event(env, changed) == 200
+    await poll(lambda: "now shows C2" in caplog.text, what="the context recorded")
+    assert len(env.fake.calls) == calls_before
+    assert len(env.fake.calls_to("assistant.threads.setSuggestedPrompts")) == 1
+    assert env.fake.thread("D1", "2000.000001") == ["Hello! Ask *anything*."]
+
+
+async def test_panel_threads_of_one_user_are_separate_conversations(start_env: Starter) -> None:
+    engine = FakeEngine(replies=["Nice to meet you.", "I don't know your name.", "You are Aki."])
+    env = await start_env(engine)
+    a, b = "2100.000001", "2200.000001"
+    await post_event(env, panel_message("My name is Aki", ts="2100.000002", thread_ts=a))
+    await wait_panel_reply(env, a, "Nice to meet you.")
+    await post_event(env, panel_message("What is my name?", ts="2200.000002", thread_ts=b))
+    await wait_panel_reply(env, b, "I don't know your name.")
+    await post_event(env, panel_message("And now?", ts="2100.000003", thread_ts=a))
+    await wait_panel_reply(env, a, "You are Aki.")
+
+    assert "My name is Aki" not in engine.calls[1].prompt_text  # thread b knows nothing of a
+    assert "My name is Aki" in engine.calls[2].prompt_text
+    assert "What is my name?" not in engine.calls[2].prompt_text
+    assert env.fake.thread("D1", a) == ["Nice to meet you.", "You are Aki."]
+    assert env.fake.thread("D1", b) == ["I don't know your name."]
+    assert env.fake.thread("D1", None) == []  # nothing at the top of the DM
+    # The title is each thread's first question, set once; the status shows in each thread.
+    titles = [(c.params["thread_ts"], c.params["title"]) for c in env.fake.calls_to("assistant.threads.setTitle")]
+    assert titles == [(a, "My name is Aki"), (b, "What is my name?")]
+    for thread in (a, b):
+        statuses = [c["status"] for c in thread_calls(env.fake, "assistant.threads.setStatus", thread)]
+        assert statuses and all(s.startswith("is ") for s in statuses), statuses
+    assert len(thread_calls(env.fake, "assistant.threads.setStatus", a)) >= 2  # both questions
+
+
+async def test_panel_reply_streams_natively_without_edits(start_env: Starter) -> None:
+    reply = "Here: <!here> & <@U2>, **bold**. " + " ".join(f"w{i}" for i in range(60))
+    engine = FakeEngine(replies=[reply], piece_chars=8, delay=0.01)
+    env = await start_env(engine, stream_interval=0.05)
+    await post_event(env, panel_message("talk to me", ts="2300.000002", thread_ts="2300.000001"))
+    [text] = await wait_panel_reply(env, "2300.000001", escape(reply))
+
+    assert text == escape(reply)  # nothing the model wrote can ping anyone
+    methods = [c.method for c in env.fake.calls if c.method.startswith("chat.")]
+    assert methods[0] == "chat.startStream" and methods[-1] == "chat.stopStream"
+    assert methods.count("chat.startStream") == 1 and methods.count("chat.appendStream") >= 2
+    assert "chat.update" not in methods and "chat.postMessage" not in methods
+    [start] = [c.params for c in env.fake.calls_to("chat.startStream")]
+    assert (start["channel"], start["thread_ts"], start["recipient_user_id"]) == ("D1", "2300.000001", "U1")
+    # The status line showed the wait before the first text.
+    first_status = env.fake.calls_to("assistant.threads.setStatus")[0]
+    assert first_status.params["status"] == "is thinking…"
+    assert first_status.at < env.fake.calls_to("chat.startStream")[0].at
+
+
+async def test_panel_falls_back_to_edits_once_when_streaming_is_unknown(
+    start_env: Starter, fake: FakeSlack, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake.errors["chat.startStream"] = "unknown_method"
+    engine = FakeEngine(replies=["first " * 30, "second " * 30], piece_chars=10, delay=0.005)
+    env = await start_env(engine, stream_interval=0.05)
+    await post_event(env, panel_message("one", ts="2400.000002", thread_ts="2400.000001"))
+    assert await wait_panel_reply(env, "2400.000001", ("first " * 30).strip()) == [("first " * 30).strip()]
+    await post_event(env, panel_message("two", ts="2500.000002", thread_ts="2500.000001"))
+    assert await wait_panel_reply(env, "2500.000001", ("second " * 30).strip()) == [("second " * 30).strip()]
+
+    assert len(fake.calls_to("chat.startStream")) == 1  # asked once, then never again
+    assert fake.calls_to("chat.update")  # the edits took over
+    refused = [r for r in caplog.records if "native streaming is not available" in r.getMessage()]
+    assert len(refused) == 1 and "unknown_method" in refused[0].getMessage()
+
+
+async def test_panel_long_reply_streams_in_messages_that_keep_code_blocks(start_env: Starter) -> None:
+    para = "Lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 30
+    code = "```python\n" + "\n".join(f"print({i} < {i + 1})" for i in range(150)) + "\n```"
+    reply = "\n\n".join([para, code, para, para])
+    env = await start_env(FakeEngine(replies=[reply], piece_chars=400), stream_interval=0.0)
+    await post_event(env, panel_message("essay", ts="2600.000002", thread_ts="2600.000001"))
+    texts = await wait_panel_reply(env, "2600.000001", escape(para.strip()))
+    assert len(texts) >= 3
+    assert all(len(t) <= MESSAGE_LIMIT for t in texts)
+    assert all(t.count("```") % 2 == 0 for t in texts)
+    joined = "\n".join(texts)
+    for i in (0, 75, 149):
+        assert f"print({i} &lt; {i + 1})" in joined
+    assert len(env.fake.calls_to("chat.startStream")) == len(texts) == len(env.fake.calls_to("chat.stopStream"))
+
+
+async def test_panel_text_commands_stop_and_show_settings(start_env: Starter) -> None:
+    engine = FakeEngine(replies=["word " * 400], piece_chars=1, delay=0.01)  # ~20 s if not stopped
+    env = await start_env(engine)
+    thread = "2700.000001"
+    await post_event(env, panel_message("long please", ts="2700.000002", thread_ts=thread))
+    await poll(lambda: engine.streaming.is_set(), what="streaming")
+    await post_event(env, panel_message("stop", ts="2700.000003", thread_ts=thread))
+    await poll(lambda: "stopped" in "".join(env.fake.thread("D1", thread)).lower(), what="the stopped reply")
+    await post_event(env, panel_message(" /xwin set temperature 0.5", ts="2700.000004", thread_ts=thread))
+    await post_event(env, panel_message("Settings", ts="2700.000005", thread_ts=thread))
+    await poll(lambda: "temperature = 0.5" in env.fake.thread("D1", thread)[-1], what="the settings")
+    assert len(engine.calls) == 1  # the commands never reached the model
+    assert panel_command("stop.") == "stop" and panel_command("/xwin forget") == "forget"
+    assert panel_command("stop the war") is None and panel_command("settings of a story") is None
+
+
+async def test_panel_deleting_the_question_cancels_its_reply(start_env: Starter) -> None:
+    long_reply = "word " * 400
+    engine = FakeEngine(replies=[long_reply], piece_chars=1, delay=0.01)  # ~20 s if not stopped
+    env = await start_env(engine)
+    thread = "2750.000001"
+    await post_event(env, panel_message("long please", ts="2750.000002", thread_ts=thread))
+    await poll(lambda: engine.streaming.is_set(), what="streaming")
+    previous = {"type": "message", "user": "U1", "ts": "2750.000002", "thread_ts": thread, "text": "long please"}
+    deleted = message("", ts="2750.000003", channel="D1", channel_type="im", subtype="message_deleted",
+                      deleted_ts="2750.000002", previous_message=previous)
+    deleted.pop("user")
+    assert await post_event(env, deleted) == 200
+    await poll(lambda: "stopped" in "".join(env.fake.thread("D1", thread)).lower(), what="the stopped reply")
+    assert long_reply.strip() not in "".join(env.fake.thread("D1", thread))
+
+
+async def test_socket_mode_panel_message_retried_is_answered_once(start_env: Starter) -> None:
+    engine = FakeEngine(replies=["only once"])
+    env = await start_env(engine, mode="socket")
+    event = socket_event(panel_message("hi", ts="2800.000002", thread_ts="2800.000001"), event_id="EvP1")
+    first = await env.fake.send_envelope(event)
+    await wait_panel_reply(env, "2800.000001", "only once")
+    again = await env.fake.send_envelope(event, retry_attempt=1)
+    replayed = await env.fake.send_envelope(socket_event(event["event"], event_id="EvP2"))  # as after a restart
+    await poll(lambda: all(env.fake.acked(e) for e in (first, again, replayed)), what="acks")
+    # A later message is answered: the deliveries before it were handled by then.
+    await env.fake.send_envelope(socket_event(panel_message("next", ts="2900.000002", thread_ts="2900.000001")))
+    await wait_panel_reply(env, "2900.000001", "only once")
+    assert len(engine.calls) == 2
+    assert env.fake.thread("D1", "2800.000001") == ["only once"]
+
+
+async def test_panel_obeys_allow_dms_before_any_work(start_env: Starter) -> None:
+    engine = FakeEngine()
+    env = await start_env(engine, allow_dms=False)
+    calls_before = len(env.fake.calls)
+    await post_event(env, panel_started("3000.000001"))
+    await post_event(env, panel_message("hello?", ts="3000.000002", thread_ts="3000.000001"))
+    await post_command(env, "status")  # handled after both events: they were dropped by then
+    assert engine.calls == []
+    # Only bolt's own lazy auth.test: no greeting, status, title or reply.
+    assert {c.method for c in env.fake.calls[calls_before:]} <= {"auth.test"}
+
+
+async def test_sink_factory_resumes_a_panel_reply_as_a_stream(start_env: Starter) -> None:
+    env = await start_env()
+    key = ConversationKey("slack", "dm", "D1", "3100.000001")
+    ref = {"channel": "D1", "thread_ts": "3100.000001", "panel": "1", "user": "U1", "team": "T1"}
+    sink = env.adapter.sink_for(key, ref)
+    await sink.queued(2)
+    await sink.finish("resumed <!here>")
+    assert env.fake.thread("D1", "3100.000001") == ["resumed &lt;!here&gt;"]
+    [status] = env.fake.calls_to("assistant.threads.setStatus")
+    assert status.params["status"] == "is waiting: 2 ahead of you…"
+    assert [c.method for c in env.fake.calls if c.method.startswith("chat.")] == [
+        "chat.startStream", "chat.stopStream"]
+
+
+def test_manifest_declares_what_the_adapter_uses() -> None:
+    import yaml
+
+    manifest = yaml.safe_load((Path(__file__).parents[1] / "docs" / "slack-manifest.yaml").read_text())
+    scopes = set(manifest["oauth_config"]["scopes"]["bot"])
+    assert {*REQUIRED_SCOPES, DM_SCOPE, *OPTIONAL_SCOPES, "commands"} <= scopes
+    events = set(manifest["settings"]["event_subscriptions"]["bot_events"])
+    assert {"app_mention", "message.im", "message.channels", "assistant_thread_started",
+            "assistant_thread_context_changed"} <= events
+    features = manifest["features"]
+    assert features["assistant_view"]["assistant_description"].strip()
+    assert [c["command"] for c in features["slash_commands"]] == ["/xwin"]
+    assert features["app_home"]["messages_tab_enabled"] is True
+    assert manifest["settings"]["interactivity"]["is_enabled"] is True
+    assert manifest["settings"]["socket_mode_enabled"] is True
+
+
 # ---------------------------------------------------------------- start-up and restarts
 
 
@@ -540,7 +775,8 @@ async def test_sink_factory_answers_a_resumed_job_in_its_thread(start_env: Start
 
 
 @pytest.mark.model
-async def test_embedded_model_answers_a_mention_in_its_thread(tmp_path: Path, fake: FakeSlack) -> None:
+async def test_embedded_model_answers_a_mention_and_a_panel_thread(tmp_path: Path, fake: FakeSlack) -> None:
+    """One model load for both surfaces: a channel mention (edits) and a panel thread (native stream)."""
     from bot.config import GenerationConfig, parse_config
     from bot.engine.transformers import TransformersEngine
 
@@ -571,9 +807,24 @@ async def test_embedded_model_answers_a_mention_in_its_thread(tmp_path: Path, fa
                 what="the model's reply",
             )
             await bot.drain()
+            await fake.send_envelope(event_body(panel_started("1400.000001")))
+            panel_question = panel_message("What is the capital of Italy?", ts="1400.000002", thread_ts="1400.000001")
+            await fake.send_envelope(event_body(panel_question))
+            await poll(lambda: bool(thread_calls(fake, "chat.startStream", "1400.000001")), within=60,
+                       what="the panel stream")
+            await poll(lambda: bool(fake.calls_to("chat.stopStream")) and not bot.worker.running(), within=120,
+                       what="the panel reply")
+            await bot.drain()
         finally:
             await adapter.close()
-    [answer] = [t for t in fake.message_texts().values() if not t.startswith("_")]
-    assert answer.strip()
-    for leak in ("<s>", "</s>", "USER:", "ASSISTANT:", "\ufffd", "<|im_start|>"):
-        assert leak not in answer
+    [answer] = fake.thread("C1", "1300.000001")
+    greeting, panel_answer = fake.thread("D1", "1400.000001")
+    assert greeting.startswith("Hi!")
+    for text in (answer, panel_answer):
+        assert text.strip()
+        for leak in ("<s>", "</s>", "USER:", "ASSISTANT:", "\ufffd", "<|im_start|>", "<!", "<@"):
+            assert leak not in text
+    panel_ts = {ts for ts, m in fake.messages.items() if m["thread_ts"] == "1400.000001"}
+    assert not [c for c in fake.calls_to("chat.update") if c.params["ts"] in panel_ts]  # streamed, not edited
+    titles = [c.params["title"] for c in fake.calls_to("assistant.threads.setTitle")]
+    assert titles == ["What is the capital of Italy?"]

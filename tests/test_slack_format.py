@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from adapters.slack_format import escape, readable_text, split_message, to_mrkdwn
+from adapters.slack_format import StreamSplitter, escape, readable_text, split_message, to_mrkdwn
 
 NASTY = [
     "<!channel> <!here> <!everyone> <@U123> <#C1> <!subteam^S1>",
@@ -107,3 +107,35 @@ def test_only_the_bots_mention_is_removed() -> None:
 
 def test_empty_mention_is_empty_text() -> None:
     assert readable_text("  <@UBOT>  ", bot_user_id="UBOT", user_names={}) == ""
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_stream_splitter_messages_fit_keep_code_blocks_and_lose_nothing(seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    para = "Lorem ipsum <dolor> sit & amet, consectetur adipiscing elit. " * 25
+    code = "```python\n" + "\n".join(f"print({i} < {i + 1})" for i in range(120)) + "\n```"
+    reply = "\n\n".join([para, code, para])
+    splitter = StreamSplitter(900)
+    messages = [""]
+    for end in [*sorted(rng.sample(range(1, len(reply)), 25)), len(reply)]:
+        first, *more = splitter.feed(reply[:end])  # a prefix of the reply, as it streams
+        messages[-1] += first
+        messages.extend(more)
+    assert len(messages) >= 4
+    assert all(len(escape(m)) <= 900 for m in messages)
+    assert all(m.count("```") % 2 == 0 for m in messages)  # every cut code block closed and reopened
+    # Without fences and blanks (added or dropped at cuts), the messages are the reply.
+    strip = re.compile(r"```(?:python)?|\s")
+    assert strip.sub("", "".join(messages)) == strip.sub("", reply)
+    assert splitter.consumed == reply
+
+
+def test_stream_splitter_never_takes_back_what_was_sent() -> None:
+    splitter = StreamSplitter(1000)
+    assert splitter.feed("Hello") == ["Hello"]
+    assert splitter.feed("Hello, wor") == [", wor"]
+    assert splitter.feed("Hello, world") == ["ld"]
+    # A text that no longer extends what was sent goes on from where they agree.
+    assert splitter.feed("Hello, world!\n\n(stopped)") == ["!\n\n(stopped)"]

@@ -2,8 +2,14 @@
 
 - Web API at ``api_base_url`` (``AsyncWebClient(base_url=...)``): ``auth.test``,
   ``chat.postMessage``, ``chat.update``, ``chat.postEphemeral``, ``users.info``,
-  ``conversations.info``, ``apps.connections.open``. Every call is recorded in
-  :attr:`FakeSlack.calls`, in order, with its parameters.
+  ``conversations.info``, ``apps.connections.open``, the assistant thread
+  methods (``assistant.threads.setStatus`` / ``setSuggestedPrompts`` /
+  ``setTitle``) and native streaming (``chat.startStream`` / ``appendStream`` /
+  ``stopStream``: a stream takes text until it is stopped, then answers
+  ``message_not_in_streaming_state``). Every call is recorded in
+  :attr:`FakeSlack.calls`, in order, with its parameters. A method named in
+  :attr:`FakeSlack.errors` answers that error instead (``unknown_method`` the
+  way Slack does, with ``req_method``, before any token check).
 - ``response_url`` endpoints (``/response/<id>``) for slash-command replies,
   recorded in :attr:`FakeSlack.responses`.
 - A Socket Mode websocket at ``/socket``: sends ``hello`` on connect, then the
@@ -58,10 +64,15 @@ class FakeSlack:
         "commands",
         "users:read",
         "files:read",
+        "assistant:write",
     )
     users: dict[str, str] = field(default_factory=lambda: {"U1": "aki", "U2": "ben", "UADMIN": "root"})
     channels: dict[str, str] = field(default_factory=lambda: {"C1": "general", "C2": "random"})
     calls: list[ApiCall] = field(default_factory=list)
+    #: method -> error it answers (e.g. {"chat.startStream": "unknown_method"}).
+    errors: dict[str, str] = field(default_factory=dict)
+    #: Every message the bot made, by ts, in order: channel, thread_ts, text, streaming.
+    messages: dict[str, JSON] = field(default_factory=dict)
     responses: list[JSON] = field(default_factory=list)
     acks: list[JSON] = field(default_factory=list)
     port: int = 0
@@ -114,15 +125,17 @@ class FakeSlack:
         """Parameters of every chat.postMessage, in order."""
         return [c.params for c in self.calls_to("chat.postMessage")]
 
+    def thread(self, channel: str, thread_ts: str | None) -> list[str]:
+        """Latest text of each message the bot posted or streamed in a thread, in order."""
+        return [
+            str(m["text"])
+            for m in self.messages.values()
+            if m["channel"] == channel and m["thread_ts"] == thread_ts
+        ]
+
     def message_texts(self) -> dict[str, str]:
-        """The latest text of each message the bot posted, by ts."""
-        texts: dict[str, str] = {}
-        for call in self.calls:
-            if call.method == "chat.postMessage":
-                texts[call.params["_ts"]] = str(call.params.get("text", ""))
-            elif call.method == "chat.update":
-                texts[str(call.params["ts"])] = str(call.params.get("text", ""))
-        return texts
+        """The latest text of each message the bot posted or streamed, by ts."""
+        return {ts: str(m["text"]) for ts, m in self.messages.items()}
 
     # ------------------------------------------------------------ Web API
 
@@ -132,10 +145,13 @@ class FakeSlack:
         token = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
         token = token or str(params.get("token", ""))
         handler = self._handlers().get(method)
-        if handler is None:
-            return web.json_response({"ok": False, "error": "unknown_method"})
         call = ApiCall(method, params, token, time.monotonic())
+        if handler is None or self.errors.get(method) == "unknown_method":
+            self.calls.append(call)
+            return web.json_response({"ok": False, "error": "unknown_method", "req_method": method})
         self.calls.append(call)
+        if method in self.errors:
+            return web.json_response({"ok": False, "error": self.errors[method]})
         if method == "apps.connections.open":
             if token != self.app_token:
                 return web.json_response({"ok": False, "error": "invalid_auth"})
@@ -154,6 +170,12 @@ class FakeSlack:
             "users.info": self._users_info,
             "conversations.info": self._conversations_info,
             "apps.connections.open": self._connections_open,
+            "assistant.threads.setStatus": self._assistant_thread,
+            "assistant.threads.setSuggestedPrompts": self._assistant_thread,
+            "assistant.threads.setTitle": self._assistant_thread,
+            "chat.startStream": self._start_stream,
+            "chat.appendStream": self._append_stream,
+            "chat.stopStream": self._stop_stream,
         }
 
     def _auth_test(self, call: ApiCall) -> JSON:
@@ -174,11 +196,57 @@ class FakeSlack:
     def _post_message(self, call: ApiCall) -> JSON:
         ts = self._next_ts()
         call.params["_ts"] = ts
+        self._new_message(ts, call.params, str(call.params.get("text", "")), streaming=False)
         message = {"type": "message", "text": call.params.get("text", ""), "ts": ts, "bot_id": self.bot_id}
         return {"ok": True, "channel": call.params.get("channel"), "ts": ts, "message": message}
 
     def _update(self, call: ApiCall) -> JSON:
+        message = self.messages.get(str(call.params.get("ts")))
+        if message is None or message["channel"] != call.params.get("channel"):
+            return {"ok": False, "error": "message_not_found"}
+        message["text"] = str(call.params.get("text", ""))
         return {"ok": True, "channel": call.params.get("channel"), "ts": call.params.get("ts")}
+
+    def _new_message(self, ts: str, params: JSON, text: str, *, streaming: bool) -> None:
+        thread_ts = params.get("thread_ts") or None
+        self.messages[ts] = {"channel": params.get("channel"), "thread_ts": thread_ts, "text": text,
+                             "streaming": streaming}
+
+    def _assistant_thread(self, call: ApiCall) -> JSON:
+        if not call.params.get("channel_id") or not call.params.get("thread_ts"):
+            return {"ok": False, "error": "invalid_arguments"}
+        return {"ok": True}
+
+    def _start_stream(self, call: ApiCall) -> JSON:
+        if not call.params.get("channel") or not call.params.get("thread_ts"):
+            return {"ok": False, "error": "invalid_arguments"}
+        ts = self._next_ts()
+        self._new_message(ts, call.params, _stream_text(call.params), streaming=True)
+        return {"ok": True, "channel": call.params["channel"], "ts": ts}
+
+    def _append_stream(self, call: ApiCall) -> JSON:
+        message = self._streaming(call)
+        if message is None:
+            return {"ok": False, "error": "message_not_in_streaming_state"}
+        message["text"] += _stream_text(call.params)
+        return {"ok": True, "channel": call.params["channel"], "ts": call.params["ts"]}
+
+    def _stop_stream(self, call: ApiCall) -> JSON:
+        message = self._streaming(call)
+        if message is None:
+            return {"ok": False, "error": "message_not_in_streaming_state"}
+        message["text"] += _stream_text(call.params)
+        message["streaming"] = False
+        ts = str(call.params["ts"])
+        final = {"type": "message", "text": message["text"], "ts": ts, "bot_id": self.bot_id,
+                 "thread_ts": message["thread_ts"], "streaming_state": "completed"}
+        return {"ok": True, "channel": call.params["channel"], "ts": ts, "message": final}
+
+    def _streaming(self, call: ApiCall) -> JSON | None:
+        message = self.messages.get(str(call.params.get("ts")))
+        if message is None or not message["streaming"] or message["channel"] != call.params.get("channel"):
+            return None
+        return message
 
     def _post_ephemeral(self, call: ApiCall) -> JSON:
         return {"ok": True, "message_ts": self._next_ts()}
@@ -287,13 +355,23 @@ def _hello() -> JSON:
 
 
 async def _params(request: web.Request) -> JSON:
+    params: JSON = dict(request.query)  # slack-sdk sends some methods' params in the query
     if request.method == "GET":
-        return dict(request.query)
+        return params
     if request.content_type == "application/json":
         data = await request.json()
-        return dict(data) if isinstance(data, dict) else {}
+        return {**params, **data} if isinstance(data, dict) else params
     form = await request.post()
-    return {k: v for k, v in form.items() if isinstance(v, str)}
+    return {**params, **{k: v for k, v in form.items() if isinstance(v, str)}}
+
+
+def _stream_text(params: JSON) -> str:
+    """The text a streaming call adds: ``markdown_text`` and markdown_text chunks."""
+    text = str(params.get("markdown_text") or "")
+    chunks = params.get("chunks") or []
+    if isinstance(chunks, str):
+        chunks = json.loads(chunks)
+    return text + "".join(str(c.get("text", "")) for c in chunks if c.get("type") == "markdown_text")
 
 
 # ---------------------------------------------------------------- requests
