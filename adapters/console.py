@@ -10,13 +10,14 @@ every reply is out.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import logging
 import time
 import uuid
 from typing import TextIO
 
-from bot.app import Bot
+from bot.adapter import Core
 from bot.types import CommandContext, ConversationKey, Incoming, ReplySink
 
 log = logging.getLogger(__name__)
@@ -65,14 +66,32 @@ class ConsoleSink:
 
 
 class ConsoleAdapter:
-    def __init__(self, bot: Bot, *, stdin: TextIO, stdout: TextIO, interactive: bool,
+    """An :class:`bot.adapter.Adapter` on standard input and output: its work is
+    over at end of input (``wait_closed`` returns)."""
+
+    def __init__(self, bot: Core, *, stdin: TextIO, stdout: TextIO, interactive: bool,
                  user: str | None = None) -> None:
         self.bot = bot
         self.stdin = stdin
         self.stdout = stdout
         self.interactive = interactive
         self.user = user or _user_name()
+        self._reader: asyncio.Task[None] | None = None
         bot.register_platform("console", self.sink_for)
+
+    async def start(self) -> None:
+        self._reader = asyncio.create_task(self.run())
+
+    async def wait_closed(self) -> None:
+        if self._reader is not None:
+            await asyncio.shield(self._reader)
+
+    async def close(self) -> None:
+        task, self._reader = self._reader, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     def sink_for(self, key: ConversationKey, reply_ref: dict[str, str]) -> ReplySink:
         return ConsoleSink(self.stdout, interactive=self.interactive)

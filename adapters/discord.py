@@ -26,7 +26,7 @@ import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 import aiohttp
 import discord
@@ -36,13 +36,11 @@ import yarl
 from discord import app_commands
 
 from adapters.files import Downloader
+from bot.adapter import Core
 from bot.config import DiscordConfig
 from bot.errors import AdapterError
 from bot.settings import SPECS, SYSTEM_PROMPT_MAX
 from bot.types import CommandContext, ConversationKey, Incoming, RemoteFile, ReplySink
-
-if TYPE_CHECKING:
-    from bot.app import Bot
 
 log = logging.getLogger(__name__)
 
@@ -439,7 +437,7 @@ class DiscordAdapter:
 
     def __init__(
         self,
-        bot: Bot,
+        bot: Core,
         config: DiscordConfig,
         token: str,
         *,
@@ -495,13 +493,19 @@ class DiscordAdapter:
         self._restore_servers()
 
     async def wait_closed(self) -> None:
-        """Wait until the gateway connection ends; raise :class:`AdapterError` if it
-        ended because of a problem (a revoked token, a refused intent...)."""
+        """Wait until the gateway connection ends (discord.py reconnects after
+        passing faults); raise :class:`AdapterError` if it ended for good without
+        :meth:`close` (a revoked token, a refused intent...)."""
         if self._connection is not None:
             try:
-                await self._connection
+                await asyncio.shield(self._connection)
+            except asyncio.CancelledError:
+                if not self._closed:
+                    raise
             except Exception as exc:
                 raise _adapter_error(exc, self._config) from None
+        if not self._closed:
+            raise AdapterError("Discord: the gateway connection closed; stopping")
 
     async def __aenter__(self) -> DiscordAdapter:
         await self.start()

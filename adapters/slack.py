@@ -33,7 +33,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any
 
 from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
@@ -60,8 +60,8 @@ from adapters.slack_format import (
     split_message,
     to_mrkdwn,
 )
-from bot.attachments import FileFetcher
-from bot.config import Config, Secrets, SlackConfig
+from bot.adapter import Core
+from bot.config import Secrets, SlackConfig
 from bot.errors import AdapterError
 from bot.types import (
     CommandContext,
@@ -70,7 +70,6 @@ from bot.types import (
     Incoming,
     RemoteFile,
     ReplySink,
-    SinkFactory,
 )
 
 log = logging.getLogger(__name__)
@@ -94,30 +93,17 @@ _SORRY = "Sorry, something went wrong on my side; please try again."
 FILE_ORIGINS = ("https://files.slack.com",)
 #: Errors of chat.startStream that mean "never for this app": edits from then on.
 _NO_STREAMING = frozenset({"unknown_method", "not_allowed_token_type"})
+#: Errors of apps.connections.open that retrying cannot heal: the adapter ends
+#: (and the process with it) instead of reconnecting forever.
+_CONNECT_REFUSED = frozenset({
+    "invalid_auth", "not_authed", "account_inactive", "token_revoked", "token_expired",
+    "not_allowed_token_type", "missing_scope", "no_permission", "app_uninstalled",
+})
 #: Whole messages in a panel thread that run a command instead of asking the model.
 PANEL_COMMANDS = frozenset({"stop", "settings", "status", "forget", "help"})
 _THINKING = "is thinking…"
 _TITLE_CHARS = 80
 _PANEL_CONTEXTS = 1024
-
-
-class SlackBot(Protocol):
-    """The part of ``bot.app.Bot`` this adapter uses (see docs/architecture.md)."""
-
-    @property
-    def config(self) -> Config: ...
-
-    def register_platform(self, platform: Literal["slack"], sink_factory: SinkFactory) -> None: ...
-
-    async def handle(
-        self, incoming: Incoming, sink: ReplySink, fetcher: FileFetcher | None = None
-    ) -> object: ...
-
-    async def command(self, ctx: CommandContext, text: str) -> CommandReply: ...
-
-    async def cancel_message(self, key: ConversationKey, platform_message_id: str) -> bool: ...
-
-    async def knows_conversation(self, key: ConversationKey) -> bool: ...
 
 
 # ---------------------------------------------------------------- replies
@@ -373,6 +359,28 @@ class _PanelContexts(AsyncAssistantThreadContextStore):
         return AssistantThreadContext(context) if context else None
 
 
+# ---------------------------------------------------------------- Socket Mode
+
+
+class _ConnectionsClient(AsyncWebClient):
+    """The web client Socket Mode asks for a new websocket URL each time it
+    reconnects. slack-sdk retries a refusal forever; this one reports a refusal
+    that cannot heal (a revoked app token, say) to ``refused`` first."""
+
+    def __init__(self, refused: Callable[[str], None], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._refused = refused
+
+    async def apps_connections_open(self, *, app_token: str, **kwargs: Any) -> Any:
+        try:
+            return await super().apps_connections_open(app_token=app_token, **kwargs)
+        except SlackApiError as exc:
+            error = _error_of(exc)
+            if error in _CONNECT_REFUSED:
+                self._refused(error)
+            raise
+
+
 # ---------------------------------------------------------------- identity
 
 
@@ -427,7 +435,7 @@ class SlackAdapter:
 
     def __init__(
         self,
-        bot: SlackBot,
+        bot: Core,
         config: SlackConfig,
         secrets: Secrets,
         *,
@@ -455,6 +463,7 @@ class SlackAdapter:
         self._socket: AsyncSocketModeHandler | None = None
         self._runner: web.AppRunner | None = None
         self._port = 0
+        self._ended: asyncio.Future[None] | None = None  # done on close() or on losing Slack for good
         bot.register_platform("slack", self.sink_for)
 
     # ------------------------------------------------------------ lifecycle
@@ -465,6 +474,7 @@ class SlackAdapter:
         Raises :class:`AdapterError` with one sentence saying what to fix.
         """
         self._check_secrets()
+        self._ended = asyncio.get_running_loop().create_future()
         self._identity = await self._auth_test()
         self._check_scopes(self._identity.scopes)
         app = self._app = self._build_app()
@@ -475,7 +485,23 @@ class SlackAdapter:
         log.info("slack: connected as %s in team %s (%s mode)", self._identity.user_id,
                  self._identity.team_id, self._config.mode)
 
+    async def wait_closed(self) -> None:
+        """Until :meth:`close`; raises :class:`AdapterError` when Slack refuses
+        the Socket Mode connection for good (slack-sdk reconnects after passing
+        faults: a dropped socket, a network error, a 5xx)."""
+        if self._ended is not None:
+            await asyncio.shield(self._ended)
+
+    def _connection_refused(self, error: str) -> None:
+        if self._ended is not None and not self._ended.done():
+            self._ended.set_exception(AdapterError(
+                f"Slack: SLACK_APP_TOKEN was refused while reconnecting Socket Mode ({error}); "
+                "check or regenerate the app-level token."
+            ))
+
     async def close(self) -> None:
+        if self._ended is not None and not self._ended.done():
+            self._ended.set_result(None)
         if self._socket is not None:
             await self._socket.close_async()  # type: ignore[no-untyped-call]
             self._socket = None
@@ -565,7 +591,9 @@ class SlackAdapter:
                 f"Slack: SLACK_APP_TOKEN was refused by apps.connections.open ({error}); "
                 "enable Socket Mode and use an app-level token with connections:write."
             ) from None
-        handler = AsyncSocketModeHandler(app, app_token=self._app_token, logger=log)
+        connections = _ConnectionsClient(self._connection_refused, token=None,
+                                         base_url=self._config.api_base_url)
+        handler = AsyncSocketModeHandler(app, app_token=self._app_token, logger=log, web_client=connections)
         handler.client.wss_uri = str(resp["url"])
         self._socket = handler
         try:

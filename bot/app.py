@@ -1,4 +1,4 @@
-"""The bot's core: what adapters call.
+"""The bot's core: what adapters call (it implements :class:`bot.adapter.Core`).
 
 :class:`Bot` ties the store, the worker and the commands together. Adapters
 hand it normalized :class:`~bot.types.Incoming` messages and a
@@ -8,7 +8,6 @@ hand it normalized :class:`~bot.types.Incoming` messages and a
 from __future__ import annotations
 
 import logging
-from typing import Literal
 
 from bot.attachments import FileFetcher, FileReader
 from bot.commands import Commands, settings_scope
@@ -21,6 +20,7 @@ from bot.types import (
     CommandContext,
     CommandReply,
     ConversationKey,
+    HandleResult,
     Incoming,
     Platform,
     ReplySink,
@@ -30,8 +30,6 @@ from bot.types import (
 from bot.worker import Worker
 
 log = logging.getLogger(__name__)
-
-HandleResult = Literal["queued", "duplicate", "busy", "empty", "stopped"]
 
 EMPTY_HELP = "Ask me something after the mention, or type `/xwin` to see my commands."
 BUSY = "I'm busy right now ({why}); try again in a moment."

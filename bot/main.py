@@ -18,8 +18,8 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
 
+from bot.adapter import Adapter
 from bot.app import Bot
 from bot.config import Config, Secrets, load_config
 from bot.engine import make_engine
@@ -29,12 +29,6 @@ from bot.store import Store
 log = logging.getLogger("xwin-bot")
 
 DEFAULT_CONFIG = "config.toml"
-
-
-class Adapter(Protocol):
-    async def start(self) -> None: ...
-
-    async def close(self) -> None: ...
 
 
 class RedactSecrets(logging.Filter):
@@ -133,8 +127,7 @@ async def _chat(bot: Bot, stop: asyncio.Event) -> int:
     from adapters.console import ConsoleAdapter
 
     console = ConsoleAdapter(bot, stdin=sys.stdin, stdout=sys.stdout, interactive=sys.stdin.isatty())
-    await bot.resume_pending()
-    return await _until_stopped(console.run(), stop)
+    return await _serve(bot, [console], stop, stopped=130)
 
 
 async def _run(bot: Bot, config: Config, secrets: Secrets, stop: asyncio.Event) -> int:
@@ -144,6 +137,13 @@ async def _run(bot: Bot, config: Config, secrets: Secrets, stop: asyncio.Event) 
             "no adapter is enabled: set [discord] enabled = true or [slack] enabled = true "
             "(or talk to the bot with `xwin-bot chat`)"
         )
+    return await _serve(bot, adapters, stop, stopped=0)
+
+
+async def _serve(bot: Bot, adapters: Sequence[Adapter], stop: asyncio.Event, *, stopped: int) -> int:
+    """Start the adapters, then wait for a signal (exit code ``stopped``) or for
+    an adapter to end: its work done (0), or its platform lost for good (its
+    :class:`AdapterError`, exit code 1)."""
     started: list[Adapter] = []
     try:
         for adapter in adapters:
@@ -151,8 +151,7 @@ async def _run(bot: Bot, config: Config, secrets: Secrets, stop: asyncio.Event) 
             started.append(adapter)
         await bot.resume_pending()
         log.info("running; Ctrl-C or SIGTERM stops")
-        await _until_stop_or_adapter_dies(started, stop)
-        return 0
+        return stopped if await _until_stop_or_adapter_ends(started, stop) else 0
     finally:
         # The bot first, so that its last words ("restarting...") still reach
         # the platforms; then the adapters.
@@ -162,17 +161,17 @@ async def _run(bot: Bot, config: Config, secrets: Secrets, stop: asyncio.Event) 
                 await adapter.close()
 
 
-async def _until_stop_or_adapter_dies(adapters: Sequence[Adapter], stop: asyncio.Event) -> None:
-    """Return on SIGINT/SIGTERM; raise the AdapterError of an adapter that
-    lost its platform for good (a revoked token, say)."""
-    waits = [asyncio.ensure_future(w()) for a in adapters if (w := getattr(a, "wait_closed", None))]
+async def _until_stop_or_adapter_ends(adapters: Sequence[Adapter], stop: asyncio.Event) -> bool:
+    """True on SIGINT/SIGTERM, False when an adapter's work is over; raises the
+    AdapterError of an adapter that lost its platform for good (a revoked token, say)."""
+    waits = [asyncio.ensure_future(adapter.wait_closed()) for adapter in adapters]
     stopper = asyncio.ensure_future(stop.wait())
     try:
         done, _ = await asyncio.wait({stopper, *waits}, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
             if task is not stopper:
                 task.result()  # raises the adapter's error
-                raise AdapterError("a platform connection closed; stopping")
+        return stopper in done
     finally:
         for task in (stopper, *waits):
             task.cancel()
@@ -192,8 +191,7 @@ def _discord(bot: Bot, config: Config, secrets: Secrets) -> Adapter:
         raise AdapterError("Discord is enabled but DISCORD_TOKEN is not set in the environment")
     from adapters.discord import DiscordAdapter
 
-    adapter: Any = DiscordAdapter(bot, config.discord, secrets.discord_token)
-    return adapter  # type: ignore[no-any-return]
+    return DiscordAdapter(bot, config.discord, secrets.discord_token)
 
 
 def _slack(bot: Bot, config: Config, secrets: Secrets) -> Adapter:
@@ -201,22 +199,7 @@ def _slack(bot: Bot, config: Config, secrets: Secrets) -> Adapter:
         raise AdapterError("Slack is enabled but SLACK_BOT_TOKEN is not set in the environment")
     from adapters.slack import SlackAdapter
 
-    adapter: Any = SlackAdapter(bot, config.slack, secrets)
-    return adapter  # type: ignore[no-any-return]
-
-
-async def _until_stopped(work: Any, stop: asyncio.Event) -> int:
-    task = asyncio.ensure_future(work)
-    stopper = asyncio.ensure_future(stop.wait())
-    done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    stopper.cancel()
-    if task in done:
-        task.result()
-        return 0
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    return 130
+    return SlackAdapter(bot, config.slack, secrets)
 
 
 if __name__ == "__main__":

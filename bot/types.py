@@ -12,6 +12,8 @@ from typing import Literal, Protocol
 Platform = Literal["discord", "slack", "console"]
 Role = Literal["user", "assistant"]
 AttachmentStatus = Literal["read", "cut", "skipped"]
+#: What :meth:`bot.app.Bot.handle` did with a message.
+HandleResult = Literal["queued", "duplicate", "busy", "empty", "stopped"]
 
 
 @dataclass(frozen=True)

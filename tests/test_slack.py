@@ -7,8 +7,11 @@ Nothing sleeps for a fixed time: waits poll with a deadline.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
+import os
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -36,6 +39,7 @@ from tests.fakes.slack_server import (
 )
 
 SECRET = "test-signing-secret"
+ROOT = Path(__file__).resolve().parent.parent
 JSON = dict[str, Any]
 
 
@@ -758,6 +762,49 @@ async def test_start_refuses_missing_secrets(tmp_path: Path, fake: FakeSlack) ->
         with pytest.raises(AdapterError, match="SLACK_SIGNING_SECRET"):
             await SlackAdapter(bot, replace(cfg, mode="http"), only_bot).start()
     assert fake.calls == []
+
+
+async def test_socket_mode_reconnects_after_a_drop_and_ends_when_refused_for_good(
+    start_env: Starter, fake: FakeSlack
+) -> None:
+    env = await start_env(mode="socket")
+    waiting = asyncio.ensure_future(env.adapter.wait_closed())
+    await fake.kill_sockets()  # a passing fault: slack-sdk reconnects
+    await poll(lambda: len(fake.calls_to("apps.connections.open")) == 2)
+    await fake.wait_connected()
+    await fake.send_envelope(event_body(mention("<@UBOT> still there?", ts="1300.000001")))
+    await poll(lambda: env.thread_texts("C1", "1300.000001") == ["Hello from the fake engine."])
+    assert not waiting.done()
+    fake.errors["apps.connections.open"] = "token_revoked"  # the app token is gone for good
+    await fake.kill_sockets()
+    with pytest.raises(AdapterError, match=r"SLACK_APP_TOKEN.*token_revoked"):
+        await asyncio.wait_for(waiting, 10)
+
+
+async def test_xwin_bot_run_ends_when_slack_refuses_to_reconnect(tmp_path: Path, fake: FakeSlack) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'''[model]\nengine = "fake"\n[bot]\ndatabase = "bot.sqlite3"\n
+[slack]\nenabled = true\nmode = "socket"\napi_base_url = "{fake.api_base_url}"\n''', encoding="utf-8")
+    env = {**os.environ, "SLACK_BOT_TOKEN": fake.bot_token, "SLACK_APP_TOKEN": fake.app_token}
+    log = tmp_path / "stderr.log"
+    with log.open("wb") as err:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bot.main", "run", "--config", str(config),
+            cwd=ROOT, env=env, stdout=err, stderr=err,
+        )  # fmt: skip
+    try:
+        await poll(lambda: "running; Ctrl-C" in log.read_text(), within=60)
+        fake.errors["apps.connections.open"] = "invalid_auth"
+        await fake.kill_sockets()
+        code = await asyncio.wait_for(process.wait(), 30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+    text = log.read_text()
+    assert code == 1, text
+    assert "Traceback" not in text
+    assert "SLACK_APP_TOKEN was refused while reconnecting Socket Mode (invalid_auth)" in text.splitlines()[-1]
+    assert fake.app_token not in text and fake.bot_token not in text
 
 
 async def test_sink_factory_answers_a_resumed_job_in_its_thread(start_env: Starter) -> None:
