@@ -91,6 +91,10 @@ class DiscordConfig:
     admin_roles: tuple[str, ...] = ()
     allow_dms: bool = True
     command_guilds: tuple[str, ...] = ()
+    # Access by role and user (issue 12): role ids or names; empty = everyone.
+    # Roles are checked in servers; DMs follow allow_dms.
+    allowed_roles: tuple[str, ...] = ()
+    blocked_users: tuple[str, ...] = ()
     message_content_intent: bool = True
     api_base_url: str = "https://discord.com/api/v10"
     gateway_url: str = "wss://gateway.discord.gg"
@@ -106,7 +110,31 @@ class SlackConfig:
     channels: tuple[str, ...] = ()
     admin_users: tuple[str, ...] = ()
     allow_dms: bool = True
+    # Access by user (issue 12): user ids; empty allowed_users = everyone.
+    allowed_users: tuple[str, ...] = ()
+    blocked_users: tuple[str, ...] = ()
     api_base_url: str = "https://slack.com/api/"
+
+
+# -- issue 12: metrics and health, quotas --------------------------------------
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """The /metrics, /healthz and /readyz HTTP endpoint (off by default)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 9464
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Per-user quotas, counted in the store (0 = unlimited)."""
+
+    messages_per_minute: int = 0
+    # Tokens of the bot's replies per UTC day.
+    tokens_per_day: int = 0
 
 
 @dataclass(frozen=True)
@@ -116,6 +144,8 @@ class Config:
     bot: BotConfig = field(default_factory=BotConfig)
     discord: DiscordConfig = field(default_factory=DiscordConfig)
     slack: SlackConfig = field(default_factory=SlackConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     # Folder that relative paths (the database) are taken from.
     base_dir: Path = field(default=Path("."), compare=False)
 
@@ -155,6 +185,8 @@ _SECTIONS: dict[str, type] = {
     "bot": BotConfig,
     "discord": DiscordConfig,
     "slack": SlackConfig,
+    "metrics": MetricsConfig,
+    "limits": LimitsConfig,
 }
 
 
@@ -266,6 +298,7 @@ def _check_cross_field(config: Config) -> None:
         raise ConfigError("[bot] retries and retry_delay: must be 0 or more")
     if b.stream_interval < 0:
         raise ConfigError(f"[bot] stream_interval: must be 0 or more, got {b.stream_interval}")
+    _check_ops(config)
     if m.engine == "openai" and not m.base_url:
         raise ConfigError("[model] base_url: required when engine = \"openai\"")
     if m.request_timeout <= 0:
@@ -275,6 +308,15 @@ def _check_cross_field(config: Config) -> None:
         validate_settings(settings_from_generation(g), context_length=m.context_length)
     except ValueError as exc:
         raise ConfigError(f"[generation] {exc}") from None
+
+
+def _check_ops(config: Config) -> None:
+    """[metrics] and [limits] (issue 12)."""
+    if not 0 <= config.metrics.port <= 65535:
+        raise ConfigError(f"[metrics] port: must be 0 to 65535, got {config.metrics.port}")
+    for name in ("messages_per_minute", "tokens_per_day"):
+        if getattr(config.limits, name) < 0:
+            raise ConfigError(f"[limits] {name}: must be 0 (unlimited) or more, got {getattr(config.limits, name)}")
 
 
 def _positive(name: str, value: int) -> None:
