@@ -315,9 +315,11 @@ class FakeDiscord:
         *,
         mentions: list[Json] | None = None,
         guild_id: str | None = None,
+        roles: list[str] | None = None,
     ) -> str:
         """A user posts ``content``; ``mentions`` are the users it mentions (Discord
-        sends them in the payload: discord.py does not parse ``<@id>``)."""
+        sends them in the payload: discord.py does not parse ``<@id>``); ``roles``
+        are the author's role ids in the guild."""
         mid = self.snowflake()
         data: Json = {
             "id": mid,
@@ -338,7 +340,7 @@ class FakeDiscord:
         }
         if guild_id is not None:
             data["guild_id"] = guild_id
-            data["member"] = {k: v for k, v in self.member_payload(author).items() if k != "user"}
+            data["member"] = {k: v for k, v in self.member_payload(author, roles).items() if k != "user"}
         self.messages[mid] = FakeMessage(mid, channel_id, content, author)
         await self.dispatch("MESSAGE_CREATE", data)
         return mid
