@@ -11,11 +11,13 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from bot.app import Bot
+from bot.config import Secrets
 from bot.engine.fake import FakeEngine
-from bot.main import _health_server
+from bot.main import _health_server, _run
 from bot.store import Store
 from bot.types import ConversationKey, Incoming
 from tests.conftest import make_config
+from tests.fakes.discord_server import FakeDiscord, wait_for
 from tests.sinks import RecordingSink
 
 DM = ConversationKey("discord", "dm", "d1", "")
@@ -149,3 +151,35 @@ async def test_tokens_per_day_survive_a_restart(tmp_path: Path) -> None:
         assert await store.usage_since("discord", "u1", "tokens", 0) == 14
         bot.quotas.clock = lambda: time.time() + 86400  # tomorrow
         assert (await ask(bot, "m4"))[0] == "queued"
+
+
+async def test_run_reports_adapter_readiness_and_reconnects(tmp_path: Path) -> None:
+    async with FakeDiscord() as server:
+        server.add_channel(server.add_guild("guild"))
+        config = make_config(tmp_path, metrics={"enabled": True, "port": 0}, discord={
+            "enabled": True, "api_base_url": server.api_base_url, "gateway_url": server.gateway_url})
+        async with Store(config.database_path()) as store:
+            bot = Bot(config, store, FakeEngine())
+            async with _health_server(bot) as health:
+                assert health is not None
+                await bot.start()
+                stop = asyncio.Event()
+                run = asyncio.create_task(_run(bot, config, Secrets(discord_token=server.token), stop, health))
+                await wait_for(lambda: server.identified())
+                await until_status(health.port, "/readyz", 200)
+                await server.ask_to_reconnect()
+                await wait_for(lambda: any(f.get("op") == 6 for f in server.gateway_received))
+                await until_status(health.port, "/readyz", 200)
+                reconnects = (await scrape(health.port)).get('xwin_adapter_reconnects_total{platform="discord"}')
+                stop.set()
+                assert await run == 0
+                status, text = await get(health.port, "/readyz")
+    assert reconnects == 1
+    assert status == 503 and text == "bot: shutting down\ndiscord: closed\n"
+
+
+async def until_status(port: int, path: str, status: int) -> None:
+    deadline = time.monotonic() + 10
+    while (await get(port, path))[0] != status:
+        assert time.monotonic() < deadline, f"{path} never answered {status}"
+        await asyncio.sleep(0.02)

@@ -261,6 +261,8 @@ class FakeDiscord:
             await self._send(ws, {"op": 11})
         elif op == 2:
             await self._identify(ws, frame["d"])
+        elif op == 6:  # RESUME
+            await self._dispatch_on(ws, "RESUMED", {})
 
     async def _identify(self, ws: web.WebSocketResponse, data: Json) -> None:
         if data.get("token") != self.token:
@@ -289,6 +291,11 @@ class FakeDiscord:
         """Send a gateway event to every connected client."""
         for ws in list(self._sockets):
             await self._dispatch_on(ws, event, data)
+
+    async def ask_to_reconnect(self) -> None:
+        """Gateway op 7 RECONNECT: clients reconnect and RESUME their session."""
+        for ws in list(self._sockets):
+            await self._send(ws, {"op": 7, "d": None})
 
     def identified(self) -> bool:
         return any(f.get("op") == 2 for f in self.gateway_received)
