@@ -8,7 +8,8 @@ see docs/operations.md for why.
 - ``/healthz``: 200 while the process runs and the store takes writes.
 - ``/readyz``: 200 once every readiness check passes (model loaded, adapters
   connected); 503 with the reasons, one a line, otherwise.
-- ``/metrics``: the :class:`~bot.metrics.Metrics` registry, Prometheus text format.
+- ``/metrics``: the :class:`~bot.metrics.Metrics` registry, Prometheus text
+  format, with ``xwin_ready`` set from the readiness checks at each scrape.
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ class HealthServer:
         await self.close()
 
     async def _metrics(self, request: web.Request) -> web.Response:
+        # Readiness as a metric too, for an alert rule (docs/operations.md).
+        self.metrics.ready.set(0 if await self._problems() else 1)
         body = generate_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -90,11 +93,14 @@ class HealthServer:
         return _answer([problem] if problem else [])
 
     async def _readyz(self, request: web.Request) -> web.Response:
+        return _answer(await self._problems())
+
+    async def _problems(self) -> list[str]:
         problems = []
         for name, check in self._ready:
             if (problem := await _run(check)) is not None:
                 problems.append(f"{name}: {problem}")
-        return _answer(problems)
+        return problems
 
 
 async def _run(check: Check) -> str | None:

@@ -54,6 +54,7 @@ class Metrics:
         self.reconnects = Counter("xwin_adapter_reconnects", "Platform connections made again",
                                   ["platform"], registry=r)
         self.model_loaded = Gauge("xwin_model_loaded", "1 once the model is loaded", registry=r)
+        self.ready = Gauge("xwin_ready", "1 when /readyz answered 200 at this scrape", registry=r)
         r.register(GpuMemoryCollector())
         self._queued_at: dict[int, float] = {}
 

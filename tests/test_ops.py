@@ -82,6 +82,7 @@ async def test_metrics_and_health_over_http(tmp_path: Path) -> None:
             assert await get(port, "/readyz") == (503, "bot: shutting down\n")
         await store.close()
     assert before["xwin_model_loaded"] == 0 and after["xwin_model_loaded"] == 1
+    assert before["xwin_ready"] == 0 and after["xwin_ready"] == 1
     assert "xwin_jobs_total" not in str(before)
     assert after['xwin_messages_total{result="queued"}'] == 1
     assert after['xwin_jobs_total{outcome="done"}'] == 1
