@@ -279,8 +279,8 @@ class Worker:
             await reply.add(stops.flush())
         finally:
             await stream.aclose()
+            elapsed = time.perf_counter() - started
             await self._count_tokens(job, tokens)
-        elapsed = time.perf_counter() - started
         self.stats.add(tokens, elapsed)
         cut = not stops.stopped and tokens >= settings.max_new_tokens
         self.metrics.reply_streamed(tokens, first, elapsed, cut=cut)

@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bot.app import Bot
 from bot.config import Secrets
 from bot.engine.fake import FakeEngine
+from bot.errors import GenerationError
 from bot.main import _health_server, _run
 from bot.store import Store
 from bot.types import ConversationKey, Incoming
@@ -184,3 +185,19 @@ async def until_status(port: int, path: str, status: int) -> None:
     while (await get(port, path))[0] != status:
         assert time.monotonic() < deadline, f"{path} never answered {status}"
         await asyncio.sleep(0.02)
+
+
+async def test_failures_and_retries_are_counted(tmp_path: Path) -> None:
+    config = make_config(tmp_path, bot={"retries": 1, "retry_delay": 0.0})
+    flaky = GenerationError("the model server answered 503", retryable=True)
+    engine = FakeEngine(replies=[flaky, flaky, "fine"])
+    async with Store(config.database_path()) as store, Bot(config, store, engine) as bot:
+        _, said = await ask(bot, "m1")
+        assert said == "Sorry, I could not finish that reply: the model server answered 503. Try again in a moment."
+        assert (await ask(bot, "m2"))[1] is None
+        value = bot.metrics.registry.get_sample_value
+        assert value("xwin_jobs_total", {"outcome": "failed"}) == 1
+        assert value("xwin_jobs_total", {"outcome": "done"}) == 1
+        assert value("xwin_errors_total", {"kind": "retry"}) == 1
+        assert value("xwin_errors_total", {"kind": "generation"}) == 1
+        assert value("xwin_time_to_first_token_seconds_count") == 1  # the answered one
