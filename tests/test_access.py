@@ -7,10 +7,11 @@ from pathlib import Path
 
 from bot.engine.fake import FakeEngine
 from tests.fakes.discord_server import wait_for
+from tests.fakes.slack_server import poll
 from tests.test_discord import bot_on, discord_server
 from tests.test_slack import Starter, fake, mention, post_command, post_event, start_env, wait_reply
 
-__all__ = ["fake", "start_env"]  # fixtures used by the Slack test
+__all__ = ["fake", "start_env"]  # fixtures used by the Slack tests
 
 
 async def test_discord_allowed_roles_and_blocked_users(tmp_path: Path) -> None:
@@ -66,3 +67,16 @@ async def test_slack_allowed_and_blocked_users(start_env: Starter) -> None:
     assert "not enabled here" in refusal["text"]
     admitted = await post_command(env, "status", user="U1")
     assert "queued" in admitted["text"]
+
+
+async def test_slack_socket_mode_readiness_and_reconnects(start_env: Starter) -> None:
+    env = await start_env(mode="socket")
+    await env.fake.wait_connected()
+    assert await env.adapter.not_ready() is None
+    await env.fake.ask_to_reconnect()
+    value = env.bot.metrics.registry.get_sample_value
+    await poll(lambda: value("xwin_adapter_reconnects_total", {"platform": "slack"}) == 1, what="a reconnect")
+    assert len(env.fake.calls_to("apps.connections.open")) == 2
+    assert await env.adapter.not_ready() is None
+    await env.adapter.close()
+    assert await env.adapter.not_ready() == "not connected"
