@@ -414,6 +414,15 @@ class _Client(discord.Client):
     async def on_ready(self) -> None:
         self.adapter.ready.set()
 
+    async def on_connect(self) -> None:
+        self.adapter.connection_up(resumed=False)
+
+    async def on_resumed(self) -> None:
+        self.adapter.connection_up(resumed=True)
+
+    async def on_disconnect(self) -> None:
+        self.adapter.online = False
+
     async def on_message(self, message: discord.Message) -> None:
         await self.adapter.on_message(message)
 
@@ -457,6 +466,8 @@ class DiscordAdapter:
         self._logged_in = asyncio.Event()  # REST calls work
         self._connection: asyncio.Task[None] | None = None
         self._closed = False
+        self.online = False  # the gateway connection is up now
+        self._sessions = 0
         self._saved_endpoints: tuple[str, yarl.URL] | None = None
         self.client = _Client(
             self,
@@ -493,6 +504,21 @@ class DiscordAdapter:
             with contextlib.suppress(BaseException):
                 await task
         self._restore_servers()
+
+    def connection_up(self, *, resumed: bool) -> None:
+        """A gateway session began (READY) or resumed: every one after the first is a reconnect."""
+        if resumed or self._sessions:
+            self._bot.metrics.reconnected(PLATFORM)
+        self._sessions += not resumed
+        self.online = True
+
+    async def not_ready(self) -> str | None:
+        """For /readyz: None while connected to the gateway."""
+        if self._closed:
+            return "closed"
+        if not self.ready.is_set() or not self.online:
+            return "not connected to the gateway"
+        return None
 
     async def wait_closed(self) -> None:
         """Wait until the gateway connection ends; raise :class:`AdapterError` if it
@@ -611,6 +637,7 @@ class DiscordAdapter:
         try:
             await self._route(message)
         except Exception:
+            self._bot.metrics.error("adapter")
             log.exception(
                 "Discord: failed to handle message %s in channel %s", message.id, message.channel.id
             )
@@ -623,7 +650,14 @@ class DiscordAdapter:
         if message.type not in (discord.MessageType.default, discord.MessageType.reply):
             return False
         guild_id = message.guild.id if message.guild is not None else None
-        return self._allowed(_place_of(message.channel, guild_id))
+        return self._allowed(_place_of(message.channel, guild_id)) and self._permitted(message.author, guild_id)
+
+    def _permitted(self, user: discord.User | discord.Member, guild_id: int | None) -> bool:
+        """Access by user and role: ``blocked_users`` everywhere; ``allowed_roles``
+        in servers (a DM has no roles: ``allow_dms`` decides)."""
+        if str(user.id) in self._config.blocked_users:
+            return False
+        return guild_id is None or not self._config.allowed_roles or _has_role(user, self._config.allowed_roles)
 
     def _allowed(self, place: _Place) -> bool:
         if place.guild_id is None:
@@ -757,7 +791,7 @@ class DiscordAdapter:
 
     def _command_context(self, interaction: discord.Interaction) -> CommandContext | None:
         place = _place_of(interaction.channel, interaction.guild_id, interaction.channel_id)
-        if not self._allowed(place):
+        if not self._allowed(place) or not self._permitted(interaction.user, place.guild_id):
             return None
         return CommandContext(
             key=_key_of(place),
@@ -769,9 +803,7 @@ class DiscordAdapter:
     def _is_admin(self, user: discord.User | discord.Member, permissions: discord.Permissions) -> bool:
         if permissions.manage_channels or permissions.administrator:
             return True
-        roles = getattr(user, "roles", [])
-        wanted = set(self._config.admin_roles)
-        return any(str(role.id) in wanted or role.name in wanted for role in roles)
+        return _has_role(user, self._config.admin_roles)
 
     async def _answer(self, interaction: discord.Interaction, text: str) -> None:
         first, *rest = split_message(text) or ["Done."]
@@ -792,6 +824,12 @@ class DiscordAdapter:
 
 
 # ---------------------------------------------------------------------------- small functions
+
+
+def _has_role(user: discord.User | discord.Member, wanted: tuple[str, ...]) -> bool:
+    """Whether a server member has one of the roles named (by id or name)."""
+    names = set(wanted)
+    return any(str(role.id) in names or role.name in names for role in getattr(user, "roles", []))
 
 
 def _place_of(channel: object, guild_id: int | None, channel_id: int | None = None) -> _Place:

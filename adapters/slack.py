@@ -63,6 +63,7 @@ from adapters.slack_format import (
 from bot.attachments import FileFetcher
 from bot.config import Config, Secrets, SlackConfig
 from bot.errors import AdapterError
+from bot.metrics import Metrics
 from bot.types import (
     CommandContext,
     CommandReply,
@@ -106,6 +107,9 @@ class SlackBot(Protocol):
 
     @property
     def config(self) -> Config: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
 
     def register_platform(self, platform: Literal["slack"], sink_factory: SinkFactory) -> None: ...
 
@@ -490,6 +494,13 @@ class SlackAdapter:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    async def not_ready(self) -> str | None:
+        """For /readyz: None while the Socket Mode websocket is open (or HTTP mode listens)."""
+        if self._socket is not None:
+            connected = await self._socket.client.is_connected()  # type: ignore[no-untyped-call]
+            return None if connected else "the Socket Mode websocket is not connected"
+        return None if self._runner is not None else "not connected"
+
     @property
     def http_port(self) -> int:
         """The port HTTP mode listens on (useful when configured as 0)."""
@@ -567,6 +578,7 @@ class SlackAdapter:
             ) from None
         handler = AsyncSocketModeHandler(app, app_token=self._app_token, logger=log)
         handler.client.wss_uri = str(resp["url"])
+        _count_reconnects(handler.client, lambda: self._bot.metrics.reconnected("slack"))
         self._socket = handler
         try:
             # connect() retries a failing websocket forever: bound the first try.
@@ -738,7 +750,7 @@ class SlackAdapter:
             return True
         if msg.subtype not in _USER_SUBTYPES:
             return True
-        return not self._allowed(msg.team, msg.channel, msg.is_dm)
+        return not self._allowed(msg.team, msg.channel, msg.is_dm) or not self._permitted(msg.user)
 
     def _allowed(self, team: str, channel: str, is_dm: bool) -> bool:
         cfg = self._config
@@ -748,6 +760,11 @@ class SlackAdapter:
             return cfg.allow_dms
         return not cfg.channels or channel in cfg.channels
 
+    def _permitted(self, user: str) -> bool:
+        """Access by user id: ``blocked_users``, then ``allowed_users`` (empty = everyone)."""
+        cfg = self._config
+        return user not in cfg.blocked_users and (not cfg.allowed_users or user in cfg.allowed_users)
+
     def _mentions_me(self, text: str) -> bool:
         return bool(self._identity.user_id) and f"<@{self._identity.user_id}" in text
 
@@ -756,6 +773,7 @@ class SlackAdapter:
         try:
             await handler(msg)
         except Exception:
+            self._bot.metrics.error("adapter")
             log.exception("slack: message %s in %s failed", msg.ts, msg.channel)
             await self._sink(msg.channel, msg.thread_ts or ("" if msg.is_dm else msg.ts)).fail(_SORRY)
 
@@ -816,7 +834,7 @@ class SlackAdapter:
         channel = str(command.get("channel_id", ""))
         user = str(command.get("user_id", ""))
         is_dm = channel.startswith("D") or command.get("channel_name") == "directmessage"
-        if not self._allowed(team, channel, is_dm):
+        if not self._allowed(team, channel, is_dm) or not self._permitted(user):
             return CommandReply("I'm not enabled here.", ok=False)
         key = _dm_key(channel) if is_dm else ConversationKey("slack", team, channel, "")
         ctx = CommandContext(key=key, author_id=user, is_dm=is_dm, is_admin=user in self._config.admin_users)
@@ -922,6 +940,22 @@ def _ts_seconds(ts: str) -> float:
         return float(ts)
     except ValueError:
         return time.time()
+
+
+def _count_reconnects(client: Any, on_reconnect: Callable[[], None]) -> None:
+    """Call ``on_reconnect`` each time the Socket Mode client opens a session
+    after its first (slack_sdk has no hook for it: its ``connect`` is wrapped)."""
+    connect = client.connect
+    sessions = 0
+
+    async def counted() -> None:
+        nonlocal sessions
+        await connect()
+        sessions += 1
+        if sessions > 1:
+            on_reconnect()
+
+    client.connect = counted
 
 
 def _bound_port(site: web.TCPSite, configured: int) -> int:

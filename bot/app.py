@@ -14,7 +14,9 @@ from bot.attachments import FileFetcher, FileReader
 from bot.commands import Commands, settings_scope
 from bot.config import Config, settings_from_generation
 from bot.engine.base import Engine
+from bot.metrics import Metrics
 from bot.prompt import PromptBuilder
+from bot.quota import Quotas
 from bot.settings import apply_overrides
 from bot.store import Job, Store
 from bot.types import (
@@ -31,7 +33,7 @@ from bot.worker import Worker
 
 log = logging.getLogger(__name__)
 
-HandleResult = Literal["queued", "duplicate", "busy", "empty", "stopped"]
+HandleResult = Literal["queued", "duplicate", "busy", "limited", "empty", "stopped"]
 
 EMPTY_HELP = "Ask me something after the mention, or type `/xwin` to see my commands."
 BUSY = "I'm busy right now ({why}); try again in a moment."
@@ -39,12 +41,17 @@ STOPPED = "The bot is shutting down; try again in a minute."
 
 
 class Bot:
-    """Use as ``async with Bot(config, store, engine) as bot:`` (loads the model)."""
+    """Use as ``async with Bot(config, store, engine) as bot:`` (loads the model).
 
-    def __init__(self, config: Config, store: Store, engine: Engine) -> None:
+    ``metrics`` (made here when not given) is where the core counts what it
+    does; bot.health serves it."""
+
+    def __init__(self, config: Config, store: Store, engine: Engine, metrics: Metrics | None = None) -> None:
         self.config = config
         self.store = store
         self.engine = engine
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.quotas = Quotas(store, config.limits)
         self.defaults: Settings = settings_from_generation(config.generation)
         self._factories: dict[str, SinkFactory] = {}
         self._worker: Worker | None = None
@@ -82,8 +89,11 @@ class Bot:
             max_message_chars=self.config.bot.max_message_chars,
         )
         self._worker = Worker(self.store, self.engine, builder, self._settings_for_job,
-                              retries=self.config.bot.retries, retry_delay=self.config.bot.retry_delay)
+                              retries=self.config.bot.retries, retry_delay=self.config.bot.retry_delay,
+                              metrics=self.metrics, tokens_used=self._tokens_used)
+        self.metrics.watch_worker(self._worker.waiting, self._worker.running, self.engine.max_batch)
         self._worker.start()
+        self.metrics.model_loaded.set(1)
 
     async def close(self, grace: float = 5.0) -> None:
         """Stop taking messages, let running replies end or cancel them
@@ -91,6 +101,7 @@ class Bot:
         if self._closing:
             return
         self._closing = True
+        self.metrics.model_loaded.set(0)
         if self._worker is not None:
             await self._worker.stop(grace)
         await self.engine.close()
@@ -119,29 +130,49 @@ class Bot:
             log.info("resumed %d pending jobs from before the restart", resumed)
         return resumed
 
+    async def not_ready(self) -> str | None:
+        """For /readyz: None once the model is loaded and replies can be made."""
+        if self._closing:
+            return "shutting down"
+        if self._worker is None:
+            return "the model is loading"
+        return None
+
     # -- messages --------------------------------------------------------
     async def handle(
         self, incoming: Incoming, sink: ReplySink, fetcher: FileFetcher | None = None
     ) -> HandleResult:
         """``fetcher`` downloads ``incoming.files`` (only once the quotas let the message in)."""
+        result = await self._handle(incoming, sink, fetcher)
+        self.metrics.message_handled(result)
+        return result
+
+    async def _handle(self, incoming: Incoming, sink: ReplySink, fetcher: FileFetcher | None) -> HandleResult:
         if self._closing:
             await sink.fail(STOPPED)
             return "stopped"
         if not incoming.text.strip() and not incoming.files:
             await sink.fail(EMPTY_HELP)
             return "empty"
-        busy = await self._busy_reason(incoming.author_id)
+        # Quotas first (issue 12): an over-quota message is kept, with no job.
+        over = await self.quotas.refusal(incoming.key.platform, incoming.author_id)
+        busy = None if over else await self._busy_reason(incoming.author_id)
         scope = settings_scope(incoming.key, incoming.author_id, incoming.is_dm)
-        attachments = await self.files.read(incoming.files, fetcher) if busy is None else ()
-        stored = await self.store.add_user_message(incoming, settings_scope=scope, with_job=busy is None,
+        admitted = busy is None and over is None
+        attachments = await self.files.read(incoming.files, fetcher) if admitted else ()
+        stored = await self.store.add_user_message(incoming, settings_scope=scope, with_job=admitted,
                                                    attachments=attachments)
         if stored is None:
             log.info("ignoring re-delivered message %s", incoming.message_id)
             return "duplicate"
         _message_id, job_id = stored
+        if over is not None:
+            await sink.fail(over)
+            return "limited"
         if busy is not None or job_id is None:
             await sink.fail(BUSY.format(why=busy))
             return "busy"
+        await self.quotas.count_message(incoming.key.platform, incoming.author_id)
         position = await self.store.jobs_ahead(job_id)
         self.worker.submit(job_id, sink, position)
         await sink.queued(position)
@@ -189,6 +220,9 @@ class Bot:
         rate = worker.stats.tokens_per_s()
         lines.append(f"speed of the last replies: {rate:.1f} tokens/s" if rate else "no replies yet")
         return "\n".join(lines)
+
+    async def _tokens_used(self, job: Job, tokens: int) -> None:
+        await self.quotas.count_tokens(job.key.platform, job.author_id, tokens)
 
     async def _settings_for_job(self, job: Job) -> Settings:
         return apply_overrides(self.defaults, await self.store.settings(job.settings_scope))

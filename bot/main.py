@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,6 +24,7 @@ from bot.app import Bot
 from bot.config import Config, Secrets, load_config
 from bot.engine import make_engine
 from bot.errors import AdapterError, BotError, ConfigError
+from bot.health import Check, HealthServer
 from bot.store import Store
 
 log = logging.getLogger("xwin-bot")
@@ -120,13 +121,36 @@ async def _amain(command: str, config: Config, secrets: Secrets) -> int:
     engine = make_engine(config.model, secrets)
     async with Store(config.database_path()) as store:
         bot = Bot(config, store, engine)
-        try:
-            await bot.start()
-            if command == "chat":
-                return await _chat(bot, stop)
-            return await _run(bot, config, secrets, stop)
-        finally:
-            await bot.close()
+        # Up before the model loads, so that /readyz says "loading" meanwhile.
+        async with _health_server(bot) as health:
+            try:
+                await bot.start()
+                if command == "chat":
+                    return await _chat(bot, stop)
+                return await _run(bot, config, secrets, stop, health)
+            finally:
+                await bot.close()
+
+
+@contextlib.asynccontextmanager
+async def _health_server(bot: Bot) -> AsyncIterator[HealthServer | None]:
+    """/metrics, /healthz, /readyz when [metrics] enabled (docs/operations.md)."""
+    cfg = bot.config.metrics
+    if not cfg.enabled:
+        yield None
+        return
+    server = HealthServer(bot.metrics, cfg.host, cfg.port, live=_store_writable(bot),
+                          ready=[("bot", bot.not_ready)])
+    async with server:
+        yield server
+
+
+def _store_writable(bot: Bot) -> Check:
+    async def check() -> str | None:
+        await bot.store.check_writable()
+        return None
+
+    return check
 
 
 async def _chat(bot: Bot, stop: asyncio.Event) -> int:
@@ -137,7 +161,8 @@ async def _chat(bot: Bot, stop: asyncio.Event) -> int:
     return await _until_stopped(console.run(), stop)
 
 
-async def _run(bot: Bot, config: Config, secrets: Secrets, stop: asyncio.Event) -> int:
+async def _run(bot: Bot, config: Config, secrets: Secrets, stop: asyncio.Event,
+               health: HealthServer | None = None) -> int:
     adapters = build_adapters(bot, config, secrets)
     if not adapters:
         raise ConfigError(
@@ -147,6 +172,8 @@ async def _run(bot: Bot, config: Config, secrets: Secrets, stop: asyncio.Event) 
     started: list[Adapter] = []
     try:
         for adapter in adapters:
+            if health is not None and (check := getattr(adapter, "not_ready", None)):
+                health.add_readiness(type(adapter).__name__.removesuffix("Adapter").lower(), check)
             await adapter.start()
             started.append(adapter)
         await bot.resume_pending()

@@ -94,7 +94,26 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (message_id, position)
     );
     """,
+    # 3 (issue 12, quotas): what each user used, so that a restart does not reset
+    # their limits. kind 'message': a message that got a job (amount 1);
+    # 'tokens': tokens of the bot's replies to them.
+    """
+    CREATE TABLE usage (
+        platform TEXT NOT NULL,
+        author_id TEXT NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('message', 'tokens')),
+        amount INTEGER NOT NULL,
+        at REAL NOT NULL
+    );
+    CREATE INDEX usage_by_author ON usage (platform, author_id, kind, at);
+    -- /healthz writes its one row here to prove the file takes writes.
+    CREATE TABLE health (id INTEGER PRIMARY KEY CHECK (id = 1), checked_at REAL NOT NULL);
+    """,
 ]
+
+UsageKind = Literal["message", "tokens"]
+#: Usage rows older than this are deleted as new ones come (the longest quota window is a day).
+USAGE_KEPT_S = 2 * 86400
 
 
 @dataclass(frozen=True)
@@ -416,6 +435,43 @@ class Store:
         ) as cur:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
+
+    # -- usage (issue 12: quotas) ----------------------------------------
+    async def add_usage(self, platform: str, author_id: str, kind: UsageKind, amount: int,
+                        at: float | None = None) -> None:
+        """Count what a user used; rows of theirs older than two days go."""
+        now = time.time() if at is None else at
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT INTO usage (platform, author_id, kind, amount, at) VALUES (?, ?, ?, ?, ?)",
+                (platform, author_id, kind, amount, now),
+            )
+            await db.execute(
+                "DELETE FROM usage WHERE platform = ? AND author_id = ? AND kind = ? AND at < ?",
+                (platform, author_id, kind, now - USAGE_KEPT_S),
+            )
+
+    async def usage_since(self, platform: str, author_id: str, kind: UsageKind, since: float) -> int:
+        """The sum of a user's ``kind`` since a time."""
+        sql = ("SELECT COALESCE(SUM(amount), 0) FROM usage "
+               "WHERE platform = ? AND author_id = ? AND kind = ? AND at >= ?")
+        async with self.db.execute(sql, (platform, author_id, kind, since)) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def nth_latest_usage(self, platform: str, author_id: str, kind: UsageKind, n: int) -> float | None:
+        """When the user's ``n``-th latest ``kind`` row was counted (1 = the latest)."""
+        sql = ("SELECT at FROM usage WHERE platform = ? AND author_id = ? AND kind = ? "
+               "ORDER BY at DESC LIMIT 1 OFFSET ?")
+        async with self.db.execute(sql, (platform, author_id, kind, n - 1)) as cur:
+            row = await cur.fetchone()
+        return float(row[0]) if row else None
+
+    async def check_writable(self) -> None:
+        """Raise unless the file takes writes now (for /healthz): one real write
+        of one row (SQLite grants a write lock even on a read-only file)."""
+        async with self._transaction() as db:
+            await db.execute("INSERT OR REPLACE INTO health (id, checked_at) VALUES (1, ?)", (time.time(),))
 
     # -- settings --------------------------------------------------------
     async def settings(self, scope: str) -> dict[str, Any]:

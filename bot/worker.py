@@ -24,6 +24,7 @@ from bot.attachments import files_notice
 from bot.engine.base import Engine
 from bot.engine.detok import StopFilter
 from bot.errors import BotError, GenerationError
+from bot.metrics import Metrics
 from bot.prompt import TRUNCATION_NOTICE, PromptBuilder
 from bot.store import PENDING, Job, Store
 from bot.types import ReplySink, Settings
@@ -31,6 +32,8 @@ from bot.types import ReplySink, Settings
 log = logging.getLogger(__name__)
 
 SettingsFor = Callable[[Job], Awaitable[Settings]]
+#: Told how many tokens a reply used (quotas), even one cut short.
+TokensUsed = Callable[[Job, int], Awaitable[None]]
 
 MSG_FAILED = "Sorry, I could not finish that reply: {reason}. Try again in a moment."
 MSG_CRASHED = "Sorry, something went wrong while answering. It has been logged; try again."
@@ -63,7 +66,10 @@ class ReplyStats:
 
 class Worker:
     def __init__(self, store: Store, engine: Engine, builder: PromptBuilder,
-                 settings_for: SettingsFor, *, retries: int = 2, retry_delay: float = 2.0) -> None:
+                 settings_for: SettingsFor, *, retries: int = 2, retry_delay: float = 2.0,
+                 metrics: Metrics | None = None, tokens_used: TokensUsed | None = None) -> None:
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.tokens_used = tokens_used
         self.retries = retries
         self.retry_delay = retry_delay
         self.store = store
@@ -107,6 +113,7 @@ class Worker:
         if position is not None:
             self._positions[job_id] = position
         self._idle.clear()
+        self.metrics.job_queued(job_id)
         self.queue.put_nowait(job_id)
 
     async def drain(self) -> None:
@@ -121,6 +128,10 @@ class Worker:
     def running(self) -> int:
         return len(self._tasks)
 
+    def waiting(self) -> int:
+        """Jobs held but not running yet (the queue depth)."""
+        return len(self._sinks.keys() - self._tasks.keys())
+
     # -- cancel ----------------------------------------------------------
     async def cancel(self, job: Job) -> bool:
         """Cancel a queued or running job. True if there was one to cancel."""
@@ -130,6 +141,7 @@ class Worker:
             return True
         if not await self.store.set_job_state(job.id, "cancelled", "cancelled by the user"):
             return False
+        self.metrics.job_ended(job.id, "cancelled")
         sink = self._sinks.pop(job.id, None)
         if sink is not None:
             await _safe(sink.fail(MSG_STOPPED))
@@ -198,19 +210,26 @@ class Worker:
         reply = _Reply(sink)
         try:
             await self.store.set_job_state(job.id, "running")
+            self.metrics.job_started(job.id)
             await _safe(sink.started())
             text = await self._generate_with_retries(job, reply)
             await self.store.add_assistant_message(job, text, f"job:{job.id}")
+            self.metrics.job_ended(job.id, "done")
             await _safe(sink.finish(text))
         except asyncio.CancelledError:
             # stop() sets _stopping before it cancels; any other cancel is the user's.
+            self.metrics.job_ended(job.id, "requeued" if self._stopping else "cancelled")
             await self._cancelled(job, sink, reply, shutdown=self._stopping)
         except GenerationError as exc:
             log.warning("job %d failed: %s", job.id, exc, exc_info=bool(exc.detail))
+            self.metrics.job_ended(job.id, "failed")
+            self.metrics.error("generation")
             await self.store.set_job_state(job.id, "failed", str(exc))
             await _safe(sink.fail(MSG_FAILED.format(reason=exc.user_message.rstrip("."))))
         except Exception as exc:
             log.exception("job %d crashed", job.id)
+            self.metrics.job_ended(job.id, "crashed")
+            self.metrics.error("crash")
             await self.store.set_job_state(job.id, "failed", f"{type(exc).__name__}: {exc}")
             await _safe(sink.fail(MSG_CRASHED))
 
@@ -234,6 +253,7 @@ class Worker:
                 if not exc.retryable or attempt == self.retries:
                     raise
                 delay = self.retry_delay * 2**attempt
+                self.metrics.error("retry")
                 log.warning("job %d: %s; trying again in %.1f s", job.id, exc, delay)
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -249,19 +269,34 @@ class Worker:
             reply.text += TRUNCATION_NOTICE
         stops = StopFilter(self.builder.stops)
         started = time.perf_counter()
+        first: float | None = None
         tokens = 0
         stream = self.engine.stream(prompt.ids, settings, turns=turns, is_dm=job.is_dm)
         try:
             async for piece in stream:
                 tokens += 1
+                first = first if first is not None else time.perf_counter() - started
                 await reply.add(stops.push(piece))
                 if stops.stopped:
                     break
             await reply.add(stops.flush())
         finally:
             await stream.aclose()
-        self.stats.add(tokens, time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            await self._count_tokens(job, tokens)
+        self.stats.add(tokens, elapsed)
+        cut = not stops.stopped and tokens >= settings.max_new_tokens
+        self.metrics.reply_streamed(tokens, first, elapsed, cut=cut)
         return reply.text.strip() or EMPTY_REPLY
+
+    async def _count_tokens(self, job: Job, tokens: int) -> None:
+        """Quotas count every token generated, a reply cut short or failed included."""
+        if self.tokens_used is None or not tokens:
+            return
+        try:
+            await self.tokens_used(job, tokens)
+        except Exception:
+            log.exception("job %d: could not count its %d tokens", job.id, tokens)
 
 
 class _Reply:

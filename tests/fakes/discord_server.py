@@ -266,6 +266,8 @@ class FakeDiscord:
             await self._send(ws, {"op": 11})
         elif op == 2:
             await self._identify(ws, frame["d"])
+        elif op == 6:  # RESUME
+            await self._dispatch_on(ws, "RESUMED", {})
 
     async def _identify(self, ws: web.WebSocketResponse, data: Json) -> None:
         if data.get("token") != self.token:
@@ -295,6 +297,11 @@ class FakeDiscord:
         for ws in list(self._sockets):
             await self._dispatch_on(ws, event, data)
 
+    async def ask_to_reconnect(self) -> None:
+        """Gateway op 7 RECONNECT: clients reconnect and RESUME their session."""
+        for ws in list(self._sockets):
+            await self._send(ws, {"op": 7, "d": None})
+
     def identified(self) -> bool:
         return any(f.get("op") == 2 for f in self.gateway_received)
 
@@ -321,10 +328,12 @@ class FakeDiscord:
         mentions: list[Json] | None = None,
         guild_id: str | None = None,
         attachments: list[Json] | None = None,
+        roles: list[str] | None = None,
     ) -> str:
         """A user posts ``content``; ``mentions`` are the users it mentions (Discord
         sends them in the payload: discord.py does not parse ``<@id>``);
-        ``attachments`` are payloads from :meth:`attachment`."""
+        ``attachments`` are payloads from :meth:`attachment`; ``roles`` are the
+        author's role ids in the guild."""
         mid = self.snowflake()
         data: Json = {
             "id": mid,
@@ -345,7 +354,7 @@ class FakeDiscord:
         }
         if guild_id is not None:
             data["guild_id"] = guild_id
-            data["member"] = {k: v for k, v in self.member_payload(author).items() if k != "user"}
+            data["member"] = {k: v for k, v in self.member_payload(author, roles).items() if k != "user"}
         self.messages[mid] = FakeMessage(mid, channel_id, content, author)
         await self.dispatch("MESSAGE_CREATE", data)
         return mid

@@ -341,6 +341,11 @@ class FakeSlack:
         await self._sockets[-1].send_str(json.dumps(envelope))
         return envelope_id
 
+    async def ask_to_reconnect(self) -> None:
+        """A ``disconnect`` message: the app opens a new session (as Slack asks every few hours)."""
+        await self.wait_connected()
+        await self._sockets[-1].send_str(json.dumps({"type": "disconnect", "reason": "refresh_requested"}))
+
     def acked(self, envelope_id: str) -> bool:
         return any(a.get("envelope_id") == envelope_id for a in self.acks)
 
