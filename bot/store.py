@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import json
 import logging
+import os
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -119,12 +123,68 @@ def _job(row: Sequence[Any]) -> Job:
     )
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+class _ProcessLock:
+    """One process per database (issue 9): an OS lock on ``<database>.lock``,
+    held for the store's life. The kernel drops it when the process dies, so
+    a killed bot never blocks the next start."""
+
+    def __init__(self, db_path: Path) -> None:
+        self.db_path = db_path
+        self.path = db_path.with_name(db_path.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise StoreError(
+                f"another xwin-bot process (pid {owner}) is using the database {self.db_path}; "
+                "stop it first, or give this one its own [bot] database"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the lock
+            self._fd = None
+
+
+def _check_database_file(path: Path) -> None:
+    """Refuse what is not a database file before SQLite gets to write into it."""
+    if str(path) in ("", "."):
+        raise StoreError("the database path is empty; set [bot] database to a file name")
+    if path.is_dir():
+        raise StoreError(f"the database {path} is a directory; set [bot] database to a file")
+    if path.is_file() and path.stat().st_size > 0:
+        with path.open("rb") as f:
+            head = f.read(len(SQLITE_HEADER))
+        if head != SQLITE_HEADER:
+            raise StoreError(
+                f"{path} is not an SQLite database (it holds something else); "
+                "refusing to overwrite it: set [bot] database to another file"
+            )
+
+
 class Store:
-    """Use as ``async with Store(path) as store:``."""
+    """Use as ``async with Store(path) as store:``.
+
+    One process at a time: opening a database another live process holds
+    raises :class:`StoreError`."""
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._db: aiosqlite.Connection | None = None
+        self._lock: _ProcessLock | None = None
         # One connection serves every coroutine: writes that span several
         # statements take this lock so that one never commits another's half.
         self._write_lock = asyncio.Lock()
@@ -154,8 +214,29 @@ class Store:
         return self._db
 
     async def open(self) -> None:
-        if self.path.parent and not self.path.parent.exists():
+        """Lock, open and migrate; on any failure nothing stays open (an open
+        aiosqlite thread would keep the process from exiting)."""
+        try:
+            await self._open()
+        except BaseException as exc:
+            await self.close()
+            if isinstance(exc, OSError):
+                reason = exc.strerror or str(exc)
+                raise StoreError(
+                    f"cannot open the database {self.path} ({reason}); check [bot] database"
+                ) from None
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise StoreError(
+                    f"cannot use the database {self.path} ({exc}); check [bot] database"
+                ) from None
+            raise
+
+    async def _open(self) -> None:
+        _check_database_file(self.path)
+        if not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = _ProcessLock(self.path)
+        self._lock.acquire()
         self._db = await aiosqlite.connect(self.path)
         await self.db.execute("PRAGMA journal_mode=WAL")
         await self.db.execute("PRAGMA synchronous=NORMAL")
@@ -167,6 +248,9 @@ class Store:
         if self._db is not None:
             await self._db.close()
             self._db = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     async def _migrate(self) -> None:
         async with self.db.execute("PRAGMA user_version") as cur:

@@ -90,3 +90,62 @@ async def test_retention_purges_only_old_finished_messages(store: Store) -> None
     assert stored is not None
     assert await store.purge_messages_older_than(30) == 1
     assert await store.message_count() == 2
+
+
+# ---------------------------------------------------------------- issue 9: one process, files that are not ours
+
+_HOLD = """
+import asyncio, sys
+from bot.store import Store
+async def main():
+    async with Store(sys.argv[1]):
+        print("open", flush=True)
+        await asyncio.sleep(60)
+asyncio.run(main())
+"""
+
+
+async def test_a_second_store_on_one_database_is_refused(store: Store, db_path: Path) -> None:
+    with pytest.raises(StoreError, match=r"another xwin-bot process \(pid \d+\) is using the database"):
+        await Store(db_path).open()
+    assert await store.count_pending() == 0  # the first one is untouched
+
+
+async def test_a_killed_process_does_not_keep_the_database_locked(db_path: Path) -> None:
+    import asyncio
+    import os
+    import sys
+
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _HOLD, str(db_path), stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))},
+    )
+    try:
+        assert child.stdout is not None
+        assert await asyncio.wait_for(child.stdout.readline(), 30) == b"open\n"
+        with pytest.raises(StoreError, match=f"pid {child.pid}"):
+            await Store(db_path).open()
+    finally:
+        child.kill()  # SIGKILL: no clean-up runs in the child
+        await child.wait()
+    async with Store(db_path) as store:  # the stale lock file is no obstacle
+        assert await store.schema_version() == len(MIGRATIONS)
+
+
+@pytest.mark.parametrize("content", [b"x", b"not a database at all, just some text\n" * 10])
+def test_a_file_that_is_not_a_database_is_refused_and_left_alone(db_path: Path, content: bytes) -> None:
+    import asyncio
+
+    db_path.write_bytes(content)
+    with pytest.raises(StoreError, match="not an SQLite database"):
+        asyncio.run(Store(db_path).open())
+    assert db_path.read_bytes() == content
+
+
+@pytest.mark.parametrize("where", ["dir", "under-file", "proc"])
+async def test_a_bad_database_path_is_one_sentence(tmp_path: Path, where: str) -> None:
+    (tmp_path / "file").write_text("x")
+    path = {"dir": tmp_path, "under-file": tmp_path / "file" / "db.sqlite3", "proc": Path("/proc/db.sqlite3")}[where]
+    with pytest.raises(StoreError, match=r"\[bot\] database") as info:
+        await Store(path).open()
+    assert "\n" not in str(info.value)
