@@ -7,6 +7,7 @@ hand it normalized :class:`~bot.types.Incoming` messages and a
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Literal
 
@@ -50,6 +51,9 @@ class Bot:
         self._closing = False
         # Jobs an earlier process left pending, noted before any new message.
         self._left_pending: list[int] = []
+        # The limits check and the insert it allows are one step (issue 9): without
+        # this, concurrent messages all pass the check before any of them is stored.
+        self._admission = asyncio.Lock()
         self.commands = Commands(store, self.defaults, engine.context_length, self._stop_here, self.status)
 
     async def __aenter__(self) -> Bot:
@@ -125,9 +129,10 @@ class Bot:
         if not incoming.text.strip():
             await sink.fail(EMPTY_HELP)
             return "empty"
-        busy = await self._busy_reason(incoming.author_id)
         scope = settings_scope(incoming.key, incoming.author_id, incoming.is_dm)
-        stored = await self.store.add_user_message(incoming, settings_scope=scope, with_job=busy is None)
+        async with self._admission:
+            busy = await self._busy_reason(incoming.author_id)
+            stored = await self.store.add_user_message(incoming, settings_scope=scope, with_job=busy is None)
         if stored is None:
             log.info("ignoring re-delivered message %s", incoming.message_id)
             return "duplicate"

@@ -140,6 +140,33 @@ async def test_busy_limits_give_a_clear_reply_and_keep_the_message(tmp_path: Pat
         await bot.drain()
 
 
+async def test_busy_limits_hold_under_concurrent_messages(tmp_path: Path) -> None:
+    """Issue 9: 200 messages from 50 people at once against max_queue 64, 3 each."""
+    config = make_config(tmp_path, bot={"max_queue": 64, "max_pending_per_user": 3})
+    gate = asyncio.Event()
+    engine = FakeEngine(replies=["done"], delay=0.0)
+    original = engine.stream
+
+    async def gated(prompt_ids: list[int], settings: Any, **kwargs: Any) -> AsyncIterator[str]:
+        await gate.wait()
+        async for piece in original(prompt_ids, settings, **kwargs):
+            yield piece
+
+    engine.stream = gated  # type: ignore[method-assign]
+    async with Store(config.database_path()) as store, Bot(config, store, engine) as bot:
+        people = [f"p{i // 4}" for i in range(200)]  # four messages each
+        results = await asyncio.gather(*(
+            bot.handle(msg(f"m{i}", author=who, key=dataclasses.replace(DM, channel=who)), RecordingSink())
+            for i, who in enumerate(people)
+        ))
+        assert results.count("queued") == 64 and results.count("busy") == 136
+        assert await store.count_pending() == 64
+        assert max([await store.count_pending(f"p{i}") for i in range(50)]) == 3
+        assert await store.message_count() == 200  # the refused ones are kept too
+        gate.set()
+        await bot.drain()
+
+
 async def test_queue_positions_are_reported_and_move_up(tmp_path: Path) -> None:
     config = make_config(tmp_path)
     engine = FakeEngine(replies=["ok"], delay=0.02)
