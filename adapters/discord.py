@@ -54,6 +54,7 @@ PLACEHOLDER_THINKING = "thinking…"
 EMPTY_REPLY = "(the model gave an empty reply)"
 HANDLER_FAILED = "Sorry, something went wrong while handling that message."
 NOT_HERE = "The bot is not enabled here."
+_REFUSED = "not allowed to post in this channel"
 
 
 # ---------------------------------------------------------------------------- pure helpers
@@ -182,6 +183,10 @@ class DiscordSink:
     """One reply: a placeholder that shows the queue position, then the text streamed
     by editing it, continued in new messages past the length limit."""
 
+    #: Seconds between tries of the final edit (discord.py has already waited
+    #: out each 429 up to five times by then); after the last, a new message.
+    final_retry_delays: tuple[float, ...] = (1.0, 4.0)
+
     def __init__(
         self,
         channel: discord.abc.Messageable,
@@ -228,9 +233,18 @@ class DiscordSink:
             self._flusher = asyncio.create_task(self._flush())
 
     async def finish(self, text: str) -> None:
+        """The final text must arrive (issue 9): edits are retried with backoff,
+        then the text is posted as new messages (the old ones removed). Raises
+        :class:`AdapterError` when it could not be shown at all."""
         await self._settle()
         self._has_text = True
-        await self._show(split_message(text, self._limit) or [EMPTY_REPLY])
+        chunks = split_message(text, self._limit) or [EMPTY_REPLY]
+        for delay in (*self.final_retry_delays, None):
+            if await self._final(chunks):
+                return
+            if delay is not None:
+                await asyncio.sleep(delay)
+        await self._repost(chunks)
 
     async def fail(self, user_message: str) -> None:
         await self._settle()
@@ -238,6 +252,31 @@ class DiscordSink:
             await self._show([*self._shown, user_message])
         else:
             await self._show([user_message])
+
+    async def _final(self, chunks: list[str]) -> bool:
+        async with self._lock:
+            if self._forbidden:
+                raise AdapterError(_REFUSED)
+            try:
+                await self._put(chunks)
+            except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+                log.warning("Discord: the final reply did not go through (%s); trying again", _why(exc))
+                return False
+        return True
+
+    async def _repost(self, chunks: list[str]) -> None:
+        """Edits keep failing: post the reply as new messages, then drop the old ones."""
+        async with self._lock:
+            old, self._messages, self._shown = self._messages, [], []
+            try:
+                await self._apply(chunks)
+            except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+                self._messages, self._shown = old, [m.content for m in old]
+                raise AdapterError(f"Discord: the final reply could not be posted ({_why(exc)})") from None
+        for message in old:
+            with contextlib.suppress(discord.HTTPException, aiohttp.ClientError, OSError):
+                await message.delete()
+        log.info("Discord: the final reply was posted as a new message after its edits failed")
 
     async def _flush(self) -> None:
         while self._latest is not None:
@@ -257,24 +296,34 @@ class DiscordSink:
             if (placeholder and self._started) or self._forbidden:
                 return
             try:
-                if self._ready is not None:
-                    await self._ready()
-                await self._apply(chunks)
-            except discord.Forbidden as exc:
-                self._forbidden = True  # one clear line, not one per streamed edit
-                log.warning(
-                    "Discord: not allowed to post in channel %s (%s): give the bot the Send Messages "
-                    "and Send Messages in Threads permissions there",
-                    getattr(self._channel, "id", "?"),
-                    exc.text,
-                )
+                await self._put(chunks)
             except discord.HTTPException as exc:
                 log.warning("Discord: could not update a reply: %s %s", exc.status, exc.text)
             except AdapterError as exc:
-                log.warning("Discord: reply not sent: %s", exc)
+                if not self._forbidden:  # that one was said once already
+                    log.warning("Discord: reply not sent: %s", exc)
             except Exception:
                 # The sink is an error boundary: a failed edit must not end the job.
                 log.exception("Discord: could not update a reply")
+
+    async def _put(self, chunks: list[str]) -> None:
+        """Show ``chunks`` (under the lock); a refusal becomes an AdapterError."""
+        if self._ready is not None:
+            await self._ready()
+        try:
+            await self._apply(chunks)
+        except discord.Forbidden as exc:
+            self._refused(exc)
+            raise AdapterError(_REFUSED) from None
+
+    def _refused(self, exc: discord.Forbidden) -> None:
+        self._forbidden = True  # one clear line, not one per streamed edit
+        log.warning(
+            "Discord: not allowed to post in channel %s (%s): give the bot the Send Messages "
+            "and Send Messages in Threads permissions there",
+            getattr(self._channel, "id", "?"),
+            exc.text,
+        )
 
     async def _apply(self, chunks: list[str]) -> None:
         for i, chunk in enumerate(chunks):
@@ -816,6 +865,12 @@ def _reply_ref(channel: discord.abc.Messageable, message: discord.Message, refer
         "message_id": str(message.id),
         "reference": "1" if reference else "",
     }
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, discord.HTTPException):
+        return f"{exc.status} {exc.text}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _adapter_error(exc: BaseException, config: DiscordConfig) -> AdapterError:

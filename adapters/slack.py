@@ -89,6 +89,10 @@ class SlackReplySink:
     """One reply in one Slack thread (or DM): a placeholder, then throttled
     ``chat.update`` edits, continued in new messages past ``limit``."""
 
+    #: Seconds between tries of the final text (after the client's own
+    #: retries of a 429); after the last, it is posted as a new message.
+    final_retry_delays: tuple[float, ...] = (1.0, 4.0)
+
     def __init__(
         self,
         client: AsyncWebClient,
@@ -125,8 +129,16 @@ class SlackReplySink:
         await self._sync(split_message(to_mrkdwn(text_so_far), self._limit))
 
     async def finish(self, text: str) -> None:
+        """The final text must arrive (issue 9): retried with backoff, then
+        posted as new messages (the old ones deleted). Raises
+        :class:`AdapterError` when it could not be shown at all."""
         chunks = split_message(to_mrkdwn(text), self._limit) if text.strip() else ["_(no reply)_"]
-        await self._sync(chunks)
+        for delay in (*self.final_retry_delays, None):
+            if await self._sync(chunks):
+                return
+            if delay is not None:
+                await asyncio.sleep(delay)
+        await self._repost(chunks)
 
     async def fail(self, user_message: str) -> None:
         text = to_mrkdwn(user_message)
@@ -141,16 +153,33 @@ class SlackReplySink:
             return
         await self._sync([text])
 
-    async def _sync(self, chunks: list[str]) -> None:
+    async def _sync(self, chunks: list[str]) -> bool:
+        """Show ``chunks``; False if some call failed (logged)."""
+        ok = True
         async with self._lock:
             for i, chunk in enumerate(chunks):
                 if i >= len(self._ts):
-                    await self._post(chunk)
+                    ok = await self._post(chunk) and ok
                 elif self._shown[i] != chunk:
-                    await self._edit(i, chunk)
+                    ok = await self._edit(i, chunk) and ok
             self._last_edit = self._clock()
+        return ok
 
-    async def _post(self, text: str) -> None:
+    async def _repost(self, chunks: list[str]) -> None:
+        """Edits keep failing: post the reply anew, then delete the old messages."""
+        async with self._lock:
+            old, self._ts, self._shown = self._ts, [], []
+            for chunk in chunks:
+                if not await self._post(chunk):
+                    raise AdapterError(f"Slack: the final reply could not be posted in {self._channel}")
+        for ts in old:
+            try:
+                await self._client.chat_delete(channel=self._channel, ts=ts)
+            except (SlackClientError, OSError, TimeoutError) as exc:
+                log.warning("slack: could not delete an outdated message in %s: %s", self._channel, exc)
+        log.info("slack: the final reply was posted anew in %s after its edits failed", self._channel)
+
+    async def _post(self, text: str) -> bool:
         try:
             resp = await self._client.chat_postMessage(
                 channel=self._channel,
@@ -160,21 +189,23 @@ class SlackReplySink:
                 unfurl_media=False,
                 link_names=False,  # "@here" typed by the model stays text
             )
-        except SlackApiError as exc:
-            log.warning("slack: chat.postMessage in %s failed: %s", self._channel, _error_of(exc))
-            return
+        except (SlackClientError, OSError, TimeoutError) as exc:
+            log.warning("slack: chat.postMessage in %s failed: %s", self._channel, _why(exc))
+            return False
         self._ts.append(str(resp["ts"]))
         self._shown.append(text)
+        return True
 
-    async def _edit(self, index: int, text: str) -> None:
+    async def _edit(self, index: int, text: str) -> bool:
         try:
             await self._client.chat_update(
                 channel=self._channel, ts=self._ts[index], text=text, link_names=False
             )
-        except SlackApiError as exc:
-            log.warning("slack: chat.update in %s failed: %s", self._channel, _error_of(exc))
-            return
+        except (SlackClientError, OSError, TimeoutError) as exc:
+            log.warning("slack: chat.update in %s failed: %s", self._channel, _why(exc))
+            return False
         self._shown[index] = text
+        return True
 
 
 # ---------------------------------------------------------------- identity
@@ -577,6 +608,10 @@ def _error_of(exc: SlackApiError) -> str:
     if isinstance(data, dict):
         return str(data.get("error", "unknown error"))
     return f"HTTP {exc.response.status_code}"
+
+
+def _why(exc: BaseException) -> str:
+    return _error_of(exc) if isinstance(exc, SlackApiError) else f"{type(exc).__name__}: {exc}"
 
 
 def _dm_key(channel: str) -> ConversationKey:

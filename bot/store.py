@@ -338,6 +338,19 @@ class Store:
                 (time.time(), job.id),
             )
 
+    async def take_back_reply(self, job: Job, platform_message_id: str, error: str) -> None:
+        """The stored reply never reached the chat: remove it and fail the job,
+        in one transaction (what the user did not see is not history)."""
+        async with self._transaction() as db:
+            await db.execute(
+                "DELETE FROM messages WHERE conversation_id = ? AND role = 'assistant' "
+                "AND platform_message_id = ?", (job.conversation_id, platform_message_id),
+            )
+            await db.execute(
+                "UPDATE jobs SET state = 'failed', finished_at = ?, error = ? WHERE id = ? AND state = 'done'",
+                (time.time(), error, job.id),
+            )
+
     async def _generation(self, conversation_id: int) -> int:
         async with self.db.execute(
             "SELECT generation FROM conversations WHERE id = ?", (conversation_id,)

@@ -24,7 +24,7 @@ from bot.engine.base import Engine
 from bot.engine.detok import StopFilter
 from bot.errors import BotError, GenerationError
 from bot.prompt import TRUNCATION_NOTICE, PromptBuilder
-from bot.store import PENDING, Job, Store
+from bot.store import PENDING, Job, JobState, Store
 from bot.types import ReplySink, Settings
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,8 @@ class Worker:
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = False
+        # Job ends the store refused to write (issue 9): written at the next chance.
+        self._unrecorded: dict[int, tuple[JobState, str | None]] = {}
 
     # -- life cycle ------------------------------------------------------
     def start(self) -> None:
@@ -100,6 +102,7 @@ class Worker:
             for task in late:
                 task.cancel(msg="shutdown")
             await asyncio.gather(*late, return_exceptions=True)
+        await self._record_late()
 
     def submit(self, job_id: int, sink: ReplySink, position: int | None = None) -> None:
         self._sinks[job_id] = sink
@@ -150,6 +153,7 @@ class Worker:
                 self._check_idle()
 
     async def _dispatch(self, job_id: int) -> bool:
+        await self._record_late()
         job = await self.store.job(job_id)
         if job is None or job.state not in PENDING or job_id in self._tasks:
             self._sinks.pop(job_id, None)
@@ -199,27 +203,63 @@ class Worker:
             await self.store.set_job_state(job.id, "running")
             await _safe(sink.started())
             text = await self._generate_with_retries(job, reply)
-            await self.store.add_assistant_message(job, text, f"job:{job.id}")
-            await _safe(sink.finish(text))
+            await self.store.add_assistant_message(job, text, _reply_id(job))
         except asyncio.CancelledError:
             # stop() sets _stopping before it cancels; any other cancel is the user's.
             await self._cancelled(job, sink, reply, shutdown=self._stopping)
+            return
         except GenerationError as exc:
             log.warning("job %d failed: %s", job.id, exc)
-            await self.store.set_job_state(job.id, "failed", str(exc))
+            await self._record(job.id, "failed", str(exc))
             await _safe(sink.fail(MSG_FAILED.format(reason=str(exc).rstrip("."))))
+            return
         except Exception as exc:
             log.exception("job %d crashed", job.id)
-            await self.store.set_job_state(job.id, "failed", f"{type(exc).__name__}: {exc}")
+            await self._record(job.id, "failed", f"{type(exc).__name__}: {exc}")
             await _safe(sink.fail(MSG_CRASHED))
+            return
+        await self._deliver(job, sink, text)
+
+    async def _deliver(self, job: Job, sink: ReplySink, text: str) -> None:
+        """The reply is stored; a sink raises when, retries and all, it could
+        not show it. Then the job is not done: the reply is taken back."""
+        try:
+            await sink.finish(text)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("job %d: the reply could not be delivered (%s); marked failed", job.id, exc)
+            try:
+                await self.store.take_back_reply(job, _reply_id(job), f"not delivered: {exc}")
+            except Exception:
+                log.exception("job %d: could not record that its reply was not delivered", job.id)
+
+    async def _record(self, job_id: int, state: JobState, error: str | None = None) -> None:
+        """Store a job's end; if the store fails too, remember it and try again
+        before the next job and at shutdown, so a restart does not answer again."""
+        try:
+            await self.store.set_job_state(job_id, state, error)
+        except Exception:
+            log.exception("job %d: could not store its state %r; will try again", job_id, state)
+            self._unrecorded[job_id] = (state, error)
+
+    async def _record_late(self) -> None:
+        for job_id, (state, error) in list(self._unrecorded.items()):
+            try:
+                await self.store.set_job_state(job_id, state, error)
+            except Exception as exc:
+                log.warning("job %d: its state %r is still not stored: %s", job_id, state, exc)
+                return
+            del self._unrecorded[job_id]
+            log.info("job %d: state %r stored late", job_id, state)
 
     async def _cancelled(self, job: Job, sink: ReplySink, reply: _Reply, *, shutdown: bool) -> None:
         if shutdown:
             # Leave it queued: the next start answers it.
-            await self.store.set_job_state(job.id, "queued")
+            await self._record(job.id, "queued")
             await _safe(sink.fail(MSG_SHUTDOWN))
             return
-        await self.store.set_job_state(job.id, "cancelled", "cancelled by the user")
+        await self._record(job.id, "cancelled", "cancelled by the user")
         if reply.text.strip():
             await _safe(sink.finish(f"{reply.text.rstrip()}\n\n({MSG_STOPPED.lower().rstrip('.')})"))
         else:
@@ -303,6 +343,11 @@ class _LogSink:
 
     async def fail(self, user_message: str) -> None:
         log.info("job %d: %s", self.job_id, user_message)
+
+
+def _reply_id(job: Job) -> str:
+    """The stored reply's message id: one per job."""
+    return f"job:{job.id}"
 
 
 async def _safe(call: Awaitable[None]) -> None:

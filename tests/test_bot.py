@@ -365,3 +365,29 @@ async def test_a_huge_message_is_stored_whole_and_the_reply_says_it_was_cut(tmp_
         assert len(engine.calls[0].prompt_ids) < 1200
         job = await store.job(1)
         assert job is not None and (await store.history(job))[0].text == huge
+
+
+async def test_a_store_failure_mid_reply_is_told_and_the_state_is_right_after_a_restart(tmp_path: Path) -> None:
+    """Issue 9: writing the reply fails, and so does writing the job's failure."""
+    config = make_config(tmp_path)
+    engine = FakeEngine(replies=["an answer the store refuses"])
+    refuse = """
+        CREATE TRIGGER no_reply BEFORE INSERT ON messages WHEN NEW.role = 'assistant'
+            BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END;
+        CREATE TRIGGER no_end BEFORE UPDATE OF state ON jobs WHEN NEW.state NOT IN ('queued', 'running')
+            BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END;
+    """
+    async with Store(config.database_path()) as store:
+        async with Bot(config, store, engine) as bot:
+            await store.db.executescript(refuse)
+            sink = RecordingSink()
+            await bot.handle(msg("m1"), sink)
+            kind, text = await sink.wait()
+            assert kind == "fail" and "went wrong" in str(text) and "disk" not in str(text)
+            job = await store.job(1)
+            assert job is not None and job.state == "running"  # the store said no
+            await store.db.executescript("DROP TRIGGER no_reply; DROP TRIGGER no_end;")
+    async with Store(config.database_path()) as store:  # the next start
+        job = await store.job(1)
+        assert job is not None and job.state == "failed"
+        assert await store.pending_jobs() == [] and await store.message_count() == 1

@@ -813,3 +813,47 @@ async def stored_reply(bot: Bot, *, within: float) -> str:
             return str(row[0])
         await asyncio.sleep(0.2)
     raise AssertionError("the model's reply was never stored")
+
+
+async def test_the_final_reply_arrives_through_a_429_storm_on_edits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 9: every edit of the reply is rate limited; the final text is posted anew."""
+    from adapters.discord import DiscordSink
+
+    monkeypatch.setattr(DiscordSink, "final_retry_delays", (0.01, 0.01))
+    async with running(tmp_path, replies=["the answer that must arrive"]) as w:
+        w.fake.rate_limit("PATCH", r"^/channels/\d+/messages/\d+$", count=10_000, retry_after=0.001)
+        asked = await w.say("hello")
+        await wait_for(lambda: w.fake.sent("POST", "/threads$"))
+        replies = await w.reply_in(w.thread_of(asked))
+        assert [m.content for m in replies] == ["the answer that must arrive"]  # placeholder gone
+        assert not w.fake.sent("PATCH", r"/messages/\d+$")  # no edit went through
+        job = await w.bot.store.job(1)
+        assert job is not None and job.state == "done"
+
+
+async def test_a_final_reply_that_cannot_be_shown_leaves_the_job_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from adapters.discord import DiscordSink
+
+    monkeypatch.setattr(DiscordSink, "final_retry_delays", (0.01,))
+    async with running(tmp_path, replies=["an answer no one will see"], delay=0.05) as w:
+        asked = await w.say("hello")
+        await wait_for(lambda: w.engine.streaming.is_set())  # the placeholder is up
+        thread = w.thread_of(asked)
+        w.fake.rate_limit("PATCH", r"^/channels/\d+/messages/\d+$", count=10_000, retry_after=0.001)
+        w.fake.rate_limit("POST", r"^/channels/\d+/messages$", count=10_000, retry_after=0.001)
+        await w.reply_in(thread)
+        job = await w.bot.store.job(1)
+        assert job is not None and job.state == "failed" and "not delivered" in str(
+            await _job_error(w, 1)
+        )
+        assert await w.bot.store.message_count() == 1  # the undelivered reply is not history
+
+
+async def _job_error(w: World, job_id: int) -> str | None:
+    async with w.bot.store.db.execute("SELECT error FROM jobs WHERE id = ?", (job_id,)) as cur:
+        row = await cur.fetchone()
+    return None if row is None else row[0]

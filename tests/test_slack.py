@@ -55,7 +55,7 @@ class Env:
         return [
             latest[p["_ts"]]
             for p in self.fake.posted()
-            if p.get("channel") == channel and p.get("thread_ts") == thread_ts
+            if p.get("channel") == channel and p.get("thread_ts") == thread_ts and p.get("_ts") in latest
         ]
 
 
@@ -564,3 +564,41 @@ async def test_embedded_model_answers_a_mention_in_its_thread(tmp_path: Path, fa
     assert answer.strip()
     for leak in ("<s>", "</s>", "USER:", "ASSISTANT:", "\ufffd", "<|im_start|>"):
         assert leak not in answer
+
+
+# ---------------------------------------------------------------- issue 9: the final reply is never lost
+
+
+async def test_http_final_reply_arrives_when_chat_update_keeps_failing(
+    start_env: Starter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from adapters.slack import SlackReplySink
+
+    monkeypatch.setattr(SlackReplySink, "final_retry_delays", (0.01, 0.01))
+    env = await start_env(FakeEngine(replies=["the answer that must arrive"]))
+    env.fake.fail("chat.update", 10_000)
+    assert await post_event(env, mention("<@UBOT> hello", ts="900.000001")) == 200
+    await wait_reply(env, "C1", "900.000001", "the answer that must arrive")
+    await env.bot.drain()
+    # The "_Thinking…_" placeholder was deleted.
+    assert env.thread_texts("C1", "900.000001") == ["the answer that must arrive"]
+    job = await env.bot.store.job(1)
+    assert job is not None and job.state == "done"
+
+
+async def test_http_final_reply_that_cannot_be_posted_leaves_the_job_failed(
+    start_env: Starter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from adapters.slack import SlackReplySink
+
+    monkeypatch.setattr(SlackReplySink, "final_retry_delays", (0.01,))
+    env = await start_env(FakeEngine(replies=["an answer no one will see"], delay=0.05))
+    assert await post_event(env, mention("<@UBOT> hello", ts="901.000001")) == 200
+    await poll(lambda: env.engine.streaming.is_set(), what="generation under way")
+    env.fake.fail("chat.update", 10_000)
+    env.fake.fail("chat.postMessage", 10_000)
+    await poll(lambda: env.bot.worker.running() == 0 and len(env.engine.calls) == 1, what="job end")
+    await env.bot.drain()
+    job = await env.bot.store.job(1)
+    assert job is not None and job.state == "failed"
+    assert await env.bot.store.message_count() == 1  # the undelivered reply is not history

@@ -1,7 +1,7 @@
 """A fake Slack for end-to-end tests, on 127.0.0.1 with a free port.
 
 - Web API at ``api_base_url`` (``AsyncWebClient(base_url=...)``): ``auth.test``,
-  ``chat.postMessage``, ``chat.update``, ``chat.postEphemeral``, ``users.info``,
+  ``chat.postMessage``, ``chat.update``, ``chat.delete``, ``chat.postEphemeral``, ``users.info``,
   ``conversations.info``, ``apps.connections.open``. Every call is recorded in
   :attr:`FakeSlack.calls`, in order, with its parameters.
 - ``response_url`` endpoints (``/response/<id>``) for slash-command replies,
@@ -66,6 +66,9 @@ class FakeSlack:
     _sockets: list[web.WebSocketResponse] = field(default_factory=list)
     _ts: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _connected: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Web API method -> how many more calls to answer with ``ok: false``.
+    _failing: dict[str, int] = field(default_factory=dict)
+    deleted: set[str] = field(default_factory=set)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -101,6 +104,11 @@ class FakeSlack:
 
     # ------------------------------------------------------------ queries
 
+    def fail(self, method: str, count: int = 1) -> None:
+        """Answer the next ``count`` calls of ``method`` with ``internal_error``
+        (a storm when ``count`` is large)."""
+        self._failing[method] = count
+
     def calls_to(self, method: str) -> list[ApiCall]:
         return [c for c in self.calls if c.method == method]
 
@@ -112,11 +120,11 @@ class FakeSlack:
         """The latest text of each message the bot posted, by ts."""
         texts: dict[str, str] = {}
         for call in self.calls:
-            if call.method == "chat.postMessage":
+            if call.method == "chat.postMessage" and "_ts" in call.params:
                 texts[call.params["_ts"]] = str(call.params.get("text", ""))
-            elif call.method == "chat.update":
+            elif call.method == "chat.update" and call.params.get("_ok"):
                 texts[str(call.params["ts"])] = str(call.params.get("text", ""))
-        return texts
+        return {ts: text for ts, text in texts.items() if ts not in self.deleted}
 
     # ------------------------------------------------------------ Web API
 
@@ -135,6 +143,9 @@ class FakeSlack:
                 return web.json_response({"ok": False, "error": "invalid_auth"})
         elif token != self.bot_token:
             return web.json_response({"ok": False, "error": "invalid_auth"})
+        if self._failing.get(method, 0) > 0:
+            self._failing[method] -= 1
+            return web.json_response({"ok": False, "error": "internal_error"})
         body = handler(call)
         headers = {"x-oauth-scopes": ",".join(self.scopes)} if method == "auth.test" else {}
         return web.json_response(body, headers=headers)
@@ -144,6 +155,7 @@ class FakeSlack:
             "auth.test": self._auth_test,
             "chat.postMessage": self._post_message,
             "chat.update": self._update,
+            "chat.delete": self._delete,
             "chat.postEphemeral": self._post_ephemeral,
             "users.info": self._users_info,
             "conversations.info": self._conversations_info,
@@ -171,7 +183,12 @@ class FakeSlack:
         message = {"type": "message", "text": call.params.get("text", ""), "ts": ts, "bot_id": self.bot_id}
         return {"ok": True, "channel": call.params.get("channel"), "ts": ts, "message": message}
 
+    def _delete(self, call: ApiCall) -> JSON:
+        self.deleted.add(str(call.params.get("ts")))
+        return {"ok": True, "channel": call.params.get("channel"), "ts": call.params.get("ts")}
+
     def _update(self, call: ApiCall) -> JSON:
+        call.params["_ok"] = True
         return {"ok": True, "channel": call.params.get("channel"), "ts": call.params.get("ts")}
 
     def _post_ephemeral(self, call: ApiCall) -> JSON:
@@ -261,11 +278,12 @@ def _hello() -> JSON:
 async def _params(request: web.Request) -> JSON:
     if request.method == "GET":
         return dict(request.query)
+    query = dict(request.query)  # slack_sdk sends some methods' arguments there (chat.delete)
     if request.content_type == "application/json":
         data = await request.json()
-        return dict(data) if isinstance(data, dict) else {}
+        return {**query, **data} if isinstance(data, dict) else query
     form = await request.post()
-    return {k: v for k, v in form.items() if isinstance(v, str)}
+    return {**query, **{k: v for k, v in form.items() if isinstance(v, str)}}
 
 
 # ---------------------------------------------------------------- requests
