@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -602,3 +603,31 @@ async def test_http_final_reply_that_cannot_be_posted_leaves_the_job_failed(
     job = await env.bot.store.job(1)
     assert job is not None and job.state == "failed"
     assert await env.bot.store.message_count() == 1  # the undelivered reply is not history
+
+
+# ---------------------------------------------------------------- issue 9: the signature before anything else
+
+
+async def test_http_malformed_unsigned_requests_get_401_and_one_short_log_line(
+    start_env: Starter, caplog: pytest.LogCaptureFixture
+) -> None:
+    env = await start_env(FakeEngine(replies=["answer"]))
+    big = b'{"padding": "' + b"B" * 1_000_000 + b'"}'
+    bodies = [b'{"type": "event_callback", "event": {', b"[1]", b"\xff\xfe\xfd", big]
+    with caplog.at_level(logging.DEBUG):
+        statuses = []
+        async with aiohttp.ClientSession() as session:
+            for body in bodies:
+                async with session.post(env.url, data=body, headers={"Content-Type": "application/json"}) as r:
+                    statuses.append(r.status)
+            bad_time = {"X-Slack-Request-Timestamp": "soon", "X-Slack-Signature": "v0=00"}
+            async with session.post(env.url, data=b"[1]", headers=bad_time) as r:
+                statuses.append(r.status)
+        # Signed, but not JSON a Slack event can be: refused, not a 500.
+        assert await post_signed(env, b"[1]") == 400
+        assert await post_signed(env, b"\xff\xfe") == 400
+    assert statuses == [401] * 5
+    refused = [r for r in caplog.records if "refused a request" in r.getMessage()]
+    assert len(refused) == 5
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert sum(len(r.getMessage()) for r in caplog.records) < 10_000  # no body in the log
