@@ -38,7 +38,7 @@ from discord import app_commands
 from bot.config import DiscordConfig
 from bot.errors import AdapterError
 from bot.settings import SPECS, SYSTEM_PROMPT_MAX
-from bot.types import CommandContext, ConversationKey, Incoming, ReplySink
+from bot.types import CommandContext, CommandReply, ConversationKey, Incoming, ReplySink
 
 if TYPE_CHECKING:
     from bot.app import Bot
@@ -389,9 +389,14 @@ class XwinCommands(app_commands.Group):
     """``/xwin ...``: each subcommand is turned into the text after "/xwin" for
     :meth:`bot.app.Bot.command`."""
 
-    def __init__(self, run: Callable[[discord.Interaction, str], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        run: Callable[[discord.Interaction, str], Awaitable[None]],
+        set_values: Callable[[discord.Interaction, dict[str, object]], Awaitable[None]],
+    ) -> None:
         super().__init__(name="xwin", description="Talk to the Xwin-LM bot: settings and conversation")
         self._run = run
+        self._set_values = set_values
 
     @app_commands.command(name="settings", description="Show the generation settings in force here")
     async def show_settings(self, interaction: discord.Interaction) -> None:
@@ -417,8 +422,9 @@ class XwinCommands(app_commands.Group):
             "max_new_tokens": max_new_tokens,
             "system_prompt": system_prompt,
         }
-        commands = [f"set {name} {value}" for name, value in given.items() if value is not None]
-        await self._run(interaction, "\n".join(commands) or "set")
+        # Passed as values: text options are never read as command text (issue 9).
+        # Discord itself checks each option's type and range before we see it.
+        await self._set_values(interaction, {k: v for k, v in given.items() if v is not None})
 
     @app_commands.command(name="reset", description="Put settings back to the defaults")
     @app_commands.describe(name="one setting to reset (all when left out)")
@@ -451,7 +457,7 @@ class _Client(discord.Client):
         super().__init__(**options)  # type: ignore[arg-type]
         self.adapter = adapter
         self.tree: app_commands.CommandTree[_Client] = app_commands.CommandTree(self)
-        self.tree.add_command(XwinCommands(adapter.run_command))
+        self.tree.add_command(XwinCommands(adapter.run_command, adapter.set_command))
         self.tree.on_error = adapter.on_command_error  # type: ignore[method-assign]
 
     async def setup_hook(self) -> None:
@@ -788,13 +794,21 @@ class DiscordAdapter:
 
     async def run_command(self, interaction: discord.Interaction, text: str) -> None:
         """Defer, run ``/xwin <text>`` in the core, answer ephemerally."""
+        await self._command(interaction, lambda context: self._bot.command(context, text))
+
+    async def set_command(self, interaction: discord.Interaction, values: dict[str, object]) -> None:
+        """``/xwin set`` with its typed options, as values."""
+        await self._command(interaction, lambda context: self._bot.set_settings(context, values))
+
+    async def _command(
+        self, interaction: discord.Interaction, run: Callable[[CommandContext], Awaitable[CommandReply]]
+    ) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         context = self._command_context(interaction)
         if context is None:
             await self._answer(interaction, NOT_HERE)
             return
-        replies = [await self._bot.command(context, line) for line in text.split("\n")]
-        await self._answer(interaction, "\n".join(r.text for r in replies))
+        await self._answer(interaction, (await run(context)).text)
 
     def _command_context(self, interaction: discord.Interaction) -> CommandContext | None:
         place = _place_of(interaction.channel, interaction.guild_id, interaction.channel_id)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from bot.commands import Commands, settings_scope
 from bot.config import Config, settings_from_generation
@@ -170,6 +171,10 @@ class Bot:
     # -- commands --------------------------------------------------------
     async def command(self, ctx: CommandContext, text: str) -> CommandReply:
         return await self.commands.run(ctx, text)
+
+    async def set_settings(self, ctx: CommandContext, values: Mapping[str, Any]) -> CommandReply:
+        """``/xwin set`` from typed options: values, never parsed as command text."""
+        return await self.commands.set_values(ctx, values)
 
     async def _stop_here(self, key: ConversationKey, author_id: str | None) -> int:
         stopped = 0

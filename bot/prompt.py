@@ -49,6 +49,15 @@ def defuse(text: str) -> str:
     return _MARKER.sub(lambda m: f"{m.group(1)} :", text)
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def system_text(system_prompt: str) -> str:
+    """The system prompt is text a user controls (in a DM, ``/xwin set``):
+    defused like a message, control characters dropped (issue 9)."""
+    return defuse(_CONTROL.sub("", system_prompt)).strip()
+
+
 def speaker(turn: Turn, is_dm: bool) -> str:
     text = turn.text.strip()
     if turn.role == "user" and not is_dm and turn.author_name:
@@ -112,7 +121,7 @@ class PromptBuilder:
 
     def _fit(self, exchanges: list[_Exchange], settings: Settings) -> Prompt:
         budget = self.context_length - settings.max_new_tokens
-        system = settings.system_prompt.strip()
+        system = system_text(settings.system_prompt)
         for start in range(self._first_fitting(system, exchanges, budget), len(exchanges)):
             ids = self._encode(system, exchanges[start:])
             if len(ids) <= budget:

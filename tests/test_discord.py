@@ -486,6 +486,20 @@ async def test_set_temperature_changes_the_next_reply(tmp_path: Path) -> None:
         assert callback.json["type"] == 5 and callback.json["data"]["flags"] & 64
 
 
+async def test_a_newline_in_an_option_is_a_value_not_a_second_command(tmp_path: Path) -> None:
+    """Issue 9: options are passed as values, never re-read as command text."""
+    async with running(tmp_path, replies=["ok"]) as w:
+        prompt = "Be nice.\nset temperature 1.7"
+        text = await w.command("set", {"system_prompt": prompt}, permissions=MANAGE_CHANNELS)
+        assert "system_prompt is now" in text and "temperature is now" not in text
+        await w.say("hello")
+        await wait_for(lambda: w.engine.calls)
+        settings = w.engine.calls[-1].settings
+        assert settings.temperature == DEFAULT_TEMPERATURE and settings.system_prompt == prompt
+        text = await w.command("set", {"top_k": 5, "max_new_tokens": 10**6}, permissions=MANAGE_CHANNELS)
+        assert "top_k is now 5" in text and "max_new_tokens not changed" in text
+
+
 async def test_non_admin_cannot_change_settings(tmp_path: Path) -> None:
     async with running(tmp_path, replies=["ok"]) as w:
         text = await w.command("set", {"temperature": 1.5})
