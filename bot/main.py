@@ -29,6 +29,7 @@ from bot.store import Store
 log = logging.getLogger("xwin-bot")
 
 DEFAULT_CONFIG = "config.toml"
+ADAPTER_CLOSE_TIMEOUT = 5.0
 
 
 class Adapter(Protocol):
@@ -158,8 +159,18 @@ async def _run(bot: Bot, config: Config, secrets: Secrets, stop: asyncio.Event) 
         # the platforms; then the adapters.
         await bot.close()
         for adapter in reversed(started):
-            with contextlib.suppress(Exception):
-                await adapter.close()
+            await _close_adapter(adapter)
+
+
+async def _close_adapter(adapter: Adapter) -> None:
+    """Bounded (issue 9): a platform that stalls must not hold up the exit."""
+    try:
+        await asyncio.wait_for(adapter.close(), ADAPTER_CLOSE_TIMEOUT)
+    except TimeoutError:
+        log.warning("%s did not close within %.0f s; exiting anyway", type(adapter).__name__,
+                    ADAPTER_CLOSE_TIMEOUT)
+    except Exception:
+        log.debug("closing %s failed", type(adapter).__name__, exc_info=True)
 
 
 async def _until_stop_or_adapter_dies(adapters: Sequence[Adapter], stop: asyncio.Event) -> None:

@@ -61,6 +61,9 @@ class ReplyStats:
 
 
 class Worker:
+    #: Seconds a reply cut by shutdown gets to tell its user, before it is cut off.
+    last_words = 2.0
+
     def __init__(self, store: Store, engine: Engine, builder: PromptBuilder,
                  settings_for: SettingsFor, *, retries: int = 2, retry_delay: float = 2.0) -> None:
         self.retries = retries
@@ -90,7 +93,9 @@ class Worker:
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop taking work; give running replies ``grace`` seconds, then
-        cancel them and leave their jobs queued for the next start."""
+        cancel them and leave their jobs queued for the next start. Bounded
+        (issue 9): a platform that does not answer the cancelled replies' last
+        words gets ``last_words`` seconds more, then they are cut off too."""
         self._stopping = True
         if self._loop_task is not None:
             self._loop_task.cancel()
@@ -101,7 +106,13 @@ class Worker:
             _done, late = await asyncio.wait(running, timeout=grace)
             for task in late:
                 task.cancel(msg="shutdown")
-            await asyncio.gather(*late, return_exceptions=True)
+            stuck = (await asyncio.wait(late, timeout=self.last_words))[1] if late else set()
+            if stuck:
+                log.warning("%d replies could not say goodbye within %.1f s; cut off, left queued",
+                            len(stuck), self.last_words)
+                for task in stuck:
+                    task.cancel(msg="shutdown")
+                await asyncio.wait(stuck, timeout=self.last_words)
         await self._record_late()
 
     def submit(self, job_id: int, sink: ReplySink, position: int | None = None) -> None:

@@ -391,3 +391,28 @@ async def test_a_store_failure_mid_reply_is_told_and_the_state_is_right_after_a_
         job = await store.job(1)
         assert job is not None and job.state == "failed"
         assert await store.pending_jobs() == [] and await store.message_count() == 1
+
+
+async def test_shutdown_is_bounded_when_the_platform_stalls(tmp_path: Path) -> None:
+    """Issue 9: the platform answers nothing; close() still ends, the job stays queued."""
+
+    class StalledSink(RecordingSink):
+        async def fail(self, user_message: str) -> None:
+            self.events.append(("fail", user_message))
+            await asyncio.Event().wait()  # the platform API never answers
+
+    config = make_config(tmp_path)
+    engine = FakeEngine(replies=["word " * 1000], delay=0.01)
+    async with Store(config.database_path()) as store:
+        bot = Bot(config, store, engine)
+        await bot.start()
+        bot.worker.last_words = 0.2
+        sink = StalledSink()
+        await bot.handle(msg("m1"), sink)
+        await until(lambda: "update" in sink.kinds())
+        started = time.monotonic()
+        await asyncio.wait_for(bot.close(grace=0.05), timeout=5)
+        assert time.monotonic() - started < 1.5
+        assert sink.final()[0] == "fail"  # it tried to say goodbye
+        job = await store.job(1)
+        assert job is not None and job.state == "queued"
