@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -152,7 +152,7 @@ async def _run(bot: Bot, config: Config, secrets: Secrets, stop: asyncio.Event) 
             started.append(adapter)
         await bot.resume_pending()
         log.info("running; Ctrl-C or SIGTERM stops")
-        await _until_stop_or_adapter_dies(started, stop)
+        await _until_stop_or_adapter_dies(started, stop, bot.store.watch())
         return 0
     finally:
         # The bot first, so that its last words ("restarting...") still reach
@@ -173,10 +173,14 @@ async def _close_adapter(adapter: Adapter) -> None:
         log.debug("closing %s failed", type(adapter).__name__, exc_info=True)
 
 
-async def _until_stop_or_adapter_dies(adapters: Sequence[Adapter], stop: asyncio.Event) -> None:
+async def _until_stop_or_adapter_dies(
+    adapters: Sequence[Adapter], stop: asyncio.Event, store_watch: Coroutine[Any, Any, None]
+) -> None:
     """Return on SIGINT/SIGTERM; raise the AdapterError of an adapter that
-    lost its platform for good (a revoked token, say)."""
+    lost its platform for good (a revoked token, say), or the StoreError of a
+    database file deleted under the running bot."""
     waits = [asyncio.ensure_future(w()) for a in adapters if (w := getattr(a, "wait_closed", None))]
+    waits.append(asyncio.ensure_future(store_watch))
     stopper = asyncio.ensure_future(stop.wait())
     try:
         done, _ = await asyncio.wait({stopper, *waits}, return_when=asyncio.FIRST_COMPLETED)

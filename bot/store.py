@@ -185,6 +185,7 @@ class Store:
         self.path = Path(path)
         self._db: aiosqlite.Connection | None = None
         self._lock: _ProcessLock | None = None
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the file opened
         # One connection serves every coroutine: writes that span several
         # statements take this lock so that one never commits another's half.
         self._write_lock = asyncio.Lock()
@@ -243,6 +244,8 @@ class Store:
         await self.db.execute("PRAGMA foreign_keys=ON")
         await self.db.execute("PRAGMA busy_timeout=5000")
         await self._migrate()
+        stat = self.path.stat()
+        self._identity = (stat.st_dev, stat.st_ino)
 
     async def close(self) -> None:
         if self._db is not None:
@@ -251,6 +254,42 @@ class Store:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+    # -- the file itself (issue 9) ----------------------------------------
+    def file_problem(self) -> str | None:
+        """What happened to the database file since it was opened, if anything."""
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return "was deleted"
+        except OSError as exc:
+            return f"cannot be read ({exc.strerror})"
+        if (stat.st_dev, stat.st_ino) != self._identity:
+            return "was replaced by another file"
+        return None
+
+    async def watch(self, interval: float = 5.0) -> None:
+        """Runs until the database file is deleted or replaced under the running
+        bot, then saves what the open connection still holds (pending questions
+        included) and raises :class:`StoreError` saying where."""
+        while True:
+            await asyncio.sleep(interval)
+            problem = self.file_problem()
+            if problem is not None:
+                saved = await self._save_copy()
+                raise StoreError(
+                    f"the database {self.path} {problem} while the bot ran; what it held was saved "
+                    f"to {saved}; stopping"
+                )
+
+    async def _save_copy(self) -> Path:
+        target = self.path
+        if target.exists():  # someone else's file now: leave it alone
+            target = self.path.with_name(f"{self.path.name}.recovered-{int(time.time())}")
+        async with self._write_lock:
+            await self.db.execute("VACUUM INTO ?", (str(target),))
+        log.error("database %s saved from the open connection to %s", self.path, target)
+        return target
 
     async def _migrate(self) -> None:
         async with self.db.execute("PRAGMA user_version") as cur:

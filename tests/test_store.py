@@ -149,3 +149,42 @@ async def test_a_bad_database_path_is_one_sentence(tmp_path: Path, where: str) -
     with pytest.raises(StoreError, match=r"\[bot\] database") as info:
         await Store(path).open()
     assert "\n" not in str(info.value)
+
+
+async def test_a_deleted_database_is_noticed_and_its_pending_questions_saved(db_path: Path) -> None:
+    import asyncio
+    import contextlib
+    import os
+
+    from bot.main import _until_stop_or_adapter_dies
+
+    async with Store(db_path) as store:
+        await store.add_user_message(incoming("m1", "still waiting"), settings_scope="s", with_job=True)
+        assert store.file_problem() is None
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{db_path}{suffix}")
+        with pytest.raises(StoreError, match=r"was deleted while the bot ran; what it held was saved to"):
+            # As `xwin-bot run` waits: until a signal, a dead adapter, or this.
+            await _until_stop_or_adapter_dies([], asyncio.Event(), store.watch(interval=0.01))
+    async with Store(db_path) as store:  # the next start finds the question
+        [job] = await store.pending_jobs()
+        assert [t.text for t in await store.history(job)] == ["still waiting"]
+
+
+async def test_a_replaced_database_is_left_alone_and_ours_saved_beside_it(db_path: Path) -> None:
+    import os
+
+    async with Store(db_path) as store:
+        await store.add_user_message(incoming("m1"), settings_scope="s", with_job=True)
+        other = db_path.with_name("other.sqlite3")
+        sqlite3.connect(other).close()
+        os.replace(other, db_path)
+        with pytest.raises(StoreError, match="was replaced by another file") as info:
+            await store.watch(interval=0.01)
+    saved = Path(str(info.value).split("saved to ")[1].split(";")[0])
+    assert saved.name.startswith("bot.sqlite3.recovered-")
+    with sqlite3.connect(saved) as raw:
+        assert raw.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 1
+    with sqlite3.connect(db_path) as raw:
+        assert raw.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0  # untouched
