@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Final
@@ -195,14 +195,18 @@ class DiscordSink:
         reference: discord.MessageReference | None = None,
         ready: Callable[[], Awaitable[None]] | None = None,
         limit: int = MESSAGE_LIMIT,
+        resume: Sequence[discord.PartialMessage] = (),
     ) -> None:
         self.update_interval = update_interval
         self._channel = channel
         self._reference = reference
         self._ready = ready
         self._limit = limit
-        self._messages: list[discord.Message] = []
-        self._shown: list[str] = []
+        # A job resumed after a restart shows its reply in the messages it had (issue 9).
+        self._messages: list[discord.Message | discord.PartialMessage] = list(resume)
+        self._shown: list[str] = [""] * len(self._messages)
+        #: Set by the core: told the ids of the messages that show this reply.
+        self.on_placed: Callable[[list[str]], Awaitable[None]] | None = None
         self._has_text = False
         self._started = False
         self._forbidden = False
@@ -267,11 +271,11 @@ class DiscordSink:
     async def _repost(self, chunks: list[str]) -> None:
         """Edits keep failing: post the reply as new messages, then drop the old ones."""
         async with self._lock:
-            old, self._messages, self._shown = self._messages, [], []
+            (old, old_shown), self._messages, self._shown = (self._messages, self._shown), [], []
             try:
                 await self._apply(chunks)
             except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
-                self._messages, self._shown = old, [m.content for m in old]
+                self._messages, self._shown = old, old_shown
                 raise AdapterError(f"Discord: the final reply could not be posted ({_why(exc)})") from None
         for message in old:
             with contextlib.suppress(discord.HTTPException, aiohttp.ClientError, OSError):
@@ -326,19 +330,40 @@ class DiscordSink:
         )
 
     async def _apply(self, chunks: list[str]) -> None:
-        for i, chunk in enumerate(chunks):
-            if i < len(self._messages):
-                if self._shown[i] != chunk:
-                    self._messages[i] = await self._messages[i].edit(
-                        content=chunk, allowed_mentions=NO_MENTIONS
-                    )
-                    self._shown[i] = chunk
-            else:
-                self._messages.append(await self._send(chunk))
-                self._shown.append(chunk)
-        while len(self._messages) > len(chunks):
-            self._shown.pop()
-            await self._messages.pop().delete()
+        placed = self._ids()
+        try:
+            for i, chunk in enumerate(chunks):
+                if i < len(self._messages):
+                    if self._shown[i] != chunk:
+                        await self._edit(i, chunk)
+                else:
+                    self._messages.append(await self._send(chunk))
+                    self._shown.append(chunk)
+            while len(self._messages) > len(chunks):
+                self._shown.pop()
+                with contextlib.suppress(discord.NotFound):
+                    await self._messages.pop().delete()
+        finally:
+            if self._ids() != placed:
+                await self._placed()
+
+    async def _edit(self, i: int, chunk: str) -> None:
+        try:
+            self._messages[i] = await self._messages[i].edit(content=chunk, allowed_mentions=NO_MENTIONS)
+        except discord.NotFound:  # deleted meanwhile (or before a restart): post it again
+            self._messages[i] = await self._send(chunk)
+        self._shown[i] = chunk
+
+    def _ids(self) -> list[str]:
+        return [str(m.id) for m in self._messages] if self.on_placed is not None else []
+
+    async def _placed(self) -> None:
+        if self.on_placed is None:
+            return
+        try:
+            await self.on_placed(self._ids())
+        except Exception:
+            log.exception("Discord: could not store where a reply is shown")
 
     async def _send(self, chunk: str) -> discord.Message:
         reference = self._reference if not self._messages else None
@@ -630,16 +655,21 @@ class DiscordAdapter:
         if reply_ref.get("reference") and reply_ref.get("message_id"):
             asked = channel.get_partial_message(int(reply_ref["message_id"]))
             reference = asked.to_reference(fail_if_not_exists=False)
-        return self._sink(channel, reference)
+        shown = [channel.get_partial_message(int(i)) for i in reply_ref.get("messages", "").split(",") if i]
+        return self._sink(channel, reference, resume=shown)
 
     def _sink(
-        self, channel: discord.abc.Messageable, reference: discord.MessageReference | None
+        self,
+        channel: discord.abc.Messageable,
+        reference: discord.MessageReference | None,
+        resume: Sequence[discord.PartialMessage] = (),
     ) -> DiscordSink:
         return DiscordSink(
             channel,
             update_interval=self._bot.config.bot.stream_interval,
             reference=reference,
             ready=self._until_ready,
+            resume=resume,
         )
 
     async def _until_ready(self) -> None:

@@ -23,7 +23,7 @@ import hmac
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -106,6 +106,7 @@ class SlackReplySink:
         update_interval: float,
         limit: int = MESSAGE_LIMIT,
         clock: Callable[[], float] = time.monotonic,
+        resume: Sequence[str] = (),
     ) -> None:
         self.update_interval = update_interval
         self._client = client
@@ -113,8 +114,11 @@ class SlackReplySink:
         self._thread_ts = thread_ts
         self._limit = limit
         self._clock = clock
-        self._ts: list[str] = []
-        self._shown: list[str] = []
+        # A job resumed after a restart shows its reply in the messages it had (issue 9).
+        self._ts: list[str] = list(resume)
+        self._shown: list[str] = [""] * len(self._ts)
+        #: Set by the core: told the ts of the messages that show this reply.
+        self.on_placed: Callable[[list[str]], Awaitable[None]] | None = None
         self._last_edit = float("-inf")
         self._streamed = False
         self._lock = asyncio.Lock()
@@ -166,6 +170,9 @@ class SlackReplySink:
                     ok = await self._post(chunk) and ok
                 elif self._shown[i] != chunk:
                     ok = await self._edit(i, chunk) and ok
+            while len(self._ts) > len(chunks):  # left from before a restart
+                self._shown.pop()
+                await self._delete(self._ts.pop())
             self._last_edit = self._clock()
         return ok
 
@@ -177,13 +184,19 @@ class SlackReplySink:
                 if not await self._post(chunk):
                     raise AdapterError(f"Slack: the final reply could not be posted in {self._channel}")
         for ts in old:
-            try:
-                await self._client.chat_delete(channel=self._channel, ts=ts)
-            except (SlackClientError, OSError, TimeoutError) as exc:
-                log.warning("slack: could not delete an outdated message in %s: %s", self._channel, exc)
+            await self._delete(ts)
         log.info("slack: the final reply was posted anew in %s after its edits failed", self._channel)
 
     async def _post(self, text: str) -> bool:
+        ts = await self._new_message(text)
+        if ts is None:
+            return False
+        self._ts.append(ts)
+        self._shown.append(text)
+        await self._placed()
+        return True
+
+    async def _new_message(self, text: str) -> str | None:
         try:
             resp = await self._client.chat_postMessage(
                 channel=self._channel,
@@ -195,21 +208,44 @@ class SlackReplySink:
             )
         except (SlackClientError, OSError, TimeoutError) as exc:
             log.warning("slack: chat.postMessage in %s failed: %s", self._channel, _why(exc))
-            return False
-        self._ts.append(str(resp["ts"]))
-        self._shown.append(text)
-        return True
+            return None
+        return str(resp["ts"])
 
     async def _edit(self, index: int, text: str) -> bool:
         try:
             await self._client.chat_update(
                 channel=self._channel, ts=self._ts[index], text=text, link_names=False
             )
+        except SlackApiError as exc:
+            if _error_of(exc) != "message_not_found":
+                log.warning("slack: chat.update in %s failed: %s", self._channel, _error_of(exc))
+                return False
+            # Deleted meanwhile (or before a restart): post it again in its place.
+            ts = await self._new_message(text)
+            if ts is None:
+                return False
+            self._ts[index] = ts
+            await self._placed()
         except (SlackClientError, OSError, TimeoutError) as exc:
             log.warning("slack: chat.update in %s failed: %s", self._channel, _why(exc))
             return False
         self._shown[index] = text
         return True
+
+    async def _delete(self, ts: str) -> None:
+        try:
+            await self._client.chat_delete(channel=self._channel, ts=ts)
+        except (SlackClientError, OSError, TimeoutError) as exc:
+            log.warning("slack: could not delete an outdated message in %s: %s", self._channel, _why(exc))
+        await self._placed()
+
+    async def _placed(self) -> None:
+        if self.on_placed is None:
+            return
+        try:
+            await self.on_placed(list(self._ts))
+        except Exception:
+            log.exception("slack: could not store where a reply is shown")
 
 
 # ---------------------------------------------------------------- identity
@@ -327,10 +363,13 @@ class SlackAdapter:
     def sink_for(self, key: ConversationKey, reply_ref: dict[str, str]) -> ReplySink:
         """Sink factory for jobs resumed after a restart."""
         channel = reply_ref.get("channel") or key.channel
-        return self._sink(channel, reply_ref.get("thread_ts", key.thread))
+        shown = [ts for ts in reply_ref.get("messages", "").split(",") if ts]
+        return self._sink(channel, reply_ref.get("thread_ts", key.thread), resume=shown)
 
-    def _sink(self, channel: str, thread_ts: str) -> SlackReplySink:
-        return SlackReplySink(self._client, channel, thread_ts, update_interval=self._update_interval)
+    def _sink(self, channel: str, thread_ts: str, resume: Sequence[str] = ()) -> SlackReplySink:
+        return SlackReplySink(
+            self._client, channel, thread_ts, update_interval=self._update_interval, resume=resume
+        )
 
     # ------------------------------------------------------------ start-up checks
 

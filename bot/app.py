@@ -115,7 +115,9 @@ class Bot:
                 continue
             if job.state == "running":
                 await self.store.set_job_state(job.id, "queued")
-            self.worker.submit(job.id, factory(job.key, job.reply_ref))
+            sink = factory(job.key, job.reply_ref)
+            self._track(sink, job.id)
+            self.worker.submit(job.id, sink)
             resumed += 1
         self._left_pending = [j for j in self._left_pending if not self.worker.holds(j)]
         if resumed:
@@ -142,9 +144,22 @@ class Bot:
             await sink.fail(BUSY.format(why=busy))
             return "busy"
         position = await self.store.jobs_ahead(job_id)
+        self._track(sink, job_id)
         self.worker.submit(job_id, sink, position)
         await sink.queued(position)
         return "queued"
+
+    def _track(self, sink: ReplySink, job_id: int) -> None:
+        """A sink with an ``on_placed`` attribute says which platform messages
+        show the reply; they are kept with the job (its ``reply_ref["messages"]``)
+        so that the sink factory resumes into them after a restart (issue 9)."""
+        if not hasattr(sink, "on_placed"):
+            return
+
+        async def placed(message_ids: list[str]) -> None:
+            await self.store.set_reply_messages(job_id, message_ids)
+
+        sink.on_placed = placed  # type: ignore[attr-defined]
 
     async def _busy_reason(self, author_id: str) -> str | None:
         limits = self.config.bot

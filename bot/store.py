@@ -500,6 +500,16 @@ class Store:
             cur = await db.execute(sql, args)
         return cur.rowcount > 0
 
+    async def set_reply_messages(self, job_id: int, message_ids: Sequence[str]) -> None:
+        """Where the job's reply is shown (placeholder, partial text): kept in
+        its ``reply_ref["messages"]`` so that a restart resumes into those
+        messages instead of leaving them stale (issue 9)."""
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE jobs SET reply_ref = json_set(reply_ref, '$.messages', ?) WHERE id = ?",
+                (",".join(message_ids), job_id),
+            )
+
     async def count_pending(self, author_id: str | None = None) -> int:
         sql = "SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')"
         args: tuple[str, ...] = ()

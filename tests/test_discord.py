@@ -638,6 +638,7 @@ async def test_a_reply_cut_by_a_restart_is_sent_after_it(tmp_path: Path) -> None
         thread = asked
         before = [m.content for m in place.fake.bot_messages(thread)]
         assert any("restarting" in c for c in before), before
+        first_ids = [m.id for m in place.fake.bot_messages(thread)]
 
         async with bot_on(place, tmp_path, replies=["Answered after the restart."]) as second:
             assert await second.bot.resume_pending() == 1
@@ -646,6 +647,9 @@ async def test_a_reply_cut_by_a_restart_is_sent_after_it(tmp_path: Path) -> None
             after = [m.content for m in place.fake.bot_messages(thread)]
             assert after[-1] == "Answered after the restart."
             assert not place.fake.bot_messages(place.channel["id"])
+            # Issue 9: resumed into the old messages; no stale "restarting" or partial text left.
+            assert after == ["Answered after the restart."]
+            assert place.fake.bot_messages(thread)[0].id == first_ids[0]
 
 
 async def test_without_the_content_intent_threads_need_a_mention(tmp_path: Path) -> None:

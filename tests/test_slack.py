@@ -631,3 +631,21 @@ async def test_http_malformed_unsigned_requests_get_401_and_one_short_log_line(
     assert len(refused) == 5
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
     assert sum(len(r.getMessage()) for r in caplog.records) < 10_000  # no body in the log
+
+
+async def test_http_a_restart_resumes_into_the_old_messages(start_env: Starter) -> None:
+    """Issue 9: no stale "_Thinking…_", partial text or "restarting" left in the thread."""
+    env = await start_env(FakeEngine(replies=["never finished " * 200], delay=0.02), stream_interval=0.05)
+    assert await post_event(env, mention("<@UBOT> before the restart", ts="950.000001")) == 200
+    await poll(lambda: "never finished" in "".join(env.thread_texts("C1", "950.000001")), what="partial text")
+    await env.bot.close(grace=0.0)
+    await env.adapter.close()
+    await env.bot.store.close()
+    before = env.thread_texts("C1", "950.000001")
+    assert len(before) == 2 and "restarting" in before[1]  # the partial answer, then why it stopped
+
+    second = await start_env(FakeEngine(replies=["Answered after the restart."]))
+    assert await second.bot.resume_pending() == 1
+    await poll(lambda: second.engine.calls and second.bot.worker.running() == 0, what="the resumed reply")
+    await second.bot.drain()
+    assert second.thread_texts("C1", "950.000001") == ["Answered after the restart."]

@@ -188,6 +188,8 @@ class FakeSlack:
         return {"ok": True, "channel": call.params.get("channel"), "ts": call.params.get("ts")}
 
     def _update(self, call: ApiCall) -> JSON:
+        if str(call.params.get("ts")) in self.deleted:
+            return {"ok": False, "error": "message_not_found"}
         call.params["_ok"] = True
         return {"ok": True, "channel": call.params.get("channel"), "ts": call.params.get("ts")}
 
