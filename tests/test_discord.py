@@ -8,6 +8,7 @@ import contextlib
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -875,3 +876,20 @@ async def _job_error(w: World, job_id: int) -> str | None:
     async with w.bot.store.db.execute("SELECT error FROM jobs WHERE id = ?", (job_id,)) as cur:
         row = await cur.fetchone()
     return None if row is None else row[0]
+
+
+async def test_shutdown_is_bounded_when_discord_stalls(tmp_path: Path) -> None:
+    """Issue 9: Discord answers nothing while the bot stops; it stops anyway, the job stays queued."""
+    async with discord_server() as place:
+        async with bot_on(place, tmp_path, replies=["never finished " * 200], delay=0.02) as w:
+            asked = await w.say("a question before the stop")
+            await wait_for(lambda: w.engine.streaming.is_set())
+            w.fake.stall("PATCH", r"^/channels/\d+/messages/\d+$")
+            w.fake.stall("POST", r"^/channels/\d+/messages$")
+            w.bot.worker.last_words = 0.2
+            started = time.monotonic()
+            await asyncio.wait_for(w.bot.close(grace=0.05), timeout=10)
+            assert time.monotonic() - started < 2.0
+            key = ConversationKey("discord", w.guild["id"], w.channel["id"], w.thread_of(asked))
+            job = await w.bot.store.job_for_message(key, asked)
+            assert job is not None and job.state == "queued"
