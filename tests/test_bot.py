@@ -416,3 +416,15 @@ async def test_shutdown_is_bounded_when_the_platform_stalls(tmp_path: Path) -> N
         assert sink.final()[0] == "fail"  # it tried to say goodbye
         job = await store.job(1)
         assert job is not None and job.state == "queued"
+
+
+async def test_settings_must_be_finite_as_text_and_as_values(bot: Bot) -> None:
+    """Issue 9: nan and inf are refused by /xwin set and by typed options alike."""
+    admin = CommandContext(key=THREAD, author_id="boss", is_dm=False, is_admin=True)
+    for raw in ("nan", "inf", "-inf"):
+        reply = await bot.command(admin, f"set temperature {raw}")
+        assert not reply.ok and "Not changed" in reply.text
+        typed = await bot.set_settings(admin, {"temperature": float(raw), "top_k": 7})
+        assert not typed.ok and "temperature not changed" in typed.text and "top_k is now 7" in typed.text
+    settings, overridden = await bot.commands.effective("channel:discord:g1:c1")
+    assert overridden == {"top_k"} and settings.temperature == 0.1
