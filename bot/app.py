@@ -7,8 +7,10 @@ hand it normalized :class:`~bot.types.Incoming` messages and a
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from bot.attachments import FileFetcher, FileReader
 from bot.commands import Commands, settings_scope
@@ -58,6 +60,9 @@ class Bot:
         self._closing = False
         # Jobs an earlier process left pending, noted before any new message.
         self._left_pending: list[int] = []
+        # The limits check and the insert it allows are one step (issue 9): without
+        # this, concurrent messages all pass the check before any of them is stored.
+        self._admission = asyncio.Lock()
         self.commands = Commands(store, self.defaults, engine.context_length, self._stop_here, self.status)
         self.files = FileReader(config.attachments, engine)
 
@@ -123,7 +128,9 @@ class Bot:
                 continue
             if job.state == "running":
                 await self.store.set_job_state(job.id, "queued")
-            self.worker.submit(job.id, factory(job.key, job.reply_ref))
+            sink = factory(job.key, job.reply_ref)
+            self._track(sink, job.id)
+            self.worker.submit(job.id, sink)
             resumed += 1
         self._left_pending = [j for j in self._left_pending if not self.worker.holds(j)]
         if resumed:
@@ -154,29 +161,54 @@ class Bot:
         if not incoming.text.strip() and not incoming.files:
             await sink.fail(EMPTY_HELP)
             return "empty"
-        # Quotas first (issue 12): an over-quota message is kept, with no job.
-        over = await self.quotas.refusal(incoming.key.platform, incoming.author_id)
-        busy = None if over else await self._busy_reason(incoming.author_id)
         scope = settings_scope(incoming.key, incoming.author_id, incoming.is_dm)
-        admitted = busy is None and over is None
-        attachments = await self.files.read(incoming.files, fetcher) if admitted else ()
-        stored = await self.store.add_user_message(incoming, settings_scope=scope, with_job=admitted,
-                                                   attachments=attachments)
+        # Files are downloaded only for a message the limits would let in, and
+        # outside the admission lock (a download must not hold up everyone).
+        admissible = not await self._refusal(incoming.key.platform, incoming.author_id)
+        attachments = await self.files.read(incoming.files, fetcher) if admissible else ()
+        # The limits checked, the message stored with its job and counted, as one step.
+        async with self._admission:
+            refusal = await self._refusal(incoming.key.platform, incoming.author_id)
+            stored = await self.store.add_user_message(incoming, settings_scope=scope, with_job=not refusal,
+                                                       attachments=() if refusal else attachments)
+            if stored is not None and stored[1] is not None:
+                await self.quotas.count_message(incoming.key.platform, incoming.author_id)
         if stored is None:
             log.info("ignoring re-delivered message %s", incoming.message_id)
             return "duplicate"
         _message_id, job_id = stored
-        if over is not None:
-            await sink.fail(over)
-            return "limited"
-        if busy is not None or job_id is None:
-            await sink.fail(BUSY.format(why=busy))
-            return "busy"
-        await self.quotas.count_message(incoming.key.platform, incoming.author_id)
+        if refusal is not None:
+            result, text = refusal
+            await sink.fail(text)
+            return result
+        if job_id is None:
+            raise RuntimeError("the store gave no job for an admitted message")
         position = await self.store.jobs_ahead(job_id)
+        self._track(sink, job_id)
         self.worker.submit(job_id, sink, position)
         await sink.queued(position)
         return "queued"
+
+    def _track(self, sink: ReplySink, job_id: int) -> None:
+        """A sink with an ``on_placed`` attribute says which platform messages
+        show the reply; they are kept with the job (its ``reply_ref["messages"]``)
+        so that the sink factory resumes into them after a restart (issue 9)."""
+        if not hasattr(sink, "on_placed"):
+            return
+
+        async def placed(message_ids: list[str]) -> None:
+            await self.store.set_reply_messages(job_id, message_ids)
+
+        sink.on_placed = placed  # type: ignore[attr-defined]
+
+    async def _refusal(self, platform: Platform, author_id: str) -> tuple[HandleResult, str] | None:
+        """Why a message of this author gets no job now: over a quota (issue 12;
+        the message is kept) or the queue bounds; None when it is let in."""
+        over = await self.quotas.refusal(platform, author_id)
+        if over is not None:
+            return "limited", over
+        busy = await self._busy_reason(author_id)
+        return None if busy is None else ("busy", BUSY.format(why=busy))
 
     async def _busy_reason(self, author_id: str) -> str | None:
         limits = self.config.bot
@@ -203,6 +235,10 @@ class Bot:
     # -- commands --------------------------------------------------------
     async def command(self, ctx: CommandContext, text: str) -> CommandReply:
         return await self.commands.run(ctx, text)
+
+    async def set_settings(self, ctx: CommandContext, values: Mapping[str, Any]) -> CommandReply:
+        """``/xwin set`` from typed options: values, never parsed as command text."""
+        return await self.commands.set_values(ctx, values)
 
     async def _stop_here(self, key: ConversationKey, author_id: str | None) -> int:
         stopped = 0

@@ -7,6 +7,7 @@ Secrets never live here: they come from the environment (see :class:`Secrets`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import typing
@@ -304,6 +305,9 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name}: must be a number, got {value!r}")
+        # TOML has nan and inf: neither is a delay, an interval or a temperature.
+        if not math.isfinite(value):
+            raise ConfigError(f"{name}: must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -327,6 +331,11 @@ def _check_cross_field(config: Config) -> None:
     if b.stream_interval < 0:
         raise ConfigError(f"[bot] stream_interval: must be 0 or more, got {b.stream_interval}")
     _check_ops(config)
+    # Issue 9: values that used to end in a traceback at start-up.
+    if not b.database.strip():
+        raise ConfigError("[bot] database: must name a file, got an empty string")
+    if not 0 <= config.slack.http_port <= 65535:
+        raise ConfigError(f"[slack] http_port: must be 0 to 65535, got {config.slack.http_port}")
     if m.engine == "openai" and not m.base_url:
         raise ConfigError("[model] base_url: required when engine = \"openai\"")
     _check_slack(config.slack)

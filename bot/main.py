@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,6 +30,7 @@ from bot.store import Store
 log = logging.getLogger("xwin-bot")
 
 DEFAULT_CONFIG = "config.toml"
+ADAPTER_CLOSE_TIMEOUT = 5.0
 
 
 class Adapter(Protocol):
@@ -178,21 +179,35 @@ async def _run(bot: Bot, config: Config, secrets: Secrets, stop: asyncio.Event,
             started.append(adapter)
         await bot.resume_pending()
         log.info("running; Ctrl-C or SIGTERM stops")
-        await _until_stop_or_adapter_dies(started, stop)
+        await _until_stop_or_adapter_dies(started, stop, bot.store.watch())
         return 0
     finally:
         # The bot first, so that its last words ("restarting...") still reach
         # the platforms; then the adapters.
         await bot.close()
         for adapter in reversed(started):
-            with contextlib.suppress(Exception):
-                await adapter.close()
+            await _close_adapter(adapter)
 
 
-async def _until_stop_or_adapter_dies(adapters: Sequence[Adapter], stop: asyncio.Event) -> None:
+async def _close_adapter(adapter: Adapter) -> None:
+    """Bounded (issue 9): a platform that stalls must not hold up the exit."""
+    try:
+        await asyncio.wait_for(adapter.close(), ADAPTER_CLOSE_TIMEOUT)
+    except TimeoutError:
+        log.warning("%s did not close within %.0f s; exiting anyway", type(adapter).__name__,
+                    ADAPTER_CLOSE_TIMEOUT)
+    except Exception:
+        log.debug("closing %s failed", type(adapter).__name__, exc_info=True)
+
+
+async def _until_stop_or_adapter_dies(
+    adapters: Sequence[Adapter], stop: asyncio.Event, store_watch: Coroutine[Any, Any, None]
+) -> None:
     """Return on SIGINT/SIGTERM; raise the AdapterError of an adapter that
-    lost its platform for good (a revoked token, say)."""
+    lost its platform for good (a revoked token, say), or the StoreError of a
+    database file deleted under the running bot."""
     waits = [asyncio.ensure_future(w()) for a in adapters if (w := getattr(a, "wait_closed", None))]
+    waits.append(asyncio.ensure_future(store_watch))
     stopper = asyncio.ensure_future(stop.wait())
     try:
         done, _ = await asyncio.wait({stopper, *waits}, return_when=asyncio.FIRST_COMPLETED)

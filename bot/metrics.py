@@ -22,7 +22,7 @@ JobOutcome = Literal["done", "failed", "crashed", "cancelled", "requeued"]
 #: ``generation``: a reply failed for good; ``retry``: a passing fault, tried again;
 #: ``crash``: an unexpected exception in the worker; ``adapter``: an adapter's
 #: event handler failed.
-ErrorKind = Literal["generation", "retry", "crash", "adapter"]
+ErrorKind = Literal["generation", "retry", "crash", "delivery", "adapter"]
 
 _SECONDS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _RATES = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 50.0, 75.0, 100.0, 150.0, 250.0)
