@@ -82,6 +82,9 @@ class ConsoleAdapter:
     async def start(self) -> None:
         self._reader = asyncio.create_task(self.run())
 
+    async def not_ready(self) -> str | None:
+        return None if self._reader is not None else "not started"
+
     async def wait_closed(self) -> None:
         if self._reader is not None:
             await asyncio.shield(self._reader)

@@ -40,7 +40,7 @@ from bot.adapter import Core
 from bot.config import DiscordConfig
 from bot.errors import AdapterError
 from bot.settings import SPECS, SYSTEM_PROMPT_MAX
-from bot.types import CommandContext, ConversationKey, Incoming, RemoteFile, ReplySink
+from bot.types import CommandContext, CommandReply, ConversationKey, Incoming, RemoteFile, ReplySink
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ HANDLER_FAILED = "Sorry, something went wrong while handling that message."
 NOT_HERE = "The bot is not enabled here."
 #: Where attachments are downloaded from; nowhere else.
 FILE_ORIGINS = ("https://cdn.discordapp.com", "https://media.discordapp.net")
+_REFUSED = "not allowed to post in this channel"
 
 
 # ---------------------------------------------------------------------------- pure helpers
@@ -183,6 +184,10 @@ class DiscordSink:
     """One reply: a placeholder that shows the queue position, then the text streamed
     by editing it, continued in new messages past the length limit."""
 
+    #: Seconds between tries of the final edit (discord.py has already waited
+    #: out each 429 up to five times by then); after the last, a new message.
+    final_retry_delays: tuple[float, ...] = (1.0, 4.0)
+
     def __init__(
         self,
         channel: discord.abc.Messageable,
@@ -191,14 +196,18 @@ class DiscordSink:
         reference: discord.MessageReference | None = None,
         ready: Callable[[], Awaitable[None]] | None = None,
         limit: int = MESSAGE_LIMIT,
+        resume: Sequence[discord.PartialMessage] = (),
     ) -> None:
         self.update_interval = update_interval
         self._channel = channel
         self._reference = reference
         self._ready = ready
         self._limit = limit
-        self._messages: list[discord.Message] = []
-        self._shown: list[str] = []
+        # A job resumed after a restart shows its reply in the messages it had (issue 9).
+        self._messages: list[discord.Message | discord.PartialMessage] = list(resume)
+        self._shown: list[str] = [""] * len(self._messages)
+        #: Set by the core: told the ids of the messages that show this reply.
+        self.on_placed: Callable[[list[str]], Awaitable[None]] | None = None
         self._has_text = False
         self._started = False
         self._forbidden = False
@@ -229,9 +238,18 @@ class DiscordSink:
             self._flusher = asyncio.create_task(self._flush())
 
     async def finish(self, text: str) -> None:
+        """The final text must arrive (issue 9): edits are retried with backoff,
+        then the text is posted as new messages (the old ones removed). Raises
+        :class:`AdapterError` when it could not be shown at all."""
         await self._settle()
         self._has_text = True
-        await self._show(split_message(text, self._limit) or [EMPTY_REPLY])
+        chunks = split_message(text, self._limit) or [EMPTY_REPLY]
+        for delay in (*self.final_retry_delays, None):
+            if await self._final(chunks):
+                return
+            if delay is not None:
+                await asyncio.sleep(delay)
+        await self._repost(chunks)
 
     async def fail(self, user_message: str) -> None:
         await self._settle()
@@ -239,6 +257,31 @@ class DiscordSink:
             await self._show([*self._shown, user_message])
         else:
             await self._show([user_message])
+
+    async def _final(self, chunks: list[str]) -> bool:
+        async with self._lock:
+            if self._forbidden:
+                raise AdapterError(_REFUSED)
+            try:
+                await self._put(chunks)
+            except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+                log.warning("Discord: the final reply did not go through (%s); trying again", _why(exc))
+                return False
+        return True
+
+    async def _repost(self, chunks: list[str]) -> None:
+        """Edits keep failing: post the reply as new messages, then drop the old ones."""
+        async with self._lock:
+            (old, old_shown), self._messages, self._shown = (self._messages, self._shown), [], []
+            try:
+                await self._apply(chunks)
+            except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+                self._messages, self._shown = old, old_shown
+                raise AdapterError(f"Discord: the final reply could not be posted ({_why(exc)})") from None
+        for message in old:
+            with contextlib.suppress(discord.HTTPException, aiohttp.ClientError, OSError):
+                await message.delete()
+        log.info("Discord: the final reply was posted as a new message after its edits failed")
 
     async def _flush(self) -> None:
         while self._latest is not None:
@@ -258,39 +301,70 @@ class DiscordSink:
             if (placeholder and self._started) or self._forbidden:
                 return
             try:
-                if self._ready is not None:
-                    await self._ready()
-                await self._apply(chunks)
-            except discord.Forbidden as exc:
-                self._forbidden = True  # one clear line, not one per streamed edit
-                log.warning(
-                    "Discord: not allowed to post in channel %s (%s): give the bot the Send Messages "
-                    "and Send Messages in Threads permissions there",
-                    getattr(self._channel, "id", "?"),
-                    exc.text,
-                )
+                await self._put(chunks)
             except discord.HTTPException as exc:
                 log.warning("Discord: could not update a reply: %s %s", exc.status, exc.text)
             except AdapterError as exc:
-                log.warning("Discord: reply not sent: %s", exc)
+                if not self._forbidden:  # that one was said once already
+                    log.warning("Discord: reply not sent: %s", exc)
             except Exception:
                 # The sink is an error boundary: a failed edit must not end the job.
                 log.exception("Discord: could not update a reply")
 
+    async def _put(self, chunks: list[str]) -> None:
+        """Show ``chunks`` (under the lock); a refusal becomes an AdapterError."""
+        if self._ready is not None:
+            await self._ready()
+        try:
+            await self._apply(chunks)
+        except discord.Forbidden as exc:
+            self._refused(exc)
+            raise AdapterError(_REFUSED) from None
+
+    def _refused(self, exc: discord.Forbidden) -> None:
+        self._forbidden = True  # one clear line, not one per streamed edit
+        log.warning(
+            "Discord: not allowed to post in channel %s (%s): give the bot the Send Messages "
+            "and Send Messages in Threads permissions there",
+            getattr(self._channel, "id", "?"),
+            exc.text,
+        )
+
     async def _apply(self, chunks: list[str]) -> None:
-        for i, chunk in enumerate(chunks):
-            if i < len(self._messages):
-                if self._shown[i] != chunk:
-                    self._messages[i] = await self._messages[i].edit(
-                        content=chunk, allowed_mentions=NO_MENTIONS
-                    )
-                    self._shown[i] = chunk
-            else:
-                self._messages.append(await self._send(chunk))
-                self._shown.append(chunk)
-        while len(self._messages) > len(chunks):
-            self._shown.pop()
-            await self._messages.pop().delete()
+        placed = self._ids()
+        try:
+            for i, chunk in enumerate(chunks):
+                if i < len(self._messages):
+                    if self._shown[i] != chunk:
+                        await self._edit(i, chunk)
+                else:
+                    self._messages.append(await self._send(chunk))
+                    self._shown.append(chunk)
+            while len(self._messages) > len(chunks):
+                self._shown.pop()
+                with contextlib.suppress(discord.NotFound):
+                    await self._messages.pop().delete()
+        finally:
+            if self._ids() != placed:
+                await self._placed()
+
+    async def _edit(self, i: int, chunk: str) -> None:
+        try:
+            self._messages[i] = await self._messages[i].edit(content=chunk, allowed_mentions=NO_MENTIONS)
+        except discord.NotFound:  # deleted meanwhile (or before a restart): post it again
+            self._messages[i] = await self._send(chunk)
+        self._shown[i] = chunk
+
+    def _ids(self) -> list[str]:
+        return [str(m.id) for m in self._messages] if self.on_placed is not None else []
+
+    async def _placed(self) -> None:
+        if self.on_placed is None:
+            return
+        try:
+            await self.on_placed(self._ids())
+        except Exception:
+            log.exception("Discord: could not store where a reply is shown")
 
     async def _send(self, chunk: str) -> discord.Message:
         reference = self._reference if not self._messages else None
@@ -341,9 +415,14 @@ class XwinCommands(app_commands.Group):
     """``/xwin ...``: each subcommand is turned into the text after "/xwin" for
     :meth:`bot.app.Bot.command`."""
 
-    def __init__(self, run: Callable[[discord.Interaction, str], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        run: Callable[[discord.Interaction, str], Awaitable[None]],
+        set_values: Callable[[discord.Interaction, dict[str, object]], Awaitable[None]],
+    ) -> None:
         super().__init__(name="xwin", description="Talk to the Xwin-LM bot: settings and conversation")
         self._run = run
+        self._set_values = set_values
 
     @app_commands.command(name="settings", description="Show the generation settings in force here")
     async def show_settings(self, interaction: discord.Interaction) -> None:
@@ -369,8 +448,9 @@ class XwinCommands(app_commands.Group):
             "max_new_tokens": max_new_tokens,
             "system_prompt": system_prompt,
         }
-        commands = [f"set {name} {value}" for name, value in given.items() if value is not None]
-        await self._run(interaction, "\n".join(commands) or "set")
+        # Passed as values: text options are never read as command text (issue 9).
+        # Discord itself checks each option's type and range before we see it.
+        await self._set_values(interaction, {k: v for k, v in given.items() if v is not None})
 
     @app_commands.command(name="reset", description="Put settings back to the defaults")
     @app_commands.describe(name="one setting to reset (all when left out)")
@@ -403,7 +483,7 @@ class _Client(discord.Client):
         super().__init__(**options)  # type: ignore[arg-type]
         self.adapter = adapter
         self.tree: app_commands.CommandTree[_Client] = app_commands.CommandTree(self)
-        self.tree.add_command(XwinCommands(adapter.run_command))
+        self.tree.add_command(XwinCommands(adapter.run_command, adapter.set_command))
         self.tree.on_error = adapter.on_command_error  # type: ignore[method-assign]
 
     async def setup_hook(self) -> None:
@@ -411,6 +491,15 @@ class _Client(discord.Client):
 
     async def on_ready(self) -> None:
         self.adapter.ready.set()
+
+    async def on_connect(self) -> None:
+        self.adapter.connection_up(resumed=False)
+
+    async def on_resumed(self) -> None:
+        self.adapter.connection_up(resumed=True)
+
+    async def on_disconnect(self) -> None:
+        self.adapter.online = False
 
     async def on_message(self, message: discord.Message) -> None:
         await self.adapter.on_message(message)
@@ -455,6 +544,8 @@ class DiscordAdapter:
         self._logged_in = asyncio.Event()  # REST calls work
         self._connection: asyncio.Task[None] | None = None
         self._closed = False
+        self.online = False  # the gateway connection is up now
+        self._sessions = 0
         self._saved_endpoints: tuple[str, yarl.URL] | None = None
         self.client = _Client(
             self,
@@ -491,6 +582,21 @@ class DiscordAdapter:
             with contextlib.suppress(BaseException):
                 await task
         self._restore_servers()
+
+    def connection_up(self, *, resumed: bool) -> None:
+        """A gateway session began (READY) or resumed: every one after the first is a reconnect."""
+        if resumed or self._sessions:
+            self._bot.metrics.reconnected(PLATFORM)
+        self._sessions += not resumed
+        self.online = True
+
+    async def not_ready(self) -> str | None:
+        """For /readyz: None while connected to the gateway."""
+        if self._closed:
+            return "closed"
+        if not self.ready.is_set() or not self.online:
+            return "not connected to the gateway"
+        return None
 
     async def wait_closed(self) -> None:
         """Wait until the gateway connection ends (discord.py reconnects after
@@ -585,16 +691,21 @@ class DiscordAdapter:
         if reply_ref.get("reference") and reply_ref.get("message_id"):
             asked = channel.get_partial_message(int(reply_ref["message_id"]))
             reference = asked.to_reference(fail_if_not_exists=False)
-        return self._sink(channel, reference)
+        shown = [channel.get_partial_message(int(i)) for i in reply_ref.get("messages", "").split(",") if i]
+        return self._sink(channel, reference, resume=shown)
 
     def _sink(
-        self, channel: discord.abc.Messageable, reference: discord.MessageReference | None
+        self,
+        channel: discord.abc.Messageable,
+        reference: discord.MessageReference | None,
+        resume: Sequence[discord.PartialMessage] = (),
     ) -> DiscordSink:
         return DiscordSink(
             channel,
             update_interval=self._bot.config.bot.stream_interval,
             reference=reference,
             ready=self._until_ready,
+            resume=resume,
         )
 
     async def _until_ready(self) -> None:
@@ -615,6 +726,7 @@ class DiscordAdapter:
         try:
             await self._route(message)
         except Exception:
+            self._bot.metrics.error("adapter")
             log.exception(
                 "Discord: failed to handle message %s in channel %s", message.id, message.channel.id
             )
@@ -627,7 +739,14 @@ class DiscordAdapter:
         if message.type not in (discord.MessageType.default, discord.MessageType.reply):
             return False
         guild_id = message.guild.id if message.guild is not None else None
-        return self._allowed(_place_of(message.channel, guild_id))
+        return self._allowed(_place_of(message.channel, guild_id)) and self._permitted(message.author, guild_id)
+
+    def _permitted(self, user: discord.User | discord.Member, guild_id: int | None) -> bool:
+        """Access by user and role: ``blocked_users`` everywhere; ``allowed_roles``
+        in servers (a DM has no roles: ``allow_dms`` decides)."""
+        if str(user.id) in self._config.blocked_users:
+            return False
+        return guild_id is None or not self._config.allowed_roles or _has_role(user, self._config.allowed_roles)
 
     def _allowed(self, place: _Place) -> bool:
         if place.guild_id is None:
@@ -751,17 +870,25 @@ class DiscordAdapter:
 
     async def run_command(self, interaction: discord.Interaction, text: str) -> None:
         """Defer, run ``/xwin <text>`` in the core, answer ephemerally."""
+        await self._command(interaction, lambda context: self._bot.command(context, text))
+
+    async def set_command(self, interaction: discord.Interaction, values: dict[str, object]) -> None:
+        """``/xwin set`` with its typed options, as values."""
+        await self._command(interaction, lambda context: self._bot.set_settings(context, values))
+
+    async def _command(
+        self, interaction: discord.Interaction, run: Callable[[CommandContext], Awaitable[CommandReply]]
+    ) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         context = self._command_context(interaction)
         if context is None:
             await self._answer(interaction, NOT_HERE)
             return
-        replies = [await self._bot.command(context, line) for line in text.split("\n")]
-        await self._answer(interaction, "\n".join(r.text for r in replies))
+        await self._answer(interaction, (await run(context)).text)
 
     def _command_context(self, interaction: discord.Interaction) -> CommandContext | None:
         place = _place_of(interaction.channel, interaction.guild_id, interaction.channel_id)
-        if not self._allowed(place):
+        if not self._allowed(place) or not self._permitted(interaction.user, place.guild_id):
             return None
         return CommandContext(
             key=_key_of(place),
@@ -773,9 +900,7 @@ class DiscordAdapter:
     def _is_admin(self, user: discord.User | discord.Member, permissions: discord.Permissions) -> bool:
         if permissions.manage_channels or permissions.administrator:
             return True
-        roles = getattr(user, "roles", [])
-        wanted = set(self._config.admin_roles)
-        return any(str(role.id) in wanted or role.name in wanted for role in roles)
+        return _has_role(user, self._config.admin_roles)
 
     async def _answer(self, interaction: discord.Interaction, text: str) -> None:
         first, *rest = split_message(text) or ["Done."]
@@ -796,6 +921,12 @@ class DiscordAdapter:
 
 
 # ---------------------------------------------------------------------------- small functions
+
+
+def _has_role(user: discord.User | discord.Member, wanted: tuple[str, ...]) -> bool:
+    """Whether a server member has one of the roles named (by id or name)."""
+    names = set(wanted)
+    return any(str(role.id) in names or role.name in names for role in getattr(user, "roles", []))
 
 
 def _place_of(channel: object, guild_id: int | None, channel_id: int | None = None) -> _Place:
@@ -834,6 +965,12 @@ def _reply_ref(channel: discord.abc.Messageable, message: discord.Message, refer
         "message_id": str(message.id),
         "reference": "1" if reference else "",
     }
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, discord.HTTPException):
+        return f"{exc.status} {exc.text}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _adapter_error(exc: BaseException, config: DiscordConfig) -> AdapterError:

@@ -28,6 +28,8 @@ Usage (``bot.main``)::
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import time
 from collections import OrderedDict
@@ -36,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
+from slack_bolt.adapter.aiohttp import to_aiohttp_response
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 from slack_bolt.async_app import AsyncApp, AsyncAssistant
 from slack_bolt.context.ack.async_ack import AsyncAck
@@ -46,6 +48,7 @@ from slack_bolt.context.respond.async_respond import AsyncRespond
 from slack_bolt.context.say.async_say import AsyncSay
 from slack_bolt.context.set_suggested_prompts.async_set_suggested_prompts import AsyncSetSuggestedPrompts
 from slack_bolt.context.set_title.async_set_title import AsyncSetTitle
+from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_sdk.errors import SlackApiError, SlackClientError
 from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
 from slack_sdk.web.async_client import AsyncWebClient
@@ -88,6 +91,7 @@ _USER_SUBTYPES = frozenset({"", "file_share", "thread_broadcast"})
 _SEEN_EVENTS = 2048
 _CONNECT_TIMEOUT = 30.0
 _EVENTS_PATH = "/slack/events"
+_MAX_AGE = 5 * 60  # seconds a signed request stays valid (Slack's advice)
 _SORRY = "Sorry, something went wrong on my side; please try again."
 #: Where attached files are downloaded from (with the bot token); nowhere else.
 FILE_ORIGINS = ("https://files.slack.com",)
@@ -113,6 +117,10 @@ class SlackReplySink:
     """One reply in one Slack thread (or DM): a placeholder, then throttled
     ``chat.update`` edits, continued in new messages past ``limit``."""
 
+    #: Seconds between tries of the final text (after the client's own
+    #: retries of a 429); after the last, it is posted as a new message.
+    final_retry_delays: tuple[float, ...] = (1.0, 4.0)
+
     def __init__(
         self,
         client: AsyncWebClient,
@@ -122,6 +130,7 @@ class SlackReplySink:
         update_interval: float,
         limit: int = MESSAGE_LIMIT,
         clock: Callable[[], float] = time.monotonic,
+        resume: Sequence[str] = (),
     ) -> None:
         self.update_interval = update_interval
         self._client = client
@@ -129,8 +138,11 @@ class SlackReplySink:
         self._thread_ts = thread_ts
         self._limit = limit
         self._clock = clock
-        self._ts: list[str] = []
-        self._shown: list[str] = []
+        # A job resumed after a restart shows its reply in the messages it had (issue 9).
+        self._ts: list[str] = list(resume)
+        self._shown: list[str] = [""] * len(self._ts)
+        #: Set by the core: told the ts of the messages that show this reply.
+        self.on_placed: Callable[[list[str]], Awaitable[None]] | None = None
         self._last_edit = float("-inf")
         self._streamed = False
         self._lock = asyncio.Lock()
@@ -149,8 +161,16 @@ class SlackReplySink:
         await self._sync(split_message(to_mrkdwn(text_so_far), self._limit))
 
     async def finish(self, text: str) -> None:
+        """The final text must arrive (issue 9): retried with backoff, then
+        posted as new messages (the old ones deleted). Raises
+        :class:`AdapterError` when it could not be shown at all."""
         chunks = split_message(to_mrkdwn(text), self._limit) if text.strip() else ["_(no reply)_"]
-        await self._sync(chunks)
+        for delay in (*self.final_retry_delays, None):
+            if await self._sync(chunks):
+                return
+            if delay is not None:
+                await asyncio.sleep(delay)
+        await self._repost(chunks)
 
     async def fail(self, user_message: str) -> None:
         text = to_mrkdwn(user_message)
@@ -165,16 +185,42 @@ class SlackReplySink:
             return
         await self._sync([text])
 
-    async def _sync(self, chunks: list[str]) -> None:
+    async def _sync(self, chunks: list[str]) -> bool:
+        """Show ``chunks``; False if some call failed (logged)."""
+        ok = True
         async with self._lock:
             for i, chunk in enumerate(chunks):
                 if i >= len(self._ts):
-                    await self._post(chunk)
+                    ok = await self._post(chunk) and ok
                 elif self._shown[i] != chunk:
-                    await self._edit(i, chunk)
+                    ok = await self._edit(i, chunk) and ok
+            while len(self._ts) > len(chunks):  # left from before a restart
+                self._shown.pop()
+                await self._delete(self._ts.pop())
             self._last_edit = self._clock()
+        return ok
 
-    async def _post(self, text: str) -> None:
+    async def _repost(self, chunks: list[str]) -> None:
+        """Edits keep failing: post the reply anew, then delete the old messages."""
+        async with self._lock:
+            old, self._ts, self._shown = self._ts, [], []
+            for chunk in chunks:
+                if not await self._post(chunk):
+                    raise AdapterError(f"Slack: the final reply could not be posted in {self._channel}")
+        for ts in old:
+            await self._delete(ts)
+        log.info("slack: the final reply was posted anew in %s after its edits failed", self._channel)
+
+    async def _post(self, text: str) -> bool:
+        ts = await self._new_message(text)
+        if ts is None:
+            return False
+        self._ts.append(ts)
+        self._shown.append(text)
+        await self._placed()
+        return True
+
+    async def _new_message(self, text: str) -> str | None:
         try:
             resp = await self._client.chat_postMessage(
                 channel=self._channel,
@@ -184,21 +230,46 @@ class SlackReplySink:
                 unfurl_media=False,
                 link_names=False,  # "@here" typed by the model stays text
             )
-        except SlackApiError as exc:
-            log.warning("slack: chat.postMessage in %s failed: %s", self._channel, _error_of(exc))
-            return
-        self._ts.append(str(resp["ts"]))
-        self._shown.append(text)
+        except (SlackClientError, OSError, TimeoutError) as exc:
+            log.warning("slack: chat.postMessage in %s failed: %s", self._channel, _why(exc))
+            return None
+        return str(resp["ts"])
 
-    async def _edit(self, index: int, text: str) -> None:
+    async def _edit(self, index: int, text: str) -> bool:
         try:
             await self._client.chat_update(
                 channel=self._channel, ts=self._ts[index], text=text, link_names=False
             )
         except SlackApiError as exc:
-            log.warning("slack: chat.update in %s failed: %s", self._channel, _error_of(exc))
-            return
+            if _error_of(exc) != "message_not_found":
+                log.warning("slack: chat.update in %s failed: %s", self._channel, _error_of(exc))
+                return False
+            # Deleted meanwhile (or before a restart): post it again in its place.
+            ts = await self._new_message(text)
+            if ts is None:
+                return False
+            self._ts[index] = ts
+            await self._placed()
+        except (SlackClientError, OSError, TimeoutError) as exc:
+            log.warning("slack: chat.update in %s failed: %s", self._channel, _why(exc))
+            return False
         self._shown[index] = text
+        return True
+
+    async def _delete(self, ts: str) -> None:
+        try:
+            await self._client.chat_delete(channel=self._channel, ts=ts)
+        except (SlackClientError, OSError, TimeoutError) as exc:
+            log.warning("slack: could not delete an outdated message in %s: %s", self._channel, _why(exc))
+        await self._placed()
+
+    async def _placed(self) -> None:
+        if self.on_placed is None:
+            return
+        try:
+            await self.on_placed(list(self._ts))
+        except Exception:
+            log.exception("slack: could not store where a reply is shown")
 
 
 class StreamSupport:
@@ -516,6 +587,13 @@ class SlackAdapter:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    async def not_ready(self) -> str | None:
+        """For /readyz: None while the Socket Mode websocket is open (or HTTP mode listens)."""
+        if self._socket is not None:
+            connected = await self._socket.client.is_connected()  # type: ignore[no-untyped-call]
+            return None if connected else "the Socket Mode websocket is not connected"
+        return None if self._runner is not None else "not connected"
+
     @property
     def http_port(self) -> int:
         """The port HTTP mode listens on (useful when configured as 0)."""
@@ -526,14 +604,17 @@ class SlackAdapter:
         channel = reply_ref.get("channel") or key.channel
         if reply_ref.get("panel"):
             return self._panel_sink(channel, key.thread, reply_ref.get("user", ""), reply_ref.get("team", ""))
-        return self._sink(channel, reply_ref.get("thread_ts", key.thread))
+        shown = [ts for ts in reply_ref.get("messages", "").split(",") if ts]
+        return self._sink(channel, reply_ref.get("thread_ts", key.thread), resume=shown)
 
     def _panel_sink(self, channel: str, thread_ts: str, user: str, team: str) -> PanelReplySink:
         return PanelReplySink(self._client, channel, thread_ts, user=user, team=team, streams=self._streams,
                               update_interval=self._update_interval)
 
-    def _sink(self, channel: str, thread_ts: str) -> SlackReplySink:
-        return SlackReplySink(self._client, channel, thread_ts, update_interval=self._update_interval)
+    def _sink(self, channel: str, thread_ts: str, resume: Sequence[str] = ()) -> SlackReplySink:
+        return SlackReplySink(
+            self._client, channel, thread_ts, update_interval=self._update_interval, resume=resume
+        )
 
     # ------------------------------------------------------------ start-up checks
 
@@ -595,6 +676,7 @@ class SlackAdapter:
                                          base_url=self._config.api_base_url)
         handler = AsyncSocketModeHandler(app, app_token=self._app_token, logger=log, web_client=connections)
         handler.client.wss_uri = str(resp["url"])
+        _count_reconnects(handler.client, lambda: self._bot.metrics.reconnected("slack"))
         self._socket = handler
         try:
             # connect() retries a failing websocket forever: bound the first try.
@@ -607,8 +689,23 @@ class SlackAdapter:
             ) from None
 
     async def _start_http(self, app: AsyncApp) -> None:
+        secret = self._signing_secret.encode()
+
         async def dispatch(request: web.Request) -> web.Response:
-            return await to_aiohttp_response(await app.async_dispatch(await to_bolt_request(request)))
+            # The signature first, on the raw bytes: bolt parses the body before
+            # it checks, and logs the whole body of each refused request (issue 9).
+            body = await request.read()
+            if not _signed(secret, body, request.headers):
+                log.warning("slack: refused a request with a missing or bad signature (%d bytes)", len(body))
+                return web.Response(status=401)
+            try:
+                bolt_request = AsyncBoltRequest(
+                    body=body.decode("utf-8"), query=request.query_string, headers=dict(request.headers)
+                )
+            except (ValueError, AttributeError, TypeError) as exc:  # bad UTF-8 or JSON, "[1]"
+                log.warning("slack: refused a signed request with a malformed body (%s)", type(exc).__name__)
+                return web.Response(status=400)
+            return await to_aiohttp_response(await app.async_dispatch(bolt_request))
 
         web_app = web.Application()
         web_app.router.add_post(_EVENTS_PATH, dispatch)
@@ -766,7 +863,7 @@ class SlackAdapter:
             return True
         if msg.subtype not in _USER_SUBTYPES:
             return True
-        return not self._allowed(msg.team, msg.channel, msg.is_dm)
+        return not self._allowed(msg.team, msg.channel, msg.is_dm) or not self._permitted(msg.user)
 
     def _allowed(self, team: str, channel: str, is_dm: bool) -> bool:
         cfg = self._config
@@ -776,6 +873,11 @@ class SlackAdapter:
             return cfg.allow_dms
         return not cfg.channels or channel in cfg.channels
 
+    def _permitted(self, user: str) -> bool:
+        """Access by user id: ``blocked_users``, then ``allowed_users`` (empty = everyone)."""
+        cfg = self._config
+        return user not in cfg.blocked_users and (not cfg.allowed_users or user in cfg.allowed_users)
+
     def _mentions_me(self, text: str) -> bool:
         return bool(self._identity.user_id) and f"<@{self._identity.user_id}" in text
 
@@ -784,6 +886,7 @@ class SlackAdapter:
         try:
             await handler(msg)
         except Exception:
+            self._bot.metrics.error("adapter")
             log.exception("slack: message %s in %s failed", msg.ts, msg.channel)
             await self._sink(msg.channel, msg.thread_ts or ("" if msg.is_dm else msg.ts)).fail(_SORRY)
 
@@ -844,7 +947,7 @@ class SlackAdapter:
         channel = str(command.get("channel_id", ""))
         user = str(command.get("user_id", ""))
         is_dm = channel.startswith("D") or command.get("channel_name") == "directmessage"
-        if not self._allowed(team, channel, is_dm):
+        if not self._allowed(team, channel, is_dm) or not self._permitted(user):
             return CommandReply("I'm not enabled here.", ok=False)
         key = _dm_key(channel) if is_dm else ConversationKey("slack", team, channel, "")
         ctx = CommandContext(key=key, author_id=user, is_dm=is_dm, is_admin=user in self._config.admin_users)
@@ -941,6 +1044,22 @@ def _files_of(event: Mapping[str, Any]) -> tuple[RemoteFile, ...]:
     )
 
 
+def _why(exc: BaseException) -> str:
+    return _error_of(exc) if isinstance(exc, SlackApiError) else f"{type(exc).__name__}: {exc}"
+
+
+def _signed(secret: bytes, body: bytes, headers: Mapping[str, str]) -> bool:
+    """Slack's v0 signature over the raw bytes, fresh within five minutes.
+    (slack_sdk's SignatureVerifier raises on a timestamp that is not a number
+    and on a body that is not UTF-8.)"""
+    timestamp = headers.get("X-Slack-Request-Timestamp", "")
+    signature = headers.get("X-Slack-Signature", "")
+    if not (timestamp.isascii() and timestamp.isdigit()) or abs(time.time() - int(timestamp)) > _MAX_AGE:
+        return False
+    mac = hmac.new(secret, b"v0:" + timestamp.encode() + b":" + body, hashlib.sha256)
+    return hmac.compare_digest(f"v0={mac.hexdigest()}".encode(), signature.encode("utf-8", "replace"))
+
+
 def _dm_key(channel: str) -> ConversationKey:
     return ConversationKey("slack", "dm", channel, "")
 
@@ -950,6 +1069,22 @@ def _ts_seconds(ts: str) -> float:
         return float(ts)
     except ValueError:
         return time.time()
+
+
+def _count_reconnects(client: Any, on_reconnect: Callable[[], None]) -> None:
+    """Call ``on_reconnect`` each time the Socket Mode client opens a session
+    after its first (slack_sdk has no hook for it: its ``connect`` is wrapped)."""
+    connect = client.connect
+    sessions = 0
+
+    async def counted() -> None:
+        nonlocal sessions
+        await connect()
+        sessions += 1
+        if sessions > 1:
+            on_reconnect()
+
+    client.connect = counted
 
 
 def _bound_port(site: web.TCPSite, configured: int) -> int:

@@ -14,7 +14,8 @@ Lifecycle of an adapter::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bot.types import (
     CommandContext,
@@ -30,6 +31,7 @@ from bot.types import (
 if TYPE_CHECKING:
     from bot.attachments import FileFetcher
     from bot.config import Config
+    from bot.metrics import Metrics
 
 
 class Adapter(Protocol):
@@ -41,6 +43,9 @@ class Adapter(Protocol):
 
     async def close(self) -> None:
         """Disconnect and release everything; safe to call twice or after a failed start."""
+
+    async def not_ready(self) -> str | None:
+        """For ``/readyz``: None while connected to the platform, else why not."""
 
     async def wait_closed(self) -> None:
         """Return when the adapter's work is over (the console: end of input;
@@ -55,6 +60,9 @@ class Core(Protocol):
     @property
     def config(self) -> Config: ...
 
+    @property
+    def metrics(self) -> Metrics: ...
+
     def register_platform(self, platform: Platform, sink_factory: SinkFactory) -> None:
         """``sink_factory(key, reply_ref)`` re-creates a sink for a job resumed after a restart."""
 
@@ -66,6 +74,10 @@ class Core(Protocol):
 
     async def command(self, ctx: CommandContext, text: str) -> CommandReply:
         """Run ``/xwin <text>``; ``""`` is the help."""
+        ...
+
+    async def set_settings(self, ctx: CommandContext, values: Mapping[str, Any]) -> CommandReply:
+        """``/xwin set`` from a platform's typed options: values, never parsed as text."""
         ...
 
     async def cancel_message(self, key: ConversationKey, platform_message_id: str) -> bool:

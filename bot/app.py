@@ -7,13 +7,18 @@ hand it normalized :class:`~bot.types.Incoming` messages and a
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 from bot.attachments import FileFetcher, FileReader
 from bot.commands import Commands, settings_scope
 from bot.config import Config, settings_from_generation
 from bot.engine.base import Engine
+from bot.metrics import Metrics
 from bot.prompt import PromptBuilder
+from bot.quota import Quotas
 from bot.settings import apply_overrides
 from bot.store import Job, Store
 from bot.types import (
@@ -37,18 +42,26 @@ STOPPED = "The bot is shutting down; try again in a minute."
 
 
 class Bot:
-    """Use as ``async with Bot(config, store, engine) as bot:`` (loads the model)."""
+    """Use as ``async with Bot(config, store, engine) as bot:`` (loads the model).
 
-    def __init__(self, config: Config, store: Store, engine: Engine) -> None:
+    ``metrics`` (made here when not given) is where the core counts what it
+    does; bot.health serves it."""
+
+    def __init__(self, config: Config, store: Store, engine: Engine, metrics: Metrics | None = None) -> None:
         self.config = config
         self.store = store
         self.engine = engine
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.quotas = Quotas(store, config.limits)
         self.defaults: Settings = settings_from_generation(config.generation)
         self._factories: dict[str, SinkFactory] = {}
         self._worker: Worker | None = None
         self._closing = False
         # Jobs an earlier process left pending, noted before any new message.
         self._left_pending: list[int] = []
+        # The limits check and the insert it allows are one step (issue 9): without
+        # this, concurrent messages all pass the check before any of them is stored.
+        self._admission = asyncio.Lock()
         self.commands = Commands(store, self.defaults, engine.context_length, self._stop_here, self.status)
         self.files = FileReader(config.attachments, engine)
 
@@ -80,8 +93,11 @@ class Bot:
             max_message_chars=self.config.bot.max_message_chars,
         )
         self._worker = Worker(self.store, self.engine, builder, self._settings_for_job,
-                              retries=self.config.bot.retries, retry_delay=self.config.bot.retry_delay)
+                              retries=self.config.bot.retries, retry_delay=self.config.bot.retry_delay,
+                              metrics=self.metrics, tokens_used=self._tokens_used)
+        self.metrics.watch_worker(self._worker.waiting, self._worker.running, self.engine.max_batch)
         self._worker.start()
+        self.metrics.model_loaded.set(1)
 
     async def close(self, grace: float = 5.0) -> None:
         """Stop taking messages, let running replies end or cancel them
@@ -89,6 +105,7 @@ class Bot:
         if self._closing:
             return
         self._closing = True
+        self.metrics.model_loaded.set(0)
         if self._worker is not None:
             await self._worker.stop(grace)
         await self.engine.close()
@@ -110,40 +127,87 @@ class Bot:
                 continue
             if job.state == "running":
                 await self.store.set_job_state(job.id, "queued")
-            self.worker.submit(job.id, factory(job.key, job.reply_ref))
+            sink = factory(job.key, job.reply_ref)
+            self._track(sink, job.id)
+            self.worker.submit(job.id, sink)
             resumed += 1
         self._left_pending = [j for j in self._left_pending if not self.worker.holds(j)]
         if resumed:
             log.info("resumed %d pending jobs from before the restart", resumed)
         return resumed
 
+    async def not_ready(self) -> str | None:
+        """For /readyz: None once the model is loaded and replies can be made."""
+        if self._closing:
+            return "shutting down"
+        if self._worker is None:
+            return "the model is loading"
+        return None
+
     # -- messages --------------------------------------------------------
     async def handle(
         self, incoming: Incoming, sink: ReplySink, fetcher: FileFetcher | None = None
     ) -> HandleResult:
         """``fetcher`` downloads ``incoming.files`` (only once the quotas let the message in)."""
+        result = await self._handle(incoming, sink, fetcher)
+        self.metrics.message_handled(result)
+        return result
+
+    async def _handle(self, incoming: Incoming, sink: ReplySink, fetcher: FileFetcher | None) -> HandleResult:
         if self._closing:
             await sink.fail(STOPPED)
             return "stopped"
         if not incoming.text.strip() and not incoming.files:
             await sink.fail(EMPTY_HELP)
             return "empty"
-        busy = await self._busy_reason(incoming.author_id)
         scope = settings_scope(incoming.key, incoming.author_id, incoming.is_dm)
-        attachments = await self.files.read(incoming.files, fetcher) if busy is None else ()
-        stored = await self.store.add_user_message(incoming, settings_scope=scope, with_job=busy is None,
-                                                   attachments=attachments)
+        # Files are downloaded only for a message the limits would let in, and
+        # outside the admission lock (a download must not hold up everyone).
+        admissible = not await self._refusal(incoming.key.platform, incoming.author_id)
+        attachments = await self.files.read(incoming.files, fetcher) if admissible else ()
+        # The limits checked, the message stored with its job and counted, as one step.
+        async with self._admission:
+            refusal = await self._refusal(incoming.key.platform, incoming.author_id)
+            stored = await self.store.add_user_message(incoming, settings_scope=scope, with_job=not refusal,
+                                                       attachments=() if refusal else attachments)
+            if stored is not None and stored[1] is not None:
+                await self.quotas.count_message(incoming.key.platform, incoming.author_id)
         if stored is None:
             log.info("ignoring re-delivered message %s", incoming.message_id)
             return "duplicate"
         _message_id, job_id = stored
-        if busy is not None or job_id is None:
-            await sink.fail(BUSY.format(why=busy))
-            return "busy"
+        if refusal is not None:
+            result, text = refusal
+            await sink.fail(text)
+            return result
+        if job_id is None:
+            raise RuntimeError("the store gave no job for an admitted message")
         position = await self.store.jobs_ahead(job_id)
+        self._track(sink, job_id)
         self.worker.submit(job_id, sink, position)
         await sink.queued(position)
         return "queued"
+
+    def _track(self, sink: ReplySink, job_id: int) -> None:
+        """A sink with an ``on_placed`` attribute says which platform messages
+        show the reply; they are kept with the job (its ``reply_ref["messages"]``)
+        so that the sink factory resumes into them after a restart (issue 9)."""
+        if not hasattr(sink, "on_placed"):
+            return
+
+        async def placed(message_ids: list[str]) -> None:
+            await self.store.set_reply_messages(job_id, message_ids)
+
+        sink.on_placed = placed  # type: ignore[attr-defined]
+
+    async def _refusal(self, platform: Platform, author_id: str) -> tuple[HandleResult, str] | None:
+        """Why a message of this author gets no job now: over a quota (issue 12;
+        the message is kept) or the queue bounds; None when it is let in."""
+        over = await self.quotas.refusal(platform, author_id)
+        if over is not None:
+            return "limited", over
+        busy = await self._busy_reason(author_id)
+        return None if busy is None else ("busy", BUSY.format(why=busy))
 
     async def _busy_reason(self, author_id: str) -> str | None:
         limits = self.config.bot
@@ -171,6 +235,10 @@ class Bot:
     async def command(self, ctx: CommandContext, text: str) -> CommandReply:
         return await self.commands.run(ctx, text)
 
+    async def set_settings(self, ctx: CommandContext, values: Mapping[str, Any]) -> CommandReply:
+        """``/xwin set`` from typed options: values, never parsed as command text."""
+        return await self.commands.set_values(ctx, values)
+
     async def _stop_here(self, key: ConversationKey, author_id: str | None) -> int:
         stopped = 0
         for job in await self.store.jobs_in(key):
@@ -187,6 +255,9 @@ class Bot:
         rate = worker.stats.tokens_per_s()
         lines.append(f"speed of the last replies: {rate:.1f} tokens/s" if rate else "no replies yet")
         return "\n".join(lines)
+
+    async def _tokens_used(self, job: Job, tokens: int) -> None:
+        await self.quotas.count_tokens(job.key.platform, job.author_id, tokens)
 
     async def _settings_for_job(self, job: Job) -> Settings:
         return apply_overrides(self.defaults, await self.store.settings(job.settings_scope))

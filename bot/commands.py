@@ -8,11 +8,12 @@ saying who asked, where, and whether they may change the channel's settings.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from bot.errors import CommandError
-from bot.settings import SPECS, apply_overrides, describe, parse_value
+from bot.settings import SPECS, apply_overrides, check_value, describe, parse_value
 from bot.store import Store
 from bot.types import CommandContext, CommandReply, ConversationKey, Settings
 
@@ -83,11 +84,36 @@ class Commands:
             value = parse_value(name, raw, context_length=self.context_length)
         except ValueError as exc:
             raise CommandError(f"Not changed: {exc}.") from None
+        return CommandReply(await self._store_setting(ctx, name, value))
+
+    async def set_values(self, ctx: CommandContext, values: Mapping[str, Any]) -> CommandReply:
+        """``/xwin set`` with typed options (Discord): each value is taken as
+        it is, never read as command text, so a newline in a system prompt
+        cannot run a second command (issue 9)."""
+        if not values:
+            return await self.run(ctx, "set")
+        lines: list[str] = []
+        try:
+            for name, raw in values.items():
+                value = raw.strip() if isinstance(raw, str) else raw
+                try:
+                    if name not in SPECS:
+                        raise ValueError(f"unknown setting {name!r}; settings are: {', '.join(SPECS)}")
+                    check_value(name, value, context_length=self.context_length)
+                except ValueError as exc:
+                    lines.append(f"{name} not changed: {exc}.")
+                    continue
+                lines.append(await self._store_setting(ctx, name, value))
+        except CommandError as exc:
+            return CommandReply(str(exc), ok=False)
+        return CommandReply("\n".join(lines), ok=all(" not changed: " not in line for line in lines))
+
+    async def _store_setting(self, ctx: CommandContext, name: str, value: Any) -> str:
         self._require_admin(ctx)
         await self.store.set_setting(self._scope(ctx), name, value, ctx.author_id)
         log.info("%s set %s in %s", ctx.author_id, name, self._scope(ctx))
         shown = repr(value) if isinstance(value, str) else value
-        return CommandReply(f"{name} is now {shown}.")
+        return f"{name} is now {shown}."
 
     async def _reset(self, ctx: CommandContext, rest: str) -> CommandReply:
         name = rest.lower() or None

@@ -7,6 +7,7 @@ Secrets never live here: they come from the environment (see :class:`Secrets`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import typing
@@ -91,6 +92,10 @@ class DiscordConfig:
     admin_roles: tuple[str, ...] = ()
     allow_dms: bool = True
     command_guilds: tuple[str, ...] = ()
+    # Access by role and user (issue 12): role ids or names; empty = everyone.
+    # Roles are checked in servers; DMs follow allow_dms.
+    allowed_roles: tuple[str, ...] = ()
+    blocked_users: tuple[str, ...] = ()
     message_content_intent: bool = True
     api_base_url: str = "https://discord.com/api/v10"
     gateway_url: str = "wss://gateway.discord.gg"
@@ -106,6 +111,9 @@ class SlackConfig:
     channels: tuple[str, ...] = ()
     admin_users: tuple[str, ...] = ()
     allow_dms: bool = True
+    # Access by user (issue 12): user ids; empty allowed_users = everyone.
+    allowed_users: tuple[str, ...] = ()
+    blocked_users: tuple[str, ...] = ()
     api_base_url: str = "https://slack.com/api/"
     # -- issue 10: the assistant panel ("Agents & AI Apps") and native streaming --
     # First message of a new panel thread (Markdown).
@@ -135,6 +143,27 @@ class AttachmentsConfig:
     download_timeout: float = 20.0
 
 
+# -- issue 12: metrics and health, quotas --------------------------------------
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """The /metrics, /healthz and /readyz HTTP endpoint (off by default)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 9464
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Per-user quotas, counted in the store (0 = unlimited)."""
+
+    messages_per_minute: int = 0
+    # Tokens of the bot's replies per UTC day.
+    tokens_per_day: int = 0
+
+
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -143,6 +172,8 @@ class Config:
     discord: DiscordConfig = field(default_factory=DiscordConfig)
     slack: SlackConfig = field(default_factory=SlackConfig)
     attachments: AttachmentsConfig = field(default_factory=AttachmentsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     # Folder that relative paths (the database) are taken from.
     base_dir: Path = field(default=Path("."), compare=False)
 
@@ -183,6 +214,8 @@ _SECTIONS: dict[str, type] = {
     "discord": DiscordConfig,
     "slack": SlackConfig,
     "attachments": AttachmentsConfig,
+    "metrics": MetricsConfig,
+    "limits": LimitsConfig,
 }
 
 
@@ -272,6 +305,9 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name}: must be a number, got {value!r}")
+        # TOML has nan and inf: neither is a delay, an interval or a temperature.
+        if not math.isfinite(value):
+            raise ConfigError(f"{name}: must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -294,6 +330,12 @@ def _check_cross_field(config: Config) -> None:
         raise ConfigError("[bot] retries and retry_delay: must be 0 or more")
     if b.stream_interval < 0:
         raise ConfigError(f"[bot] stream_interval: must be 0 or more, got {b.stream_interval}")
+    _check_ops(config)
+    # Issue 9: values that used to end in a traceback at start-up.
+    if not b.database.strip():
+        raise ConfigError("[bot] database: must name a file, got an empty string")
+    if not 0 <= config.slack.http_port <= 65535:
+        raise ConfigError(f"[slack] http_port: must be 0 to 65535, got {config.slack.http_port}")
     if m.engine == "openai" and not m.base_url:
         raise ConfigError("[model] base_url: required when engine = \"openai\"")
     _check_slack(config.slack)
@@ -314,6 +356,8 @@ def _check_attachments(a: AttachmentsConfig) -> None:
         raise ConfigError(f"[attachments] context_share: must be in (0, 1], got {a.context_share}")
     if a.download_timeout <= 0:
         raise ConfigError(f"[attachments] download_timeout: must be more than 0, got {a.download_timeout}")
+
+
 def _check_slack(s: SlackConfig) -> None:
     """issue 10: Slack shows at most 4 suggested prompts, each with a title and a message."""
     if len(s.suggested_prompts) > 4:
@@ -322,6 +366,13 @@ def _check_slack(s: SlackConfig) -> None:
         title, _, message = prompt.partition("|")
         if not title.strip() or ("|" in prompt and not message.strip()):
             raise ConfigError(f"[slack] suggested_prompts: {prompt!r} must be \"Title | message\" or a message")
+def _check_ops(config: Config) -> None:
+    """[metrics] and [limits] (issue 12)."""
+    if not 0 <= config.metrics.port <= 65535:
+        raise ConfigError(f"[metrics] port: must be 0 to 65535, got {config.metrics.port}")
+    for name in ("messages_per_minute", "tokens_per_day"):
+        if getattr(config.limits, name) < 0:
+            raise ConfigError(f"[limits] {name}: must be 0 (unlimited) or more, got {getattr(config.limits, name)}")
 
 
 def _positive(name: str, value: int) -> None:

@@ -16,19 +16,22 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 from bot.adapter import Adapter
 from bot.app import Bot
 from bot.config import Config, Secrets, load_config
 from bot.engine import make_engine
 from bot.errors import AdapterError, BotError, ConfigError
+from bot.health import Check, HealthServer
 from bot.store import Store
 
 log = logging.getLogger("xwin-bot")
 
 DEFAULT_CONFIG = "config.toml"
+ADAPTER_CLOSE_TIMEOUT = 5.0
 
 
 class RedactSecrets(logging.Filter):
@@ -114,57 +117,100 @@ async def _amain(command: str, config: Config, secrets: Secrets) -> int:
     engine = make_engine(config.model, secrets)
     async with Store(config.database_path()) as store:
         bot = Bot(config, store, engine)
-        try:
-            await bot.start()
-            if command == "chat":
-                return await _chat(bot, stop)
-            return await _run(bot, config, secrets, stop)
-        finally:
-            await bot.close()
+        # Up before the model loads, so that /readyz says "loading" meanwhile.
+        async with _health_server(bot) as health:
+            try:
+                await bot.start()
+                if command == "chat":
+                    return await _chat(bot, stop)
+                return await _run(bot, config, secrets, stop, health)
+            finally:
+                await bot.close()
+
+
+@contextlib.asynccontextmanager
+async def _health_server(bot: Bot) -> AsyncIterator[HealthServer | None]:
+    """/metrics, /healthz, /readyz when [metrics] enabled (docs/operations.md)."""
+    cfg = bot.config.metrics
+    if not cfg.enabled:
+        yield None
+        return
+    server = HealthServer(bot.metrics, cfg.host, cfg.port, live=_store_writable(bot),
+                          ready=[("bot", bot.not_ready)])
+    async with server:
+        yield server
+
+
+def _store_writable(bot: Bot) -> Check:
+    async def check() -> str | None:
+        await bot.store.check_writable()
+        return None
+
+    return check
 
 
 async def _chat(bot: Bot, stop: asyncio.Event) -> int:
     from adapters.console import ConsoleAdapter
 
     console = ConsoleAdapter(bot, stdin=sys.stdin, stdout=sys.stdout, interactive=sys.stdin.isatty())
-    return await _serve(bot, [console], stop, stopped=130)
+    return await _serve(bot, [console], stop, stopped=130, watch_store=False)
 
 
-async def _run(bot: Bot, config: Config, secrets: Secrets, stop: asyncio.Event) -> int:
+async def _run(bot: Bot, config: Config, secrets: Secrets, stop: asyncio.Event,
+               health: HealthServer | None = None) -> int:
     adapters = build_adapters(bot, config, secrets)
     if not adapters:
         raise ConfigError(
             "no adapter is enabled: set [discord] enabled = true or [slack] enabled = true "
             "(or talk to the bot with `xwin-bot chat`)"
         )
-    return await _serve(bot, adapters, stop, stopped=0)
+    return await _serve(bot, adapters, stop, stopped=0, health=health)
 
 
-async def _serve(bot: Bot, adapters: Sequence[Adapter], stop: asyncio.Event, *, stopped: int) -> int:
+async def _serve(bot: Bot, adapters: Sequence[Adapter], stop: asyncio.Event, *, stopped: int,
+                 health: HealthServer | None = None, watch_store: bool = True) -> int:
     """Start the adapters, then wait for a signal (exit code ``stopped``) or for
     an adapter to end: its work done (0), or its platform lost for good (its
     :class:`AdapterError`, exit code 1)."""
     started: list[Adapter] = []
     try:
         for adapter in adapters:
+            if health is not None:
+                health.add_readiness(type(adapter).__name__.removesuffix("Adapter").lower(), adapter.not_ready)
             await adapter.start()
             started.append(adapter)
         await bot.resume_pending()
         log.info("running; Ctrl-C or SIGTERM stops")
-        return stopped if await _until_stop_or_adapter_ends(started, stop) else 0
+        watch = bot.store.watch() if watch_store else None
+        return stopped if await _until_stop_or_adapter_dies(started, stop, watch) else 0
     finally:
         # The bot first, so that its last words ("restarting...") still reach
         # the platforms; then the adapters.
         await bot.close()
         for adapter in reversed(started):
-            with contextlib.suppress(Exception):
-                await adapter.close()
+            await _close_adapter(adapter)
 
 
-async def _until_stop_or_adapter_ends(adapters: Sequence[Adapter], stop: asyncio.Event) -> bool:
+async def _close_adapter(adapter: Adapter) -> None:
+    """Bounded (issue 9): a platform that stalls must not hold up the exit."""
+    try:
+        await asyncio.wait_for(adapter.close(), ADAPTER_CLOSE_TIMEOUT)
+    except TimeoutError:
+        log.warning("%s did not close within %.0f s; exiting anyway", type(adapter).__name__,
+                    ADAPTER_CLOSE_TIMEOUT)
+    except Exception:
+        log.debug("closing %s failed", type(adapter).__name__, exc_info=True)
+
+
+async def _until_stop_or_adapter_dies(
+    adapters: Sequence[Adapter], stop: asyncio.Event, store_watch: Coroutine[Any, Any, None] | None
+) -> bool:
     """True on SIGINT/SIGTERM, False when an adapter's work is over; raises the
-    AdapterError of an adapter that lost its platform for good (a revoked token, say)."""
+    AdapterError of an adapter that lost its platform for good (a revoked
+    token, say), or the StoreError of a database file deleted under the running bot."""
     waits = [asyncio.ensure_future(adapter.wait_closed()) for adapter in adapters]
+    if store_watch is not None:
+        waits.append(asyncio.ensure_future(store_watch))
     stopper = asyncio.ensure_future(stop.wait())
     try:
         done, _ = await asyncio.wait({stopper, *waits}, return_when=asyncio.FIRST_COMPLETED)

@@ -54,6 +54,15 @@ def defuse(text: str) -> str:
     return _MARKER.sub(lambda m: f"{m.group(1)} :", text)
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def system_text(system_prompt: str) -> str:
+    """The system prompt is text a user controls (in a DM, ``/xwin set``):
+    defused like a message, control characters dropped (issue 9)."""
+    return defuse(_CONTROL.sub("", system_prompt)).strip()
+
+
 def speaker(turn: Turn, is_dm: bool) -> str:
     # Attached files join the text before defusing: they are as untrusted as it.
     text = with_files(turn.text.strip(), turn.attachments)
@@ -118,7 +127,7 @@ class PromptBuilder:
 
     def _fit(self, exchanges: list[_Exchange], settings: Settings) -> Prompt:
         budget = self.context_length - settings.max_new_tokens
-        system = settings.system_prompt.strip()
+        system = system_text(settings.system_prompt)
         for start in range(self._first_fitting(system, exchanges, budget), len(exchanges)):
             ids = self._encode(system, exchanges[start:])
             if len(ids) <= budget:

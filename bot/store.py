@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import json
 import logging
+import os
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -94,7 +98,26 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (message_id, position)
     );
     """,
+    # 3 (issue 12, quotas): what each user used, so that a restart does not reset
+    # their limits. kind 'message': a message that got a job (amount 1);
+    # 'tokens': tokens of the bot's replies to them.
+    """
+    CREATE TABLE usage (
+        platform TEXT NOT NULL,
+        author_id TEXT NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('message', 'tokens')),
+        amount INTEGER NOT NULL,
+        at REAL NOT NULL
+    );
+    CREATE INDEX usage_by_author ON usage (platform, author_id, kind, at);
+    -- /healthz writes its one row here to prove the file takes writes.
+    CREATE TABLE health (id INTEGER PRIMARY KEY CHECK (id = 1), checked_at REAL NOT NULL);
+    """,
 ]
+
+UsageKind = Literal["message", "tokens"]
+#: Usage rows older than this are deleted as new ones come (the longest quota window is a day).
+USAGE_KEPT_S = 2 * 86400
 
 
 @dataclass(frozen=True)
@@ -131,12 +154,69 @@ def _job(row: Sequence[Any]) -> Job:
     )
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+class _ProcessLock:
+    """One process per database (issue 9): an OS lock on ``<database>.lock``,
+    held for the store's life. The kernel drops it when the process dies, so
+    a killed bot never blocks the next start."""
+
+    def __init__(self, db_path: Path) -> None:
+        self.db_path = db_path
+        self.path = db_path.with_name(db_path.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise StoreError(
+                f"another xwin-bot process (pid {owner}) is using the database {self.db_path}; "
+                "stop it first, or give this one its own [bot] database"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the lock
+            self._fd = None
+
+
+def _check_database_file(path: Path) -> None:
+    """Refuse what is not a database file before SQLite gets to write into it."""
+    if str(path) in ("", "."):
+        raise StoreError("the database path is empty; set [bot] database to a file name")
+    if path.is_dir():
+        raise StoreError(f"the database {path} is a directory; set [bot] database to a file")
+    if path.is_file() and path.stat().st_size > 0:
+        with path.open("rb") as f:
+            head = f.read(len(SQLITE_HEADER))
+        if head != SQLITE_HEADER:
+            raise StoreError(
+                f"{path} is not an SQLite database (it holds something else); "
+                "refusing to overwrite it: set [bot] database to another file"
+            )
+
+
 class Store:
-    """Use as ``async with Store(path) as store:``."""
+    """Use as ``async with Store(path) as store:``.
+
+    One process at a time: opening a database another live process holds
+    raises :class:`StoreError`."""
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._db: aiosqlite.Connection | None = None
+        self._lock: _ProcessLock | None = None
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the file opened
         # One connection serves every coroutine: writes that span several
         # statements take this lock so that one never commits another's half.
         self._write_lock = asyncio.Lock()
@@ -166,19 +246,81 @@ class Store:
         return self._db
 
     async def open(self) -> None:
-        if self.path.parent and not self.path.parent.exists():
+        """Lock, open and migrate; on any failure nothing stays open (an open
+        aiosqlite thread would keep the process from exiting)."""
+        try:
+            await self._open()
+        except BaseException as exc:
+            await self.close()
+            if isinstance(exc, OSError):
+                reason = exc.strerror or str(exc)
+                raise StoreError(
+                    f"cannot open the database {self.path} ({reason}); check [bot] database"
+                ) from None
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise StoreError(
+                    f"cannot use the database {self.path} ({exc}); check [bot] database"
+                ) from None
+            raise
+
+    async def _open(self) -> None:
+        _check_database_file(self.path)
+        if not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = _ProcessLock(self.path)
+        self._lock.acquire()
         self._db = await aiosqlite.connect(self.path)
         await self.db.execute("PRAGMA journal_mode=WAL")
         await self.db.execute("PRAGMA synchronous=NORMAL")
         await self.db.execute("PRAGMA foreign_keys=ON")
         await self.db.execute("PRAGMA busy_timeout=5000")
         await self._migrate()
+        stat = self.path.stat()
+        self._identity = (stat.st_dev, stat.st_ino)
 
     async def close(self) -> None:
         if self._db is not None:
             await self._db.close()
             self._db = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    # -- the file itself (issue 9) ----------------------------------------
+    def file_problem(self) -> str | None:
+        """What happened to the database file since it was opened, if anything."""
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return "was deleted"
+        except OSError as exc:
+            return f"cannot be read ({exc.strerror})"
+        if (stat.st_dev, stat.st_ino) != self._identity:
+            return "was replaced by another file"
+        return None
+
+    async def watch(self, interval: float = 5.0) -> None:
+        """Runs until the database file is deleted or replaced under the running
+        bot, then saves what the open connection still holds (pending questions
+        included) and raises :class:`StoreError` saying where."""
+        while True:
+            await asyncio.sleep(interval)
+            problem = self.file_problem()
+            if problem is not None:
+                saved = await self._save_copy()
+                raise StoreError(
+                    f"the database {self.path} {problem} while the bot ran; what it held was saved "
+                    f"to {saved}; stopping"
+                )
+
+    async def _save_copy(self) -> Path:
+        target = self.path
+        if target.exists():  # someone else's file now: leave it alone
+            target = self.path.with_name(f"{self.path.name}.recovered-{int(time.time())}")
+        async with self._write_lock:
+            await self.db.execute("VACUUM INTO ?", (str(target),))
+        log.error("database %s saved from the open connection to %s", self.path, target)
+        return target
 
     async def _migrate(self) -> None:
         async with self.db.execute("PRAGMA user_version") as cur:
@@ -285,6 +427,19 @@ class Store:
             await db.execute(
                 "UPDATE jobs SET state = 'done', finished_at = ?, error = NULL WHERE id = ?",
                 (time.time(), job.id),
+            )
+
+    async def take_back_reply(self, job: Job, platform_message_id: str, error: str) -> None:
+        """The stored reply never reached the chat: remove it and fail the job,
+        in one transaction (what the user did not see is not history)."""
+        async with self._transaction() as db:
+            await db.execute(
+                "DELETE FROM messages WHERE conversation_id = ? AND role = 'assistant' "
+                "AND platform_message_id = ?", (job.conversation_id, platform_message_id),
+            )
+            await db.execute(
+                "UPDATE jobs SET state = 'failed', finished_at = ?, error = ? WHERE id = ? AND state = 'done'",
+                (time.time(), error, job.id),
             )
 
     async def _generation(self, conversation_id: int) -> int:
@@ -399,6 +554,16 @@ class Store:
             cur = await db.execute(sql, args)
         return cur.rowcount > 0
 
+    async def set_reply_messages(self, job_id: int, message_ids: Sequence[str]) -> None:
+        """Where the job's reply is shown (placeholder, partial text): kept in
+        its ``reply_ref["messages"]`` so that a restart resumes into those
+        messages instead of leaving them stale (issue 9)."""
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE jobs SET reply_ref = json_set(reply_ref, '$.messages', ?) WHERE id = ?",
+                (",".join(message_ids), job_id),
+            )
+
     async def count_pending(self, author_id: str | None = None) -> int:
         sql = "SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')"
         args: tuple[str, ...] = ()
@@ -416,6 +581,43 @@ class Store:
         ) as cur:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
+
+    # -- usage (issue 12: quotas) ----------------------------------------
+    async def add_usage(self, platform: str, author_id: str, kind: UsageKind, amount: int,
+                        at: float | None = None) -> None:
+        """Count what a user used; rows of theirs older than two days go."""
+        now = time.time() if at is None else at
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT INTO usage (platform, author_id, kind, amount, at) VALUES (?, ?, ?, ?, ?)",
+                (platform, author_id, kind, amount, now),
+            )
+            await db.execute(
+                "DELETE FROM usage WHERE platform = ? AND author_id = ? AND kind = ? AND at < ?",
+                (platform, author_id, kind, now - USAGE_KEPT_S),
+            )
+
+    async def usage_since(self, platform: str, author_id: str, kind: UsageKind, since: float) -> int:
+        """The sum of a user's ``kind`` since a time."""
+        sql = ("SELECT COALESCE(SUM(amount), 0) FROM usage "
+               "WHERE platform = ? AND author_id = ? AND kind = ? AND at >= ?")
+        async with self.db.execute(sql, (platform, author_id, kind, since)) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def nth_latest_usage(self, platform: str, author_id: str, kind: UsageKind, n: int) -> float | None:
+        """When the user's ``n``-th latest ``kind`` row was counted (1 = the latest)."""
+        sql = ("SELECT at FROM usage WHERE platform = ? AND author_id = ? AND kind = ? "
+               "ORDER BY at DESC LIMIT 1 OFFSET ?")
+        async with self.db.execute(sql, (platform, author_id, kind, n - 1)) as cur:
+            row = await cur.fetchone()
+        return float(row[0]) if row else None
+
+    async def check_writable(self) -> None:
+        """Raise unless the file takes writes now (for /healthz): one real write
+        of one row (SQLite grants a write lock even on a read-only file)."""
+        async with self._transaction() as db:
+            await db.execute("INSERT OR REPLACE INTO health (id, checked_at) VALUES (1, ?)", (time.time(),))
 
     # -- settings --------------------------------------------------------
     async def settings(self, scope: str) -> dict[str, Any]:

@@ -13,7 +13,7 @@ Platform = Literal["discord", "slack", "console"]
 Role = Literal["user", "assistant"]
 AttachmentStatus = Literal["read", "cut", "skipped"]
 #: What :meth:`bot.app.Bot.handle` did with a message.
-HandleResult = Literal["queued", "duplicate", "busy", "empty", "stopped"]
+HandleResult = Literal["queued", "duplicate", "busy", "limited", "empty", "stopped"]
 
 
 @dataclass(frozen=True)

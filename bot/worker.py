@@ -24,13 +24,16 @@ from bot.attachments import files_notice
 from bot.engine.base import Engine
 from bot.engine.detok import StopFilter
 from bot.errors import BotError, GenerationError
+from bot.metrics import Metrics
 from bot.prompt import TRUNCATION_NOTICE, PromptBuilder
-from bot.store import PENDING, Job, Store
+from bot.store import PENDING, Job, JobState, Store
 from bot.types import ReplySink, Settings
 
 log = logging.getLogger(__name__)
 
 SettingsFor = Callable[[Job], Awaitable[Settings]]
+#: Told how many tokens a reply used (quotas), even one cut short.
+TokensUsed = Callable[[Job, int], Awaitable[None]]
 
 MSG_FAILED = "Sorry, I could not finish that reply: {reason}. Try again in a moment."
 MSG_CRASHED = "Sorry, something went wrong while answering. It has been logged; try again."
@@ -62,8 +65,14 @@ class ReplyStats:
 
 
 class Worker:
+    #: Seconds a reply cut by shutdown gets to tell its user, before it is cut off.
+    last_words = 2.0
+
     def __init__(self, store: Store, engine: Engine, builder: PromptBuilder,
-                 settings_for: SettingsFor, *, retries: int = 2, retry_delay: float = 2.0) -> None:
+                 settings_for: SettingsFor, *, retries: int = 2, retry_delay: float = 2.0,
+                 metrics: Metrics | None = None, tokens_used: TokensUsed | None = None) -> None:
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.tokens_used = tokens_used
         self.retries = retries
         self.retry_delay = retry_delay
         self.store = store
@@ -82,6 +91,8 @@ class Worker:
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = False
+        # Job ends the store refused to write (issue 9): written at the next chance.
+        self._unrecorded: dict[int, tuple[JobState, str | None]] = {}
 
     # -- life cycle ------------------------------------------------------
     def start(self) -> None:
@@ -89,7 +100,9 @@ class Worker:
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop taking work; give running replies ``grace`` seconds, then
-        cancel them and leave their jobs queued for the next start."""
+        cancel them and leave their jobs queued for the next start. Bounded
+        (issue 9): a platform that does not answer the cancelled replies' last
+        words gets ``last_words`` seconds more, then they are cut off too."""
         self._stopping = True
         if self._loop_task is not None:
             self._loop_task.cancel()
@@ -100,13 +113,21 @@ class Worker:
             _done, late = await asyncio.wait(running, timeout=grace)
             for task in late:
                 task.cancel(msg="shutdown")
-            await asyncio.gather(*late, return_exceptions=True)
+            stuck = (await asyncio.wait(late, timeout=self.last_words))[1] if late else set()
+            if stuck:
+                log.warning("%d replies could not say goodbye within %.1f s; cut off, left queued",
+                            len(stuck), self.last_words)
+                for task in stuck:
+                    task.cancel(msg="shutdown")
+                await asyncio.wait(stuck, timeout=self.last_words)
+        await self._record_late()
 
     def submit(self, job_id: int, sink: ReplySink, position: int | None = None) -> None:
         self._sinks[job_id] = sink
         if position is not None:
             self._positions[job_id] = position
         self._idle.clear()
+        self.metrics.job_queued(job_id)
         self.queue.put_nowait(job_id)
 
     async def drain(self) -> None:
@@ -121,6 +142,10 @@ class Worker:
     def running(self) -> int:
         return len(self._tasks)
 
+    def waiting(self) -> int:
+        """Jobs held but not running yet (the queue depth)."""
+        return len(self._sinks.keys() - self._tasks.keys())
+
     # -- cancel ----------------------------------------------------------
     async def cancel(self, job: Job) -> bool:
         """Cancel a queued or running job. True if there was one to cancel."""
@@ -130,6 +155,7 @@ class Worker:
             return True
         if not await self.store.set_job_state(job.id, "cancelled", "cancelled by the user"):
             return False
+        self.metrics.job_ended(job.id, "cancelled")
         sink = self._sinks.pop(job.id, None)
         if sink is not None:
             await _safe(sink.fail(MSG_STOPPED))
@@ -151,6 +177,7 @@ class Worker:
                 self._check_idle()
 
     async def _dispatch(self, job_id: int) -> bool:
+        await self._record_late()
         job = await self.store.job(job_id)
         if job is None or job.state not in PENDING or job_id in self._tasks:
             self._sinks.pop(job_id, None)
@@ -198,29 +225,75 @@ class Worker:
         reply = _Reply(sink)
         try:
             await self.store.set_job_state(job.id, "running")
+            self.metrics.job_started(job.id)
             await _safe(sink.started())
             text = await self._generate_with_retries(job, reply)
-            await self.store.add_assistant_message(job, text, f"job:{job.id}")
-            await _safe(sink.finish(text))
+            await self.store.add_assistant_message(job, text, _reply_id(job))
         except asyncio.CancelledError:
             # stop() sets _stopping before it cancels; any other cancel is the user's.
+            self.metrics.job_ended(job.id, "requeued" if self._stopping else "cancelled")
             await self._cancelled(job, sink, reply, shutdown=self._stopping)
+            return
         except GenerationError as exc:
             log.warning("job %d failed: %s", job.id, exc, exc_info=bool(exc.detail))
-            await self.store.set_job_state(job.id, "failed", str(exc))
+            self.metrics.job_ended(job.id, "failed")
+            self.metrics.error("generation")
+            await self._record(job.id, "failed", str(exc))
             await _safe(sink.fail(MSG_FAILED.format(reason=exc.user_message.rstrip("."))))
+            return
         except Exception as exc:
             log.exception("job %d crashed", job.id)
-            await self.store.set_job_state(job.id, "failed", f"{type(exc).__name__}: {exc}")
+            self.metrics.job_ended(job.id, "crashed")
+            self.metrics.error("crash")
+            await self._record(job.id, "failed", f"{type(exc).__name__}: {exc}")
             await _safe(sink.fail(MSG_CRASHED))
+            return
+        await self._deliver(job, sink, text)
+
+    async def _deliver(self, job: Job, sink: ReplySink, text: str) -> None:
+        """The reply is stored; a sink raises when, retries and all, it could
+        not show it. Then the job is not done: the reply is taken back."""
+        try:
+            await sink.finish(text)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("job %d: the reply could not be delivered (%s); marked failed", job.id, exc)
+            self.metrics.job_ended(job.id, "failed")
+            self.metrics.error("delivery")
+            try:
+                await self.store.take_back_reply(job, _reply_id(job), f"not delivered: {exc}")
+            except Exception:
+                log.exception("job %d: could not record that its reply was not delivered", job.id)
+        else:
+            self.metrics.job_ended(job.id, "done")
+
+    async def _record(self, job_id: int, state: JobState, error: str | None = None) -> None:
+        """Store a job's end; if the store fails too, remember it and try again
+        before the next job and at shutdown, so a restart does not answer again."""
+        try:
+            await self.store.set_job_state(job_id, state, error)
+        except Exception:
+            log.exception("job %d: could not store its state %r; will try again", job_id, state)
+            self._unrecorded[job_id] = (state, error)
+
+    async def _record_late(self) -> None:
+        for job_id, (state, error) in list(self._unrecorded.items()):
+            try:
+                await self.store.set_job_state(job_id, state, error)
+            except Exception as exc:
+                log.warning("job %d: its state %r is still not stored: %s", job_id, state, exc)
+                return
+            del self._unrecorded[job_id]
+            log.info("job %d: state %r stored late", job_id, state)
 
     async def _cancelled(self, job: Job, sink: ReplySink, reply: _Reply, *, shutdown: bool) -> None:
         if shutdown:
             # Leave it queued: the next start answers it.
-            await self.store.set_job_state(job.id, "queued")
+            await self._record(job.id, "queued")
             await _safe(sink.fail(MSG_SHUTDOWN))
             return
-        await self.store.set_job_state(job.id, "cancelled", "cancelled by the user")
+        await self._record(job.id, "cancelled", "cancelled by the user")
         if reply.text.strip():
             await _safe(sink.finish(f"{reply.text.rstrip()}\n\n({MSG_STOPPED.lower().rstrip('.')})"))
         else:
@@ -234,6 +307,7 @@ class Worker:
                 if not exc.retryable or attempt == self.retries:
                     raise
                 delay = self.retry_delay * 2**attempt
+                self.metrics.error("retry")
                 log.warning("job %d: %s; trying again in %.1f s", job.id, exc, delay)
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -249,19 +323,34 @@ class Worker:
             reply.text += TRUNCATION_NOTICE
         stops = StopFilter(self.builder.stops)
         started = time.perf_counter()
+        first: float | None = None
         tokens = 0
         stream = self.engine.stream(prompt.ids, settings, turns=turns, is_dm=job.is_dm)
         try:
             async for piece in stream:
                 tokens += 1
+                first = first if first is not None else time.perf_counter() - started
                 await reply.add(stops.push(piece))
                 if stops.stopped:
                     break
             await reply.add(stops.flush())
         finally:
             await stream.aclose()
-        self.stats.add(tokens, time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            await self._count_tokens(job, tokens)
+        self.stats.add(tokens, elapsed)
+        cut = not stops.stopped and tokens >= settings.max_new_tokens
+        self.metrics.reply_streamed(tokens, first, elapsed, cut=cut)
         return reply.text.strip() or EMPTY_REPLY
+
+    async def _count_tokens(self, job: Job, tokens: int) -> None:
+        """Quotas count every token generated, a reply cut short or failed included."""
+        if self.tokens_used is None or not tokens:
+            return
+        try:
+            await self.tokens_used(job, tokens)
+        except Exception:
+            log.exception("job %d: could not count its %d tokens", job.id, tokens)
 
 
 class _Reply:
@@ -306,6 +395,11 @@ class _LogSink:
 
     async def fail(self, user_message: str) -> None:
         log.info("job %d: %s", self.job_id, user_message)
+
+
+def _reply_id(job: Job) -> str:
+    """The stored reply's message id: one per job."""
+    return f"job:{job.id}"
 
 
 async def _safe(call: Awaitable[None]) -> None:

@@ -140,6 +140,33 @@ async def test_busy_limits_give_a_clear_reply_and_keep_the_message(tmp_path: Pat
         await bot.drain()
 
 
+async def test_busy_limits_hold_under_concurrent_messages(tmp_path: Path) -> None:
+    """Issue 9: 200 messages from 50 people at once against max_queue 64, 3 each."""
+    config = make_config(tmp_path, bot={"max_queue": 64, "max_pending_per_user": 3})
+    gate = asyncio.Event()
+    engine = FakeEngine(replies=["done"], delay=0.0)
+    original = engine.stream
+
+    async def gated(prompt_ids: list[int], settings: Any, **kwargs: Any) -> AsyncIterator[str]:
+        await gate.wait()
+        async for piece in original(prompt_ids, settings, **kwargs):
+            yield piece
+
+    engine.stream = gated  # type: ignore[method-assign]
+    async with Store(config.database_path()) as store, Bot(config, store, engine) as bot:
+        people = [f"p{i // 4}" for i in range(200)]  # four messages each
+        results = await asyncio.gather(*(
+            bot.handle(msg(f"m{i}", author=who, key=dataclasses.replace(DM, channel=who)), RecordingSink())
+            for i, who in enumerate(people)
+        ))
+        assert results.count("queued") == 64 and results.count("busy") == 136
+        assert await store.count_pending() == 64
+        assert max([await store.count_pending(f"p{i}") for i in range(50)]) == 3
+        assert await store.message_count() == 200  # the refused ones are kept too
+        gate.set()
+        await bot.drain()
+
+
 async def test_queue_positions_are_reported_and_move_up(tmp_path: Path) -> None:
     config = make_config(tmp_path)
     engine = FakeEngine(replies=["ok"], delay=0.02)
@@ -338,3 +365,66 @@ async def test_a_huge_message_is_stored_whole_and_the_reply_says_it_was_cut(tmp_
         assert len(engine.calls[0].prompt_ids) < 1200
         job = await store.job(1)
         assert job is not None and (await store.history(job))[0].text == huge
+
+
+async def test_a_store_failure_mid_reply_is_told_and_the_state_is_right_after_a_restart(tmp_path: Path) -> None:
+    """Issue 9: writing the reply fails, and so does writing the job's failure."""
+    config = make_config(tmp_path)
+    engine = FakeEngine(replies=["an answer the store refuses"])
+    refuse = """
+        CREATE TRIGGER no_reply BEFORE INSERT ON messages WHEN NEW.role = 'assistant'
+            BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END;
+        CREATE TRIGGER no_end BEFORE UPDATE OF state ON jobs WHEN NEW.state NOT IN ('queued', 'running')
+            BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END;
+    """
+    async with Store(config.database_path()) as store:
+        async with Bot(config, store, engine) as bot:
+            await store.db.executescript(refuse)
+            sink = RecordingSink()
+            await bot.handle(msg("m1"), sink)
+            kind, text = await sink.wait()
+            assert kind == "fail" and "went wrong" in str(text) and "disk" not in str(text)
+            job = await store.job(1)
+            assert job is not None and job.state == "running"  # the store said no
+            await store.db.executescript("DROP TRIGGER no_reply; DROP TRIGGER no_end;")
+    async with Store(config.database_path()) as store:  # the next start
+        job = await store.job(1)
+        assert job is not None and job.state == "failed"
+        assert await store.pending_jobs() == [] and await store.message_count() == 1
+
+
+async def test_shutdown_is_bounded_when_the_platform_stalls(tmp_path: Path) -> None:
+    """Issue 9: the platform answers nothing; close() still ends, the job stays queued."""
+
+    class StalledSink(RecordingSink):
+        async def fail(self, user_message: str) -> None:
+            self.events.append(("fail", user_message))
+            await asyncio.Event().wait()  # the platform API never answers
+
+    config = make_config(tmp_path)
+    engine = FakeEngine(replies=["word " * 1000], delay=0.01)
+    async with Store(config.database_path()) as store:
+        bot = Bot(config, store, engine)
+        await bot.start()
+        bot.worker.last_words = 0.2
+        sink = StalledSink()
+        await bot.handle(msg("m1"), sink)
+        await until(lambda: "update" in sink.kinds())
+        started = time.monotonic()
+        await asyncio.wait_for(bot.close(grace=0.05), timeout=5)
+        assert time.monotonic() - started < 1.5
+        assert sink.final()[0] == "fail"  # it tried to say goodbye
+        job = await store.job(1)
+        assert job is not None and job.state == "queued"
+
+
+async def test_settings_must_be_finite_as_text_and_as_values(bot: Bot) -> None:
+    """Issue 9: nan and inf are refused by /xwin set and by typed options alike."""
+    admin = CommandContext(key=THREAD, author_id="boss", is_dm=False, is_admin=True)
+    for raw in ("nan", "inf", "-inf"):
+        reply = await bot.command(admin, f"set temperature {raw}")
+        assert not reply.ok and "Not changed" in reply.text
+        typed = await bot.set_settings(admin, {"temperature": float(raw), "top_k": 7})
+        assert not typed.ok and "temperature not changed" in typed.text and "top_k is now 7" in typed.text
+    settings, overridden = await bot.commands.effective("channel:discord:g1:c1")
+    assert overridden == {"top_k"} and settings.temperature == 0.1

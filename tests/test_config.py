@@ -54,6 +54,13 @@ def test_model_override_and_embedded() -> None:
         ("[slack]\nsuggested_prompts = ['a', 'b', 'c', 'd', 'e']\n", r"\[slack\] suggested_prompts: at most 4"),
         ("[slack]\nsuggested_prompts = ['Title |']\n", r"\[slack\] suggested_prompts: 'Title \|' must be"),
         ("[model\nid = 1", r"not valid TOML"),
+        # issue 9: nan and inf are not numbers a bot can wait, stream or sample with
+        ("[bot]\nretry_delay = nan\n", r"\[bot\] retry_delay: must be a finite number, got nan"),
+        ("[bot]\nstream_interval = nan\n", r"\[bot\] stream_interval: must be a finite number"),
+        ("[model]\nrequest_timeout = inf\n", r"\[model\] request_timeout: must be a finite number"),
+        ("[generation]\ntemperature = -nan\n", r"\[generation\] temperature: must be a finite number"),
+        ("[slack]\nhttp_port = 70000\n", r"\[slack\] http_port: must be 0 to 65535, got 70000"),
+        ("[bot]\ndatabase = ''\n", r"\[bot\] database: must name a file"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, message: str) -> None:
@@ -94,3 +101,31 @@ def test_secrets_come_from_the_environment_and_never_reach_a_log(caplog: pytest.
     text = caplog.text
     assert "discord-secret" not in text and "slack-secret" not in text
     assert "connecting with *** and ***" in text and "traceback withheld" in text
+
+
+@pytest.mark.parametrize("trouble", ["newer-schema", "not-sqlite", "held"])
+def test_a_store_that_cannot_be_opened_ends_the_process_with_one_sentence(tmp_path: Path, trouble: str) -> None:
+    import sqlite3
+
+    from bot.store import MIGRATIONS, _ProcessLock
+
+    db = tmp_path / "bot.sqlite3"
+    path = write(tmp_path, f"[model]\nengine = 'fake'\n[bot]\ndatabase = '{db}'\n")
+    lock = _ProcessLock(db)
+    if trouble == "newer-schema":
+        with sqlite3.connect(db) as raw:
+            raw.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    elif trouble == "not-sqlite":
+        db.write_bytes(b"x")
+    else:
+        lock.acquire()  # as a running bot holds it
+    try:
+        done = subprocess.run([sys.executable, "-m", "bot.main", "run", "--config", str(path)],
+                              capture_output=True, text=True, timeout=60, cwd=ROOT)
+    finally:
+        lock.release()
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert {"newer-schema": "newer than this bot knows", "not-sqlite": "not an SQLite database",
+            "held": "another xwin-bot process"}[trouble] in lines[0]

@@ -8,6 +8,7 @@ import contextlib
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -490,6 +491,20 @@ async def test_set_temperature_changes_the_next_reply(tmp_path: Path) -> None:
         assert callback.json["type"] == 5 and callback.json["data"]["flags"] & 64
 
 
+async def test_a_newline_in_an_option_is_a_value_not_a_second_command(tmp_path: Path) -> None:
+    """Issue 9: options are passed as values, never re-read as command text."""
+    async with running(tmp_path, replies=["ok"]) as w:
+        prompt = "Be nice.\nset temperature 1.7"
+        text = await w.command("set", {"system_prompt": prompt}, permissions=MANAGE_CHANNELS)
+        assert "system_prompt is now" in text and "temperature is now" not in text
+        await w.say("hello")
+        await wait_for(lambda: w.engine.calls)
+        settings = w.engine.calls[-1].settings
+        assert settings.temperature == DEFAULT_TEMPERATURE and settings.system_prompt == prompt
+        text = await w.command("set", {"top_k": 5, "max_new_tokens": 10**6}, permissions=MANAGE_CHANNELS)
+        assert "top_k is now 5" in text and "max_new_tokens not changed" in text
+
+
 async def test_non_admin_cannot_change_settings(tmp_path: Path) -> None:
     async with running(tmp_path, replies=["ok"]) as w:
         text = await w.command("set", {"temperature": 1.5})
@@ -628,6 +643,7 @@ async def test_a_reply_cut_by_a_restart_is_sent_after_it(tmp_path: Path) -> None
         thread = asked
         before = [m.content for m in place.fake.bot_messages(thread)]
         assert any("restarting" in c for c in before), before
+        first_ids = [m.id for m in place.fake.bot_messages(thread)]
 
         async with bot_on(place, tmp_path, replies=["Answered after the restart."]) as second:
             assert await second.bot.resume_pending() == 1
@@ -636,6 +652,9 @@ async def test_a_reply_cut_by_a_restart_is_sent_after_it(tmp_path: Path) -> None
             after = [m.content for m in place.fake.bot_messages(thread)]
             assert after[-1] == "Answered after the restart."
             assert not place.fake.bot_messages(place.channel["id"])
+            # Issue 9: resumed into the old messages; no stale "restarting" or partial text left.
+            assert after == ["Answered after the restart."]
+            assert place.fake.bot_messages(thread)[0].id == first_ids[0]
 
 
 async def test_without_the_content_intent_threads_need_a_mention(tmp_path: Path) -> None:
@@ -817,3 +836,64 @@ async def stored_reply(bot: Bot, *, within: float) -> str:
             return str(row[0])
         await asyncio.sleep(0.2)
     raise AssertionError("the model's reply was never stored")
+
+
+async def test_the_final_reply_arrives_through_a_429_storm_on_edits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 9: every edit of the reply is rate limited; the final text is posted anew."""
+    from adapters.discord import DiscordSink
+
+    monkeypatch.setattr(DiscordSink, "final_retry_delays", (0.01, 0.01))
+    async with running(tmp_path, replies=["the answer that must arrive"]) as w:
+        w.fake.rate_limit("PATCH", r"^/channels/\d+/messages/\d+$", count=10_000, retry_after=0.001)
+        asked = await w.say("hello")
+        await wait_for(lambda: w.fake.sent("POST", "/threads$"))
+        replies = await w.reply_in(w.thread_of(asked))
+        assert [m.content for m in replies] == ["the answer that must arrive"]  # placeholder gone
+        assert not w.fake.sent("PATCH", r"/messages/\d+$")  # no edit went through
+        job = await w.bot.store.job(1)
+        assert job is not None and job.state == "done"
+
+
+async def test_a_final_reply_that_cannot_be_shown_leaves_the_job_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from adapters.discord import DiscordSink
+
+    monkeypatch.setattr(DiscordSink, "final_retry_delays", (0.01,))
+    async with running(tmp_path, replies=["an answer no one will see"], delay=0.05) as w:
+        asked = await w.say("hello")
+        await wait_for(lambda: w.engine.streaming.is_set())  # the placeholder is up
+        thread = w.thread_of(asked)
+        w.fake.rate_limit("PATCH", r"^/channels/\d+/messages/\d+$", count=10_000, retry_after=0.001)
+        w.fake.rate_limit("POST", r"^/channels/\d+/messages$", count=10_000, retry_after=0.001)
+        await w.reply_in(thread)
+        job = await w.bot.store.job(1)
+        assert job is not None and job.state == "failed" and "not delivered" in str(
+            await _job_error(w, 1)
+        )
+        assert await w.bot.store.message_count() == 1  # the undelivered reply is not history
+
+
+async def _job_error(w: World, job_id: int) -> str | None:
+    async with w.bot.store.db.execute("SELECT error FROM jobs WHERE id = ?", (job_id,)) as cur:
+        row = await cur.fetchone()
+    return None if row is None else row[0]
+
+
+async def test_shutdown_is_bounded_when_discord_stalls(tmp_path: Path) -> None:
+    """Issue 9: Discord answers nothing while the bot stops; it stops anyway, the job stays queued."""
+    async with discord_server() as place:
+        async with bot_on(place, tmp_path, replies=["never finished " * 200], delay=0.02) as w:
+            asked = await w.say("a question before the stop")
+            await wait_for(lambda: w.engine.streaming.is_set())
+            w.fake.stall("PATCH", r"^/channels/\d+/messages/\d+$")
+            w.fake.stall("POST", r"^/channels/\d+/messages$")
+            w.bot.worker.last_words = 0.2
+            started = time.monotonic()
+            await asyncio.wait_for(w.bot.close(grace=0.05), timeout=10)
+            assert time.monotonic() - started < 2.0
+            key = ConversationKey("discord", w.guild["id"], w.channel["id"], w.thread_of(asked))
+            job = await w.bot.store.job_for_message(key, asked)
+            assert job is not None and job.state == "queued"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import os
 import sys
 import time
@@ -60,7 +61,7 @@ class Env:
         return [
             latest[p["_ts"]]
             for p in self.fake.posted()
-            if p.get("channel") == channel and p.get("thread_ts") == thread_ts
+            if p.get("channel") == channel and p.get("thread_ts") == thread_ts and p.get("_ts") in latest
         ]
 
 
@@ -875,3 +876,87 @@ async def test_embedded_model_answers_a_mention_and_a_panel_thread(tmp_path: Pat
     assert not [c for c in fake.calls_to("chat.update") if c.params["ts"] in panel_ts]  # streamed, not edited
     titles = [c.params["title"] for c in fake.calls_to("assistant.threads.setTitle")]
     assert titles == ["What is the capital of Italy?"]
+
+
+# ---------------------------------------------------------------- issue 9: the final reply is never lost
+
+
+async def test_http_final_reply_arrives_when_chat_update_keeps_failing(
+    start_env: Starter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from adapters.slack import SlackReplySink
+
+    monkeypatch.setattr(SlackReplySink, "final_retry_delays", (0.01, 0.01))
+    env = await start_env(FakeEngine(replies=["the answer that must arrive"]))
+    env.fake.fail("chat.update", 10_000)
+    assert await post_event(env, mention("<@UBOT> hello", ts="900.000001")) == 200
+    await wait_reply(env, "C1", "900.000001", "the answer that must arrive")
+    await env.bot.drain()
+    # The "_Thinking…_" placeholder was deleted.
+    assert env.thread_texts("C1", "900.000001") == ["the answer that must arrive"]
+    job = await env.bot.store.job(1)
+    assert job is not None and job.state == "done"
+
+
+async def test_http_final_reply_that_cannot_be_posted_leaves_the_job_failed(
+    start_env: Starter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from adapters.slack import SlackReplySink
+
+    monkeypatch.setattr(SlackReplySink, "final_retry_delays", (0.01,))
+    env = await start_env(FakeEngine(replies=["an answer no one will see"], delay=0.05))
+    assert await post_event(env, mention("<@UBOT> hello", ts="901.000001")) == 200
+    await poll(lambda: env.engine.streaming.is_set(), what="generation under way")
+    env.fake.fail("chat.update", 10_000)
+    env.fake.fail("chat.postMessage", 10_000)
+    await poll(lambda: env.bot.worker.running() == 0 and len(env.engine.calls) == 1, what="job end")
+    await env.bot.drain()
+    job = await env.bot.store.job(1)
+    assert job is not None and job.state == "failed"
+    assert await env.bot.store.message_count() == 1  # the undelivered reply is not history
+
+
+# ---------------------------------------------------------------- issue 9: the signature before anything else
+
+
+async def test_http_malformed_unsigned_requests_get_401_and_one_short_log_line(
+    start_env: Starter, caplog: pytest.LogCaptureFixture
+) -> None:
+    env = await start_env(FakeEngine(replies=["answer"]))
+    big = b'{"padding": "' + b"B" * 1_000_000 + b'"}'
+    bodies = [b'{"type": "event_callback", "event": {', b"[1]", b"\xff\xfe\xfd", big]
+    with caplog.at_level(logging.DEBUG):
+        statuses = []
+        async with aiohttp.ClientSession() as session:
+            for body in bodies:
+                async with session.post(env.url, data=body, headers={"Content-Type": "application/json"}) as r:
+                    statuses.append(r.status)
+            bad_time = {"X-Slack-Request-Timestamp": "soon", "X-Slack-Signature": "v0=00"}
+            async with session.post(env.url, data=b"[1]", headers=bad_time) as r:
+                statuses.append(r.status)
+        # Signed, but not JSON a Slack event can be: refused, not a 500.
+        assert await post_signed(env, b"[1]") == 400
+        assert await post_signed(env, b"\xff\xfe") == 400
+    assert statuses == [401] * 5
+    refused = [r for r in caplog.records if "refused a request" in r.getMessage()]
+    assert len(refused) == 5
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert sum(len(r.getMessage()) for r in caplog.records) < 10_000  # no body in the log
+
+
+async def test_http_a_restart_resumes_into_the_old_messages(start_env: Starter) -> None:
+    """Issue 9: no stale "_Thinking…_", partial text or "restarting" left in the thread."""
+    env = await start_env(FakeEngine(replies=["never finished " * 200], delay=0.02), stream_interval=0.05)
+    assert await post_event(env, mention("<@UBOT> before the restart", ts="950.000001")) == 200
+    await poll(lambda: "never finished" in "".join(env.thread_texts("C1", "950.000001")), what="partial text")
+    await env.bot.close(grace=0.0)
+    await env.adapter.close()
+    await env.bot.store.close()
+    before = env.thread_texts("C1", "950.000001")
+    assert len(before) == 2 and "restarting" in before[1]  # the partial answer, then why it stopped
+
+    second = await start_env(FakeEngine(replies=["Answered after the restart."]))
+    assert await second.bot.resume_pending() == 1
+    await poll(lambda: second.engine.calls and second.bot.worker.running() == 0, what="the resumed reply")
+    await second.bot.drain()
+    assert second.thread_texts("C1", "950.000001") == ["Answered after the restart."]

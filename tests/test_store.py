@@ -90,3 +90,101 @@ async def test_retention_purges_only_old_finished_messages(store: Store) -> None
     assert stored is not None
     assert await store.purge_messages_older_than(30) == 1
     assert await store.message_count() == 2
+
+
+# ---------------------------------------------------------------- issue 9: one process, files that are not ours
+
+_HOLD = """
+import asyncio, sys
+from bot.store import Store
+async def main():
+    async with Store(sys.argv[1]):
+        print("open", flush=True)
+        await asyncio.sleep(60)
+asyncio.run(main())
+"""
+
+
+async def test_a_second_store_on_one_database_is_refused(store: Store, db_path: Path) -> None:
+    with pytest.raises(StoreError, match=r"another xwin-bot process \(pid \d+\) is using the database"):
+        await Store(db_path).open()
+    assert await store.count_pending() == 0  # the first one is untouched
+
+
+async def test_a_killed_process_does_not_keep_the_database_locked(db_path: Path) -> None:
+    import asyncio
+    import os
+    import sys
+
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _HOLD, str(db_path), stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))},
+    )
+    try:
+        assert child.stdout is not None
+        assert await asyncio.wait_for(child.stdout.readline(), 30) == b"open\n"
+        with pytest.raises(StoreError, match=f"pid {child.pid}"):
+            await Store(db_path).open()
+    finally:
+        child.kill()  # SIGKILL: no clean-up runs in the child
+        await child.wait()
+    async with Store(db_path) as store:  # the stale lock file is no obstacle
+        assert await store.schema_version() == len(MIGRATIONS)
+
+
+@pytest.mark.parametrize("content", [b"x", b"not a database at all, just some text\n" * 10])
+def test_a_file_that_is_not_a_database_is_refused_and_left_alone(db_path: Path, content: bytes) -> None:
+    import asyncio
+
+    db_path.write_bytes(content)
+    with pytest.raises(StoreError, match="not an SQLite database"):
+        asyncio.run(Store(db_path).open())
+    assert db_path.read_bytes() == content
+
+
+@pytest.mark.parametrize("where", ["dir", "under-file", "proc"])
+async def test_a_bad_database_path_is_one_sentence(tmp_path: Path, where: str) -> None:
+    (tmp_path / "file").write_text("x")
+    path = {"dir": tmp_path, "under-file": tmp_path / "file" / "db.sqlite3", "proc": Path("/proc/db.sqlite3")}[where]
+    with pytest.raises(StoreError, match=r"\[bot\] database") as info:
+        await Store(path).open()
+    assert "\n" not in str(info.value)
+
+
+async def test_a_deleted_database_is_noticed_and_its_pending_questions_saved(db_path: Path) -> None:
+    import asyncio
+    import contextlib
+    import os
+
+    from bot.main import _until_stop_or_adapter_dies
+
+    async with Store(db_path) as store:
+        await store.add_user_message(incoming("m1", "still waiting"), settings_scope="s", with_job=True)
+        assert store.file_problem() is None
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{db_path}{suffix}")
+        with pytest.raises(StoreError, match=r"was deleted while the bot ran; what it held was saved to"):
+            # As `xwin-bot run` waits: until a signal, a dead adapter, or this.
+            await _until_stop_or_adapter_dies([], asyncio.Event(), store.watch(interval=0.01))
+    async with Store(db_path) as store:  # the next start finds the question
+        [job] = await store.pending_jobs()
+        assert [t.text for t in await store.history(job)] == ["still waiting"]
+
+
+async def test_a_replaced_database_is_left_alone_and_ours_saved_beside_it(db_path: Path) -> None:
+    import os
+
+    async with Store(db_path) as store:
+        await store.add_user_message(incoming("m1"), settings_scope="s", with_job=True)
+        other = db_path.with_name("other.sqlite3")
+        sqlite3.connect(other).close()
+        os.replace(other, db_path)
+        with pytest.raises(StoreError, match="was replaced by another file") as info:
+            await store.watch(interval=0.01)
+    saved = Path(str(info.value).split("saved to ")[1].split(";")[0])
+    assert saved.name.startswith("bot.sqlite3.recovered-")
+    with sqlite3.connect(saved) as raw:
+        assert raw.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 1
+    with sqlite3.connect(db_path) as raw:
+        assert raw.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0  # untouched

@@ -12,7 +12,9 @@ It behaves like Discord where discord.py notices:
 - a 429 (queued with :meth:`FakeDiscord.rate_limit`) carries a ``Via`` header, as
   Discord's own do (discord.py treats a 429 without one as a Cloudflare ban);
 - a thread started from a message has the message's id, and ``THREAD_CREATE``
-  is dispatched to the client.
+  is dispatched to the client;
+- :meth:`FakeDiscord.stall` makes matching requests hang unanswered (an API that
+  stalls) until the fake closes.
 """
 
 from __future__ import annotations
@@ -105,6 +107,8 @@ class FakeDiscord:
         self.gateway_sent: list[Json] = []
         self._rate_limits: list[_RateLimit] = []
         self._forbidden: list[tuple[str, re.Pattern[str]]] = []
+        self._stalled: list[tuple[str, re.Pattern[str]]] = []
+        self._unstall = asyncio.Event()
         self._sockets: list[web.WebSocketResponse] = []
         self._seq = 0
         self._runner: web.AppRunner | None = None
@@ -227,6 +231,7 @@ class FakeDiscord:
         self.port = int(self._runner.addresses[0][1])
 
     async def close(self) -> None:
+        self._unstall.set()
         for ws in list(self._sockets):
             await ws.close()
         if self._runner is not None:
@@ -266,6 +271,8 @@ class FakeDiscord:
             await self._send(ws, {"op": 11})
         elif op == 2:
             await self._identify(ws, frame["d"])
+        elif op == 6:  # RESUME
+            await self._dispatch_on(ws, "RESUMED", {})
 
     async def _identify(self, ws: web.WebSocketResponse, data: Json) -> None:
         if data.get("token") != self.token:
@@ -295,6 +302,11 @@ class FakeDiscord:
         for ws in list(self._sockets):
             await self._dispatch_on(ws, event, data)
 
+    async def ask_to_reconnect(self) -> None:
+        """Gateway op 7 RECONNECT: clients reconnect and RESUME their session."""
+        for ws in list(self._sockets):
+            await self._send(ws, {"op": 7, "d": None})
+
     def identified(self) -> bool:
         return any(f.get("op") == 2 for f in self.gateway_received)
 
@@ -321,10 +333,12 @@ class FakeDiscord:
         mentions: list[Json] | None = None,
         guild_id: str | None = None,
         attachments: list[Json] | None = None,
+        roles: list[str] | None = None,
     ) -> str:
         """A user posts ``content``; ``mentions`` are the users it mentions (Discord
         sends them in the payload: discord.py does not parse ``<@id>``);
-        ``attachments`` are payloads from :meth:`attachment`."""
+        ``attachments`` are payloads from :meth:`attachment`; ``roles`` are the
+        author's role ids in the guild."""
         mid = self.snowflake()
         data: Json = {
             "id": mid,
@@ -345,7 +359,7 @@ class FakeDiscord:
         }
         if guild_id is not None:
             data["guild_id"] = guild_id
-            data["member"] = {k: v for k, v in self.member_payload(author).items() if k != "user"}
+            data["member"] = {k: v for k, v in self.member_payload(author, roles).items() if k != "user"}
         self.messages[mid] = FakeMessage(mid, channel_id, content, author)
         await self.dispatch("MESSAGE_CREATE", data)
         return mid
@@ -423,6 +437,10 @@ class FakeDiscord:
         """Answer matching requests with 403 Missing Permissions from now on."""
         self._forbidden.append((method, re.compile(path_regex)))
 
+    def stall(self, method: str, path_regex: str) -> None:
+        """Leave matching requests unanswered from now on (until the fake closes)."""
+        self._stalled.append((method, re.compile(path_regex)))
+
     def sent(self, method: str | None = None, path_regex: str = "") -> list[Recorded]:
         pattern = re.compile(path_regex)
         return [
@@ -447,6 +465,8 @@ class FakeDiscord:
             request.method, path, dict(request.query), await _body(request), dict(request.headers)
         )
         self.requests.append(record)
+        if any(m == record.method and p.search(record.path) for m, p in self._stalled):
+            await self._unstall.wait()
         response = (
             self._maybe_rate_limit(record)
             or self._maybe_forbid(record)

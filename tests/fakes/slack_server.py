@@ -1,7 +1,7 @@
 """A fake Slack for end-to-end tests, on 127.0.0.1 with a free port.
 
 - Web API at ``api_base_url`` (``AsyncWebClient(base_url=...)``): ``auth.test``,
-  ``chat.postMessage``, ``chat.update``, ``chat.postEphemeral``, ``users.info``,
+  ``chat.postMessage``, ``chat.update``, ``chat.delete``, ``chat.postEphemeral``, ``users.info``,
   ``conversations.info``, ``apps.connections.open``, the assistant thread
   methods (``assistant.threads.setStatus`` / ``setSuggestedPrompts`` /
   ``setTitle``) and native streaming (``chat.startStream`` / ``appendStream`` /
@@ -82,6 +82,9 @@ class FakeSlack:
     _connected: asyncio.Event = field(default_factory=asyncio.Event)
     # Attached files, as files.slack.com serves them (url_private_download).
     file_host: FileHost = field(default_factory=FileHost)
+    #: Web API method -> how many more calls to answer with ``ok: false``.
+    _failing: dict[str, int] = field(default_factory=dict)
+    deleted: set[str] = field(default_factory=set)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -118,6 +121,11 @@ class FakeSlack:
 
     # ------------------------------------------------------------ queries
 
+    def fail(self, method: str, count: int = 1) -> None:
+        """Answer the next ``count`` calls of ``method`` with ``internal_error``
+        (a storm when ``count`` is large)."""
+        self._failing[method] = count
+
     def calls_to(self, method: str) -> list[ApiCall]:
         return [c for c in self.calls if c.method == method]
 
@@ -129,13 +137,13 @@ class FakeSlack:
         """Latest text of each message the bot posted or streamed in a thread, in order."""
         return [
             str(m["text"])
-            for m in self.messages.values()
-            if m["channel"] == channel and m["thread_ts"] == thread_ts
+            for ts, m in self.messages.items()
+            if m["channel"] == channel and m["thread_ts"] == thread_ts and ts not in self.deleted
         ]
 
     def message_texts(self) -> dict[str, str]:
-        """The latest text of each message the bot posted or streamed, by ts."""
-        return {ts: str(m["text"]) for ts, m in self.messages.items()}
+        """The latest text of each message the bot posted or streamed (and did not delete), by ts."""
+        return {ts: str(m["text"]) for ts, m in self.messages.items() if ts not in self.deleted}
 
     # ------------------------------------------------------------ Web API
 
@@ -157,6 +165,9 @@ class FakeSlack:
                 return web.json_response({"ok": False, "error": "invalid_auth"})
         elif token != self.bot_token:
             return web.json_response({"ok": False, "error": "invalid_auth"})
+        if self._failing.get(method, 0) > 0:
+            self._failing[method] -= 1
+            return web.json_response({"ok": False, "error": "internal_error"})
         body = handler(call)
         headers = {"x-oauth-scopes": ",".join(self.scopes)} if method == "auth.test" else {}
         return web.json_response(body, headers=headers)
@@ -166,6 +177,7 @@ class FakeSlack:
             "auth.test": self._auth_test,
             "chat.postMessage": self._post_message,
             "chat.update": self._update,
+            "chat.delete": self._delete,
             "chat.postEphemeral": self._post_ephemeral,
             "users.info": self._users_info,
             "conversations.info": self._conversations_info,
@@ -200,9 +212,14 @@ class FakeSlack:
         message = {"type": "message", "text": call.params.get("text", ""), "ts": ts, "bot_id": self.bot_id}
         return {"ok": True, "channel": call.params.get("channel"), "ts": ts, "message": message}
 
+    def _delete(self, call: ApiCall) -> JSON:
+        self.deleted.add(str(call.params.get("ts")))
+        return {"ok": True, "channel": call.params.get("channel"), "ts": call.params.get("ts")}
+
     def _update(self, call: ApiCall) -> JSON:
-        message = self.messages.get(str(call.params.get("ts")))
-        if message is None or message["channel"] != call.params.get("channel"):
+        ts = str(call.params.get("ts"))
+        message = self.messages.get(ts)
+        if ts in self.deleted or message is None or message["channel"] != call.params.get("channel"):
             return {"ok": False, "error": "message_not_found"}
         message["text"] = str(call.params.get("text", ""))
         return {"ok": True, "channel": call.params.get("channel"), "ts": call.params.get("ts")}
@@ -346,6 +363,11 @@ class FakeSlack:
         }
         await self._sockets[-1].send_str(json.dumps(envelope))
         return envelope_id
+
+    async def ask_to_reconnect(self) -> None:
+        """A ``disconnect`` message: the app opens a new session (as Slack asks every few hours)."""
+        await self.wait_connected()
+        await self._sockets[-1].send_str(json.dumps({"type": "disconnect", "reason": "refresh_requested"}))
 
     def acked(self, envelope_id: str) -> bool:
         return any(a.get("envelope_id") == envelope_id for a in self.acks)
