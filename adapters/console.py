@@ -17,6 +17,7 @@ import time
 import uuid
 from typing import TextIO
 
+from adapters.boundary import EventBoundary
 from bot.adapter import Core
 from bot.types import CommandContext, ConversationKey, Incoming, ReplySink
 
@@ -77,6 +78,7 @@ class ConsoleAdapter:
         self.interactive = interactive
         self.user = user or _user_name()
         self._reader: asyncio.Task[None] | None = None
+        self._events = EventBoundary("console", log, lambda: bot.metrics.error("adapter"))
         bot.register_platform("console", self.sink_for)
 
     async def start(self) -> None:
@@ -106,9 +108,9 @@ class ConsoleAdapter:
         while (line := await self._read_line()) is not None:
             text = line.strip()
             if text == PREFIX or text.startswith(PREFIX + " "):
-                await self._command(text[len(PREFIX) :].strip())
+                await self._events.run(self._command(text[len(PREFIX) :].strip()), "a command", tell=self._tell)
             elif text:
-                await self._message(text)
+                await self._events.run(self._message(text), "a message", tell=self._tell)
         await self.bot.drain()
 
     async def _read_line(self) -> str | None:
@@ -131,6 +133,9 @@ class ConsoleAdapter:
         result = await self.bot.handle(incoming, sink)
         if result == "queued":
             await sink.done.wait()
+
+    async def _tell(self, text: str) -> None:
+        self._write(text + "\n\n")
 
     def _write(self, text: str) -> None:
         self.stdout.write(text)

@@ -35,6 +35,8 @@ import discord.http
 import yarl
 from discord import app_commands
 
+from adapters import strings
+from adapters.boundary import EventBoundary
 from adapters.files import Downloader
 from bot.adapter import Core
 from bot.config import DiscordConfig
@@ -49,10 +51,6 @@ THREAD_NAME_LIMIT = 100
 TYPING_EVERY = 8.0
 NO_MENTIONS = discord.AllowedMentions.none()
 PLATFORM: Final = "discord"
-PLACEHOLDER_THINKING = "thinking…"
-EMPTY_REPLY = "(the model gave an empty reply)"
-HANDLER_FAILED = "Sorry, something went wrong while handling that message."
-NOT_HERE = "The bot is not enabled here."
 #: Where attachments are downloaded from; nowhere else.
 FILE_ORIGINS = ("https://cdn.discordapp.com", "https://media.discordapp.net")
 _REFUSED = "not allowed to post in this channel"
@@ -173,8 +171,7 @@ def thread_name(text: str) -> str:
     return first if len(first) <= THREAD_NAME_LIMIT else first[: THREAD_NAME_LIMIT - 1] + "…"
 
 
-def queued_text(position: int) -> str:
-    return "queued: next in line" if position <= 0 else f"queued: {position} ahead"
+queued_text = strings.queued
 
 
 # ---------------------------------------------------------------------------- the reply sink
@@ -223,7 +220,7 @@ class DiscordSink:
     async def started(self) -> None:
         self._started = True
         if not self._has_text:
-            await self._show([PLACEHOLDER_THINKING])
+            await self._show([strings.THINKING])
         if self._typing is None:
             self._typing = asyncio.create_task(self._keep_typing())
 
@@ -243,7 +240,7 @@ class DiscordSink:
         :class:`AdapterError` when it could not be shown at all."""
         await self._settle()
         self._has_text = True
-        chunks = split_message(text, self._limit) or [EMPTY_REPLY]
+        chunks = split_message(text, self._limit) or [strings.EMPTY_REPLY]
         for delay in (*self.final_retry_delays, None):
             if await self._final(chunks):
                 return
@@ -535,6 +532,7 @@ class DiscordAdapter:
         file_origins: Sequence[str] = FILE_ORIGINS,
     ) -> None:
         self._bot = bot
+        self._events = EventBoundary("Discord", log, lambda: bot.metrics.error("adapter"))
         # Attachment URLs are signed: no token goes with the download.
         self._files = Downloader("Discord", file_origins, timeout=bot.config.attachments.download_timeout)
         self._config = config
@@ -723,14 +721,12 @@ class DiscordAdapter:
     async def on_message(self, message: discord.Message) -> None:
         if not self._wanted(message):
             return
-        try:
-            await self._route(message)
-        except Exception:
-            self._bot.metrics.error("adapter")
-            log.exception(
-                "Discord: failed to handle message %s in channel %s", message.id, message.channel.id
-            )
-            await self._apologize(message)
+
+        async def tell(text: str) -> None:
+            await message.channel.send(text, allowed_mentions=NO_MENTIONS)
+
+        what = f"message {message.id} in channel {message.channel.id}"
+        await self._events.run(self._route(message), what, tell=tell)
 
     def _wanted(self, message: discord.Message) -> bool:
         """Drop, before any work, what the bot must not answer."""
@@ -843,23 +839,19 @@ class DiscordAdapter:
             channels={c.id: c.name for c in message.channel_mentions},
         )
 
-    async def _apologize(self, message: discord.Message) -> None:
-        with contextlib.suppress(discord.HTTPException):
-            await message.channel.send(HANDLER_FAILED, allowed_mentions=NO_MENTIONS)
-
     # ------------------------------------------------------------------ deletions
 
     async def on_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
         place = self._place_of_id(payload.guild_id, payload.channel_id)
-        if not self._allowed(place):
-            return
-        try:
-            for key in _keys_for_deleted(place, payload.message_id):
-                if await self._bot.cancel_message(key, str(payload.message_id)):
-                    log.info("Discord: message %s deleted; its reply was cancelled", payload.message_id)
-                    return
-        except Exception:
-            log.exception("Discord: failed to cancel the reply to deleted message %s", payload.message_id)
+        if self._allowed(place):
+            what = f"cancelling the reply to deleted message {payload.message_id}"
+            await self._events.run(self._cancel_reply(place, payload.message_id), what)
+
+    async def _cancel_reply(self, place: _Place, message_id: int) -> None:
+        for key in _keys_for_deleted(place, message_id):
+            if await self._bot.cancel_message(key, str(message_id)):
+                log.info("Discord: message %s deleted; its reply was cancelled", message_id)
+                return
 
     def _place_of_id(self, guild_id: int | None, channel_id: int) -> _Place:
         channel = self.client.get_channel(channel_id)
@@ -879,10 +871,16 @@ class DiscordAdapter:
     async def _command(
         self, interaction: discord.Interaction, run: Callable[[CommandContext], Awaitable[CommandReply]]
     ) -> None:
+        await self._events.run(self._run_command(interaction, run), _command_name(interaction),
+                               tell=lambda text: _tell_interaction(interaction, text))
+
+    async def _run_command(
+        self, interaction: discord.Interaction, run: Callable[[CommandContext], Awaitable[CommandReply]]
+    ) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         context = self._command_context(interaction)
         if context is None:
-            await self._answer(interaction, NOT_HERE)
+            await self._answer(interaction, strings.NOT_HERE)
             return
         await self._answer(interaction, (await run(context)).text)
 
@@ -911,16 +909,24 @@ class DiscordAdapter:
     async def on_command_error(
         self, interaction: discord.Interaction, error: app_commands.AppCommandError
     ) -> None:
-        log.error("Discord: /xwin failed", exc_info=error)
-        message = "Sorry, that command failed."
-        with contextlib.suppress(discord.HTTPException):
-            if interaction.response.is_done():
-                await interaction.edit_original_response(content=message, allowed_mentions=NO_MENTIONS)
-            else:
-                await interaction.response.send_message(message, ephemeral=True, allowed_mentions=NO_MENTIONS)
+        """What discord.py itself raised around a command (a bad option, say)."""
+        await self._events.failed(error, _command_name(interaction),
+                                  tell=lambda text: _tell_interaction(interaction, text))
 
 
 # ---------------------------------------------------------------------------- small functions
+
+
+def _command_name(interaction: discord.Interaction) -> str:
+    name = interaction.command.qualified_name if interaction.command is not None else "xwin"
+    return f"/{name} in channel {interaction.channel_id}"
+
+
+async def _tell_interaction(interaction: discord.Interaction, text: str) -> None:
+    if interaction.response.is_done():
+        await interaction.edit_original_response(content=text, allowed_mentions=NO_MENTIONS)
+    else:
+        await interaction.response.send_message(text, ephemeral=True, allowed_mentions=NO_MENTIONS)
 
 
 def _has_role(user: discord.User | discord.Member, wanted: tuple[str, ...]) -> bool:

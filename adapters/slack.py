@@ -53,6 +53,8 @@ from slack_sdk.errors import SlackApiError, SlackClientError
 from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
 from slack_sdk.web.async_client import AsyncWebClient
 
+from adapters import strings
+from adapters.boundary import EventBoundary
 from adapters.files import Downloader
 from adapters.slack_format import (
     StreamSplitter,
@@ -92,7 +94,6 @@ _SEEN_EVENTS = 2048
 _CONNECT_TIMEOUT = 30.0
 _EVENTS_PATH = "/slack/events"
 _MAX_AGE = 5 * 60  # seconds a signed request stays valid (Slack's advice)
-_SORRY = "Sorry, something went wrong on my side; please try again."
 #: Where attached files are downloaded from (with the bot token); nowhere else.
 FILE_ORIGINS = ("https://files.slack.com",)
 #: Errors of chat.startStream that mean "never for this app": edits from then on.
@@ -105,7 +106,6 @@ _CONNECT_REFUSED = frozenset({
 })
 #: Whole messages in a panel thread that run a command instead of asking the model.
 PANEL_COMMANDS = frozenset({"stop", "settings", "status", "forget", "help"})
-_THINKING = "is thinking…"
 _TITLE_CHARS = 80
 _PANEL_CONTEXTS = 1024
 
@@ -148,11 +148,11 @@ class SlackReplySink:
         self._lock = asyncio.Lock()
 
     async def queued(self, position: int) -> None:
-        status = "_Thinking…_" if position <= 0 else f"_Queued: {position} ahead of you…_"
+        status = f"_{strings.slack_queued(position)}_"
         await self._status(status)
 
     async def started(self) -> None:
-        await self._status("_Thinking…_")
+        await self._status(f"_{strings.slack_queued(0)}_")
 
     async def update(self, text_so_far: str) -> None:
         if not text_so_far.strip() or self._clock() - self._last_edit < self.update_interval / 2:
@@ -164,7 +164,7 @@ class SlackReplySink:
         """The final text must arrive (issue 9): retried with backoff, then
         posted as new messages (the old ones deleted). Raises
         :class:`AdapterError` when it could not be shown at all."""
-        chunks = split_message(to_mrkdwn(text), self._limit) if text.strip() else ["_(no reply)_"]
+        chunks = split_message(to_mrkdwn(text), self._limit) if text.strip() else [f"_{strings.NO_REPLY}_"]
         for delay in (*self.final_retry_delays, None):
             if await self._sync(chunks):
                 return
@@ -323,10 +323,10 @@ class PanelReplySink:
         self._lock = asyncio.Lock()
 
     async def queued(self, position: int) -> None:
-        await self._status(_THINKING if position <= 0 else f"is waiting: {position} ahead of you…")
+        await self._status(strings.panel_waiting(position))
 
     async def started(self) -> None:
-        await self._status(_THINKING)
+        await self._status(strings.PANEL_THINKING)
 
     async def update(self, text_so_far: str) -> None:
         if text_so_far.strip():
@@ -335,7 +335,7 @@ class PanelReplySink:
 
     async def finish(self, text: str) -> None:
         async with self._lock:
-            await self._show(text if text.strip() else "_(no reply)_", final=True)
+            await self._show(text if text.strip() else f"_{strings.NO_REPLY}_", final=True)
 
     async def fail(self, user_message: str) -> None:
         async with self._lock:
@@ -513,6 +513,7 @@ class SlackAdapter:
         file_origins: Sequence[str] = FILE_ORIGINS,
     ) -> None:
         self._bot = bot
+        self._events = EventBoundary("slack", log, lambda: bot.metrics.error("adapter"))
         self._config = config
         self._bot_token = secrets.slack_bot_token
         self._app_token = secrets.slack_app_token
@@ -767,16 +768,19 @@ class SlackAdapter:
 
     async def _on_command(self, ack: AsyncAck, command: JSON, respond: AsyncRespond) -> None:
         await ack()
-        try:
-            reply = await self._run_command(command)
-        except Exception:
-            log.exception("slack: /xwin %r failed", command.get("text", ""))
-            reply = CommandReply(_SORRY, ok=False)
-        response_type = "ephemeral" if reply.ephemeral else "in_channel"
-        try:
-            await respond(text=to_mrkdwn(reply.text), response_type=response_type, replace_original=False)
-        except (SlackClientError, OSError) as exc:
-            log.warning("slack: could not answer /xwin through its response_url: %s", exc)
+
+        async def answer(reply: CommandReply) -> None:
+            response_type = "ephemeral" if reply.ephemeral else "in_channel"
+            try:
+                await respond(text=to_mrkdwn(reply.text), response_type=response_type, replace_original=False)
+            except (SlackClientError, OSError) as exc:
+                log.warning("slack: could not answer /xwin through its response_url: %s", exc)
+
+        async def run() -> None:
+            await answer(await self._run_command(command))
+
+        what = f"/xwin in {command.get('channel_id', '?')}"
+        await self._events.run(run(), what, tell=lambda text: answer(CommandReply(text, ok=False)))
 
     # ------------------------------------------------------------ the assistant panel
 
@@ -787,6 +791,10 @@ class SlackAdapter:
         team = str(body.get("team_id") or "")
         if not self._fresh(body) or not self._allowed(team, str(thread.get("channel_id", "")), True):
             return
+        what = f"greeting panel thread {thread.get('thread_ts')}"
+        await self._events.run(self._greet(thread, say, set_suggested_prompts), what)
+
+    async def _greet(self, thread: JSON, say: AsyncSay, set_suggested_prompts: AsyncSetSuggestedPrompts) -> None:
         try:
             if self._config.assistant_greeting.strip():
                 await say(text=to_mrkdwn(self._config.assistant_greeting), unfurl_links=False)
@@ -881,14 +889,10 @@ class SlackAdapter:
     def _mentions_me(self, text: str) -> bool:
         return bool(self._identity.user_id) and f"<@{self._identity.user_id}" in text
 
-    async def _guarded(self, msg: _Message, handler: Callable[[_Message], Any]) -> None:
-        """The error boundary of one event: log it, tell the user one sentence."""
-        try:
-            await handler(msg)
-        except Exception:
-            self._bot.metrics.error("adapter")
-            log.exception("slack: message %s in %s failed", msg.ts, msg.channel)
-            await self._sink(msg.channel, msg.thread_ts or ("" if msg.is_dm else msg.ts)).fail(_SORRY)
+    async def _guarded(self, msg: _Message, handler: Callable[[_Message], Awaitable[object]]) -> None:
+        """One message event through the error boundary (the user is told in its thread)."""
+        sink = self._sink(msg.channel, msg.thread_ts or ("" if msg.is_dm else msg.ts))
+        await self._events.run(handler(msg), f"message {msg.ts} in {msg.channel}", tell=sink.fail)
 
     async def _on_channel_mention(self, msg: _Message) -> None:
         thread = msg.thread_ts or msg.ts
@@ -904,6 +908,10 @@ class SlackAdapter:
         await self._handle(msg, _dm_key(msg.channel), msg.thread_ts)
 
     async def _on_deleted(self, event: Mapping[str, Any], msg: _Message) -> None:
+        what = f"cancelling the reply to a message deleted in {msg.channel}"
+        await self._events.run(self._cancel_reply(event, msg), what)
+
+    async def _cancel_reply(self, event: Mapping[str, Any], msg: _Message) -> None:
         previous = event.get("previous_message") or {}
         ts = str(previous.get("ts") or event.get("deleted_ts") or "")
         if not ts or not self._allowed(msg.team, msg.channel, msg.is_dm):
@@ -948,7 +956,7 @@ class SlackAdapter:
         user = str(command.get("user_id", ""))
         is_dm = channel.startswith("D") or command.get("channel_name") == "directmessage"
         if not self._allowed(team, channel, is_dm) or not self._permitted(user):
-            return CommandReply("I'm not enabled here.", ok=False)
+            return CommandReply(strings.NOT_HERE, ok=False)
         key = _dm_key(channel) if is_dm else ConversationKey("slack", team, channel, "")
         ctx = CommandContext(key=key, author_id=user, is_dm=is_dm, is_admin=user in self._config.admin_users)
         return await self._bot.command(ctx, str(command.get("text", "")).strip())
