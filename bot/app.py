@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Literal
 
+from bot.actions import ActionSink, ReplyActions, Vote
 from bot.commands import Commands, settings_scope
 from bot.config import Config, settings_from_generation
 from bot.engine.base import Engine
@@ -22,6 +23,7 @@ from bot.types import (
     ConversationKey,
     Incoming,
     Platform,
+    ReplyAction,
     ReplySink,
     Settings,
     SinkFactory,
@@ -51,6 +53,7 @@ class Bot:
         # Jobs an earlier process left pending, noted before any new message.
         self._left_pending: list[int] = []
         self.commands = Commands(store, self.defaults, engine.context_length, self._stop_here, self.status)
+        self.actions = ReplyActions(store, config.bot, lambda: self.worker, lambda: self._closing)
 
     async def __aenter__(self) -> Bot:
         await self.start()
@@ -161,6 +164,19 @@ class Bot:
     async def drain(self) -> None:
         """Wait until every queued job has been answered."""
         await self.worker.drain()
+
+    # -- buttons under replies (bot/actions.py) ----------------------------
+    async def continue_reply(self, action: ReplyAction, make_sink: ActionSink) -> CommandReply:
+        """Continue a reply cut at max_new_tokens, appended to the same reply."""
+        return await self.actions.continue_reply(action, make_sink)
+
+    async def regenerate(self, action: ReplyAction, make_sink: ActionSink) -> CommandReply:
+        """Answer the last question again; the old reply leaves the history."""
+        return await self.actions.regenerate(action, make_sink)
+
+    async def feedback(self, action: ReplyAction, vote: Vote) -> CommandReply:
+        """Thumbs up or down, once per user and reply."""
+        return await self.actions.feedback(action, vote)
 
     # -- commands --------------------------------------------------------
     async def command(self, ctx: CommandContext, text: str) -> CommandReply:

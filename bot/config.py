@@ -80,6 +80,9 @@ class BotConfig:
     # is tried again this many times, after retry_delay seconds, doubling.
     retries: int = 2
     retry_delay: float = 2.0
+    # -- buttons under replies (issue 11) --
+    # Continue and Regenerate work on replies at most this many hours old.
+    reply_buttons_max_age_hours: float = 24.0
 
 
 @dataclass(frozen=True)
@@ -266,6 +269,10 @@ def _check_cross_field(config: Config) -> None:
         raise ConfigError("[bot] retries and retry_delay: must be 0 or more")
     if b.stream_interval < 0:
         raise ConfigError(f"[bot] stream_interval: must be 0 or more, got {b.stream_interval}")
+    if b.reply_buttons_max_age_hours <= 0:  # issue 11
+        raise ConfigError(
+            f"[bot] reply_buttons_max_age_hours: must be more than 0, got {b.reply_buttons_max_age_hours}"
+        )
     if m.engine == "openai" and not m.base_url:
         raise ConfigError("[model] base_url: required when engine = \"openai\"")
     if m.request_timeout <= 0:

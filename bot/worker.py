@@ -24,8 +24,8 @@ from bot.engine.base import Engine
 from bot.engine.detok import StopFilter
 from bot.errors import BotError, GenerationError
 from bot.prompt import TRUNCATION_NOTICE, PromptBuilder
-from bot.store import PENDING, Job, Store
-from bot.types import ReplySink, Settings
+from bot.store import PENDING, FinishReason, Job, Store
+from bot.types import ButtonSink, ReplyInfo, ReplySink, Settings, Turn
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,9 @@ class Worker:
             await self.store.set_job_state(job.id, "running")
             await _safe(sink.started())
             text = await self._generate_with_retries(job, reply)
-            await self.store.add_assistant_message(job, text, f"job:{job.id}")
+            reply_id = await self.store.add_assistant_message(job, text, f"job:{job.id}", reply.finish_reason)
+            if isinstance(sink, ButtonSink):
+                await _safe(sink.reply_stored(ReplyInfo(reply_id, reply.finish_reason == "length")))
             await _safe(sink.finish(text))
         except asyncio.CancelledError:
             # stop() sets _stopping before it cancels; any other cancel is the user's.
@@ -241,16 +243,22 @@ class Worker:
         reply.text = ""  # a retry starts the reply over
         settings = await self.settings_for(job)
         turns = await self.store.history(job)
-        prompt = self.builder.build(turns, settings, is_dm=job.is_dm)
+        if job.kind == "continue":
+            # The prompt ends with the unfinished reply; the new text is appended to it.
+            reply.text = await self._target_text(job)
+            turns.append(Turn("assistant", reply.text))
+        prompt = self.builder.build(turns, settings, is_dm=job.is_dm, open_reply=job.kind == "continue")
         if prompt.truncated:
             reply.text = TRUNCATION_NOTICE
         stops = StopFilter(self.builder.stops)
         started = time.perf_counter()
         tokens = 0
+        generated: list[str] = []
         stream = self.engine.stream(prompt.ids, settings, turns=turns, is_dm=job.is_dm)
         try:
             async for piece in stream:
                 tokens += 1
+                generated.append(piece)
                 await reply.add(stops.push(piece))
                 if stops.stopped:
                     break
@@ -258,7 +266,21 @@ class Worker:
         finally:
             await stream.aclose()
         self.stats.add(tokens, time.perf_counter() - started)
+        reply.finish_reason = "stop" if stops.stopped else self._finish_reason("".join(generated), settings)
         return reply.text.strip() or EMPTY_REPLY
+
+    async def _target_text(self, job: Job) -> str:
+        target = await self.store.reply(job.target) if job.target is not None else None
+        if target is None or target.replaced:
+            raise GenerationError("that reply is no longer there to continue")
+        return target.text
+
+    def _finish_reason(self, generated: str, settings: Settings) -> FinishReason:
+        """``length`` when the text used up max_new_tokens. Engines stream text,
+        not ids: re-encoding it may count a token or two fewer than the model made."""
+        slack = min(2, settings.max_new_tokens // 8)
+        used = len(self.builder.tokenizer.encode_text(generated))
+        return "length" if used >= settings.max_new_tokens - slack else "stop"
 
 
 class _Reply:
@@ -267,6 +289,7 @@ class _Reply:
     def __init__(self, sink: ReplySink) -> None:
         self.sink = sink
         self.text = ""
+        self.finish_reason: FinishReason = "stop"
         self._last = 0.0
 
     async def add(self, piece: str) -> None:
