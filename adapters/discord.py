@@ -26,7 +26,7 @@ import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
 import discord
@@ -38,7 +38,7 @@ from discord import app_commands
 from bot.config import DiscordConfig
 from bot.errors import AdapterError
 from bot.settings import SPECS, SYSTEM_PROMPT_MAX
-from bot.types import CommandContext, ConversationKey, Incoming, ReplySink
+from bot.types import CommandContext, ConversationKey, Incoming, ReplyAction, ReplyInfo, ReplySink
 
 if TYPE_CHECKING:
     from bot.app import Bot
@@ -175,6 +175,38 @@ def queued_text(position: int) -> str:
     return "queued: next in line" if position <= 0 else f"queued: {position} ahead"
 
 
+# Buttons under a finished reply (issue 11). The custom id carries the reply's row
+# id, so a click is understood with nothing in memory (after a restart too).
+BUTTON_PREFIX = "xwin"
+BUTTON_ACTIONS = ("continue", "regenerate", "up", "down")
+
+
+def button_id(action: str, reply_id: int) -> str:
+    return f"{BUTTON_PREFIX}:{action}:{reply_id}"
+
+
+def parse_button_id(custom_id: str) -> tuple[str, int] | None:
+    prefix, _, rest = custom_id.partition(":")
+    action, _, number = rest.partition(":")
+    if prefix != BUTTON_PREFIX or action not in BUTTON_ACTIONS or not number.isdigit():
+        return None
+    return action, int(number)
+
+
+def reply_buttons(info: ReplyInfo) -> discord.ui.View:
+    """Continue (only when cut at max_new_tokens), Regenerate, 👍, 👎."""
+    view = discord.ui.View(timeout=None)
+    if info.can_continue:
+        view.add_item(discord.ui.Button(label="Continue", style=discord.ButtonStyle.primary,
+                                        custom_id=button_id("continue", info.reply_id)))
+    view.add_item(discord.ui.Button(label="Regenerate", style=discord.ButtonStyle.secondary,
+                                    custom_id=button_id("regenerate", info.reply_id)))
+    view.add_item(discord.ui.Button(emoji="👍", custom_id=button_id("up", info.reply_id)))
+    view.add_item(discord.ui.Button(emoji="👎", custom_id=button_id("down", info.reply_id)))
+    view.stop()  # not kept in discord.py's view store: clicks are read from the custom id
+    return view
+
+
 # ---------------------------------------------------------------------------- the reply sink
 
 
@@ -190,16 +222,23 @@ class DiscordSink:
         reference: discord.MessageReference | None = None,
         ready: Callable[[], Awaitable[None]] | None = None,
         limit: int = MESSAGE_LIMIT,
+        resume: discord.PartialMessage | None = None,
+        skip: int = 0,
     ) -> None:
+        """``resume``: a message of the reply to go on editing (Continue), which
+        shows the reply's text from its ``skip``-th message on."""
         self.update_interval = update_interval
         self._channel = channel
         self._reference = reference
         self._ready = ready
         self._limit = limit
-        self._messages: list[discord.Message] = []
-        self._shown: list[str] = []
-        self._has_text = False
-        self._started = False
+        self._messages: list[discord.Message | discord.PartialMessage] = [resume] if resume else []
+        self._shown: list[str] = [""] if resume else []
+        self._skip = skip
+        self._clear_view = resume is not None  # its old buttons go with the first edit
+        self._info: ReplyInfo | None = None
+        self._has_text = resume is not None
+        self._started = resume is not None
         self._forbidden = False
         self._lock = asyncio.Lock()
         self._typing: asyncio.Task[None] | None = None
@@ -223,14 +262,19 @@ class DiscordSink:
         if not text_so_far.strip():
             return
         self._has_text = True
-        self._latest = split_message(text_so_far, self._limit)
+        self._latest = split_message(text_so_far, self._limit)[self._skip :]
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
+
+    async def reply_stored(self, info: ReplyInfo) -> None:
+        self._info = info
 
     async def finish(self, text: str) -> None:
         await self._settle()
         self._has_text = True
-        await self._show(split_message(text, self._limit) or [EMPTY_REPLY])
+        await self._show(split_message(text, self._limit)[self._skip :] or [EMPTY_REPLY])
+        if self._info is not None:
+            await self._show([], buttons=reply_buttons(self._info))
 
     async def fail(self, user_message: str) -> None:
         await self._settle()
@@ -252,14 +296,19 @@ class DiscordSink:
             await self._flusher
             self._flusher = None
 
-    async def _show(self, chunks: list[str], *, placeholder: bool = False) -> None:
+    async def _show(
+        self, chunks: list[str], *, placeholder: bool = False, buttons: discord.ui.View | None = None
+    ) -> None:
         async with self._lock:
             if (placeholder and self._started) or self._forbidden:
                 return
             try:
                 if self._ready is not None:
                     await self._ready()
-                await self._apply(chunks)
+                if buttons is None:
+                    await self._apply(chunks)
+                elif self._messages:
+                    self._messages[-1] = await self._messages[-1].edit(view=buttons)
             except discord.Forbidden as exc:
                 self._forbidden = True  # one clear line, not one per streamed edit
                 log.warning(
@@ -280,9 +329,7 @@ class DiscordSink:
         for i, chunk in enumerate(chunks):
             if i < len(self._messages):
                 if self._shown[i] != chunk:
-                    self._messages[i] = await self._messages[i].edit(
-                        content=chunk, allowed_mentions=NO_MENTIONS
-                    )
+                    self._messages[i] = await self._edit(i, chunk)
                     self._shown[i] = chunk
             else:
                 self._messages.append(await self._send(chunk))
@@ -290,6 +337,12 @@ class DiscordSink:
         while len(self._messages) > len(chunks):
             self._shown.pop()
             await self._messages.pop().delete()
+
+    async def _edit(self, index: int, chunk: str) -> discord.Message:
+        if index == 0 and self._clear_view:
+            self._clear_view = False
+            return await self._messages[0].edit(content=chunk, allowed_mentions=NO_MENTIONS, view=None)
+        return await self._messages[index].edit(content=chunk, allowed_mentions=NO_MENTIONS)
 
     async def _send(self, chunk: str) -> discord.Message:
         reference = self._reference if not self._messages else None
@@ -416,6 +469,10 @@ class _Client(discord.Client):
 
     async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
         await self.adapter.on_message_delete(payload)
+
+    async def on_interaction(self, interaction: discord.Interaction) -> None:
+        if interaction.type == discord.InteractionType.component:
+            await self.adapter.on_button(interaction)
 
 
 def _intents(config: DiscordConfig) -> discord.Intents:
@@ -571,6 +628,9 @@ class DiscordAdapter:
         """The ``sink_factory``: a sink for a job resumed after a restart."""
         channel_id = int(reply_ref.get("channel_id") or key.thread or key.channel)
         channel = self.client.get_partial_messageable(channel_id)
+        if reply_ref.get("edit_message_id"):  # a Continue: go on editing the reply
+            resume = channel.get_partial_message(int(reply_ref["edit_message_id"]))
+            return self._sink(channel, None, resume=resume, skip=int(reply_ref.get("skip") or 0))
         reference = None
         if reply_ref.get("reference") and reply_ref.get("message_id"):
             asked = channel.get_partial_message(int(reply_ref["message_id"]))
@@ -578,13 +638,20 @@ class DiscordAdapter:
         return self._sink(channel, reference)
 
     def _sink(
-        self, channel: discord.abc.Messageable, reference: discord.MessageReference | None
+        self,
+        channel: discord.abc.Messageable,
+        reference: discord.MessageReference | None,
+        *,
+        resume: discord.PartialMessage | None = None,
+        skip: int = 0,
     ) -> DiscordSink:
         return DiscordSink(
             channel,
             update_interval=self._bot.config.bot.stream_interval,
             reference=reference,
             ready=self._until_ready,
+            resume=resume,
+            skip=skip,
         )
 
     async def _until_ready(self) -> None:
@@ -734,6 +801,46 @@ class DiscordAdapter:
         channel = self.client.get_channel(channel_id)
         parent = channel.parent_id if isinstance(channel, discord.Thread) else None
         return _Place(guild_id, channel_id, parent)
+
+    # ------------------------------------------------------------------ buttons
+
+    async def on_button(self, interaction: discord.Interaction) -> None:
+        """A button under a reply: deferred at once (Discord wants an answer
+        within 3 s), then the core decides; the presser gets one ephemeral line."""
+        data: Mapping[str, Any] = interaction.data or {}
+        parsed = parse_button_id(str(data.get("custom_id", "")))
+        if parsed is None:
+            return  # not one of ours
+        try:
+            await interaction.response.defer(ephemeral=True, thinking=True)
+            await self._answer(interaction, await self._press(interaction, *parsed))
+        except Exception:
+            log.exception("Discord: button %s failed", data.get("custom_id"))
+            with contextlib.suppress(discord.HTTPException):
+                await self._answer(interaction, "Sorry, that button failed.")
+
+    async def _press(self, interaction: discord.Interaction, what: str, reply_id: int) -> str:
+        context = self._command_context(interaction)
+        channel = interaction.channel
+        if context is None or channel is None or interaction.message is None:
+            return NOT_HERE
+        action = ReplyAction(context.key, reply_id, context.author_id, is_admin=context.is_admin)
+        if what in ("up", "down"):
+            return (await self._bot.feedback(action, "up" if what == "up" else "down")).text
+        assert isinstance(channel, discord.abc.Messageable)
+        pressed = interaction.message
+
+        def make_sink(shown: str) -> tuple[ReplySink, dict[str, str]]:
+            ref = {"channel_id": str(channel.id)}
+            if what == "regenerate":
+                return self._sink(channel, None), ref
+            skip = max(0, len(split_message(shown)) - 1)  # the messages before the pressed one
+            resume = self.client.get_partial_messageable(channel.id).get_partial_message(pressed.id)
+            ref.update(edit_message_id=str(pressed.id), skip=str(skip))
+            return self._sink(channel, None, resume=resume, skip=skip), ref
+
+        run = self._bot.continue_reply if what == "continue" else self._bot.regenerate
+        return (await run(action, make_sink)).text
 
     # ------------------------------------------------------------------ slash commands
 

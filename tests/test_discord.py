@@ -236,6 +236,7 @@ async def bot_on(
     discord: dict[str, Any] | Callable[[Json, Json, Json], dict[str, Any]] | None = None,
     token: str | None = None,
     embedded: bool = False,
+    generation: dict[str, Any] | None = None,
 ) -> AsyncIterator[World]:
     """The real core with a fake engine, and the adapter logged in to the fake.
     ``discord`` is the [discord] config, or a function of (guild, #general, #random)
@@ -250,6 +251,7 @@ async def bot_on(
             **extra,
         },
         "bot": {"database": str(tmp_path / "bot.sqlite3"), "stream_interval": 0.05},
+        "generation": generation or {},
     }
     engine: Any
     if embedded:  # the real model on the real code path
@@ -813,3 +815,65 @@ async def stored_reply(bot: Bot, *, within: float) -> str:
             return str(row[0])
         await asyncio.sleep(0.2)
     raise AssertionError("the model's reply was never stored")
+
+
+# ---------------------------------------------------------------------------- buttons (issue 11)
+
+CUT = "The first part of a long answer"  # as long as max_new_tokens: cut there
+
+
+async def test_continue_button_extends_the_cut_reply_in_place(tmp_path: Path) -> None:
+    cut = {"max_new_tokens": len(CUT)}
+    async with running(tmp_path, replies=[CUT, ", and its end."], generation=cut) as w:
+        asked = await w.say("Tell me everything.")
+        await wait_for(lambda: w.fake.sent("POST", "/threads$"))
+        thread = w.thread_of(asked)
+        [reply] = await w.reply_in(thread)
+        ids = reply.custom_ids()
+        assert [i.split(":")[1] for i in ids] == ["continue", "regenerate", "up", "down"]
+
+        token = await w.fake.click(reply.id, ids[0], user=w.user, guild_id=w.guild["id"])
+        assert await wait_for(lambda: w.fake.interaction_text(token)) == "Continuing…"
+        assert w.fake.interaction_replies(token)[0].json["type"] == 5  # deferred at once
+        await wait_for(lambda: len(w.engine.calls) == 2 and w.bot.worker.running() == 0)
+        await w.bot.drain()
+        [same] = await wait_for(lambda: [m for m in w.fake.bot_messages(thread) if m.custom_ids()])
+        assert same.id == reply.id and same.content == f"{CUT}, and its end."
+        assert [i.split(":")[1] for i in same.custom_ids()] == ["regenerate", "up", "down"]
+        assert w.engine.calls[1].prompt_text.endswith(f"Tell me everything. ASSISTANT: {CUT}")
+        reply_id = int(ids[0].rsplit(":", 1)[1])
+        row = await w.bot.store.reply(reply_id)
+        assert row is not None and row.text == f"{CUT}, and its end."
+        assert await w.bot.store.message_count() == 2  # one question, one reply
+
+
+async def test_buttons_work_after_a_restart_and_refuse_a_stranger(tmp_path: Path) -> None:
+    async with discord_server() as place:
+        async with bot_on(place, tmp_path, replies=["Red."]) as w:
+            asker = w.user
+            asked = await w.say("Name a colour.")
+            await wait_for(lambda: w.fake.sent("POST", "/threads$"))
+            thread = w.thread_of(asked)
+            [reply] = await w.reply_in(thread)
+            regenerate, up = reply.custom_ids()[0], reply.custom_ids()[1]
+        # A new process on the same SQLite file: nothing in memory.
+        async with bot_on(place, tmp_path, replies=["Blue.", "Green."]) as w:
+            stranger = w.fake.user("mika")
+            token = await w.fake.click(reply.id, regenerate, user=stranger, guild_id=w.guild["id"])
+            assert "Only the person who asked" in await wait_for(lambda: w.fake.interaction_text(token))
+
+            votes = [await w.fake.click(reply.id, up, user=asker, guild_id=w.guild["id"]) for _ in range(2)]
+            texts = [await wait_for(lambda t=t: w.fake.interaction_text(t)) for t in votes]
+            assert texts == ["Thanks for the feedback.", "Your feedback was already recorded."]
+            assert len(await w.bot.store.feedback_rows()) == 1
+
+            token = await w.fake.click(reply.id, regenerate, user=asker, guild_id=w.guild["id"])
+            await wait_for(lambda: w.fake.interaction_text(token))
+            messages = await w.reply_in(thread)
+            assert [m.content for m in messages] == ["Red.", "Blue."]
+            assert "Red." not in w.engine.calls[0].prompt_text
+
+            await w.say_in(thread, "Another one?")
+            await w.reply_in(thread, count=2)
+            prompt = w.engine.calls[1].prompt_text
+            assert "ASSISTANT: Blue.</s>" in prompt and "Red." not in prompt

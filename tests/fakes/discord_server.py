@@ -67,6 +67,11 @@ class FakeMessage:
     content: str
     author: Json
     history: list[str] = field(default_factory=list)
+    components: list[Json] = field(default_factory=list)
+
+    def custom_ids(self) -> list[str]:
+        """The custom ids of the buttons under this message, in order."""
+        return [c["custom_id"] for row in self.components for c in row.get("components", [])]
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -394,6 +399,47 @@ class FakeDiscord:
         await self.dispatch("INTERACTION_CREATE", data)
         return token
 
+    async def click(
+        self,
+        message_id: str,
+        custom_id: str,
+        *,
+        user: Json,
+        guild_id: str | None = None,
+        permissions: int = 0,
+    ) -> str:
+        """A user presses the button ``custom_id`` under a message; returns the
+        interaction token. Discord checks that the message has that button."""
+        message = self.messages[message_id]
+        assert custom_id in message.custom_ids(), (custom_id, message.custom_ids())
+        token = f"itoken-{self.snowflake()}"
+        data: Json = {
+            "id": self.snowflake(),
+            "application_id": self.application_id,
+            "type": 3,
+            "token": token,
+            "version": 1,
+            "channel_id": message.channel_id,
+            "message": self._message_payload(message),
+            "data": {"custom_id": custom_id, "component_type": 2},
+            "locale": "en-US",
+            "app_permissions": "0",
+            "entitlements": [],
+            "authorizing_integration_owners": {},
+            "attachment_size_limit": 8 * 1024 * 1024,
+            "context": 0 if guild_id else 1,
+        }
+        _guild, channel = self.find_channel(message.channel_id)
+        data["channel"] = channel or {"id": message.channel_id, "type": 1, "recipients": [user]}
+        if guild_id is not None:
+            data["guild_id"] = guild_id
+            data["guild_locale"] = "en-US"
+            data["member"] = self.member_payload(user, None, permissions)
+        else:
+            data["user"] = user
+        await self.dispatch("INTERACTION_CREATE", data)
+        return token
+
     # ------------------------------------------------------------------ what the bot sent
 
     def rate_limit(self, method: str, path_regex: str, *, count: int = 1, retry_after: float = 0.05) -> None:
@@ -529,6 +575,7 @@ class FakeDiscord:
             "mention_roles": [],
             "attachments": [],
             "embeds": [],
+            "components": message.components,
             "pinned": False,
             "type": 0,
             "flags": flags,
@@ -548,6 +595,7 @@ class FakeDiscord:
         if bad is not None:
             return bad
         message = FakeMessage(self.snowflake(), channel_id, body["content"], self.bot_user)
+        message.components = body.get("components") or []
         self.messages[message.id] = message
         return json_response(self._message_payload(message))
 
@@ -561,6 +609,8 @@ class FakeDiscord:
         if "content" in record.json:
             message.history.append(message.content)
             message.content = record.json["content"]
+        if "components" in record.json:
+            message.components = record.json["components"] or []
         return json_response(self._message_payload(message))
 
     async def _delete_message(self, record: Recorded, channel_id: str, message_id: str) -> web.Response:
