@@ -367,37 +367,13 @@ class FakeDiscord:
         roles: list[str] | None = None,
     ) -> str:
         """``/xwin <subcommand> <options>``; returns the interaction token."""
-        token = f"itoken-{self.snowflake()}"
         sub: Json = {
             "name": subcommand,
             "type": 1,
             "options": [_option(k, v) for k, v in (options or {}).items()],
         }
-        data: Json = {
-            "id": self.snowflake(),
-            "application_id": self.application_id,
-            "type": 2,
-            "token": token,
-            "version": 1,
-            "channel_id": channel_id,
-            "data": {"id": self.snowflake(), "name": "xwin", "type": 1, "options": [sub]},
-            "locale": "en-US",
-            "app_permissions": "0",
-            "entitlements": [],
-            "authorizing_integration_owners": {},
-            "attachment_size_limit": 8 * 1024 * 1024,
-            "context": 0 if guild_id else 1,
-        }
-        _guild, channel = self.find_channel(channel_id)
-        data["channel"] = channel or {"id": channel_id, "type": 1, "recipients": [user]}
-        if guild_id is not None:
-            data["guild_id"] = guild_id
-            data["guild_locale"] = "en-US"
-            data["member"] = self.member_payload(user, roles, permissions)
-        else:
-            data["user"] = user
-        await self.dispatch("INTERACTION_CREATE", data)
-        return token
+        data = {"id": self.snowflake(), "name": "xwin", "type": 1, "options": [sub]}
+        return await self._interaction(2, data, user, channel_id, guild_id, permissions, roles)
 
     async def click(
         self,
@@ -412,32 +388,50 @@ class FakeDiscord:
         interaction token. Discord checks that the message has that button."""
         message = self.messages[message_id]
         assert custom_id in message.custom_ids(), (custom_id, message.custom_ids())
+        data = {"custom_id": custom_id, "component_type": 2}
+        return await self._interaction(
+            3, data, user, message.channel_id, guild_id, permissions, None,
+            message=self._message_payload(message),
+        )
+
+    async def _interaction(
+        self,
+        kind: int,
+        data: Json,
+        user: Json,
+        channel_id: str,
+        guild_id: str | None,
+        permissions: int,
+        roles: list[str] | None,
+        **extra: Any,
+    ) -> str:
+        """Dispatch INTERACTION_CREATE (2: a command, 3: a component); returns its token."""
         token = f"itoken-{self.snowflake()}"
-        data: Json = {
+        payload: Json = {
             "id": self.snowflake(),
             "application_id": self.application_id,
-            "type": 3,
+            "type": kind,
             "token": token,
             "version": 1,
-            "channel_id": message.channel_id,
-            "message": self._message_payload(message),
-            "data": {"custom_id": custom_id, "component_type": 2},
+            "channel_id": channel_id,
+            "data": data,
             "locale": "en-US",
             "app_permissions": "0",
             "entitlements": [],
             "authorizing_integration_owners": {},
             "attachment_size_limit": 8 * 1024 * 1024,
             "context": 0 if guild_id else 1,
+            **extra,
         }
-        _guild, channel = self.find_channel(message.channel_id)
-        data["channel"] = channel or {"id": message.channel_id, "type": 1, "recipients": [user]}
+        _guild, channel = self.find_channel(channel_id)
+        payload["channel"] = channel or {"id": channel_id, "type": 1, "recipients": [user]}
         if guild_id is not None:
-            data["guild_id"] = guild_id
-            data["guild_locale"] = "en-US"
-            data["member"] = self.member_payload(user, None, permissions)
+            payload["guild_id"] = guild_id
+            payload["guild_locale"] = "en-US"
+            payload["member"] = self.member_payload(user, roles, permissions)
         else:
-            data["user"] = user
-        await self.dispatch("INTERACTION_CREATE", data)
+            payload["user"] = user
+        await self.dispatch("INTERACTION_CREATE", payload)
         return token
 
     # ------------------------------------------------------------------ what the bot sent
