@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -42,9 +43,19 @@ from adapters.slack_format import (
     split_message,
     to_mrkdwn,
 )
+from bot.actions import ActionSink, Vote
 from bot.config import Config, Secrets, SlackConfig
 from bot.errors import AdapterError
-from bot.types import CommandContext, CommandReply, ConversationKey, Incoming, ReplySink, SinkFactory
+from bot.types import (
+    CommandContext,
+    CommandReply,
+    ConversationKey,
+    Incoming,
+    ReplyAction,
+    ReplyInfo,
+    ReplySink,
+    SinkFactory,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +92,65 @@ class SlackBot(Protocol):
 
     async def knows_conversation(self, key: ConversationKey) -> bool: ...
 
+    async def continue_reply(self, action: ReplyAction, make_sink: ActionSink) -> CommandReply: ...
+
+    async def regenerate(self, action: ReplyAction, make_sink: ActionSink) -> CommandReply: ...
+
+    async def feedback(self, action: ReplyAction, vote: Vote) -> CommandReply: ...
+
+
+# ---------------------------------------------------------------- buttons (issue 11)
+
+#: Block action ids; each button's ``value`` carries the reply's row id, so a
+#: click is understood with nothing in memory (after a restart too).
+CONTINUE_ACTION = "xwin_continue"
+REGENERATE_ACTION = "xwin_regenerate"
+FEEDBACK_ACTION = "xwin_feedback"
+#: Characters of text in one section block (Slack's limit is 3000).
+SECTION_LIMIT = 3000
+
+
+def final_blocks(text: str, info: ReplyInfo, *, native_feedback: bool = True) -> list[JSON]:
+    """The blocks of a finished reply's last message: its mrkdwn ``text``, then
+    Continue (only when cut at max_new_tokens) and Regenerate, then 👍/👎 as
+    Slack's ``feedback_buttons`` (or plain buttons where those are refused)."""
+    sections = [text[i : i + SECTION_LIMIT] for i in range(0, len(text), SECTION_LIMIT)] or [" "]
+    blocks: list[JSON] = [{"type": "section", "text": {"type": "mrkdwn", "text": t}} for t in sections]
+    rid = str(info.reply_id)
+    buttons = [_button("Regenerate", REGENERATE_ACTION, rid)]
+    if info.can_continue:
+        buttons.insert(0, {**_button("Continue", CONTINUE_ACTION, rid), "style": "primary"})
+    if native_feedback:
+        blocks.append({"type": "actions", "elements": buttons})
+        blocks.append({"type": "context_actions", "elements": [{
+            "type": "feedback_buttons", "action_id": FEEDBACK_ACTION,
+            "positive_button": {"text": _plain("👍"), "value": f"up:{rid}",
+                                "accessibility_label": "Mark this reply as good"},
+            "negative_button": {"text": _plain("👎"), "value": f"down:{rid}",
+                                "accessibility_label": "Mark this reply as bad"},
+        }]})
+    else:
+        votes = [{**_button("👍", FEEDBACK_ACTION, f"up:{rid}"), "action_id": f"{FEEDBACK_ACTION}_up"},
+                 {**_button("👎", FEEDBACK_ACTION, f"down:{rid}"), "action_id": f"{FEEDBACK_ACTION}_down"}]
+        blocks.append({"type": "actions", "elements": buttons + votes})
+    return blocks
+
+
+@dataclass
+class BlockSupport:
+    """What this workspace's Slack takes, shared by an adapter's sinks:
+    ``feedback_buttons`` until Slack refuses them once (then plain buttons)."""
+
+    native_feedback: bool = True
+
+
+def _plain(text: str) -> JSON:
+    return {"type": "plain_text", "text": text, "emoji": True}
+
+
+def _button(label: str, action_id: str, value: str) -> JSON:
+    return {"type": "button", "text": _plain(label), "action_id": action_id, "value": value}
+
 
 # ---------------------------------------------------------------- replies
 
@@ -98,17 +168,26 @@ class SlackReplySink:
         update_interval: float,
         limit: int = MESSAGE_LIMIT,
         clock: Callable[[], float] = time.monotonic,
+        resume_ts: str = "",
+        skip: int = 0,
+        support: BlockSupport | None = None,
     ) -> None:
+        """``resume_ts``: a message of the reply to go on editing (Continue),
+        which shows the reply's text from its ``skip``-th message on."""
         self.update_interval = update_interval
         self._client = client
         self._channel = channel
         self._thread_ts = thread_ts
         self._limit = limit
         self._clock = clock
-        self._ts: list[str] = []
-        self._shown: list[str] = []
+        self._ts: list[str] = [resume_ts] if resume_ts else []
+        self._shown: list[str] = [""] if resume_ts else []
+        self._skip = skip
+        self._clear_blocks = bool(resume_ts)  # its old buttons go with the first edit
+        self._info: ReplyInfo | None = None
+        self._support = support or BlockSupport()
         self._last_edit = float("-inf")
-        self._streamed = False
+        self._streamed = bool(resume_ts)
         self._lock = asyncio.Lock()
 
     async def queued(self, position: int) -> None:
@@ -122,11 +201,16 @@ class SlackReplySink:
         if not text_so_far.strip() or self._clock() - self._last_edit < self.update_interval / 2:
             return
         self._streamed = True
-        await self._sync(split_message(to_mrkdwn(text_so_far), self._limit))
+        await self._sync(split_message(to_mrkdwn(text_so_far), self._limit)[self._skip :])
+
+    async def reply_stored(self, info: ReplyInfo) -> None:
+        self._info = info
 
     async def finish(self, text: str) -> None:
-        chunks = split_message(to_mrkdwn(text), self._limit) if text.strip() else ["_(no reply)_"]
-        await self._sync(chunks)
+        chunks = split_message(to_mrkdwn(text), self._limit)[self._skip :] if text.strip() else []
+        await self._sync(chunks or ["_(no reply)_"])
+        if self._info is not None and self._ts:
+            await self._edit(len(self._ts) - 1, self._shown[-1], buttons=self._info)
 
     async def fail(self, user_message: str) -> None:
         text = to_mrkdwn(user_message)
@@ -166,12 +250,22 @@ class SlackReplySink:
         self._ts.append(str(resp["ts"]))
         self._shown.append(text)
 
-    async def _edit(self, index: int, text: str) -> None:
+    async def _edit(self, index: int, text: str, *, buttons: ReplyInfo | None = None) -> None:
+        blocks: list[JSON] | None = None
+        if buttons is not None:
+            blocks = final_blocks(text, buttons, native_feedback=self._support.native_feedback)
+        elif index == 0 and self._clear_blocks:
+            self._clear_blocks, blocks = False, []
         try:
             await self._client.chat_update(
-                channel=self._channel, ts=self._ts[index], text=text, link_names=False
+                channel=self._channel, ts=self._ts[index], text=text, link_names=False, blocks=blocks
             )
         except SlackApiError as exc:
+            if buttons is not None and self._support.native_feedback and _error_of(exc) == "invalid_blocks":
+                log.warning("slack: feedback_buttons refused (invalid_blocks); using plain buttons from now on")
+                self._support.native_feedback = False
+                await self._edit(index, text, buttons=buttons)
+                return
             log.warning("slack: chat.update in %s failed: %s", self._channel, _error_of(exc))
             return
         self._shown[index] = text
@@ -249,6 +343,7 @@ class SlackAdapter:
         self._socket: AsyncSocketModeHandler | None = None
         self._runner: web.AppRunner | None = None
         self._port = 0
+        self._blocks = BlockSupport()
         bot.register_platform("slack", self.sink_for)
 
     # ------------------------------------------------------------ lifecycle
@@ -292,10 +387,12 @@ class SlackAdapter:
     def sink_for(self, key: ConversationKey, reply_ref: dict[str, str]) -> ReplySink:
         """Sink factory for jobs resumed after a restart."""
         channel = reply_ref.get("channel") or key.channel
-        return self._sink(channel, reply_ref.get("thread_ts", key.thread))
+        thread_ts = reply_ref.get("thread_ts", key.thread)
+        return self._sink(channel, thread_ts, reply_ref.get("edit_ts", ""), int(reply_ref.get("skip") or 0))
 
-    def _sink(self, channel: str, thread_ts: str) -> SlackReplySink:
-        return SlackReplySink(self._client, channel, thread_ts, update_interval=self._update_interval)
+    def _sink(self, channel: str, thread_ts: str, resume_ts: str = "", skip: int = 0) -> SlackReplySink:
+        return SlackReplySink(self._client, channel, thread_ts, update_interval=self._update_interval,
+                              resume_ts=resume_ts, skip=skip, support=self._blocks)
 
     # ------------------------------------------------------------ start-up checks
 
@@ -399,6 +496,9 @@ class SlackAdapter:
         app.event("app_mention")(self._on_mention)
         app.event("message")(self._on_message)
         app.command("/xwin")(self._on_command)
+        for action_id in (CONTINUE_ACTION, REGENERATE_ACTION, FEEDBACK_ACTION):
+            app.action(action_id)(self._on_button)
+        app.action(re.compile(f"^{FEEDBACK_ACTION}_(up|down)$"))(self._on_button)  # the plain-button fallback
         return app
 
     async def _on_mention(self, event: JSON, body: JSON) -> None:
@@ -435,6 +535,48 @@ class SlackAdapter:
             await respond(text=to_mrkdwn(reply.text), response_type=response_type, replace_original=False)
         except (SlackClientError, OSError) as exc:
             log.warning("slack: could not answer /xwin through its response_url: %s", exc)
+
+    async def _on_button(self, ack: AsyncAck, body: JSON, action: JSON, respond: AsyncRespond) -> None:
+        """A button under a reply: acked at once (Slack wants it within 3 s),
+        then the core decides; the presser gets one ephemeral line."""
+        await ack()
+        try:
+            text = await self._press(body, action)
+        except Exception:
+            log.exception("slack: button %s failed", action.get("action_id"))
+            text = _SORRY
+        try:
+            await respond(text=to_mrkdwn(text), response_type="ephemeral", replace_original=False)
+        except (SlackClientError, OSError) as exc:
+            log.warning("slack: could not answer a button through its response_url: %s", exc)
+
+    async def _press(self, body: Mapping[str, Any], action: Mapping[str, Any]) -> str:
+        what, _, number = str(action.get("value") or "").rpartition(":")
+        what = what or ("continue" if action.get("action_id") == CONTINUE_ACTION else "regenerate")
+        team = str((body.get("team") or {}).get("id") or (body.get("user") or {}).get("team_id") or "")
+        channel = str((body.get("channel") or {}).get("id") or "")
+        user = str((body.get("user") or {}).get("id") or "")
+        message = body.get("message") or {}
+        is_dm = channel.startswith("D")
+        if not number.isdigit() or not self._allowed(team, channel, is_dm):
+            return "I'm not enabled here."
+        thread = str(message.get("thread_ts") or "")
+        key = _dm_key(channel) if is_dm else ConversationKey("slack", team, channel, thread)
+        press = ReplyAction(key, int(number), user, is_admin=user in self._config.admin_users)
+        if what in ("up", "down"):
+            return (await self._bot.feedback(press, "up" if what == "up" else "down")).text
+        pressed_ts = str(message.get("ts") or "")
+
+        def make_sink(shown: str) -> tuple[ReplySink, dict[str, str]]:
+            ref = {"channel": channel, "thread_ts": thread}
+            if what != "continue":
+                return self._sink(channel, thread), ref
+            skip = max(0, len(split_message(to_mrkdwn(shown), MESSAGE_LIMIT)) - 1)
+            ref.update(edit_ts=pressed_ts, skip=str(skip))
+            return self._sink(channel, thread, pressed_ts, skip), ref
+
+        run = self._bot.continue_reply if what == "continue" else self._bot.regenerate
+        return (await run(press, make_sink)).text
 
     # ------------------------------------------------------------ events
 

@@ -61,6 +61,8 @@ class FakeSlack:
     calls: list[ApiCall] = field(default_factory=list)
     responses: list[JSON] = field(default_factory=list)
     acks: list[JSON] = field(default_factory=list)
+    #: Refuse blocks holding ``feedback_buttons`` (invalid_blocks), as a Slack without them would.
+    refuse_feedback_buttons: bool = False
     port: int = 0
     _runner: web.AppRunner | None = None
     _sockets: list[web.WebSocketResponse] = field(default_factory=list)
@@ -118,6 +120,29 @@ class FakeSlack:
                 texts[str(call.params["ts"])] = str(call.params.get("text", ""))
         return texts
 
+    def message_blocks(self) -> dict[str, list[JSON]]:
+        """The latest blocks of each message the bot posted, by ts."""
+        blocks: dict[str, list[JSON]] = {}
+        for call in self.calls:
+            ts = call.params.get("_ts") if call.method == "chat.postMessage" else call.params.get("ts")
+            if call.method in ("chat.postMessage", "chat.update") and "blocks" in call.params:
+                raw = call.params["blocks"]
+                blocks[str(ts)] = json.loads(raw) if isinstance(raw, str) else list(raw or [])
+        return blocks
+
+    def buttons(self, ts: str) -> dict[str, str]:
+        """The interactive elements under a message: action_id (or, for feedback
+        buttons, ``action_id:up``/``:down``) -> value."""
+        out: dict[str, str] = {}
+        for block in self.message_blocks().get(ts, []):
+            for element in block.get("elements", []):
+                if element.get("type") == "feedback_buttons":
+                    out[element["action_id"] + ":up"] = element["positive_button"]["value"]
+                    out[element["action_id"] + ":down"] = element["negative_button"]["value"]
+                elif "action_id" in element:
+                    out[element["action_id"]] = element.get("value", "")
+        return out
+
     # ------------------------------------------------------------ Web API
 
     async def _api(self, request: web.Request) -> web.Response:
@@ -135,6 +160,8 @@ class FakeSlack:
                 return web.json_response({"ok": False, "error": "invalid_auth"})
         elif token != self.bot_token:
             return web.json_response({"ok": False, "error": "invalid_auth"})
+        if self.refuse_feedback_buttons and "feedback_buttons" in json.dumps(params.get("blocks") or []):
+            return web.json_response({"ok": False, "error": "invalid_blocks"})
         body = handler(call)
         headers = {"x-oauth-scopes": ",".join(self.scopes)} if method == "auth.test" else {}
         return web.json_response(body, headers=headers)
@@ -317,6 +344,42 @@ def command_form(
         "response_url": response_url,
         "trigger_id": "trig-" + uuid.uuid4().hex[:8],
     }
+
+
+def block_action_body(
+    action_id: str,
+    value: str,
+    *,
+    user: str,
+    channel: str,
+    message_ts: str,
+    thread_ts: str | None,
+    response_url: str,
+    team_id: str = "T1",
+    kind: str = "button",
+) -> bytes:
+    """A ``block_actions`` interaction (a button pressed under a bot message),
+    form-encoded as Slack posts it."""
+    message: JSON = {"type": "message", "ts": message_ts, "bot_id": "BBOT", "text": ""}
+    if thread_ts:
+        message["thread_ts"] = thread_ts
+    payload = {
+        "type": "block_actions",
+        "team": {"id": team_id, "domain": "fake"},
+        "user": {"id": user, "username": user.lower(), "team_id": team_id},
+        "api_app_id": "A1",
+        "token": "legacy-verification-token",
+        "container": {"type": "message", "message_ts": message_ts, "channel_id": channel},
+        "trigger_id": "trig-" + uuid.uuid4().hex[:8],
+        "channel": {"id": channel, "name": "general"},
+        "message": message,
+        "response_url": response_url,
+        "actions": [{
+            "type": kind, "action_id": action_id, "block_id": "b1", "value": value,
+            "action_ts": f"{time.time():.6f}",
+        }],
+    }
+    return urllib.parse.urlencode({"payload": json.dumps(payload)}).encode()
 
 
 def command_body(**kwargs: Any) -> bytes:
