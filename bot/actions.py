@@ -26,7 +26,7 @@ from typing import Literal
 
 from bot.config import BotConfig
 from bot.store import JobKind, Store, StoredReply
-from bot.types import CommandReply, ReplyAction, ReplySink
+from bot.types import CommandReply, ConversationKey, ReplyAction, ReplySink
 from bot.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ ActionSink = Callable[[str], tuple[ReplySink, dict[str, str]]]
 Vote = Literal["up", "down"]
 
 GONE = "I can't find that reply here any more."
+NOTHING_YET = "There is no reply here to continue yet."
 TOO_OLD = "That reply is too old for its buttons; ask again instead."
 NOT_LAST = "Only the last reply of a conversation can be {what}."
 NOT_YOURS = "Only the person who asked (or an admin) can {what} this reply."
@@ -64,6 +65,14 @@ class ReplyActions:
 
     async def regenerate(self, action: ReplyAction, make_sink: ActionSink) -> CommandReply:
         return await self._queue(action, "regenerate", make_sink)
+
+    async def continue_last(self, key: ConversationKey, user_id: str, is_admin: bool,
+                            make_sink: ActionSink) -> CommandReply:
+        """``/xwin continue``: Continue on the newest reply of the conversation."""
+        reply_id = await self.store.last_reply_id(key)
+        if reply_id is None:
+            return CommandReply(NOTHING_YET, ok=False)
+        return await self._queue(ReplyAction(key, reply_id, user_id, is_admin), "continue", make_sink)
 
     async def feedback(self, action: ReplyAction, vote: Vote) -> CommandReply:
         reply = await self._reply(action)

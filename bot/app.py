@@ -170,6 +170,11 @@ class Bot:
         """Continue a reply cut at max_new_tokens, appended to the same reply."""
         return await self.actions.continue_reply(action, make_sink)
 
+    async def continue_last(self, key: ConversationKey, user_id: str, is_admin: bool,
+                            make_sink: ActionSink) -> CommandReply:
+        """``/xwin continue``: Continue on the newest reply of the conversation."""
+        return await self.actions.continue_last(key, user_id, is_admin, make_sink)
+
     async def regenerate(self, action: ReplyAction, make_sink: ActionSink) -> CommandReply:
         """Answer the last question again; the old reply leaves the history."""
         return await self.actions.regenerate(action, make_sink)

@@ -334,6 +334,16 @@ class Store:
             is_last=bool(r[12]),
         )
 
+    async def last_reply_id(self, key: ConversationKey) -> int | None:
+        """The newest reply the model still sees in this conversation."""
+        sql = ("SELECT m.id FROM messages m JOIN conversations c ON c.id = m.conversation_id "
+               "WHERE c.platform = ? AND c.workspace = ? AND c.channel = ? AND c.thread = ? "
+               "AND m.role = 'assistant' AND m.replaced = 0 AND m.generation = c.generation "
+               "ORDER BY m.id DESC LIMIT 1")
+        async with self.db.execute(sql, (key.platform, key.workspace, key.channel, key.thread)) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else None
+
     async def question_job(self, reply: StoredReply) -> Job | None:
         """The job that first answered ``reply``'s question (its asker and settings)."""
         async with self.db.execute(_JOB_SELECT + " WHERE j.message_id = ? ORDER BY j.id LIMIT 1",

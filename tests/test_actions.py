@@ -120,6 +120,8 @@ async def test_regenerate_replaces_the_reply_in_the_next_prompt(bot: Bot) -> Non
 
 
 async def test_refusals_are_one_clear_sentence(bot: Bot) -> None:
+    none_yet = await bot.continue_last(THREAD, "u1", False, sink_for([]))  # type: ignore[arg-type]
+    assert not none_yet.ok and none_yet.text == "There is no reply here to continue yet."
     first = await answer(bot, "m1", "Question one?", "Short.")
     refused = await bot.regenerate(press(first.reply_id, "u2"), sink_for([]))  # type: ignore[arg-type]
     assert not refused.ok and refused.text.startswith("Only the person who asked")
