@@ -822,13 +822,12 @@ class DiscordAdapter:
     async def _press(self, interaction: discord.Interaction, what: str, reply_id: int) -> str:
         context = self._command_context(interaction)
         channel = interaction.channel
-        if context is None or channel is None or interaction.message is None:
+        pressed = interaction.message
+        if context is None or not isinstance(channel, discord.abc.Messageable) or pressed is None:
             return NOT_HERE
         action = ReplyAction(context.key, reply_id, context.author_id, is_admin=context.is_admin)
         if what in ("up", "down"):
             return (await self._bot.feedback(action, "up" if what == "up" else "down")).text
-        assert isinstance(channel, discord.abc.Messageable)
-        pressed = interaction.message
 
         def make_sink(shown: str) -> tuple[ReplySink, dict[str, str]]:
             ref = {"channel_id": str(channel.id)}

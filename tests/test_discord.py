@@ -29,7 +29,7 @@ from bot.engine.fake import FakeEngine, Reply
 from bot.errors import AdapterError
 from bot.settings import SPECS
 from bot.store import Store
-from bot.types import ConversationKey
+from bot.types import ConversationKey, ReplyInfo
 from tests.fakes.discord_server import MANAGE_CHANNELS, FakeDiscord, FakeMessage, Json, wait_for
 
 DEFAULT_TEMPERATURE = 0.1
@@ -877,3 +877,37 @@ async def test_buttons_work_after_a_restart_and_refuse_a_stranger(tmp_path: Path
             await w.reply_in(thread, count=2)
             prompt = w.engine.calls[1].prompt_text
             assert "ASSISTANT: Blue.</s>" in prompt and "Red." not in prompt
+
+
+async def test_feedback_in_a_dm_is_stored_and_can_change(tmp_path: Path) -> None:
+    async with running(tmp_path, replies=["Hi there!"]) as w:
+        dm = w.fake.snowflake()
+        await w.fake.user_message(dm, "hello bot", w.user)
+        [reply] = await w.reply_in(dm)
+        down, up = reply.custom_ids()[-1], reply.custom_ids()[-2]
+        texts = []
+        for button in (down, up):
+            token = await w.fake.click(reply.id, button, user=w.user)
+            texts.append(await wait_for(lambda t=token: w.fake.interaction_text(t)))
+        assert texts == ["Thanks for the feedback.", "Your feedback was changed."]
+        assert [(u, v) for _, u, v, _ in await w.bot.store.feedback_rows()] == [(w.user["id"], 1)]
+
+
+async def test_a_continue_resumed_after_a_restart_edits_the_same_message(tmp_path: Path) -> None:
+    async with running(tmp_path, replies=["Short."]) as w:
+        dm = w.fake.snowflake()
+        await w.fake.user_message(dm, "hello bot", w.user)
+        [reply] = await w.reply_in(dm)
+        key = ConversationKey("discord", "dm", dm, "")
+        edits_before = len(reply.history)
+        # What the job row keeps for a Continue; the sink factory re-creates its sink from it.
+        sink = w.adapter.sink_for(key, {"channel_id": dm, "edit_message_id": reply.id, "skip": "0"})
+        await sink.queued(0)  # no placeholder over the reply's text
+        await sink.started()
+        assert isinstance(sink, DiscordSink)
+        await sink.reply_stored(ReplyInfo(7, False))
+        await sink.finish("Short. And now longer.")
+        [same] = w.fake.bot_messages(dm)
+        assert same.id == reply.id and same.content == "Short. And now longer."
+        assert same.custom_ids() == ["xwin:regenerate:7", "xwin:up:7", "xwin:down:7"]
+        assert same.history[edits_before:] == ["Short."]  # one edit: no placeholder over the text
