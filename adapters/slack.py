@@ -208,9 +208,7 @@ class SlackReplySink:
 
     async def finish(self, text: str) -> None:
         chunks = split_message(to_mrkdwn(text), self._limit)[self._skip :] if text.strip() else []
-        await self._sync(chunks or ["_(no reply)_"])
-        if self._info is not None and self._ts:
-            await self._edit(len(self._ts) - 1, self._shown[-1], buttons=self._info)
+        await self._sync(chunks or ["_(no reply)_"], buttons=self._info)
 
     async def fail(self, user_message: str) -> None:
         text = to_mrkdwn(user_message)
@@ -225,13 +223,17 @@ class SlackReplySink:
             return
         await self._sync([text])
 
-    async def _sync(self, chunks: list[str]) -> None:
+    async def _sync(self, chunks: list[str], *, buttons: ReplyInfo | None = None) -> None:
+        """Show ``chunks``; ``buttons`` go under the last one (the final message)."""
         async with self._lock:
             for i, chunk in enumerate(chunks):
+                last = buttons if i == len(chunks) - 1 else None
                 if i >= len(self._ts):
                     await self._post(chunk)
-                elif self._shown[i] != chunk:
-                    await self._edit(i, chunk)
+                    if last is not None and i < len(self._ts):
+                        await self._edit(i, chunk, buttons=last)
+                elif self._shown[i] != chunk or last is not None:
+                    await self._edit(i, chunk, buttons=last)
             self._last_edit = self._clock()
 
     async def _post(self, text: str) -> None:
