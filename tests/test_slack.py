@@ -27,10 +27,11 @@ from bot.store import Store
 from bot.types import ConversationKey
 from tests.fakes.slack_server import (
     FakeSlack,
-    block_action_body,
+    block_action,
     command_body,
     command_form,
     event_body,
+    form_body,
     poll,
     signed_headers,
 )
@@ -577,9 +578,13 @@ async def press(env: Env, action_id: str, value: str, *, ts: str, thread: str | 
                 kind: str = "button") -> str:
     """Presses a button under the bot's message ``ts``; returns the ephemeral answer."""
     url = env.fake.response_url()
-    body = block_action_body(action_id, value, user=user, channel="C1", message_ts=ts, thread_ts=thread,
-                             response_url=url, kind=kind)
-    assert await post_signed(env, body, content_type="application/x-www-form-urlencoded") == 200
+    payload = block_action(action_id, value, user=user, channel="C1", message_ts=ts, thread_ts=thread,
+                           response_url=url, kind=kind)
+    if env.adapter.http_port:
+        assert await post_signed(env, form_body(payload), content_type="application/x-www-form-urlencoded") == 200
+    else:
+        envelope = await env.fake.send_envelope(payload, kind="interactive")
+        await poll(lambda: env.fake.acked(envelope), what="ack of the button")
     rid = url.rsplit("/", 1)[1]
     await poll(lambda: any(r["_rid"] == rid for r in env.fake.responses), what="button answer")
     answer = next(r for r in env.fake.responses if r["_rid"] == rid)
@@ -645,3 +650,16 @@ async def test_buttons_work_after_a_restart_refuse_a_stranger_and_fall_back_to_p
     assert "Red." not in engine.calls[0].prompt_text
     old = await env.bot.store.reply(int(buttons["xwin_regenerate"]))
     assert old is not None and old.replaced
+
+
+async def test_socket_mode_feedback_click_is_acked_and_stored_once(start_env: Starter) -> None:
+    env = await start_env(FakeEngine(replies=["Fine."]), mode="socket")
+    await env.fake.send_envelope(event_body(mention("<@UBOT> how are you", ts="900.000001")))
+    await poll(lambda: "xwin_feedback:down" in env.fake.buttons(next(iter(env.fake.message_texts()), "")),
+               what="feedback buttons")
+    ts = next(iter(env.fake.message_texts()))
+    down = env.fake.buttons(ts)["xwin_feedback:down"]
+    for expected in ("Thanks for the feedback.", "Your feedback was already recorded."):
+        assert await press(env, "xwin_feedback", down, ts=ts, thread="900.000001", kind="feedback_buttons") \
+            == expected
+    assert [(u, v) for _, u, v, _ in await env.bot.store.feedback_rows()] == [("U1", -1)]

@@ -38,6 +38,8 @@ class ApiCall:
     params: JSON
     token: str
     at: float
+    #: The error the fake answered with ("" when it succeeded).
+    error: str = ""
 
 
 @dataclass
@@ -108,12 +110,14 @@ class FakeSlack:
 
     def posted(self) -> list[JSON]:
         """Parameters of every chat.postMessage, in order."""
-        return [c.params for c in self.calls_to("chat.postMessage")]
+        return [c.params for c in self.calls_to("chat.postMessage") if not c.error]
 
     def message_texts(self) -> dict[str, str]:
         """The latest text of each message the bot posted, by ts."""
         texts: dict[str, str] = {}
         for call in self.calls:
+            if call.error:
+                continue
             if call.method == "chat.postMessage":
                 texts[call.params["_ts"]] = str(call.params.get("text", ""))
             elif call.method == "chat.update":
@@ -125,7 +129,7 @@ class FakeSlack:
         blocks: dict[str, list[JSON]] = {}
         for call in self.calls:
             ts = call.params.get("_ts") if call.method == "chat.postMessage" else call.params.get("ts")
-            if call.method in ("chat.postMessage", "chat.update") and "blocks" in call.params:
+            if call.method in ("chat.postMessage", "chat.update") and "blocks" in call.params and not call.error:
                 raw = call.params["blocks"]
                 blocks[str(ts)] = json.loads(raw) if isinstance(raw, str) else list(raw or [])
         return blocks
@@ -161,7 +165,8 @@ class FakeSlack:
         elif token != self.bot_token:
             return web.json_response({"ok": False, "error": "invalid_auth"})
         if self.refuse_feedback_buttons and "feedback_buttons" in json.dumps(params.get("blocks") or []):
-            return web.json_response({"ok": False, "error": "invalid_blocks"})
+            call.error = "invalid_blocks"
+            return web.json_response({"ok": False, "error": call.error})
         body = handler(call)
         headers = {"x-oauth-scopes": ",".join(self.scopes)} if method == "auth.test" else {}
         return web.json_response(body, headers=headers)
@@ -346,7 +351,7 @@ def command_form(
     }
 
 
-def block_action_body(
+def block_action(
     action_id: str,
     value: str,
     *,
@@ -357,9 +362,10 @@ def block_action_body(
     response_url: str,
     team_id: str = "T1",
     kind: str = "button",
-) -> bytes:
-    """A ``block_actions`` interaction (a button pressed under a bot message),
-    form-encoded as Slack posts it."""
+) -> JSON:
+    """A ``block_actions`` interaction: a button pressed under a bot message
+    (Socket Mode sends it as is; HTTP mode posts it form-encoded, see
+    :func:`form_body`)."""
     message: JSON = {"type": "message", "ts": message_ts, "bot_id": "BBOT", "text": ""}
     if thread_ts:
         message["thread_ts"] = thread_ts
@@ -379,6 +385,11 @@ def block_action_body(
             "action_ts": f"{time.time():.6f}",
         }],
     }
+    return payload
+
+
+def form_body(payload: JSON) -> bytes:
+    """An interaction payload as Slack posts it over HTTP."""
     return urllib.parse.urlencode({"payload": json.dumps(payload)}).encode()
 
 
