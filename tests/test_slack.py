@@ -602,6 +602,18 @@ async def test_panel_reply_streams_natively_without_edits(start_env: Starter) ->
     first_status = env.fake.calls_to("assistant.threads.setStatus")[0]
     assert first_status.params["status"] == "is thinking…"
     assert first_status.at < env.fake.calls_to("chat.startStream")[0].at
+    # The finished reply carries Regenerate and Slack's feedback buttons (issue 10), ids in their values.
+    await poll(lambda: env.bot.worker.running() == 0, what="the job's end")
+    stop = env.fake.calls_to("chat.stopStream")[-1].params
+    blocks = json.loads(stop["blocks"]) if isinstance(stop["blocks"], str) else stop["blocks"]
+    assert [b["type"] for b in blocks] == ["actions", "context_actions"]
+    async with env.bot.store.db.execute("SELECT id FROM messages WHERE role = 'assistant'") as cur:
+        [(reply_id,)] = list(await cur.fetchall())
+    assert [e["value"] for e in blocks[0]["elements"]] == [str(reply_id)]  # Regenerate (not cut: no Continue)
+    [feedback] = blocks[1]["elements"]
+    assert feedback["type"] == "feedback_buttons"
+    values = (feedback["positive_button"]["value"], feedback["negative_button"]["value"])
+    assert values == (f"up:{reply_id}", f"down:{reply_id}")
 
 
 async def test_panel_falls_back_to_edits_once_when_streaming_is_unknown(
