@@ -30,12 +30,13 @@ PREFIX = "/xwin"
 class ConsoleSink:
     """Prints one reply: streamed on a terminal, whole otherwise."""
 
-    def __init__(self, out: TextIO, *, interactive: bool) -> None:
+    def __init__(self, out: TextIO, *, interactive: bool, shown: str = "") -> None:
+        """``shown``: the reply so far, already on screen (``/xwin continue``)."""
         self.out = out
         self.interactive = interactive
         self.update_interval = 0.0 if interactive else 3600.0
         self.done = asyncio.Event()
-        self._shown = ""
+        self._shown = shown
 
     async def queued(self, position: int) -> None:
         if self.interactive and position > 0:
@@ -107,7 +108,9 @@ class ConsoleAdapter:
             self._write("Talking to the bot. /xwin for commands, Ctrl-D to quit.\n")
         while (line := await self._read_line()) is not None:
             text = line.strip()
-            if text == PREFIX or text.startswith(PREFIX + " "):
+            if text == f"{PREFIX} continue":
+                await self._events.run(self._continue(), "continue", tell=self._tell)
+            elif text == PREFIX or text.startswith(PREFIX + " "):
                 await self._events.run(self._command(text[len(PREFIX) :].strip()), "a command", tell=self._tell)
             elif text:
                 await self._events.run(self._message(text), "a message", tell=self._tell)
@@ -123,6 +126,20 @@ class ConsoleAdapter:
         ctx = CommandContext(key=KEY, author_id=self.user, is_dm=True, is_admin=True)
         reply = await self.bot.command(ctx, text)
         self._write(reply.text + "\n\n")
+
+    async def _continue(self) -> None:
+        """Continue the last reply (cut at max_new_tokens): only the new text is printed."""
+        sinks: list[ConsoleSink] = []
+
+        def make_sink(shown: str) -> tuple[ReplySink, dict[str, str]]:
+            sinks.append(ConsoleSink(self.stdout, interactive=self.interactive, shown=shown))
+            return sinks[-1], {}
+
+        reply = await self.bot.continue_last(KEY, self.user, True, make_sink)
+        if not reply.ok or not sinks:
+            self._write(reply.text + "\n\n")
+            return
+        await sinks[0].done.wait()
 
     async def _message(self, text: str) -> None:
         sink = ConsoleSink(self.stdout, interactive=self.interactive)

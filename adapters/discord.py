@@ -26,7 +26,7 @@ import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Final
+from typing import Any, Final
 
 import aiohttp
 import discord
@@ -42,7 +42,16 @@ from bot.adapter import Core
 from bot.config import DiscordConfig
 from bot.errors import AdapterError
 from bot.settings import SPECS, SYSTEM_PROMPT_MAX
-from bot.types import CommandContext, CommandReply, ConversationKey, Incoming, RemoteFile, ReplySink
+from bot.types import (
+    CommandContext,
+    CommandReply,
+    ConversationKey,
+    Incoming,
+    RemoteFile,
+    ReplyAction,
+    ReplyInfo,
+    ReplySink,
+)
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +183,38 @@ def thread_name(text: str) -> str:
 queued_text = strings.queued
 
 
+# Buttons under a finished reply (issue 11). The custom id carries the reply's row
+# id, so a click is understood with nothing in memory (after a restart too).
+BUTTON_PREFIX = "xwin"
+BUTTON_ACTIONS = ("continue", "regenerate", "up", "down")
+
+
+def button_id(action: str, reply_id: int) -> str:
+    return f"{BUTTON_PREFIX}:{action}:{reply_id}"
+
+
+def parse_button_id(custom_id: str) -> tuple[str, int] | None:
+    prefix, _, rest = custom_id.partition(":")
+    action, _, number = rest.partition(":")
+    if prefix != BUTTON_PREFIX or action not in BUTTON_ACTIONS or not number.isdigit():
+        return None
+    return action, int(number)
+
+
+def reply_buttons(info: ReplyInfo) -> discord.ui.View:
+    """Continue (only when cut at max_new_tokens), Regenerate, 👍, 👎."""
+    view = discord.ui.View(timeout=None)
+    if info.can_continue:
+        view.add_item(discord.ui.Button(label="Continue", style=discord.ButtonStyle.primary,
+                                        custom_id=button_id("continue", info.reply_id)))
+    view.add_item(discord.ui.Button(label="Regenerate", style=discord.ButtonStyle.secondary,
+                                    custom_id=button_id("regenerate", info.reply_id)))
+    view.add_item(discord.ui.Button(emoji="👍", custom_id=button_id("up", info.reply_id)))
+    view.add_item(discord.ui.Button(emoji="👎", custom_id=button_id("down", info.reply_id)))
+    view.stop()  # not kept in discord.py's view store: clicks are read from the custom id
+    return view
+
+
 # ---------------------------------------------------------------------------- the reply sink
 
 
@@ -194,19 +235,28 @@ class DiscordSink:
         ready: Callable[[], Awaitable[None]] | None = None,
         limit: int = MESSAGE_LIMIT,
         resume: Sequence[discord.PartialMessage] = (),
+        skip: int = 0,
+        continuing: bool = False,
     ) -> None:
+        """``resume``: a message of the reply to go on editing (Continue), which
+        shows the reply's text from its ``skip``-th message on."""
         self.update_interval = update_interval
         self._channel = channel
         self._reference = reference
         self._ready = ready
         self._limit = limit
-        # A job resumed after a restart shows its reply in the messages it had (issue 9).
+        # A job resumed after a restart shows its reply in the messages it had (issue 9);
+        # a Continue goes on editing the reply's last message, which shows its text from
+        # the ``skip``-th message on, and takes its old buttons off with the first edit.
         self._messages: list[discord.Message | discord.PartialMessage] = list(resume)
         self._shown: list[str] = [""] * len(self._messages)
+        self._skip = skip
+        self._clear_view = continuing
+        self._info: ReplyInfo | None = None
         #: Set by the core: told the ids of the messages that show this reply.
         self.on_placed: Callable[[list[str]], Awaitable[None]] | None = None
-        self._has_text = False
-        self._started = False
+        self._has_text = continuing
+        self._started = continuing
         self._forbidden = False
         self._lock = asyncio.Lock()
         self._typing: asyncio.Task[None] | None = None
@@ -230,9 +280,12 @@ class DiscordSink:
         if not text_so_far.strip():
             return
         self._has_text = True
-        self._latest = split_message(text_so_far, self._limit)
+        self._latest = split_message(text_so_far, self._limit)[self._skip :]
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
+
+    async def reply_stored(self, info: ReplyInfo) -> None:
+        self._info = info
 
     async def finish(self, text: str) -> None:
         """The final text must arrive (issue 9): edits are retried with backoff,
@@ -240,7 +293,12 @@ class DiscordSink:
         :class:`AdapterError` when it could not be shown at all."""
         await self._settle()
         self._has_text = True
-        chunks = split_message(text, self._limit) or [strings.EMPTY_REPLY]
+        chunks = split_message(text, self._limit)[self._skip :] or [strings.EMPTY_REPLY]
+        await self._deliver(chunks)
+        if self._info is not None:
+            await self._show([], buttons=reply_buttons(self._info))
+
+    async def _deliver(self, chunks: list[str]) -> None:
         for delay in (*self.final_retry_delays, None):
             if await self._final(chunks):
                 return
@@ -293,12 +351,17 @@ class DiscordSink:
             await self._flusher
             self._flusher = None
 
-    async def _show(self, chunks: list[str], *, placeholder: bool = False) -> None:
+    async def _show(
+        self, chunks: list[str], *, placeholder: bool = False, buttons: discord.ui.View | None = None
+    ) -> None:
         async with self._lock:
             if (placeholder and self._started) or self._forbidden:
                 return
             try:
-                await self._put(chunks)
+                if buttons is None:
+                    await self._put(chunks)
+                elif self._messages:
+                    self._messages[-1] = await self._messages[-1].edit(view=buttons)
             except discord.HTTPException as exc:
                 log.warning("Discord: could not update a reply: %s %s", exc.status, exc.text)
             except AdapterError as exc:
@@ -346,8 +409,13 @@ class DiscordSink:
                 await self._placed()
 
     async def _edit(self, i: int, chunk: str) -> None:
+        message = self._messages[i]
         try:
-            self._messages[i] = await self._messages[i].edit(content=chunk, allowed_mentions=NO_MENTIONS)
+            if i == 0 and self._clear_view:  # a continued reply's old buttons go with its first edit
+                self._messages[i] = await message.edit(content=chunk, allowed_mentions=NO_MENTIONS, view=None)
+                self._clear_view = False
+            else:
+                self._messages[i] = await message.edit(content=chunk, allowed_mentions=NO_MENTIONS)
         except discord.NotFound:  # deleted meanwhile (or before a restart): post it again
             self._messages[i] = await self._send(chunk)
         self._shown[i] = chunk
@@ -503,6 +571,10 @@ class _Client(discord.Client):
 
     async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
         await self.adapter.on_message_delete(payload)
+
+    async def on_interaction(self, interaction: discord.Interaction) -> None:
+        if interaction.type == discord.InteractionType.component:
+            await self.adapter.on_button(interaction)
 
 
 def _intents(config: DiscordConfig) -> discord.Intents:
@@ -685,6 +757,9 @@ class DiscordAdapter:
         """The ``sink_factory``: a sink for a job resumed after a restart."""
         channel_id = int(reply_ref.get("channel_id") or key.thread or key.channel)
         channel = self.client.get_partial_messageable(channel_id)
+        if reply_ref.get("edit_message_id"):  # a Continue: go on editing the reply
+            resume = channel.get_partial_message(int(reply_ref["edit_message_id"]))
+            return self._sink(channel, None, resume=[resume], skip=int(reply_ref.get("skip") or 0), continuing=True)
         reference = None
         if reply_ref.get("reference") and reply_ref.get("message_id"):
             asked = channel.get_partial_message(int(reply_ref["message_id"]))
@@ -696,7 +771,10 @@ class DiscordAdapter:
         self,
         channel: discord.abc.Messageable,
         reference: discord.MessageReference | None,
+        *,
         resume: Sequence[discord.PartialMessage] = (),
+        skip: int = 0,
+        continuing: bool = False,
     ) -> DiscordSink:
         return DiscordSink(
             channel,
@@ -704,6 +782,8 @@ class DiscordAdapter:
             reference=reference,
             ready=self._until_ready,
             resume=resume,
+            skip=skip,
+            continuing=continuing,
         )
 
     async def _until_ready(self) -> None:
@@ -857,6 +937,45 @@ class DiscordAdapter:
         channel = self.client.get_channel(channel_id)
         parent = channel.parent_id if isinstance(channel, discord.Thread) else None
         return _Place(guild_id, channel_id, parent)
+
+    # ------------------------------------------------------------------ buttons
+
+    async def on_button(self, interaction: discord.Interaction) -> None:
+        """A button under a reply: deferred at once (Discord wants an answer
+        within 3 s), then the core decides; the presser gets one ephemeral line."""
+        data: Mapping[str, Any] = interaction.data or {}
+        parsed = parse_button_id(str(data.get("custom_id", "")))
+        if parsed is None:
+            return  # not one of ours
+        await self._events.run(self._press_button(interaction, *parsed),
+                               f"button {data.get('custom_id')} in channel {interaction.channel_id}",
+                               tell=lambda text: _tell_interaction(interaction, text))
+
+    async def _press_button(self, interaction: discord.Interaction, what: str, reply_id: int) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        await self._answer(interaction, await self._press(interaction, what, reply_id))
+
+    async def _press(self, interaction: discord.Interaction, what: str, reply_id: int) -> str:
+        context = self._command_context(interaction)
+        channel = interaction.channel
+        pressed = interaction.message
+        if context is None or not isinstance(channel, discord.abc.Messageable) or pressed is None:
+            return strings.NOT_HERE
+        action = ReplyAction(context.key, reply_id, context.author_id, is_admin=context.is_admin)
+        if what in ("up", "down"):
+            return (await self._bot.feedback(action, "up" if what == "up" else "down")).text
+
+        def make_sink(shown: str) -> tuple[ReplySink, dict[str, str]]:
+            ref = {"channel_id": str(channel.id)}
+            if what == "regenerate":
+                return self._sink(channel, None), ref
+            skip = max(0, len(split_message(shown)) - 1)  # the messages before the pressed one
+            resume = self.client.get_partial_messageable(channel.id).get_partial_message(pressed.id)
+            ref.update(edit_message_id=str(pressed.id), skip=str(skip))
+            return self._sink(channel, None, resume=[resume], skip=skip, continuing=True), ref
+
+        run = self._bot.continue_reply if what == "continue" else self._bot.regenerate
+        return (await run(action, make_sink)).text
 
     # ------------------------------------------------------------------ slash commands
 

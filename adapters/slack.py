@@ -31,6 +31,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -74,6 +75,8 @@ from bot.types import (
     ConversationKey,
     Incoming,
     RemoteFile,
+    ReplyAction,
+    ReplyInfo,
     ReplySink,
 )
 
@@ -110,6 +113,64 @@ _TITLE_CHARS = 80
 _PANEL_CONTEXTS = 1024
 
 
+# ---------------------------------------------------------------- buttons (issue 11)
+
+#: Block action ids; each button's ``value`` carries the reply's row id, so a
+#: click is understood with nothing in memory (after a restart too).
+CONTINUE_ACTION = "xwin_continue"
+REGENERATE_ACTION = "xwin_regenerate"
+FEEDBACK_ACTION = "xwin_feedback"
+#: Characters of text in one section block (Slack's limit is 3000).
+SECTION_LIMIT = 3000
+
+
+def final_blocks(text: str, info: ReplyInfo, *, native_feedback: bool = True) -> list[JSON]:
+    """The blocks of a finished reply's last message: its mrkdwn ``text``, then
+    the :func:`action_blocks`."""
+    sections = [text[i : i + SECTION_LIMIT] for i in range(0, len(text), SECTION_LIMIT)] or [" "]
+    blocks: list[JSON] = [{"type": "section", "text": {"type": "mrkdwn", "text": t}} for t in sections]
+    return blocks + action_blocks(info, native_feedback=native_feedback)
+
+
+def action_blocks(info: ReplyInfo, *, native_feedback: bool = True) -> list[JSON]:
+    """Continue (only when cut at max_new_tokens) and Regenerate, then 👍/👎 as
+    Slack's ``feedback_buttons`` (or plain buttons where those are refused)."""
+    rid = str(info.reply_id)
+    buttons = [_button("Regenerate", REGENERATE_ACTION, rid)]
+    if info.can_continue:
+        buttons.insert(0, {**_button("Continue", CONTINUE_ACTION, rid), "style": "primary"})
+    if not native_feedback:
+        votes = [{**_button("👍", FEEDBACK_ACTION, f"up:{rid}"), "action_id": f"{FEEDBACK_ACTION}_up"},
+                 {**_button("👎", FEEDBACK_ACTION, f"down:{rid}"), "action_id": f"{FEEDBACK_ACTION}_down"}]
+        return [{"type": "actions", "elements": buttons + votes}]
+    return [
+        {"type": "actions", "elements": buttons},
+        {"type": "context_actions", "elements": [{
+            "type": "feedback_buttons", "action_id": FEEDBACK_ACTION,
+            "positive_button": {"text": _plain("👍"), "value": f"up:{rid}",
+                                "accessibility_label": "Mark this reply as good"},
+            "negative_button": {"text": _plain("👎"), "value": f"down:{rid}",
+                                "accessibility_label": "Mark this reply as bad"},
+        }]},
+    ]
+
+
+@dataclass
+class BlockSupport:
+    """What this workspace's Slack takes, shared by an adapter's sinks:
+    ``feedback_buttons`` until Slack refuses them once (then plain buttons)."""
+
+    native_feedback: bool = True
+
+
+def _plain(text: str) -> JSON:
+    return {"type": "plain_text", "text": text, "emoji": True}
+
+
+def _button(label: str, action_id: str, value: str) -> JSON:
+    return {"type": "button", "text": _plain(label), "action_id": action_id, "value": value}
+
+
 # ---------------------------------------------------------------- replies
 
 
@@ -131,20 +192,31 @@ class SlackReplySink:
         limit: int = MESSAGE_LIMIT,
         clock: Callable[[], float] = time.monotonic,
         resume: Sequence[str] = (),
+        skip: int = 0,
+        continuing: bool = False,
+        support: BlockSupport | None = None,
     ) -> None:
+        """``resume_ts``: a message of the reply to go on editing (Continue),
+        which shows the reply's text from its ``skip``-th message on."""
         self.update_interval = update_interval
         self._client = client
         self._channel = channel
         self._thread_ts = thread_ts
         self._limit = limit
         self._clock = clock
-        # A job resumed after a restart shows its reply in the messages it had (issue 9).
+        # A job resumed after a restart shows its reply in the messages it had (issue 9);
+        # a Continue goes on editing the reply's last message, which shows its text from
+        # the ``skip``-th message on, and takes its old buttons off with the first edit.
         self._ts: list[str] = list(resume)
         self._shown: list[str] = [""] * len(self._ts)
+        self._skip = skip
+        self._clear_blocks = continuing
+        self._info: ReplyInfo | None = None
+        self._support = support or BlockSupport()
         #: Set by the core: told the ts of the messages that show this reply.
         self.on_placed: Callable[[list[str]], Awaitable[None]] | None = None
         self._last_edit = float("-inf")
-        self._streamed = False
+        self._streamed = continuing
         self._lock = asyncio.Lock()
 
     async def queued(self, position: int) -> None:
@@ -158,15 +230,19 @@ class SlackReplySink:
         if not text_so_far.strip() or self._clock() - self._last_edit < self.update_interval / 2:
             return
         self._streamed = True
-        await self._sync(split_message(to_mrkdwn(text_so_far), self._limit))
+        await self._sync(split_message(to_mrkdwn(text_so_far), self._limit)[self._skip :])
+
+    async def reply_stored(self, info: ReplyInfo) -> None:
+        self._info = info
 
     async def finish(self, text: str) -> None:
         """The final text must arrive (issue 9): retried with backoff, then
         posted as new messages (the old ones deleted). Raises
         :class:`AdapterError` when it could not be shown at all."""
-        chunks = split_message(to_mrkdwn(text), self._limit) if text.strip() else [f"_{strings.NO_REPLY}_"]
+        chunks = split_message(to_mrkdwn(text), self._limit)[self._skip :] if text.strip() else []
+        chunks = chunks or [f"_{strings.NO_REPLY}_"]
         for delay in (*self.final_retry_delays, None):
-            if await self._sync(chunks):
+            if await self._sync(chunks, buttons=self._info):
                 return
             if delay is not None:
                 await asyncio.sleep(delay)
@@ -185,15 +261,20 @@ class SlackReplySink:
             return
         await self._sync([text])
 
-    async def _sync(self, chunks: list[str]) -> bool:
-        """Show ``chunks``; False if some call failed (logged)."""
+    async def _sync(self, chunks: list[str], *, buttons: ReplyInfo | None = None) -> bool:
+        """Show ``chunks``, ``buttons`` under the last one (the final message);
+        False if some call failed (logged)."""
         ok = True
         async with self._lock:
             for i, chunk in enumerate(chunks):
+                last = buttons if i == len(chunks) - 1 else None
                 if i >= len(self._ts):
-                    ok = await self._post(chunk) and ok
-                elif self._shown[i] != chunk:
-                    ok = await self._edit(i, chunk) and ok
+                    posted = await self._post(chunk)
+                    ok = posted and ok
+                    if posted and last is not None:
+                        ok = await self._edit(i, chunk, buttons=last) and ok
+                elif self._shown[i] != chunk or last is not None:
+                    ok = await self._edit(i, chunk, buttons=last) and ok
             while len(self._ts) > len(chunks):  # left from before a restart
                 self._shown.pop()
                 await self._delete(self._ts.pop())
@@ -235,12 +316,21 @@ class SlackReplySink:
             return None
         return str(resp["ts"])
 
-    async def _edit(self, index: int, text: str) -> bool:
+    async def _edit(self, index: int, text: str, *, buttons: ReplyInfo | None = None) -> bool:
+        blocks: list[JSON] | None = None
+        if buttons is not None:
+            blocks = final_blocks(text, buttons, native_feedback=self._support.native_feedback)
+        elif index == 0 and self._clear_blocks:
+            self._clear_blocks, blocks = False, []
         try:
             await self._client.chat_update(
-                channel=self._channel, ts=self._ts[index], text=text, link_names=False
+                channel=self._channel, ts=self._ts[index], text=text, link_names=False, blocks=blocks
             )
         except SlackApiError as exc:
+            if buttons is not None and self._support.native_feedback and _error_of(exc) == "invalid_blocks":
+                log.warning("slack: feedback_buttons refused (invalid_blocks); using plain buttons from now on")
+                self._support.native_feedback = False
+                return await self._edit(index, text, buttons=buttons)
             if _error_of(exc) != "message_not_found":
                 log.warning("slack: chat.update in %s failed: %s", self._channel, _error_of(exc))
                 return False
@@ -308,16 +398,20 @@ class PanelReplySink:
         streams: StreamSupport,
         update_interval: float,
         limit: int = MESSAGE_LIMIT,
+        support: BlockSupport | None = None,
     ) -> None:
         self.update_interval = update_interval
         self._client = client
         self._channel = channel
         self._thread_ts = thread_ts
+        self._support = support or BlockSupport()
+        self._info: ReplyInfo | None = None
         self._user = user or None
         self._team = team or None
         self._streams = streams
         self._splitter = StreamSplitter(limit)
-        self._edits = SlackReplySink(client, channel, thread_ts, update_interval=update_interval, limit=limit)
+        self._edits = SlackReplySink(client, channel, thread_ts, update_interval=update_interval, limit=limit,
+                                     support=self._support)
         self._ts = ""  # the message being streamed
         self._edits_from: int | None = None  # reply characters streamed before edits took over
         self._lock = asyncio.Lock()
@@ -343,9 +437,15 @@ class PanelReplySink:
                 await self._stop(final=True)  # keep the partial answer, say why it stopped
             await self._edits.fail(user_message)
 
+    async def reply_stored(self, info: ReplyInfo) -> None:
+        self._info = info
+        await self._edits.reply_stored(info)  # where edits took over, they show the buttons
+
     def final_blocks(self) -> list[JSON]:
-        """Blocks shown under the finished reply (none yet)."""
-        return []
+        """Blocks shown under the finished reply: its buttons."""
+        if self._info is None:
+            return []
+        return action_blocks(self._info, native_feedback=self._support.native_feedback)
 
     async def _show(self, text: str, *, final: bool) -> None:
         if self._edits_from is None and not self._streams.available and not self._splitter.consumed:
@@ -536,6 +636,7 @@ class SlackAdapter:
         self._runner: web.AppRunner | None = None
         self._port = 0
         self._ended: asyncio.Future[None] | None = None  # done on close() or on losing Slack for good
+        self._blocks = BlockSupport()
         bot.register_platform("slack", self.sink_for)
 
     # ------------------------------------------------------------ lifecycle
@@ -605,17 +706,21 @@ class SlackAdapter:
         channel = reply_ref.get("channel") or key.channel
         if reply_ref.get("panel"):
             return self._panel_sink(channel, key.thread, reply_ref.get("user", ""), reply_ref.get("team", ""))
+        thread_ts = reply_ref.get("thread_ts", key.thread)
+        if reply_ref.get("edit_ts"):  # a Continue: go on editing the reply
+            return self._sink(channel, thread_ts, resume=[reply_ref["edit_ts"]],
+                              skip=int(reply_ref.get("skip") or 0), continuing=True)
         shown = [ts for ts in reply_ref.get("messages", "").split(",") if ts]
-        return self._sink(channel, reply_ref.get("thread_ts", key.thread), resume=shown)
+        return self._sink(channel, thread_ts, resume=shown)
 
     def _panel_sink(self, channel: str, thread_ts: str, user: str, team: str) -> PanelReplySink:
         return PanelReplySink(self._client, channel, thread_ts, user=user, team=team, streams=self._streams,
-                              update_interval=self._update_interval)
+                              update_interval=self._update_interval, support=self._blocks)
 
-    def _sink(self, channel: str, thread_ts: str, resume: Sequence[str] = ()) -> SlackReplySink:
-        return SlackReplySink(
-            self._client, channel, thread_ts, update_interval=self._update_interval, resume=resume
-        )
+    def _sink(self, channel: str, thread_ts: str, *, resume: Sequence[str] = (), skip: int = 0,
+              continuing: bool = False) -> SlackReplySink:
+        return SlackReplySink(self._client, channel, thread_ts, update_interval=self._update_interval,
+                              resume=resume, skip=skip, continuing=continuing, support=self._blocks)
 
     # ------------------------------------------------------------ start-up checks
 
@@ -742,6 +847,9 @@ class SlackAdapter:
         app.event("app_mention")(self._on_mention)
         app.event("message")(self._on_message)
         app.command("/xwin")(self._on_command)
+        for action_id in (CONTINUE_ACTION, REGENERATE_ACTION, FEEDBACK_ACTION):
+            app.action(action_id)(self._on_button)
+        app.action(re.compile(f"^{FEEDBACK_ACTION}_(up|down)$"))(self._on_button)  # the plain-button fallback
         return app
 
     async def _on_mention(self, event: JSON, body: JSON) -> None:
@@ -769,18 +877,12 @@ class SlackAdapter:
     async def _on_command(self, ack: AsyncAck, command: JSON, respond: AsyncRespond) -> None:
         await ack()
 
-        async def answer(reply: CommandReply) -> None:
-            response_type = "ephemeral" if reply.ephemeral else "in_channel"
-            try:
-                await respond(text=to_mrkdwn(reply.text), response_type=response_type, replace_original=False)
-            except (SlackClientError, OSError) as exc:
-                log.warning("slack: could not answer /xwin through its response_url: %s", exc)
-
         async def run() -> None:
-            await answer(await self._run_command(command))
+            reply = await self._run_command(command)
+            await _respond(respond, reply.text, "ephemeral" if reply.ephemeral else "in_channel")
 
         what = f"/xwin in {command.get('channel_id', '?')}"
-        await self._events.run(run(), what, tell=lambda text: answer(CommandReply(text, ok=False)))
+        await self._events.run(run(), what, tell=lambda text: _respond(respond, text, "ephemeral"))
 
     # ------------------------------------------------------------ the assistant panel
 
@@ -848,6 +950,48 @@ class SlackAdapter:
                                                 unfurl_links=False, link_names=False)
         except SlackApiError as exc:
             log.warning("slack: chat.postMessage in %s failed: %s", channel, _error_of(exc))
+
+    async def _on_button(self, ack: AsyncAck, body: JSON, action: JSON, respond: AsyncRespond) -> None:
+        """A button under a reply: acked at once (Slack wants it within 3 s),
+        then the core decides; the presser gets one ephemeral line."""
+        await ack()
+
+        async def answer(text: str) -> None:
+            await _respond(respond, text, "ephemeral")
+
+        async def press() -> None:
+            await answer(await self._press(body, action))
+
+        channel = (body.get("channel") or {}).get("id", "?")
+        await self._events.run(press(), f"button {action.get('action_id')} in {channel}", tell=answer)
+
+    async def _press(self, body: Mapping[str, Any], action: Mapping[str, Any]) -> str:
+        what, _, number = str(action.get("value") or "").rpartition(":")
+        what = what or ("continue" if action.get("action_id") == CONTINUE_ACTION else "regenerate")
+        team = str((body.get("team") or {}).get("id") or (body.get("user") or {}).get("team_id") or "")
+        channel = str((body.get("channel") or {}).get("id") or "")
+        user = str((body.get("user") or {}).get("id") or "")
+        message = body.get("message") or {}
+        is_dm = channel.startswith("D")
+        if not number.isdigit() or not self._allowed(team, channel, is_dm):
+            return strings.NOT_HERE
+        thread = str(message.get("thread_ts") or "")
+        key = _dm_key(channel) if is_dm else ConversationKey("slack", team, channel, thread)
+        press = ReplyAction(key, int(number), user, is_admin=user in self._config.admin_users)
+        if what in ("up", "down"):
+            return (await self._bot.feedback(press, "up" if what == "up" else "down")).text
+        pressed_ts = str(message.get("ts") or "")
+
+        def make_sink(shown: str) -> tuple[ReplySink, dict[str, str]]:
+            ref = {"channel": channel, "thread_ts": thread}
+            if what != "continue":
+                return self._sink(channel, thread), ref
+            skip = max(0, len(split_message(to_mrkdwn(shown), MESSAGE_LIMIT)) - 1)
+            ref.update(edit_ts=pressed_ts, skip=str(skip))
+            return self._sink(channel, thread, resume=[pressed_ts], skip=skip, continuing=True), ref
+
+        run = self._bot.continue_reply if what == "continue" else self._bot.regenerate
+        return (await run(press, make_sink)).text
 
     # ------------------------------------------------------------ events
 
@@ -1026,6 +1170,14 @@ def _suggested_prompt(spec: str) -> dict[str, str]:
 def _title(text: str) -> str:
     line = " ".join(text.split())
     return line if len(line) <= _TITLE_CHARS else line[: _TITLE_CHARS - 1].rstrip() + "…"
+
+
+async def _respond(respond: AsyncRespond, text: str, response_type: str) -> None:
+    """Answer a command or a button through its response_url."""
+    try:
+        await respond(text=to_mrkdwn(text), response_type=response_type, replace_original=False)
+    except (SlackClientError, OSError) as exc:
+        log.warning("slack: could not answer through the response_url: %s", exc)
 
 
 def _error_of(exc: SlackApiError) -> str:

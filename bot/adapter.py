@@ -18,14 +18,17 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from bot.types import (
+    ActionSink,
     CommandContext,
     CommandReply,
     ConversationKey,
     HandleResult,
     Incoming,
     Platform,
+    ReplyAction,
     ReplySink,
     SinkFactory,
+    Vote,
 )
 
 if TYPE_CHECKING:
@@ -78,6 +81,23 @@ class Core(Protocol):
 
     async def set_settings(self, ctx: CommandContext, values: Mapping[str, Any]) -> CommandReply:
         """``/xwin set`` from a platform's typed options: values, never parsed as text."""
+        ...
+
+    async def continue_reply(self, action: ReplyAction, make_sink: ActionSink) -> CommandReply:
+        """The Continue button: a reply cut at max_new_tokens goes on."""
+        ...
+
+    async def continue_last(self, key: ConversationKey, user_id: str, is_admin: bool,
+                            make_sink: ActionSink) -> CommandReply:
+        """``/xwin continue``: Continue on the newest reply of the conversation."""
+        ...
+
+    async def regenerate(self, action: ReplyAction, make_sink: ActionSink) -> CommandReply:
+        """The Regenerate button: the last question answered again."""
+        ...
+
+    async def feedback(self, action: ReplyAction, vote: Vote) -> CommandReply:
+        """A thumbs up or down, once per user and reply."""
         ...
 
     async def cancel_message(self, key: ConversationKey, platform_message_id: str) -> bool:

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from bot.actions import ActionSink, ReplyActions, Vote
 from bot.attachments import FileFetcher, FileReader
 from bot.commands import Commands, settings_scope
 from bot.config import Config, settings_from_generation
@@ -28,6 +29,7 @@ from bot.types import (
     HandleResult,
     Incoming,
     Platform,
+    ReplyAction,
     ReplySink,
     Settings,
     SinkFactory,
@@ -64,6 +66,7 @@ class Bot:
         self._admission = asyncio.Lock()
         self.commands = Commands(store, self.defaults, engine.context_length, self._stop_here, self.status)
         self.files = FileReader(config.attachments, engine)
+        self.actions = ReplyActions(store, config.bot, lambda: self.worker, lambda: self._closing)
 
     async def __aenter__(self) -> Bot:
         await self.start()
@@ -230,6 +233,24 @@ class Bot:
     async def drain(self) -> None:
         """Wait until every queued job has been answered."""
         await self.worker.drain()
+
+    # -- buttons under replies (bot/actions.py) ----------------------------
+    async def continue_reply(self, action: ReplyAction, make_sink: ActionSink) -> CommandReply:
+        """Continue a reply cut at max_new_tokens, appended to the same reply."""
+        return await self.actions.continue_reply(action, make_sink)
+
+    async def continue_last(self, key: ConversationKey, user_id: str, is_admin: bool,
+                            make_sink: ActionSink) -> CommandReply:
+        """``/xwin continue``: Continue on the newest reply of the conversation."""
+        return await self.actions.continue_last(key, user_id, is_admin, make_sink)
+
+    async def regenerate(self, action: ReplyAction, make_sink: ActionSink) -> CommandReply:
+        """Answer the last question again; the old reply leaves the history."""
+        return await self.actions.regenerate(action, make_sink)
+
+    async def feedback(self, action: ReplyAction, vote: Vote) -> CommandReply:
+        """Thumbs up or down, once per user and reply."""
+        return await self.actions.feedback(action, vote)
 
     # -- commands --------------------------------------------------------
     async def command(self, ctx: CommandContext, text: str) -> CommandReply:

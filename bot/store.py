@@ -31,6 +31,11 @@ from bot.types import Attachment, ConversationKey, Incoming, Turn
 log = logging.getLogger(__name__)
 
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]
+#: ``reply`` answers a question; ``continue`` extends the reply ``target``;
+#: ``regenerate`` answers the question again, replacing ``target``.
+JobKind = Literal["reply", "continue", "regenerate"]
+#: Why a reply ended: ``length`` = cut at max_new_tokens (it can be continued).
+FinishReason = Literal["stop", "length"]
 PENDING: tuple[JobState, ...] = ("queued", "running")
 
 MIGRATIONS: list[str] = [
@@ -113,6 +118,24 @@ MIGRATIONS: list[str] = [
     -- /healthz writes its one row here to prove the file takes writes.
     CREATE TABLE health (id INTEGER PRIMARY KEY CHECK (id = 1), checked_at REAL NOT NULL);
     """,
+    # 4 (issue 11: Continue, Regenerate, Feedback): why a reply ended ('length' =
+    # cut at max_new_tokens), replies replaced by a regeneration (kept, left out of
+    # prompts), what a job does to an existing reply, and one vote per user and reply.
+    """
+    ALTER TABLE messages ADD COLUMN finish_reason TEXT;
+    ALTER TABLE messages ADD COLUMN replaced INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'reply'
+        CHECK (kind IN ('reply', 'continue', 'regenerate'));
+    ALTER TABLE jobs ADD COLUMN target INTEGER;
+    CREATE TABLE feedback (
+        message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+        user_id TEXT NOT NULL,
+        value INTEGER NOT NULL CHECK (value IN (-1, 1)),
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (message_id, user_id)
+    );
+    """,
 ]
 
 UsageKind = Literal["message", "tokens"]
@@ -133,12 +156,32 @@ class Job:
     reply_ref: dict[str, str]
     state: JobState
     attempts: int
+    kind: JobKind = "reply"
+    #: The reply a ``continue``/``regenerate`` job works on (its row id).
+    target: int | None = None
+
+
+@dataclass(frozen=True)
+class StoredReply:
+    """An assistant message, with what the buttons on it need to know."""
+
+    id: int
+    key: ConversationKey
+    conversation_id: int
+    question_id: int
+    asker_id: str
+    text: str
+    finish_reason: FinishReason | None
+    replaced: bool
+    created_at: float
+    #: Still in the conversation the model sees, and nothing was asked after it.
+    is_last: bool
 
 
 _JOB_SELECT = """
     SELECT j.id, j.conversation_id, c.platform, c.workspace, c.channel, c.thread,
            j.message_id, m.platform_message_id, j.author_id, j.is_dm, j.settings_scope,
-           j.reply_ref, j.state, j.attempts
+           j.reply_ref, j.state, j.attempts, j.kind, j.target
     FROM jobs j
     JOIN conversations c ON c.id = j.conversation_id
     JOIN messages m ON m.id = j.message_id
@@ -151,6 +194,7 @@ def _job(row: Sequence[Any]) -> Job:
         key=ConversationKey(row[2], row[3], row[4], row[5]),
         message_id=row[6], platform_message_id=row[7], author_id=row[8], is_dm=bool(row[9]),
         settings_scope=row[10], reply_ref=json.loads(row[11]), state=row[12], attempts=row[13],
+        kind=row[14], target=row[15],
     )
 
 
@@ -414,20 +458,114 @@ class Store:
                     found.setdefault(int(row[0]), []).append(Attachment(row[1], row[2], row[3], row[4]))
         return {k: tuple(v) for k, v in found.items()}
 
-    async def add_assistant_message(self, job: Job, text: str, platform_message_id: str) -> None:
-        """The reply, and its job marked done, in one transaction."""
+    async def add_assistant_message(self, job: Job, text: str, platform_message_id: str,
+                                    finish_reason: FinishReason | None = None) -> int:
+        """The reply, and its job marked done, in one transaction. A ``continue``
+        job rewrites its target reply (the two parts joined); a ``regenerate`` job
+        marks its target replaced. Returns the reply's row id."""
         async with self._transaction() as db:
-            gen = await self._generation(job.conversation_id)
-            await db.execute(
-                "INSERT OR REPLACE INTO messages (conversation_id, generation, role, "
-                "platform_message_id, author_id, author_name, text, created_at, reply_to) "
-                "VALUES (?, ?, 'assistant', ?, '', '', ?, ?, ?)",
-                (job.conversation_id, gen, platform_message_id, text, time.time(), job.message_id),
-            )
+            if job.kind == "continue" and job.target is not None:
+                await db.execute("UPDATE messages SET text = ?, finish_reason = ? WHERE id = ?",
+                                 (text, finish_reason, job.target))
+                reply_id: int | None = job.target
+            else:
+                if job.kind == "regenerate" and job.target is not None:
+                    await db.execute("UPDATE messages SET replaced = 1 WHERE id = ?", (job.target,))
+                gen = await self._generation(job.conversation_id)
+                cur = await db.execute(
+                    "INSERT OR REPLACE INTO messages (conversation_id, generation, role, "
+                    "platform_message_id, author_id, author_name, text, created_at, reply_to, "
+                    "finish_reason) VALUES (?, ?, 'assistant', ?, '', '', ?, ?, ?, ?)",
+                    (job.conversation_id, gen, platform_message_id, text, time.time(), job.message_id,
+                     finish_reason),
+                )
+                reply_id = cur.lastrowid
             await db.execute(
                 "UPDATE jobs SET state = 'done', finished_at = ?, error = NULL WHERE id = ?",
                 (time.time(), job.id),
             )
+        assert reply_id is not None
+        return reply_id
+
+    async def reply(self, reply_id: int) -> StoredReply | None:
+        sql = """
+            SELECT m.id, c.platform, c.workspace, c.channel, c.thread, m.conversation_id, q.id,
+                   q.author_id, m.text, m.finish_reason, m.replaced, m.created_at,
+                   m.generation = c.generation AND m.replaced = 0 AND NOT EXISTS (
+                       SELECT 1 FROM messages later WHERE later.conversation_id = m.conversation_id
+                         AND later.role = 'user' AND later.id > q.id)
+            FROM messages m
+            JOIN conversations c ON c.id = m.conversation_id
+            JOIN messages q ON q.id = m.reply_to
+            WHERE m.id = ? AND m.role = 'assistant'
+        """
+        async with self.db.execute(sql, (reply_id,)) as cur:
+            r = await cur.fetchone()
+        if r is None:
+            return None
+        return StoredReply(
+            id=r[0], key=ConversationKey(r[1], r[2], r[3], r[4]), conversation_id=r[5], question_id=r[6],
+            asker_id=r[7], text=r[8], finish_reason=r[9], replaced=bool(r[10]), created_at=r[11],
+            is_last=bool(r[12]),
+        )
+
+    async def last_reply_id(self, key: ConversationKey) -> int | None:
+        """The newest reply the model still sees in this conversation."""
+        sql = ("SELECT m.id FROM messages m JOIN conversations c ON c.id = m.conversation_id "
+               "WHERE c.platform = ? AND c.workspace = ? AND c.channel = ? AND c.thread = ? "
+               "AND m.role = 'assistant' AND m.replaced = 0 AND m.generation = c.generation "
+               "ORDER BY m.id DESC LIMIT 1")
+        async with self.db.execute(sql, (key.platform, key.workspace, key.channel, key.thread)) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else None
+
+    async def question_job(self, reply: StoredReply) -> Job | None:
+        """The job that first answered ``reply``'s question (its asker and settings)."""
+        async with self.db.execute(_JOB_SELECT + " WHERE j.message_id = ? ORDER BY j.id LIMIT 1",
+                                   (reply.question_id,)) as cur:
+            row = await cur.fetchone()
+        return _job(row) if row else None
+
+    async def add_reply_job(self, reply: StoredReply, kind: JobKind, reply_ref: dict[str, str]) -> int | None:
+        """A ``continue`` or ``regenerate`` job on ``reply``, with the settings
+        and asker of the job that answered its question. None if that is gone."""
+        first = await self.question_job(reply)
+        if first is None:
+            return None
+        async with self._transaction() as db:
+            cur = await db.execute(
+                "INSERT INTO jobs (conversation_id, message_id, author_id, is_dm, settings_scope, "
+                "reply_ref, state, created_at, kind, target) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
+                (reply.conversation_id, reply.question_id, first.author_id, int(first.is_dm),
+                 first.settings_scope, json.dumps(reply_ref), time.time(), kind, reply.id),
+            )
+            return cur.lastrowid
+
+    async def set_feedback(self, reply_id: int, user_id: str, value: int) -> Literal["new", "changed", "same"]:
+        """One vote per user and reply: a second click with the same value
+        changes nothing; the other value replaces the vote."""
+        async with self._transaction() as db:
+            async with db.execute(
+                "SELECT value FROM feedback WHERE message_id = ? AND user_id = ?", (reply_id, user_id)
+            ) as cur:
+                row = await cur.fetchone()
+            if row is not None and int(row[0]) == value:
+                return "same"
+            now = time.time()
+            await db.execute(
+                "INSERT INTO feedback (message_id, user_id, value, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (message_id, user_id) DO UPDATE SET "
+                "value = excluded.value, updated_at = excluded.updated_at",
+                (reply_id, user_id, value, now, now),
+            )
+        return "new" if row is None else "changed"
+
+    async def feedback_rows(self) -> list[tuple[int, str, int, float]]:
+        """Every vote: (reply id, user id, value, time), oldest first."""
+        async with self.db.execute(
+            "SELECT message_id, user_id, value, updated_at FROM feedback ORDER BY updated_at, message_id"
+        ) as cur:
+            return [(int(r[0]), str(r[1]), int(r[2]), float(r[3])) for r in await cur.fetchall()]
 
     async def take_back_reply(self, job: Job, platform_message_id: str, error: str) -> None:
         """The stored reply never reached the chat: remove it and fail the job,
@@ -437,6 +575,8 @@ class Store:
                 "DELETE FROM messages WHERE conversation_id = ? AND role = 'assistant' "
                 "AND platform_message_id = ?", (job.conversation_id, platform_message_id),
             )
+            if job.kind == "regenerate" and job.target is not None:  # the old reply stands again
+                await db.execute("UPDATE messages SET replaced = 0 WHERE id = ?", (job.target,))
             await db.execute(
                 "UPDATE jobs SET state = 'failed', finished_at = ?, error = ? WHERE id = ? AND state = 'done'",
                 (time.time(), error, job.id),
@@ -461,7 +601,7 @@ class Store:
                 SELECT m.role, m.text, m.author_name, m.platform_message_id,
                        COALESCE(m.reply_to, m.id) AS question, m.role = 'assistant' AS is_reply, m.id
                 FROM messages m JOIN conversations c ON c.id = m.conversation_id
-                WHERE m.conversation_id = ? AND m.generation = c.generation
+                WHERE m.conversation_id = ? AND m.generation = c.generation AND m.replaced = 0
                   AND ((m.role = 'user' AND m.id <= ?) OR (m.role = 'assistant' AND m.reply_to < ?))
                 ORDER BY question DESC, is_reply DESC, m.id DESC LIMIT ?
             ) ORDER BY question, is_reply, id

@@ -6,8 +6,9 @@ Adapters turn a platform's events into :class:`Incoming` and implement
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 Platform = Literal["discord", "slack", "console"]
 Role = Literal["user", "assistant"]
@@ -135,7 +136,42 @@ class ReplySink(Protocol):
     async def fail(self, user_message: str) -> None: ...
 
 
+@dataclass(frozen=True)
+class ReplyInfo:
+    """A finished reply as stored: what the buttons under it carry."""
+
+    reply_id: int
+    #: It stopped at max_new_tokens: a Continue button makes sense.
+    can_continue: bool
+
+
+@runtime_checkable
+class ButtonSink(Protocol):
+    """A :class:`ReplySink` that puts buttons (Continue, Regenerate, feedback)
+    under a finished reply: the worker calls ``reply_stored`` right before ``finish``."""
+
+    async def reply_stored(self, info: ReplyInfo) -> None: ...
+
+
+@dataclass(frozen=True)
+class ReplyAction:
+    """Someone pressed a button under a reply (the adapter read it from the button's id)."""
+
+    key: ConversationKey
+    reply_id: int
+    user_id: str
+    # Decided by the adapter, as for commands.
+    is_admin: bool = False
+
+
 class SinkFactory(Protocol):
     """Re-creates a sink for a job after a restart, from its ``reply_ref``."""
 
     def __call__(self, key: ConversationKey, reply_ref: dict[str, str]) -> ReplySink: ...
+
+
+#: Builds the sink for a Continue/Regenerate job from the reply's text so far;
+#: returns it with the ``reply_ref`` that re-creates it after a restart (issue 11).
+ActionSink = Callable[[str], tuple[ReplySink, dict[str, str]]]
+#: A feedback button's vote.
+Vote = Literal["up", "down"]

@@ -26,8 +26,8 @@ from bot.engine.detok import StopFilter
 from bot.errors import BotError, GenerationError
 from bot.metrics import Metrics
 from bot.prompt import TRUNCATION_NOTICE, PromptBuilder
-from bot.store import PENDING, Job, JobState, Store
-from bot.types import ReplySink, Settings
+from bot.store import PENDING, FinishReason, Job, JobState, Store
+from bot.types import ButtonSink, ReplyInfo, ReplySink, Settings, Turn
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,9 @@ class Worker:
             self.metrics.job_started(job.id)
             await _safe(sink.started())
             text = await self._generate_with_retries(job, reply)
-            await self.store.add_assistant_message(job, text, _reply_id(job))
+            reply_id = await self.store.add_assistant_message(job, text, _reply_id(job), reply.finish_reason)
+            if isinstance(sink, ButtonSink):
+                await _safe(sink.reply_stored(ReplyInfo(reply_id, reply.finish_reason == "length")))
         except asyncio.CancelledError:
             # stop() sets _stopping before it cancels; any other cancel is the user's.
             self.metrics.job_ended(job.id, "requeued" if self._stopping else "cancelled")
@@ -316,20 +318,27 @@ class Worker:
         reply.text = ""  # a retry starts the reply over
         settings = await self.settings_for(job)
         turns = await self.store.history(job)
-        prompt = self.builder.build(turns, settings, is_dm=job.is_dm)
-        notice = files_notice(turns[-1].attachments) if turns else ""
-        reply.text = f"{notice}\n\n" if notice else ""  # files cut or skipped
+        if job.kind == "continue":
+            # The prompt ends with the unfinished reply; the new text is appended to it.
+            reply.text = await self._target_text(job)
+            turns.append(Turn("assistant", reply.text))
+        else:
+            notice = files_notice(turns[-1].attachments) if turns else ""
+            reply.text = f"{notice}\n\n" if notice else ""  # files cut or skipped
+        prompt = self.builder.build(turns, settings, is_dm=job.is_dm, open_reply=job.kind == "continue")
         if prompt.truncated:
             reply.text += TRUNCATION_NOTICE
         stops = StopFilter(self.builder.stops)
         started = time.perf_counter()
         first: float | None = None
         tokens = 0
+        generated: list[str] = []
         stream = self.engine.stream(prompt.ids, settings, turns=turns, is_dm=job.is_dm)
         try:
             async for piece in stream:
                 tokens += 1
                 first = first if first is not None else time.perf_counter() - started
+                generated.append(piece)
                 await reply.add(stops.push(piece))
                 if stops.stopped:
                     break
@@ -339,8 +348,8 @@ class Worker:
             elapsed = time.perf_counter() - started
             await self._count_tokens(job, tokens)
         self.stats.add(tokens, elapsed)
-        cut = not stops.stopped and tokens >= settings.max_new_tokens
-        self.metrics.reply_streamed(tokens, first, elapsed, cut=cut)
+        reply.finish_reason = "stop" if stops.stopped else self._finish_reason("".join(generated), settings)
+        self.metrics.reply_streamed(tokens, first, elapsed, cut=reply.finish_reason == "length")
         return reply.text.strip() or EMPTY_REPLY
 
     async def _count_tokens(self, job: Job, tokens: int) -> None:
@@ -352,6 +361,19 @@ class Worker:
         except Exception:
             log.exception("job %d: could not count its %d tokens", job.id, tokens)
 
+    async def _target_text(self, job: Job) -> str:
+        target = await self.store.reply(job.target) if job.target is not None else None
+        if target is None or target.replaced:
+            raise GenerationError("that reply is no longer there to continue")
+        return target.text
+
+    def _finish_reason(self, generated: str, settings: Settings) -> FinishReason:
+        """``length`` when the text used up max_new_tokens. Engines stream text,
+        not ids: re-encoding it may count a token or two fewer than the model made."""
+        slack = min(2, settings.max_new_tokens // 8)
+        used = len(self.builder.tokenizer.encode_text(generated))
+        return "length" if used >= settings.max_new_tokens - slack else "stop"
+
 
 class _Reply:
     """The reply so far, with updates throttled to the sink's interval."""
@@ -359,6 +381,7 @@ class _Reply:
     def __init__(self, sink: ReplySink) -> None:
         self.sink = sink
         self.text = ""
+        self.finish_reason: FinishReason = "stop"
         self._last = 0.0
 
     async def add(self, piece: str) -> None:

@@ -37,7 +37,9 @@ def query(db: Path, sql: str) -> list[tuple[object, ...]]:
 
 
 def test_piped_chat_answers_and_exits(tmp_path: Path) -> None:
-    lines = "/xwin set temperature 9\n/xwin set top_k 3\nWhat is the capital of France?\n/xwin settings\n"
+    story = "Write a long story about a dragon who learns to bake bread."
+    lines = (f"/xwin set temperature 9\n/xwin set top_k 3\nWhat is the capital of France?\n/xwin settings\n"
+             f"/xwin set max_new_tokens 16\n{story}\n/xwin continue\n")
     done = subprocess.run([*XWIN_BOT, "chat", "--model", "embedded", "--config", str(config_file(tmp_path))],
                           input=lines, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env())
     assert done.returncode == 0, done.stderr
@@ -48,8 +50,17 @@ def test_piped_chat_answers_and_exits(tmp_path: Path) -> None:
     assert reply.strip() and "<|im" not in reply and "ASSISTANT" not in reply
     assert blocks[3].startswith("Settings in your DMs:") and "top_k = 3 (set here)" in blocks[3]
     assert done.stdout.endswith("\n\n")
+    assert blocks[4] == "max_new_tokens is now 16."
     rows = query(tmp_path / "bot.sqlite3", "SELECT role, text FROM messages ORDER BY id")
-    assert rows == [("user", "What is the capital of France?"), ("assistant", reply)]
+    assert rows[:3] == [("user", "What is the capital of France?"), ("assistant", reply), ("user", story)]
+    # The story is cut at max_new_tokens and /xwin continue printed only what came next
+    # (issue 11); the store holds one reply, the two parts joined.
+    assert len(rows) == 4 and rows[3][0] == "assistant"
+    joined = str(rows[3][1])
+    printed = done.stdout.split(blocks[4] + "\n\n", 1)[1]
+    assert any(printed == f"{joined[:i]}\n\n{joined[i:]}\n\n" for i in range(8, len(joined) - 4)), printed
+    kinds = query(tmp_path / "bot.sqlite3", "SELECT kind, state FROM jobs ORDER BY id")
+    assert kinds == [("reply", "done"), ("reply", "done"), ("continue", "done")]
 
 
 def test_sigkill_mid_reply_then_restart_answers_the_pending_job(tmp_path: Path) -> None:
@@ -84,3 +95,4 @@ def test_sigkill_mid_reply_then_restart_answers_the_pending_job(tmp_path: Path) 
     assert query(db, "SELECT state, attempts FROM jobs") == [("done", 2)]
     rows = query(db, "SELECT role, text FROM messages ORDER BY id")
     assert rows == [("user", "Write a long story about a dragon who learns to bake bread."), ("assistant", reply)]
+

@@ -30,7 +30,7 @@ from bot.engine.fake import FakeEngine, Reply
 from bot.errors import AdapterError
 from bot.settings import SPECS
 from bot.store import Store
-from bot.types import ConversationKey
+from bot.types import ConversationKey, ReplyInfo
 from tests.fakes.discord_server import MANAGE_CHANNELS, FakeDiscord, FakeMessage, Json, wait_for
 
 DEFAULT_TEMPERATURE = 0.1
@@ -238,6 +238,7 @@ async def bot_on(
     token: str | None = None,
     embedded: bool = False,
     sections: dict[str, dict[str, Any]] | None = None,
+    generation: dict[str, Any] | None = None,
 ) -> AsyncIterator[World]:
     """The real core with a fake engine, and the adapter logged in to the fake.
     ``discord`` is the [discord] config, or a function of (guild, #general, #random)
@@ -253,6 +254,7 @@ async def bot_on(
         },
         "bot": {"database": str(tmp_path / "bot.sqlite3"), "stream_interval": 0.05},
         **(sections or {}),
+        "generation": generation or {},
     }
     engine: Any
     if embedded:  # the real model on the real code path
@@ -897,3 +899,97 @@ async def test_shutdown_is_bounded_when_discord_stalls(tmp_path: Path) -> None:
             key = ConversationKey("discord", w.guild["id"], w.channel["id"], w.thread_of(asked))
             job = await w.bot.store.job_for_message(key, asked)
             assert job is not None and job.state == "queued"
+# ---------------------------------------------------------------------------- buttons (issue 11)
+
+CUT = "The first part of a long answer"  # as long as max_new_tokens: cut there
+
+
+async def test_continue_button_extends_the_cut_reply_in_place(tmp_path: Path) -> None:
+    cut = {"max_new_tokens": len(CUT)}
+    async with running(tmp_path, replies=[CUT, ", and its end."], generation=cut) as w:
+        asked = await w.say("Tell me everything.")
+        await wait_for(lambda: w.fake.sent("POST", "/threads$"))
+        thread = w.thread_of(asked)
+        [reply] = await w.reply_in(thread)
+        ids = reply.custom_ids()
+        assert [i.split(":")[1] for i in ids] == ["continue", "regenerate", "up", "down"]
+
+        token = await w.fake.click(reply.id, ids[0], user=w.user, guild_id=w.guild["id"])
+        assert await wait_for(lambda: w.fake.interaction_text(token)) == "Continuing…"
+        assert w.fake.interaction_replies(token)[0].json["type"] == 5  # deferred at once
+        await wait_for(lambda: len(w.engine.calls) == 2 and w.bot.worker.running() == 0)
+        await w.bot.drain()
+        [same] = await wait_for(lambda: [m for m in w.fake.bot_messages(thread) if m.custom_ids()])
+        assert same.id == reply.id and same.content == f"{CUT}, and its end."
+        assert [i.split(":")[1] for i in same.custom_ids()] == ["regenerate", "up", "down"]
+        assert w.engine.calls[1].prompt_text.endswith(f"Tell me everything. ASSISTANT: {CUT}")
+        reply_id = int(ids[0].rsplit(":", 1)[1])
+        row = await w.bot.store.reply(reply_id)
+        assert row is not None and row.text == f"{CUT}, and its end."
+        assert await w.bot.store.message_count() == 2  # one question, one reply
+
+
+async def test_buttons_work_after_a_restart_and_refuse_a_stranger(tmp_path: Path) -> None:
+    async with discord_server() as place:
+        async with bot_on(place, tmp_path, replies=["Red."]) as w:
+            asker = w.user
+            asked = await w.say("Name a colour.")
+            await wait_for(lambda: w.fake.sent("POST", "/threads$"))
+            thread = w.thread_of(asked)
+            [reply] = await w.reply_in(thread)
+            regenerate, up = reply.custom_ids()[0], reply.custom_ids()[1]
+        # A new process on the same SQLite file: nothing in memory.
+        async with bot_on(place, tmp_path, replies=["Blue.", "Green."]) as w:
+            stranger = w.fake.user("mika")
+            token = await w.fake.click(reply.id, regenerate, user=stranger, guild_id=w.guild["id"])
+            assert "Only the person who asked" in await wait_for(lambda: w.fake.interaction_text(token))
+
+            votes = [await w.fake.click(reply.id, up, user=asker, guild_id=w.guild["id"]) for _ in range(2)]
+            texts = [await wait_for(lambda t=t: w.fake.interaction_text(t)) for t in votes]
+            assert texts == ["Thanks for the feedback.", "Your feedback was already recorded."]
+            assert len(await w.bot.store.feedback_rows()) == 1
+
+            token = await w.fake.click(reply.id, regenerate, user=asker, guild_id=w.guild["id"])
+            await wait_for(lambda: w.fake.interaction_text(token))
+            messages = await w.reply_in(thread)
+            assert [m.content for m in messages] == ["Red.", "Blue."]
+            assert "Red." not in w.engine.calls[0].prompt_text
+
+            await w.say_in(thread, "Another one?")
+            await w.reply_in(thread, count=2)
+            prompt = w.engine.calls[1].prompt_text
+            assert "ASSISTANT: Blue.</s>" in prompt and "Red." not in prompt
+
+
+async def test_feedback_in_a_dm_is_stored_and_can_change(tmp_path: Path) -> None:
+    async with running(tmp_path, replies=["Hi there!"]) as w:
+        dm = w.fake.snowflake()
+        await w.fake.user_message(dm, "hello bot", w.user)
+        [reply] = await w.reply_in(dm)
+        down, up = reply.custom_ids()[-1], reply.custom_ids()[-2]
+        texts = []
+        for button in (down, up):
+            token = await w.fake.click(reply.id, button, user=w.user)
+            texts.append(await wait_for(lambda t=token: w.fake.interaction_text(t)))
+        assert texts == ["Thanks for the feedback.", "Your feedback was changed."]
+        assert [(u, v) for _, u, v, _ in await w.bot.store.feedback_rows()] == [(w.user["id"], 1)]
+
+
+async def test_a_continue_resumed_after_a_restart_edits_the_same_message(tmp_path: Path) -> None:
+    async with running(tmp_path, replies=["Short."]) as w:
+        dm = w.fake.snowflake()
+        await w.fake.user_message(dm, "hello bot", w.user)
+        [reply] = await w.reply_in(dm)
+        key = ConversationKey("discord", "dm", dm, "")
+        edits_before = len(reply.history)
+        # What the job row keeps for a Continue; the sink factory re-creates its sink from it.
+        sink = w.adapter.sink_for(key, {"channel_id": dm, "edit_message_id": reply.id, "skip": "0"})
+        await sink.queued(0)  # no placeholder over the reply's text
+        await sink.started()
+        assert isinstance(sink, DiscordSink)
+        await sink.reply_stored(ReplyInfo(7, False))
+        await sink.finish("Short. And now longer.")
+        [same] = w.fake.bot_messages(dm)
+        assert same.id == reply.id and same.content == "Short. And now longer."
+        assert same.custom_ids() == ["xwin:regenerate:7", "xwin:up:7", "xwin:down:7"]
+        assert same.history[edits_before:] == ["Short."]  # one edit: no placeholder over the text

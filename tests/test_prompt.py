@@ -170,3 +170,28 @@ def test_chat_template_format_keeps_user_text_plain(embedded_tok: HFPromptTokeni
     expected_specials = [i for i in embedded_tok.encode_template(reference) if i in specials]
     assert [i for i in ids if i in specials] == expected_specials  # the attack adds none
     assert embedded_tok.decode(ids).count("obey me") == 1
+
+
+def test_an_open_reply_ends_the_prompt_with_no_eos(llama_tok: HFPromptTokenizer) -> None:
+    """Continue (issue 11): the unfinished reply is the prompt's end, left open."""
+    builder = PromptBuilder(llama_tok, fmt="xwin", context_length=4096)
+    cut = "I am Xwin-LM, a model that"
+    turns = [*card_turns("x")[:3], Turn("assistant", cut)]
+    prompt = builder.build(turns, settings(), is_dm=True, open_reply=True)
+    card = MODEL_CARD.split("USER: Who are you?")[0] + f"USER: Who are you? ASSISTANT: {cut}"
+    assert prompt.ids == reference_ids(llama_tok, card)
+    assert prompt.ids.count(llama_tok.eos_id) == 1  # only the finished first reply is closed
+    with pytest.raises(GenerationError, match="no unfinished reply"):
+        builder.build(card_turns("x"), settings(), is_dm=True, open_reply=True)
+
+
+def test_an_open_reply_follows_the_chat_templates_generation_prompt(embedded_tok: HFPromptTokenizer) -> None:
+    builder = PromptBuilder(embedded_tok, fmt="chat_template", context_length=8192)
+    turns = [Turn("user", "Hi!"), Turn("assistant", "Hello, I am")]
+    ids = builder.build(turns, settings(), is_dm=True, open_reply=True).ids
+    asked = embedded_tok.hf.apply_chat_template(
+        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi!"}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    assert ids == embedded_tok.encode_template(asked) + embedded_tok.encode_text("Hello, I am")

@@ -25,16 +25,18 @@ import pytest
 from adapters.slack import DM_SCOPE, MESSAGE_LIMIT, OPTIONAL_SCOPES, REQUIRED_SCOPES, SlackAdapter, panel_command
 from adapters.slack_format import escape
 from bot.app import Bot
-from bot.config import BotConfig, Config, Secrets, SlackConfig
+from bot.config import BotConfig, Config, GenerationConfig, Secrets, SlackConfig
 from bot.engine.fake import FakeEngine
 from bot.errors import AdapterError
 from bot.store import Store
 from bot.types import ConversationKey
 from tests.fakes.slack_server import (
     FakeSlack,
+    block_action,
     command_body,
     command_form,
     event_body,
+    form_body,
     poll,
     signed_headers,
 )
@@ -88,6 +90,7 @@ async def start_env(tmp_path: Path, fake: FakeSlack) -> AsyncIterator[Starter]:
         stream_interval: float = 0.2,
         bot_token: str = "",
         app_token: str = "",
+        generation: GenerationConfig | None = None,
         **slack: Any,
     ) -> Env:
         engine = engine or FakeEngine()
@@ -100,7 +103,7 @@ async def start_env(tmp_path: Path, fake: FakeSlack) -> AsyncIterator[Starter]:
             **slack,
         )
         bot_cfg = BotConfig(database=str(tmp_path / "bot.sqlite3"), stream_interval=stream_interval)
-        config = Config(bot=bot_cfg, slack=slack_cfg)
+        config = Config(bot=bot_cfg, slack=slack_cfg, generation=generation or GenerationConfig())
         store = Store(config.database_path())
         await store.open()
         bot = Bot(config, store, engine)
@@ -603,6 +606,18 @@ async def test_panel_reply_streams_natively_without_edits(start_env: Starter) ->
     first_status = env.fake.calls_to("assistant.threads.setStatus")[0]
     assert first_status.params["status"] == "is thinking…"
     assert first_status.at < env.fake.calls_to("chat.startStream")[0].at
+    # The finished reply carries Regenerate and Slack's feedback buttons (issue 10), ids in their values.
+    await poll(lambda: env.bot.worker.running() == 0, what="the job's end")
+    stop = env.fake.calls_to("chat.stopStream")[-1].params
+    blocks = json.loads(stop["blocks"]) if isinstance(stop["blocks"], str) else stop["blocks"]
+    assert [b["type"] for b in blocks] == ["actions", "context_actions"]
+    async with env.bot.store.db.execute("SELECT id FROM messages WHERE role = 'assistant'") as cur:
+        [(reply_id,)] = list(await cur.fetchall())
+    assert [e["value"] for e in blocks[0]["elements"]] == [str(reply_id)]  # Regenerate (not cut: no Continue)
+    [feedback] = blocks[1]["elements"]
+    assert feedback["type"] == "feedback_buttons"
+    values = (feedback["positive_button"]["value"], feedback["negative_button"]["value"])
+    assert values == (f"up:{reply_id}", f"down:{reply_id}")
 
 
 async def test_panel_falls_back_to_edits_once_when_streaming_is_unknown(
@@ -960,3 +975,99 @@ async def test_http_a_restart_resumes_into_the_old_messages(start_env: Starter) 
     await poll(lambda: second.engine.calls and second.bot.worker.running() == 0, what="the resumed reply")
     await second.bot.drain()
     assert second.thread_texts("C1", "950.000001") == ["Answered after the restart."]
+
+
+# ---------------------------------------------------------------- buttons (issue 11)
+
+CUT = "The first part of a long answer"  # as long as max_new_tokens: cut there
+
+
+async def press(env: Env, action_id: str, value: str, *, ts: str, thread: str | None, user: str = "U1",
+                kind: str = "button") -> str:
+    """Presses a button under the bot's message ``ts``; returns the ephemeral answer."""
+    url = env.fake.response_url()
+    payload = block_action(action_id, value, user=user, channel="C1", message_ts=ts, thread_ts=thread,
+                           response_url=url, kind=kind)
+    if env.adapter.http_port:
+        assert await post_signed(env, form_body(payload), content_type="application/x-www-form-urlencoded") == 200
+    else:
+        envelope = await env.fake.send_envelope(payload, kind="interactive")
+        await poll(lambda: env.fake.acked(envelope), what="ack of the button")
+    rid = url.rsplit("/", 1)[1]
+    await poll(lambda: any(r["_rid"] == rid for r in env.fake.responses), what="button answer")
+    answer = next(r for r in env.fake.responses if r["_rid"] == rid)
+    assert answer["response_type"] == "ephemeral"
+    return str(answer["text"])
+
+
+async def test_continue_button_extends_the_reply_and_feedback_counts_once(start_env: Starter) -> None:
+    engine = FakeEngine(replies=[CUT, ", and its end."])
+    env = await start_env(engine, generation=GenerationConfig(max_new_tokens=len(CUT)))
+    await post_event(env, mention("<@UBOT> tell me everything", ts="700.000001"))
+    await poll(lambda: bool(env.fake.posted()), what="the reply")
+    [ts] = [p["_ts"] for p in env.fake.posted()]
+    await poll(lambda: "xwin_continue" in env.fake.buttons(ts), what="buttons")
+    buttons = env.fake.buttons(ts)
+    assert list(buttons) == ["xwin_continue", "xwin_regenerate", "xwin_feedback:up", "xwin_feedback:down"]
+    section = env.fake.message_blocks()[ts][0]
+    assert section["text"] == {"type": "mrkdwn", "text": CUT}
+
+    assert await press(env, "xwin_continue", buttons["xwin_continue"], ts=ts, thread="700.000001") == "Continuing…"
+    await poll(lambda: "xwin_continue" not in env.fake.buttons(ts) and "xwin_regenerate" in env.fake.buttons(ts),
+               what="the continued reply's buttons")
+    assert env.fake.message_texts()[ts] == f"{CUT}, and its end."
+    assert len(env.fake.posted()) == 1  # edited in place
+    assert engine.calls[1].prompt_text.endswith(f"tell me everything ASSISTANT: {CUT}")
+    reply_id = int(buttons["xwin_continue"])
+    stored = await env.bot.store.reply(reply_id)
+    assert stored is not None and stored.text == f"{CUT}, and its end."
+
+    up = env.fake.buttons(ts)["xwin_feedback:up"]
+    first = await press(env, "xwin_feedback", up, ts=ts, thread="700.000001", kind="feedback_buttons")
+    second = await press(env, "xwin_feedback", up, ts=ts, thread="700.000001", kind="feedback_buttons")
+    assert (first, second) == ("Thanks for the feedback.", "Your feedback was already recorded.")
+    assert [(r, u, v) for r, u, v, _ in await env.bot.store.feedback_rows()] == [(reply_id, "U1", 1)]
+
+
+async def test_buttons_work_after_a_restart_refuse_a_stranger_and_fall_back_to_plain_feedback(
+    start_env: Starter, fake: FakeSlack
+) -> None:
+    fake.refuse_feedback_buttons = True  # a Slack without feedback_buttons: plain buttons instead
+    first = await start_env(FakeEngine(replies=["Red."]))
+    await post_event(first, mention("<@UBOT> name a colour", ts="800.000001"))
+    await poll(lambda: bool(fake.posted()), what="the reply")
+    [ts] = [p["_ts"] for p in fake.posted()]
+    await poll(lambda: "xwin_regenerate" in fake.buttons(ts), what="buttons")
+    assert {"xwin_feedback_up", "xwin_feedback_down"} <= set(fake.buttons(ts))
+    buttons = fake.buttons(ts)
+    await first.adapter.close()
+    await first.bot.close()
+    await first.bot.store.close()
+
+    # A new process on the same SQLite file: nothing in memory.
+    engine = FakeEngine(replies=["Blue."])
+    env = await start_env(engine)
+    refused = await press(env, "xwin_regenerate", buttons["xwin_regenerate"], ts=ts, thread="800.000001", user="U2")
+    assert refused.startswith("Only the person who asked")
+    vote = await press(env, "xwin_feedback_down", buttons["xwin_feedback_down"], ts=ts, thread="800.000001")
+    assert vote == "Thanks for the feedback."
+    assert await press(env, "xwin_regenerate", buttons["xwin_regenerate"], ts=ts, thread="800.000001") \
+        == "Writing a new reply…"
+    await wait_reply(env, "C1", "800.000001", "Blue.")
+    assert env.thread_texts("C1", "800.000001") == ["Red.", "Blue."]
+    assert "Red." not in engine.calls[0].prompt_text
+    old = await env.bot.store.reply(int(buttons["xwin_regenerate"]))
+    assert old is not None and old.replaced
+
+
+async def test_socket_mode_feedback_click_is_acked_and_stored_once(start_env: Starter) -> None:
+    env = await start_env(FakeEngine(replies=["Fine."]), mode="socket")
+    await env.fake.send_envelope(event_body(mention("<@UBOT> how are you", ts="900.000001")))
+    await poll(lambda: "xwin_feedback:down" in env.fake.buttons(next(iter(env.fake.message_texts()), "")),
+               what="feedback buttons")
+    ts = next(iter(env.fake.message_texts()))
+    down = env.fake.buttons(ts)["xwin_feedback:down"]
+    for expected in ("Thanks for the feedback.", "Your feedback was already recorded."):
+        assert await press(env, "xwin_feedback", down, ts=ts, thread="900.000001", kind="feedback_buttons") \
+            == expected
+    assert [(u, v) for _, u, v, _ in await env.bot.store.feedback_rows()] == [("U1", -1)]

@@ -71,6 +71,11 @@ class FakeMessage:
     content: str
     author: Json
     history: list[str] = field(default_factory=list)
+    components: list[Json] = field(default_factory=list)
+
+    def custom_ids(self) -> list[str]:
+        """The custom ids of the buttons under this message, in order."""
+        return [c["custom_id"] for row in self.components for c in row.get("components", [])]
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -395,36 +400,71 @@ class FakeDiscord:
         roles: list[str] | None = None,
     ) -> str:
         """``/xwin <subcommand> <options>``; returns the interaction token."""
-        token = f"itoken-{self.snowflake()}"
         sub: Json = {
             "name": subcommand,
             "type": 1,
             "options": [_option(k, v) for k, v in (options or {}).items()],
         }
-        data: Json = {
+        data = {"id": self.snowflake(), "name": "xwin", "type": 1, "options": [sub]}
+        return await self._interaction(2, data, user, channel_id, guild_id, permissions, roles)
+
+    async def click(
+        self,
+        message_id: str,
+        custom_id: str,
+        *,
+        user: Json,
+        guild_id: str | None = None,
+        permissions: int = 0,
+    ) -> str:
+        """A user presses the button ``custom_id`` under a message; returns the
+        interaction token. Discord checks that the message has that button."""
+        message = self.messages[message_id]
+        assert custom_id in message.custom_ids(), (custom_id, message.custom_ids())
+        data = {"custom_id": custom_id, "component_type": 2}
+        return await self._interaction(
+            3, data, user, message.channel_id, guild_id, permissions, None,
+            message=self._message_payload(message),
+        )
+
+    async def _interaction(
+        self,
+        kind: int,
+        data: Json,
+        user: Json,
+        channel_id: str,
+        guild_id: str | None,
+        permissions: int,
+        roles: list[str] | None,
+        **extra: Any,
+    ) -> str:
+        """Dispatch INTERACTION_CREATE (2: a command, 3: a component); returns its token."""
+        token = f"itoken-{self.snowflake()}"
+        payload: Json = {
             "id": self.snowflake(),
             "application_id": self.application_id,
-            "type": 2,
+            "type": kind,
             "token": token,
             "version": 1,
             "channel_id": channel_id,
-            "data": {"id": self.snowflake(), "name": "xwin", "type": 1, "options": [sub]},
+            "data": data,
             "locale": "en-US",
             "app_permissions": "0",
             "entitlements": [],
             "authorizing_integration_owners": {},
             "attachment_size_limit": 8 * 1024 * 1024,
             "context": 0 if guild_id else 1,
+            **extra,
         }
         _guild, channel = self.find_channel(channel_id)
-        data["channel"] = channel or {"id": channel_id, "type": 1, "recipients": [user]}
+        payload["channel"] = channel or {"id": channel_id, "type": 1, "recipients": [user]}
         if guild_id is not None:
-            data["guild_id"] = guild_id
-            data["guild_locale"] = "en-US"
-            data["member"] = self.member_payload(user, roles, permissions)
+            payload["guild_id"] = guild_id
+            payload["guild_locale"] = "en-US"
+            payload["member"] = self.member_payload(user, roles, permissions)
         else:
-            data["user"] = user
-        await self.dispatch("INTERACTION_CREATE", data)
+            payload["user"] = user
+        await self.dispatch("INTERACTION_CREATE", payload)
         return token
 
     # ------------------------------------------------------------------ what the bot sent
@@ -568,6 +608,7 @@ class FakeDiscord:
             "mention_roles": [],
             "attachments": [],
             "embeds": [],
+            "components": message.components,
             "pinned": False,
             "type": 0,
             "flags": flags,
@@ -587,6 +628,7 @@ class FakeDiscord:
         if bad is not None:
             return bad
         message = FakeMessage(self.snowflake(), channel_id, body["content"], self.bot_user)
+        message.components = body.get("components") or []
         self.messages[message.id] = message
         return json_response(self._message_payload(message))
 
@@ -600,6 +642,8 @@ class FakeDiscord:
         if "content" in record.json:
             message.history.append(message.content)
             message.content = record.json["content"]
+        if "components" in record.json:
+            message.components = record.json["components"] or []
         return json_response(self._message_payload(message))
 
     async def _delete_message(self, record: Recorded, channel_id: str, message_id: str) -> web.Response:

@@ -46,6 +46,8 @@ class ApiCall:
     params: JSON
     token: str
     at: float
+    #: The error the fake answered with ("" when it succeeded).
+    error: str = ""
 
 
 @dataclass
@@ -75,6 +77,8 @@ class FakeSlack:
     messages: dict[str, JSON] = field(default_factory=dict)
     responses: list[JSON] = field(default_factory=list)
     acks: list[JSON] = field(default_factory=list)
+    #: Refuse blocks holding ``feedback_buttons`` (invalid_blocks), as a Slack without them would.
+    refuse_feedback_buttons: bool = False
     port: int = 0
     _runner: web.AppRunner | None = None
     _sockets: list[web.WebSocketResponse] = field(default_factory=list)
@@ -131,7 +135,7 @@ class FakeSlack:
 
     def posted(self) -> list[JSON]:
         """Parameters of every chat.postMessage, in order."""
-        return [c.params for c in self.calls_to("chat.postMessage")]
+        return [c.params for c in self.calls_to("chat.postMessage") if not c.error]
 
     def thread(self, channel: str, thread_ts: str | None) -> list[str]:
         """Latest text of each message the bot posted or streamed in a thread, in order."""
@@ -144,6 +148,29 @@ class FakeSlack:
     def message_texts(self) -> dict[str, str]:
         """The latest text of each message the bot posted or streamed (and did not delete), by ts."""
         return {ts: str(m["text"]) for ts, m in self.messages.items() if ts not in self.deleted}
+
+    def message_blocks(self) -> dict[str, list[JSON]]:
+        """The latest blocks of each message the bot posted, by ts."""
+        blocks: dict[str, list[JSON]] = {}
+        for call in self.calls:
+            ts = call.params.get("_ts") if call.method == "chat.postMessage" else call.params.get("ts")
+            if call.method in ("chat.postMessage", "chat.update") and "blocks" in call.params and not call.error:
+                raw = call.params["blocks"]
+                blocks[str(ts)] = json.loads(raw) if isinstance(raw, str) else list(raw or [])
+        return blocks
+
+    def buttons(self, ts: str) -> dict[str, str]:
+        """The interactive elements under a message: action_id (or, for feedback
+        buttons, ``action_id:up``/``:down``) -> value."""
+        out: dict[str, str] = {}
+        for block in self.message_blocks().get(ts, []):
+            for element in block.get("elements", []):
+                if element.get("type") == "feedback_buttons":
+                    out[element["action_id"] + ":up"] = element["positive_button"]["value"]
+                    out[element["action_id"] + ":down"] = element["negative_button"]["value"]
+                elif "action_id" in element:
+                    out[element["action_id"]] = element.get("value", "")
+        return out
 
     # ------------------------------------------------------------ Web API
 
@@ -168,6 +195,9 @@ class FakeSlack:
         if self._failing.get(method, 0) > 0:
             self._failing[method] -= 1
             return web.json_response({"ok": False, "error": "internal_error"})
+        if self.refuse_feedback_buttons and "feedback_buttons" in json.dumps(params.get("blocks") or []):
+            call.error = "invalid_blocks"
+            return web.json_response({"ok": False, "error": call.error})
         body = handler(call)
         headers = {"x-oauth-scopes": ",".join(self.scopes)} if method == "auth.test" else {}
         return web.json_response(body, headers=headers)
@@ -451,6 +481,48 @@ def command_form(
         "response_url": response_url,
         "trigger_id": "trig-" + uuid.uuid4().hex[:8],
     }
+
+
+def block_action(
+    action_id: str,
+    value: str,
+    *,
+    user: str,
+    channel: str,
+    message_ts: str,
+    thread_ts: str | None,
+    response_url: str,
+    team_id: str = "T1",
+    kind: str = "button",
+) -> JSON:
+    """A ``block_actions`` interaction: a button pressed under a bot message
+    (Socket Mode sends it as is; HTTP mode posts it form-encoded, see
+    :func:`form_body`)."""
+    message: JSON = {"type": "message", "ts": message_ts, "bot_id": "BBOT", "text": ""}
+    if thread_ts:
+        message["thread_ts"] = thread_ts
+    payload = {
+        "type": "block_actions",
+        "team": {"id": team_id, "domain": "fake"},
+        "user": {"id": user, "username": user.lower(), "team_id": team_id},
+        "api_app_id": "A1",
+        "token": "legacy-verification-token",
+        "container": {"type": "message", "message_ts": message_ts, "channel_id": channel},
+        "trigger_id": "trig-" + uuid.uuid4().hex[:8],
+        "channel": {"id": channel, "name": "general"},
+        "message": message,
+        "response_url": response_url,
+        "actions": [{
+            "type": kind, "action_id": action_id, "block_id": "b1", "value": value,
+            "action_ts": f"{time.time():.6f}",
+        }],
+    }
+    return payload
+
+
+def form_body(payload: JSON) -> bytes:
+    """An interaction payload as Slack posts it over HTTP."""
+    return urllib.parse.urlencode({"payload": json.dumps(payload)}).encode()
 
 
 def command_body(**kwargs: Any) -> bytes:
