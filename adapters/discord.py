@@ -35,9 +35,10 @@ import discord.http
 import yarl
 from discord import app_commands
 
-from adapters import strings
+from adapters import render, strings
 from adapters.boundary import EventBoundary
 from adapters.files import Downloader
+from adapters.render import ReplyMessages
 from bot.adapter import Core
 from bot.config import DiscordConfig
 from bot.errors import AdapterError
@@ -67,74 +68,10 @@ _REFUSED = "not allowed to post in this channel"
 
 # ---------------------------------------------------------------------------- pure helpers
 
-_FENCE = re.compile(r"^\s*(`{3,}|~{3,})(.*)$")
-
-
-class _Splitter:
-    """Packs lines into chunks of at most ``limit`` characters; a code fence that is
-    open at a chunk's end is closed there and reopened at the next chunk's start."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.chunks: list[str] = []
-        self.lines: list[str] = []
-        self.fence: str | None = None  # the opening line of the open fence
-        self.marker = ""  # its backticks or tildes
-        self.fresh = True  # ``lines`` holds nothing but a reopened fence
-
-    def length_with(self, line: str, reserve: int) -> int:
-        joined = sum(len(x) for x in self.lines) + len(self.lines)  # lines + newlines
-        return joined + len(line) + reserve
-
-    def next_fence(self, line: str) -> tuple[str | None, str]:
-        match = _FENCE.match(line)
-        if match is None:
-            return self.fence, self.marker
-        if self.fence is None:
-            return line.strip(), match.group(1)
-        return None, ""
-
-    def add(self, line: str) -> None:
-        fence, marker = self.next_fence(line)
-        reserve = len(marker) + 1 if fence else 0
-        if not self.fresh and self.length_with(line, reserve) > self.limit:
-            self.flush()
-        while self.length_with(line, reserve) > self.limit:
-            line = self.cut(line, reserve)
-        self.lines.append(line)
-        self.fresh = False
-        self.fence, self.marker = fence, marker
-
-    def cut(self, line: str, reserve: int) -> str:
-        """Put as much of an over-long line as fits in this chunk; return the rest."""
-        room = max(1, self.limit - self.length_with("", reserve))
-        at = line.rfind(" ", room // 2, room)
-        at = room if at <= 0 else at + 1
-        self.lines.append(line[:at])
-        self.fresh = False
-        self.flush()
-        return line[at:]
-
-    def flush(self) -> None:
-        if not self.fresh:
-            text = "\n".join(self.lines)
-            if self.fence is not None:
-                text += "\n" + self.marker
-            if text.strip():
-                self.chunks.append(text)
-        self.lines = [self.fence] if self.fence is not None else []
-        self.fresh = True
-
 
 def split_message(text: str, limit: int = MESSAGE_LIMIT) -> list[str]:
-    """Split ``text`` into messages of at most ``limit`` characters, preferring line
-    breaks, never leaving a code block open: it is closed at the end of one message
-    and reopened (with its language) at the start of the next."""
-    splitter = _Splitter(limit)
-    for line in text.split("\n"):
-        splitter.add(line)
-    splitter.flush()
-    return splitter.chunks
+    """Discord messages of a reply (see :func:`adapters.render.split_message`)."""
+    return render.split_message(text, limit)
 
 
 _USER = re.compile(r"<@!?(\d+)>")
@@ -218,6 +155,9 @@ def reply_buttons(info: ReplyInfo) -> discord.ui.View:
 # ---------------------------------------------------------------------------- the reply sink
 
 
+_Shown = discord.Message | discord.PartialMessage
+
+
 class DiscordSink:
     """One reply: a placeholder that shows the queue position, then the text streamed
     by editing it, continued in new messages past the length limit."""
@@ -248,8 +188,9 @@ class DiscordSink:
         # A job resumed after a restart shows its reply in the messages it had (issue 9);
         # a Continue goes on editing the reply's last message, which shows its text from
         # the ``skip``-th message on, and takes its old buttons off with the first edit.
-        self._messages: list[discord.Message | discord.PartialMessage] = list(resume)
-        self._shown: list[str] = [""] * len(self._messages)
+        self._reply: ReplyMessages[_Shown] = ReplyMessages(
+            self, "Discord", resume=resume, placed=lambda: self.on_placed
+        )
         self._skip = skip
         self._clear_view = continuing
         self._info: ReplyInfo | None = None
@@ -309,7 +250,7 @@ class DiscordSink:
     async def fail(self, user_message: str) -> None:
         await self._settle()
         if self._has_text:
-            await self._show([*self._shown, user_message])
+            await self._show([*self._reply.shown, user_message])
         else:
             await self._show([user_message])
 
@@ -327,11 +268,12 @@ class DiscordSink:
     async def _repost(self, chunks: list[str]) -> None:
         """Edits keep failing: post the reply as new messages, then drop the old ones."""
         async with self._lock:
-            (old, old_shown), self._messages, self._shown = (self._messages, self._shown), [], []
+            reply = self._reply
+            (old, old_shown), reply.messages, reply.shown = (reply.messages, reply.shown), [], []
             try:
                 await self._apply(chunks)
             except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
-                self._messages, self._shown = old, old_shown
+                reply.messages, reply.shown = old, old_shown
                 raise AdapterError(f"Discord: the final reply could not be posted ({_why(exc)})") from None
         for message in old:
             with contextlib.suppress(discord.HTTPException, aiohttp.ClientError, OSError):
@@ -360,8 +302,8 @@ class DiscordSink:
             try:
                 if buttons is None:
                     await self._put(chunks)
-                elif self._messages:
-                    self._messages[-1] = await self._messages[-1].edit(view=buttons)
+                elif self._reply.messages:
+                    self._reply.messages[-1] = await self._reply.messages[-1].edit(view=buttons)
             except discord.HTTPException as exc:
                 log.warning("Discord: could not update a reply: %s %s", exc.status, exc.text)
             except AdapterError as exc:
@@ -391,51 +333,32 @@ class DiscordSink:
         )
 
     async def _apply(self, chunks: list[str]) -> None:
-        placed = self._ids()
-        try:
-            for i, chunk in enumerate(chunks):
-                if i < len(self._messages):
-                    if self._shown[i] != chunk:
-                        await self._edit(i, chunk)
-                else:
-                    self._messages.append(await self._send(chunk))
-                    self._shown.append(chunk)
-            while len(self._messages) > len(chunks):
-                self._shown.pop()
-                with contextlib.suppress(discord.NotFound):
-                    await self._messages.pop().delete()
-        finally:
-            if self._ids() != placed:
-                await self._placed()
+        await self._reply.show(chunks)
 
-    async def _edit(self, i: int, chunk: str) -> None:
-        message = self._messages[i]
-        try:
-            if i == 0 and self._clear_view:  # a continued reply's old buttons go with its first edit
-                self._messages[i] = await message.edit(content=chunk, allowed_mentions=NO_MENTIONS, view=None)
-                self._clear_view = False
-            else:
-                self._messages[i] = await message.edit(content=chunk, allowed_mentions=NO_MENTIONS)
-        except discord.NotFound:  # deleted meanwhile (or before a restart): post it again
-            self._messages[i] = await self._send(chunk)
-        self._shown[i] = chunk
+    # MessageOps of this reply's ReplyMessages (adapters/render.py)
 
-    def _ids(self) -> list[str]:
-        return [str(m.id) for m in self._messages] if self.on_placed is not None else []
-
-    async def _placed(self) -> None:
-        if self.on_placed is None:
-            return
-        try:
-            await self.on_placed(self._ids())
-        except Exception:
-            log.exception("Discord: could not store where a reply is shown")
-
-    async def _send(self, chunk: str) -> discord.Message:
-        reference = self._reference if not self._messages else None
+    async def post(self, text: str) -> discord.Message:
+        reference = self._reference if not self._reply.messages else None
         if reference is None:
-            return await self._channel.send(chunk, allowed_mentions=NO_MENTIONS)
-        return await self._channel.send(chunk, allowed_mentions=NO_MENTIONS, reference=reference)
+            return await self._channel.send(text, allowed_mentions=NO_MENTIONS)
+        return await self._channel.send(text, allowed_mentions=NO_MENTIONS, reference=reference)
+
+    async def edit(self, index: int, message: _Shown, text: str, last: object) -> _Shown:
+        try:
+            if index == 0 and self._clear_view:  # a continued reply's old buttons go with its first edit
+                edited = await message.edit(content=text, allowed_mentions=NO_MENTIONS, view=None)
+                self._clear_view = False
+                return edited
+            return await message.edit(content=text, allowed_mentions=NO_MENTIONS)
+        except discord.NotFound:  # deleted meanwhile (or before a restart): post it again
+            return await self.post(text)
+
+    async def delete(self, message: _Shown) -> None:
+        with contextlib.suppress(discord.NotFound):
+            await message.delete()
+
+    def id_of(self, message: _Shown) -> str:
+        return str(message.id)
 
     async def _keep_typing(self) -> None:
         try:
