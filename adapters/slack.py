@@ -57,6 +57,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from adapters import strings
 from adapters.boundary import EventBoundary
 from adapters.files import Downloader
+from adapters.render import ReplyMessages
 from adapters.slack_format import (
     StreamSplitter,
     escape,
@@ -207,8 +208,7 @@ class SlackReplySink:
         # A job resumed after a restart shows its reply in the messages it had (issue 9);
         # a Continue goes on editing the reply's last message, which shows its text from
         # the ``skip``-th message on, and takes its old buttons off with the first edit.
-        self._ts: list[str] = list(resume)
-        self._shown: list[str] = [""] * len(self._ts)
+        self._reply: ReplyMessages[str] = ReplyMessages(self, "slack", resume=resume, placed=lambda: self.on_placed)
         self._skip = skip
         self._clear_blocks = continuing
         self._info: ReplyInfo | None = None
@@ -251,7 +251,9 @@ class SlackReplySink:
     async def fail(self, user_message: str) -> None:
         text = to_mrkdwn(user_message)
         if self._streamed:
-            await self._post(text)  # keep the partial answer, say why it stopped
+            # Keep the partial answer, say why it stopped.
+            if await self._reply.append(text):
+                await self._reply.tell_placed()
         else:
             await self._status(text)
 
@@ -264,44 +266,27 @@ class SlackReplySink:
     async def _sync(self, chunks: list[str], *, buttons: ReplyInfo | None = None) -> bool:
         """Show ``chunks``, ``buttons`` under the last one (the final message);
         False if some call failed (logged)."""
-        ok = True
         async with self._lock:
-            for i, chunk in enumerate(chunks):
-                last = buttons if i == len(chunks) - 1 else None
-                if i >= len(self._ts):
-                    posted = await self._post(chunk)
-                    ok = posted and ok
-                    if posted and last is not None:
-                        ok = await self._edit(i, chunk, buttons=last) and ok
-                elif self._shown[i] != chunk or last is not None:
-                    ok = await self._edit(i, chunk, buttons=last) and ok
-            while len(self._ts) > len(chunks):  # left from before a restart
-                self._shown.pop()
-                await self._delete(self._ts.pop())
+            ok = await self._reply.show(chunks, last=buttons)
             self._last_edit = self._clock()
         return ok
 
     async def _repost(self, chunks: list[str]) -> None:
         """Edits keep failing: post the reply anew, then delete the old messages."""
         async with self._lock:
-            old, self._ts, self._shown = self._ts, [], []
+            reply = self._reply
+            old, reply.messages, reply.shown = reply.messages, [], []
             for chunk in chunks:
-                if not await self._post(chunk):
+                if not await reply.append(chunk):
                     raise AdapterError(f"Slack: the final reply could not be posted in {self._channel}")
+            await reply.tell_placed()
         for ts in old:
-            await self._delete(ts)
+            await self.delete(ts)
         log.info("slack: the final reply was posted anew in %s after its edits failed", self._channel)
 
-    async def _post(self, text: str) -> bool:
-        ts = await self._new_message(text)
-        if ts is None:
-            return False
-        self._ts.append(ts)
-        self._shown.append(text)
-        await self._placed()
-        return True
+    # MessageOps of this reply's ReplyMessages (adapters/render.py)
 
-    async def _new_message(self, text: str) -> str | None:
+    async def post(self, text: str) -> str | None:
         try:
             resp = await self._client.chat_postMessage(
                 channel=self._channel,
@@ -316,50 +301,37 @@ class SlackReplySink:
             return None
         return str(resp["ts"])
 
-    async def _edit(self, index: int, text: str, *, buttons: ReplyInfo | None = None) -> bool:
+    async def edit(self, index: int, ts: str, text: str, last: ReplyInfo | None) -> str | None:
+        """``last``: the reply's buttons, under its last message."""
         blocks: list[JSON] | None = None
-        if buttons is not None:
-            blocks = final_blocks(text, buttons, native_feedback=self._support.native_feedback)
+        if last is not None:
+            blocks = final_blocks(text, last, native_feedback=self._support.native_feedback)
         elif index == 0 and self._clear_blocks:
             self._clear_blocks, blocks = False, []
         try:
-            await self._client.chat_update(
-                channel=self._channel, ts=self._ts[index], text=text, link_names=False, blocks=blocks
-            )
+            await self._client.chat_update(channel=self._channel, ts=ts, text=text, link_names=False, blocks=blocks)
         except SlackApiError as exc:
-            if buttons is not None and self._support.native_feedback and _error_of(exc) == "invalid_blocks":
+            if last is not None and self._support.native_feedback and _error_of(exc) == "invalid_blocks":
                 log.warning("slack: feedback_buttons refused (invalid_blocks); using plain buttons from now on")
                 self._support.native_feedback = False
-                return await self._edit(index, text, buttons=buttons)
+                return await self.edit(index, ts, text, last)
             if _error_of(exc) != "message_not_found":
                 log.warning("slack: chat.update in %s failed: %s", self._channel, _error_of(exc))
-                return False
-            # Deleted meanwhile (or before a restart): post it again in its place.
-            ts = await self._new_message(text)
-            if ts is None:
-                return False
-            self._ts[index] = ts
-            await self._placed()
+                return None
+            return await self.post(text)  # deleted meanwhile (or before a restart): posted again in its place
         except (SlackClientError, OSError, TimeoutError) as exc:
             log.warning("slack: chat.update in %s failed: %s", self._channel, _why(exc))
-            return False
-        self._shown[index] = text
-        return True
+            return None
+        return ts
 
-    async def _delete(self, ts: str) -> None:
+    async def delete(self, ts: str) -> None:
         try:
             await self._client.chat_delete(channel=self._channel, ts=ts)
         except (SlackClientError, OSError, TimeoutError) as exc:
             log.warning("slack: could not delete an outdated message in %s: %s", self._channel, _why(exc))
-        await self._placed()
 
-    async def _placed(self) -> None:
-        if self.on_placed is None:
-            return
-        try:
-            await self.on_placed(list(self._ts))
-        except Exception:
-            log.exception("slack: could not store where a reply is shown")
+    def id_of(self, ts: str) -> str:
+        return ts
 
 
 class StreamSupport:
