@@ -1,31 +1,12 @@
-"""The Discord adapter: discord.py events in, :class:`~bot.types.Incoming` out, replies back.
-
-- A mention in a text channel starts a conversation in a new thread made from the
-  message (``reply_in = "thread"``) or as a reply in place (``"reply"``: the
-  channel's running conversation). Messages in a bot thread continue it (with the
-  message content intent; without it, when they mention the bot). Every DM
-  continues the author's DM conversation.
-- ``/xwin settings|set|reset|forget|stop|status`` through ``app_commands``; the
-  option ranges and choices come from :data:`bot.settings.SPECS`. Replies are
-  ephemeral, and the interaction is deferred first.
-- Replies stream into one message edited about once a second, continue in new
-  messages past 2000 characters without cutting a code block open, and are sent
-  with ``AllowedMentions.none()``: model text can never ping anyone.
-
-``api_base_url`` and ``gateway_url`` are honoured by pointing discord.py's two
-process-wide endpoints (``Route.BASE``, ``DiscordWebSocket.DEFAULT_GATEWAY``) at
-them while the adapter runs: one Discord adapter per process.
-"""
+"""The Discord adapter: events in, :class:`~bot.types.Incoming` out, through the event boundary."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Final
 
 import aiohttp
@@ -35,14 +16,15 @@ import discord.http
 import yarl
 from discord import app_commands
 
-from adapters import render, strings
+from adapters import strings
 from adapters.boundary import EventBoundary
+from adapters.discord.client import _Client, _intents
+from adapters.discord.sink import NO_MENTIONS, DiscordSink, parse_button_id
+from adapters.discord.text import readable_text, split_message, thread_name
 from adapters.files import Downloader
-from adapters.render import ReplyMessages
 from bot.adapter import Core
 from bot.config import DiscordConfig
 from bot.errors import AdapterError
-from bot.settings import SPECS, SYSTEM_PROMPT_MAX
 from bot.types import (
     CommandContext,
     CommandReply,
@@ -50,333 +32,14 @@ from bot.types import (
     Incoming,
     RemoteFile,
     ReplyAction,
-    ReplyInfo,
     ReplySink,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)  # one logger per platform: "adapters.discord"
 
-MESSAGE_LIMIT = 2000
-THREAD_NAME_LIMIT = 100
-TYPING_EVERY = 8.0
-NO_MENTIONS = discord.AllowedMentions.none()
 PLATFORM: Final = "discord"
 #: Where attachments are downloaded from; nowhere else.
 FILE_ORIGINS = ("https://cdn.discordapp.com", "https://media.discordapp.net")
-_REFUSED = "not allowed to post in this channel"
-
-
-# ---------------------------------------------------------------------------- pure helpers
-
-
-def split_message(text: str, limit: int = MESSAGE_LIMIT) -> list[str]:
-    """Discord messages of a reply (see :func:`adapters.render.split_message`)."""
-    return render.split_message(text, limit)
-
-
-_USER = re.compile(r"<@!?(\d+)>")
-_ROLE = re.compile(r"<@&(\d+)>")
-_CHANNEL = re.compile(r"<#(\d+)>")
-_EMOJI = re.compile(r"<a?:(\w+):\d+>")
-_TIMESTAMP = re.compile(r"<t:(-?\d+)(?::[tTdDfFR])?>")
-_SPACES = re.compile(r"[ \t]{2,}")
-
-
-def readable_text(
-    content: str,
-    *,
-    bot_id: int,
-    users: Mapping[int, str],
-    roles: Mapping[int, str],
-    channels: Mapping[int, str],
-) -> str:
-    """Discord markup to plain text: the bot's own mention removed, other mentions
-    as ``@name`` / ``@role`` / ``#channel``, custom emoji as ``:name:``, timestamps
-    as UTC dates."""
-    text = re.sub(rf"<@!?{bot_id}>", " ", content)
-    text = _USER.sub(lambda m: "@" + users.get(int(m.group(1)), "unknown-user"), text)
-    text = _ROLE.sub(lambda m: "@" + roles.get(int(m.group(1)), "unknown-role"), text)
-    text = _CHANNEL.sub(lambda m: "#" + channels.get(int(m.group(1)), "unknown-channel"), text)
-    text = _EMOJI.sub(lambda m: f":{m.group(1)}:", text)
-    text = _TIMESTAMP.sub(lambda m: _utc(int(m.group(1))), text)
-    return "\n".join(_SPACES.sub(" ", line).strip() for line in text.strip().split("\n"))
-
-
-def _utc(seconds: int) -> str:
-    try:
-        return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M UTC")
-    except (OverflowError, OSError, ValueError):
-        return str(seconds)
-
-
-def thread_name(text: str) -> str:
-    """A thread title from the first line of the question."""
-    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    if not first:
-        return "Xwin chat"
-    return first if len(first) <= THREAD_NAME_LIMIT else first[: THREAD_NAME_LIMIT - 1] + "…"
-
-
-queued_text = strings.queued
-
-
-# Buttons under a finished reply (issue 11). The custom id carries the reply's row
-# id, so a click is understood with nothing in memory (after a restart too).
-BUTTON_PREFIX = "xwin"
-BUTTON_ACTIONS = ("continue", "regenerate", "up", "down")
-
-
-def button_id(action: str, reply_id: int) -> str:
-    return f"{BUTTON_PREFIX}:{action}:{reply_id}"
-
-
-def parse_button_id(custom_id: str) -> tuple[str, int] | None:
-    prefix, _, rest = custom_id.partition(":")
-    action, _, number = rest.partition(":")
-    if prefix != BUTTON_PREFIX or action not in BUTTON_ACTIONS or not number.isdigit():
-        return None
-    return action, int(number)
-
-
-def reply_buttons(info: ReplyInfo) -> discord.ui.View:
-    """Continue (only when cut at max_new_tokens), Regenerate, 👍, 👎."""
-    view = discord.ui.View(timeout=None)
-    if info.can_continue:
-        view.add_item(discord.ui.Button(label="Continue", style=discord.ButtonStyle.primary,
-                                        custom_id=button_id("continue", info.reply_id)))
-    view.add_item(discord.ui.Button(label="Regenerate", style=discord.ButtonStyle.secondary,
-                                    custom_id=button_id("regenerate", info.reply_id)))
-    view.add_item(discord.ui.Button(emoji="👍", custom_id=button_id("up", info.reply_id)))
-    view.add_item(discord.ui.Button(emoji="👎", custom_id=button_id("down", info.reply_id)))
-    view.stop()  # not kept in discord.py's view store: clicks are read from the custom id
-    return view
-
-
-# ---------------------------------------------------------------------------- the reply sink
-
-
-_Shown = discord.Message | discord.PartialMessage
-
-
-class DiscordSink:
-    """One reply: a placeholder that shows the queue position, then the text streamed
-    by editing it, continued in new messages past the length limit."""
-
-    #: Seconds between tries of the final edit (discord.py has already waited
-    #: out each 429 up to five times by then); after the last, a new message.
-    final_retry_delays: tuple[float, ...] = (1.0, 4.0)
-
-    def __init__(
-        self,
-        channel: discord.abc.Messageable,
-        *,
-        update_interval: float,
-        reference: discord.MessageReference | None = None,
-        ready: Callable[[], Awaitable[None]] | None = None,
-        limit: int = MESSAGE_LIMIT,
-        resume: Sequence[discord.PartialMessage] = (),
-        skip: int = 0,
-        continuing: bool = False,
-    ) -> None:
-        """``resume``: a message of the reply to go on editing (Continue), which
-        shows the reply's text from its ``skip``-th message on."""
-        self.update_interval = update_interval
-        self._channel = channel
-        self._reference = reference
-        self._ready = ready
-        self._limit = limit
-        # A job resumed after a restart shows its reply in the messages it had (issue 9);
-        # a Continue goes on editing the reply's last message, which shows its text from
-        # the ``skip``-th message on, and takes its old buttons off with the first edit.
-        self._reply: ReplyMessages[_Shown] = ReplyMessages(
-            self, "Discord", resume=resume, placed=lambda: self.on_placed
-        )
-        self._skip = skip
-        self._clear_view = continuing
-        self._info: ReplyInfo | None = None
-        #: Set by the core: told the ids of the messages that show this reply.
-        self.on_placed: Callable[[list[str]], Awaitable[None]] | None = None
-        self._has_text = continuing
-        self._started = continuing
-        self._forbidden = False
-        self._lock = asyncio.Lock()
-        self._typing: asyncio.Task[None] | None = None
-        self._latest: list[str] | None = None  # newest streamed text not yet shown
-        self._flusher: asyncio.Task[None] | None = None
-
-    async def queued(self, position: int) -> None:
-        # The worker may start a job before ``Bot.handle`` reports its position.
-        await self._show([queued_text(position)], placeholder=True)
-
-    async def started(self) -> None:
-        self._started = True
-        if not self._has_text:
-            await self._show([strings.THINKING])
-        if self._typing is None:
-            self._typing = asyncio.create_task(self._keep_typing())
-
-    async def update(self, text_so_far: str) -> None:
-        """Returns at once: the edit happens in the background, so a slow or
-        rate-limited Discord never holds up generation; only the newest text is sent."""
-        if not text_so_far.strip():
-            return
-        self._has_text = True
-        self._latest = split_message(text_so_far, self._limit)[self._skip :]
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
-
-    async def reply_stored(self, info: ReplyInfo) -> None:
-        self._info = info
-
-    async def finish(self, text: str) -> None:
-        """The final text must arrive (issue 9): edits are retried with backoff,
-        then the text is posted as new messages (the old ones removed). Raises
-        :class:`AdapterError` when it could not be shown at all."""
-        await self._settle()
-        self._has_text = True
-        chunks = split_message(text, self._limit)[self._skip :] or [strings.EMPTY_REPLY]
-        await self._deliver(chunks)
-        if self._info is not None:
-            await self._show([], buttons=reply_buttons(self._info))
-
-    async def _deliver(self, chunks: list[str]) -> None:
-        for delay in (*self.final_retry_delays, None):
-            if await self._final(chunks):
-                return
-            if delay is not None:
-                await asyncio.sleep(delay)
-        await self._repost(chunks)
-
-    async def fail(self, user_message: str) -> None:
-        await self._settle()
-        if self._has_text:
-            await self._show([*self._reply.shown, user_message])
-        else:
-            await self._show([user_message])
-
-    async def _final(self, chunks: list[str]) -> bool:
-        async with self._lock:
-            if self._forbidden:
-                raise AdapterError(_REFUSED)
-            try:
-                await self._put(chunks)
-            except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
-                log.warning("Discord: the final reply did not go through (%s); trying again", _why(exc))
-                return False
-        return True
-
-    async def _repost(self, chunks: list[str]) -> None:
-        """Edits keep failing: post the reply as new messages, then drop the old ones."""
-        async with self._lock:
-            reply = self._reply
-            (old, old_shown), reply.messages, reply.shown = (reply.messages, reply.shown), [], []
-            try:
-                await self._apply(chunks)
-            except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
-                reply.messages, reply.shown = old, old_shown
-                raise AdapterError(f"Discord: the final reply could not be posted ({_why(exc)})") from None
-        for message in old:
-            with contextlib.suppress(discord.HTTPException, aiohttp.ClientError, OSError):
-                await message.delete()
-        log.info("Discord: the final reply was posted as a new message after its edits failed")
-
-    async def _flush(self) -> None:
-        while self._latest is not None:
-            chunks, self._latest = self._latest, None
-            await self._show(chunks)
-
-    async def _settle(self) -> None:
-        """Stop typing and drop pending edits: the final text comes next."""
-        await self._stop_typing()
-        self._latest = None
-        if self._flusher is not None:
-            await self._flusher
-            self._flusher = None
-
-    async def _show(
-        self, chunks: list[str], *, placeholder: bool = False, buttons: discord.ui.View | None = None
-    ) -> None:
-        async with self._lock:
-            if (placeholder and self._started) or self._forbidden:
-                return
-            try:
-                if buttons is None:
-                    await self._put(chunks)
-                elif self._reply.messages:
-                    self._reply.messages[-1] = await self._reply.messages[-1].edit(view=buttons)
-            except discord.HTTPException as exc:
-                log.warning("Discord: could not update a reply: %s %s", exc.status, exc.text)
-            except AdapterError as exc:
-                if not self._forbidden:  # that one was said once already
-                    log.warning("Discord: reply not sent: %s", exc)
-            except Exception:
-                # The sink is an error boundary: a failed edit must not end the job.
-                log.exception("Discord: could not update a reply")
-
-    async def _put(self, chunks: list[str]) -> None:
-        """Show ``chunks`` (under the lock); a refusal becomes an AdapterError."""
-        if self._ready is not None:
-            await self._ready()
-        try:
-            await self._apply(chunks)
-        except discord.Forbidden as exc:
-            self._refused(exc)
-            raise AdapterError(_REFUSED) from None
-
-    def _refused(self, exc: discord.Forbidden) -> None:
-        self._forbidden = True  # one clear line, not one per streamed edit
-        log.warning(
-            "Discord: not allowed to post in channel %s (%s): give the bot the Send Messages "
-            "and Send Messages in Threads permissions there",
-            getattr(self._channel, "id", "?"),
-            exc.text,
-        )
-
-    async def _apply(self, chunks: list[str]) -> None:
-        await self._reply.show(chunks)
-
-    # MessageOps of this reply's ReplyMessages (adapters/render.py)
-
-    async def post(self, text: str) -> discord.Message:
-        reference = self._reference if not self._reply.messages else None
-        if reference is None:
-            return await self._channel.send(text, allowed_mentions=NO_MENTIONS)
-        return await self._channel.send(text, allowed_mentions=NO_MENTIONS, reference=reference)
-
-    async def edit(self, index: int, message: _Shown, text: str, last: object) -> _Shown:
-        try:
-            if index == 0 and self._clear_view:  # a continued reply's old buttons go with its first edit
-                edited = await message.edit(content=text, allowed_mentions=NO_MENTIONS, view=None)
-                self._clear_view = False
-                return edited
-            return await message.edit(content=text, allowed_mentions=NO_MENTIONS)
-        except discord.NotFound:  # deleted meanwhile (or before a restart): post it again
-            return await self.post(text)
-
-    async def delete(self, message: _Shown) -> None:
-        with contextlib.suppress(discord.NotFound):
-            await message.delete()
-
-    def id_of(self, message: _Shown) -> str:
-        return str(message.id)
-
-    async def _keep_typing(self) -> None:
-        try:
-            while True:
-                await self._channel.typing()
-                await asyncio.sleep(TYPING_EVERY)
-        except discord.HTTPException as exc:
-            log.debug("typing indicator failed: %s", exc)
-
-    async def _stop_typing(self) -> None:
-        task, self._typing = self._typing, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-
-# ---------------------------------------------------------------------------- slash commands
 
 
 @dataclass(frozen=True)
@@ -386,130 +49,6 @@ class _Place:
     guild_id: int | None
     channel_id: int
     parent_id: int | None  # set when the channel is a thread
-
-
-# Option bounds for the command schema (names in annotations, which discord.py
-# evaluates in this module's namespace). top_p's lower bound is open: the core
-# rejects 0; max_new_tokens' upper bound depends on the model's context and is
-# checked by the core.
-_TEMPERATURE_MIN, _TEMPERATURE_MAX = SPECS["temperature"].low, SPECS["temperature"].high
-_TOP_P_MIN, _TOP_P_MAX = SPECS["top_p"].low, SPECS["top_p"].high
-_TOP_K_MIN = SPECS["top_k"].low
-_PENALTY_MIN, _PENALTY_MAX = SPECS["repetition_penalty"].low, SPECS["repetition_penalty"].high
-_MAX_NEW_TOKENS_MIN = SPECS["max_new_tokens"].low
-
-
-class XwinCommands(app_commands.Group):
-    """``/xwin ...``: each subcommand is turned into the text after "/xwin" for
-    :meth:`bot.app.Bot.command`."""
-
-    def __init__(
-        self,
-        run: Callable[[discord.Interaction, str], Awaitable[None]],
-        set_values: Callable[[discord.Interaction, dict[str, object]], Awaitable[None]],
-    ) -> None:
-        super().__init__(name="xwin", description="Talk to the Xwin-LM bot: settings and conversation")
-        self._run = run
-        self._set_values = set_values
-
-    @app_commands.command(name="settings", description="Show the generation settings in force here")
-    async def show_settings(self, interaction: discord.Interaction) -> None:
-        await self._run(interaction, "settings")
-
-    @app_commands.command(name="set", description="Change generation settings here (admins in a server)")
-    @app_commands.describe(**{name: spec.help for name, spec in SPECS.items()})
-    async def set_(
-        self,
-        interaction: discord.Interaction,
-        temperature: app_commands.Range[float, _TEMPERATURE_MIN, _TEMPERATURE_MAX] | None = None,
-        top_p: app_commands.Range[float, _TOP_P_MIN, _TOP_P_MAX] | None = None,
-        top_k: app_commands.Range[int, _TOP_K_MIN] | None = None,
-        repetition_penalty: app_commands.Range[float, _PENALTY_MIN, _PENALTY_MAX] | None = None,
-        max_new_tokens: app_commands.Range[int, _MAX_NEW_TOKENS_MIN] | None = None,
-        system_prompt: app_commands.Range[str, 1, SYSTEM_PROMPT_MAX] | None = None,
-    ) -> None:
-        given = {
-            "temperature": temperature,
-            "top_p": top_p,
-            "top_k": top_k,
-            "repetition_penalty": repetition_penalty,
-            "max_new_tokens": max_new_tokens,
-            "system_prompt": system_prompt,
-        }
-        # Passed as values: text options are never read as command text (issue 9).
-        # Discord itself checks each option's type and range before we see it.
-        await self._set_values(interaction, {k: v for k, v in given.items() if v is not None})
-
-    @app_commands.command(name="reset", description="Put settings back to the defaults")
-    @app_commands.describe(name="one setting to reset (all when left out)")
-    @app_commands.choices(name=[app_commands.Choice(name=n, value=n) for n in SPECS])
-    async def reset(
-        self, interaction: discord.Interaction, name: app_commands.Choice[str] | None = None
-    ) -> None:
-        await self._run(interaction, f"reset {name.value}" if name else "reset")
-
-    @app_commands.command(name="forget", description="Start a new conversation here")
-    async def forget(self, interaction: discord.Interaction) -> None:
-        await self._run(interaction, "forget")
-
-    @app_commands.command(name="stop", description="Cancel the reply being written here")
-    async def stop(self, interaction: discord.Interaction) -> None:
-        await self._run(interaction, "stop")
-
-    @app_commands.command(name="status", description="Model, queue and speed")
-    async def status(self, interaction: discord.Interaction) -> None:
-        await self._run(interaction, "status")
-
-
-# ---------------------------------------------------------------------------- the client
-
-
-class _Client(discord.Client):
-    """discord.py's client with the events routed to the adapter."""
-
-    def __init__(self, adapter: DiscordAdapter, **options: object) -> None:
-        super().__init__(**options)  # type: ignore[arg-type]
-        self.adapter = adapter
-        self.tree: app_commands.CommandTree[_Client] = app_commands.CommandTree(self)
-        self.tree.add_command(XwinCommands(adapter.run_command, adapter.set_command))
-        self.tree.on_error = adapter.on_command_error  # type: ignore[method-assign]
-
-    async def setup_hook(self) -> None:
-        await self.adapter.sync_commands()
-
-    async def on_ready(self) -> None:
-        self.adapter.ready.set()
-
-    async def on_connect(self) -> None:
-        self.adapter.connection_up(resumed=False)
-
-    async def on_resumed(self) -> None:
-        self.adapter.connection_up(resumed=True)
-
-    async def on_disconnect(self) -> None:
-        self.adapter.online = False
-
-    async def on_message(self, message: discord.Message) -> None:
-        await self.adapter.on_message(message)
-
-    async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
-        await self.adapter.on_message_delete(payload)
-
-    async def on_interaction(self, interaction: discord.Interaction) -> None:
-        if interaction.type == discord.InteractionType.component:
-            await self.adapter.on_button(interaction)
-
-
-def _intents(config: DiscordConfig) -> discord.Intents:
-    intents = discord.Intents.none()
-    intents.guilds = True
-    intents.guild_messages = True
-    intents.dm_messages = True
-    intents.message_content = config.message_content_intent
-    return intents
-
-
-# ---------------------------------------------------------------------------- the adapter
 
 
 class DiscordAdapter:
@@ -1013,12 +552,6 @@ def _reply_ref(channel: discord.abc.Messageable, message: discord.Message, refer
         "message_id": str(message.id),
         "reference": "1" if reference else "",
     }
-
-
-def _why(exc: BaseException) -> str:
-    if isinstance(exc, discord.HTTPException):
-        return f"{exc.status} {exc.text}"
-    return f"{type(exc).__name__}: {exc}"
 
 
 def _adapter_error(exc: BaseException, config: DiscordConfig) -> AdapterError:
