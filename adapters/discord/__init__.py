@@ -19,13 +19,7 @@ them while the adapter runs: one Discord adapter per process.
 
 from adapters.discord.adapter import FILE_ORIGINS, PLATFORM, DiscordAdapter
 from adapters.discord.commands import XwinCommands
-from adapters.discord.sink import (
-    NO_MENTIONS,
-    DiscordSink,
-    button_id,
-    parse_button_id,
-    reply_buttons,
-)
+from adapters.discord.sink import NO_MENTIONS, DiscordSink, button_id, parse_button_id, reply_buttons
 from adapters.discord.text import MESSAGE_LIMIT, queued_text, readable_text, split_message, thread_name
 
 __all__ = [
