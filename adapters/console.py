@@ -78,19 +78,25 @@ class ConsoleAdapter:
         self.stdout = stdout
         self.interactive = interactive
         self.user = user or _user_name()
+        self._started = False
         self._reader: asyncio.Task[None] | None = None
         self._events = EventBoundary("console", log, lambda: bot.metrics.error("adapter"))
         bot.register_platform("console", self.sink_for)
 
     async def start(self) -> None:
-        self._reader = asyncio.create_task(self.run())
+        """Nothing to connect: input is read in :meth:`wait_closed`, which
+        ``bot.main`` awaits once the jobs left by an earlier process are queued
+        again (at end of input the console waits for every queued reply)."""
+        self._started = True
 
     async def not_ready(self) -> str | None:
-        return None if self._reader is not None else "not started"
+        return None if self._started else "not started"
 
     async def wait_closed(self) -> None:
-        if self._reader is not None:
-            await asyncio.shield(self._reader)
+        """Read and answer input until its end."""
+        if self._reader is None:
+            self._reader = asyncio.create_task(self.run())
+        await asyncio.shield(self._reader)
 
     async def close(self) -> None:
         task, self._reader = self._reader, None

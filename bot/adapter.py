@@ -52,7 +52,9 @@ class Adapter(Protocol):
 
     async def wait_closed(self) -> None:
         """Return when the adapter's work is over (the console: end of input;
-        the others: after :meth:`close`). Raise :class:`~bot.errors.AdapterError`
+        the others: after :meth:`close`). ``bot.main`` awaits it once the jobs
+        of an earlier process are queued again, so an adapter whose work is a
+        loop (the console's reading) may run it here. Raise :class:`~bot.errors.AdapterError`
         when the platform connection is lost for good (a revoked token, say) and
         the adapter's own reconnecting cannot help: the process then ends."""
 
