@@ -70,8 +70,11 @@ class BotConfig:
     database: str = "xwin-bot.sqlite3"
     max_queue: int = 64
     max_pending_per_user: int = 3
-    # Messages older than this many days are purged at start-up (0 = keep forever).
+    # Messages older than this many days are purged for good (0 = keep forever).
     retention_days: int = 0
+    # -- retention on a schedule (issue 12): seconds between purges while the
+    # bot runs (the first purge is at start-up); used only when retention_days > 0.
+    retention_interval: float = 3600.0
     # Seconds between streamed edits of a reply (platform rate limits).
     stream_interval: float = 1.0
     # Longest message read, in characters; longer ones are stored whole and cut with a notice.
@@ -262,6 +265,8 @@ def _check_cross_field(config: Config) -> None:
     _positive("[bot] max_message_chars", b.max_message_chars)
     if b.retention_days < 0:
         raise ConfigError(f"[bot] retention_days: must be 0 or more, got {b.retention_days}")
+    if b.retention_interval <= 0:
+        raise ConfigError(f"[bot] retention_interval: must be more than 0, got {b.retention_interval}")
     if b.retries < 0 or b.retry_delay < 0:
         raise ConfigError("[bot] retries and retry_delay: must be 0 or more")
     if b.stream_interval < 0:

