@@ -191,9 +191,31 @@ def parse_config(
         built[section] = _build_section(section, cls, values)
     if model_override:
         built["model"] = _with_model(built["model"], model_override)
+    if model_override == EMBEDDED_MODEL:
+        built["generation"] = _embedded_generation(built["generation"])
     config = Config(**built, base_dir=base_dir)
     _check_cross_field(config)
     return config
+
+
+# -- the embedded model's sampling (issue 12), chosen by measurement
+# (bench/embedded_sampling.py, docs/benchmarks.md). With `--model embedded`
+# these replace the seed's values, which suit Xwin-70B; a value the config
+# file changed from the seed's is kept.
+EMBEDDED_GENERATION: dict[str, Any] = {
+    "temperature": 0.0,
+    "repetition_penalty": 1.0,
+    # SmolLM2's own (its chat template's default): with the Vicuna sentence it
+    # answered "What is the capital of France?" in French.
+    "system_prompt": "You are a helpful AI assistant named SmolLM, trained by Hugging Face",
+}
+
+
+def _embedded_generation(generation: GenerationConfig) -> GenerationConfig:
+    seed = GenerationConfig()
+    unchanged = {name: value for name, value in EMBEDDED_GENERATION.items()
+                 if getattr(generation, name) == getattr(seed, name)}
+    return dataclasses.replace(generation, **unchanged)
 
 
 def _with_model(model: ModelConfig, model_id: str) -> ModelConfig:
