@@ -157,6 +157,8 @@ async def _privacy(args: argparse.Namespace, config: Config) -> int:
         key = parse_conversation_key(args.conversation) if getattr(args, "conversation", None) else None
     except ValueError as exc:
         raise ConfigError(f"--conversation: {exc}") from None
+    if not config.database_path().is_file():
+        raise ConfigError(f"no database at {config.database_path()} (see [bot] database, or pass --config)")
     async with Store(config.database_path()) as store:
         if args.command == "purge":
             purged = await store.purge_messages_older_than(args.older_than)

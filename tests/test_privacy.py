@@ -185,6 +185,10 @@ async def test_export_by_user_and_by_conversation_through_the_cli(tmp_path: Path
     assert bad.returncode == 1 and "unknown platform 'irc'" in bad.stderr and "Traceback" not in bad.stderr
     neither = xwin_bot(tmp_path, "export")
     assert neither.returncode == 2 and "--user" in neither.stderr
+    (tmp_path / "config.toml").write_text('[bot]\ndatabase = "typo.sqlite3"\n', encoding="utf-8")
+    missing = xwin_bot(tmp_path, "purge", "--older-than", "1")
+    assert missing.returncode == 1 and "no database at" in missing.stderr
+    assert not (tmp_path / "typo.sqlite3").exists()
 
 
 async def test_purge_through_the_cli_removes_only_old_rows(tmp_path: Path) -> None:
