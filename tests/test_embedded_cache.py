@@ -42,7 +42,7 @@ def test_the_copy_is_made_once_and_again_when_the_gguf_changes(tmp_path: Path) -
     shown = io.StringIO()
     first = embedded.prepare(gguf, root, progress=shown)
     assert first.converted and first.path.parent == root
-    assert "Converting tiny.gguf once" in shown.getvalue() and "2/2 done" in shown.getvalue()
+    assert "Converting tiny.gguf once" in shown.getvalue() and "3/3 done" in shown.getvalue()
     assert {"config.json", "model.safetensors", "tokenizer.json", embedded.MARK} <= {
         p.name for p in first.path.iterdir()}
     assert [p.name for p in root.iterdir()] == [first.path.name]  # no temporary folder left
@@ -104,3 +104,19 @@ async def test_a_later_start_loads_the_copy_and_answers_like_the_gguf(tmp_path: 
             assert torch.equal(engine.model.generate(ids, **greedy), from_gguf.generate(ids, **greedy))
     finally:
         await asyncio.wait_for(engine.close(), 60)
+
+
+def test_without_a_writable_cache_the_gguf_is_loaded_directly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf", seed=0)
+    monkeypatch.setattr(embedded, "embedded_model_file", lambda: gguf)
+    (tmp_path / "not-a-folder").write_text("", encoding="utf-8")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not-a-folder"))
+    with caplog.at_level(logging.WARNING):
+        model = embedded.load_model(dtype=torch.float32)
+        tokenizer = embedded.load_tokenizer()
+    assert "cannot keep a converted copy" in caplog.text
+    with torch.inference_mode():
+        assert torch.equal(model(IDS).logits, gguf_logits(gguf))
+    ids = tokenizer.encode("hi")  # <s>, "▁" (3 bytes), then the bytes of "h" and "i" (3 + 0x68, 3 + 0x69)
+    assert ids[0] == 1 and ids[-2:] == [107, 108]

@@ -111,7 +111,7 @@ def load_model(**kwargs: Any) -> Any:
     """``AutoModelForCausalLM.from_pretrained`` on the converted copy."""
     from transformers import AutoModelForCausalLM
 
-    return _from_copy(lambda path: AutoModelForCausalLM.from_pretrained(path, **kwargs))
+    return _from_copy(lambda folder, **where: AutoModelForCausalLM.from_pretrained(folder, **where, **kwargs))
 
 
 def load_tokenizer() -> Any:
@@ -121,7 +121,15 @@ def load_tokenizer() -> Any:
 
 
 def _from_copy(load: Any) -> Any:
-    prepared = prepare()
+    """``load(folder)`` on the converted copy; ``load(folder, gguf_file=name)``
+    on the GGUF itself when no copy can be written (a read-only home)."""
+    try:
+        prepared = prepare()
+    except OSError as exc:
+        gguf = embedded_model_file()
+        log.warning("cannot keep a converted copy of the embedded model (%s); loading the GGUF "
+                    "itself, which takes about 30 s at every start", exc)
+        return load(gguf.parent, gguf_file=gguf.name)
     try:
         return load(prepared.path)
     except Exception:
@@ -143,17 +151,16 @@ def convert(gguf: Path, target: Path, *, progress: TextIO | None = sys.stderr,
     import torch
 
     dtype = dtype or torch.float32
-    bar = _Progress(progress, f"Converting {gguf.name} once, to {target.parent} (about 30 s on two cores "
-                              "for the embedded model; later starts load the copy in seconds)")
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    bar = _Progress(progress, f"Converting {gguf.name} once, to {target.parent} (about 30 s on two cores "
+                              "for the embedded model; later starts load the copy in seconds)")
     try:
-        bar.step(0, "reading the GGUF")
-        model, tokenizer = _load_gguf(gguf, dtype)
-        bar.step(1, "writing safetensors")
+        model, tokenizer = _load_gguf(gguf, dtype, bar)
+        bar.step(2, "writing safetensors")
         save_plain(model, tokenizer, work)
         (work / MARK).write_text(f"{gguf}\n{source_key(gguf)}\n", encoding="utf-8")
-        bar.step(2, "done")
+        bar.step(3, "done")
         try:
             work.rename(target)
         except OSError:
@@ -165,10 +172,12 @@ def convert(gguf: Path, target: Path, *, progress: TextIO | None = sys.stderr,
     return model, tokenizer
 
 
-def _load_gguf(gguf: Path, dtype: Any) -> tuple[Any, Any]:
+def _load_gguf(gguf: Path, dtype: Any, bar: _Progress) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    bar.step(0, "reading the tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    bar.step(1, "reading and de-quantizing the weights")
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
     return model, tokenizer
 
@@ -196,10 +205,10 @@ def _remove_stale(root: Path, stem: str, keep: Path) -> None:
 
 
 class _Progress:
-    """``[##--] 1/2 writing safetensors (31 s)`` on stderr: steps done, and
+    """``[####--] 2/3 writing safetensors (25 s)`` on stderr: steps done, and
     what is being done now; redrawn in place on a terminal."""
 
-    def __init__(self, out: TextIO | None, title: str, steps: int = 2) -> None:
+    def __init__(self, out: TextIO | None, title: str, steps: int = 3) -> None:
         self.out = out
         self.steps = steps
         self.started = time.perf_counter()
