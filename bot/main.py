@@ -28,6 +28,7 @@ from bot.engine import make_engine
 from bot.errors import AdapterError, BotError, ConfigError
 from bot.privacy import export_jsonl, parse_conversation_key
 from bot.store import Store
+from bot.types import ConversationKey
 
 log = logging.getLogger("xwin-bot")
 
@@ -151,6 +152,7 @@ async def _amain(command: str, config: Config, secrets: Secrets) -> int:
 
 
 async def _privacy(args: argparse.Namespace, config: Config) -> int:
+    """``export`` and ``purge``: checked arguments, then the store alone."""
     if args.command == "purge" and args.older_than < 0:
         raise ConfigError(f"--older-than: must be 0 or more days, got {args.older_than:g}")
     try:
@@ -164,12 +166,16 @@ async def _privacy(args: argparse.Namespace, config: Config) -> int:
             purged = await store.purge_messages_older_than(args.older_than)
             print(f"purged {purged} messages older than {args.older_than:g} days from {store.path}",
                   file=sys.stderr)
-            return 0
-        with contextlib.ExitStack() as files:
-            out = files.enter_context(_open_output(args.output)) if args.output else sys.stdout
-            written = await export_jsonl(store, out, user=args.user, conversation=key)
-        print(f"exported {written} records", file=sys.stderr)
-        return 0
+        else:
+            await _export(store, args, key)
+    return 0
+
+
+async def _export(store: Store, args: argparse.Namespace, key: ConversationKey | None) -> None:
+    with contextlib.ExitStack() as files:
+        out = files.enter_context(_open_output(args.output)) if args.output else sys.stdout
+        written = await export_jsonl(store, out, user=args.user, conversation=key)
+    print(f"exported {written} records", file=sys.stderr)
 
 
 def _open_output(path: Path) -> Any:
