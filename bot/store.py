@@ -314,9 +314,9 @@ class Store:
 
     async def purge_messages_older_than(self, days: float) -> int:
         """Retention: delete for good the messages older than ``days`` (with
-        their finished jobs, the replies to them, and conversations left
-        empty), except those a pending job still needs. Returns how many
-        messages went."""
+        their finished jobs and the replies to them), except those a pending
+        job still needs. Returns how many messages went. Conversation rows
+        (ids, no text) stay: the bot still knows its threads."""
         cutoff = time.time() - days * 86400
         async with self._transaction() as db:
             await db.execute("DROP TABLE IF EXISTS temp.doomed")
@@ -332,10 +332,6 @@ class Store:
             )
             cur = await self._delete_messages(db, "SELECT id FROM doomed")
             await db.execute("DROP TABLE temp.doomed")
-            await db.execute(
-                "DELETE FROM conversations WHERE id NOT IN (SELECT conversation_id FROM messages) "
-                "AND id NOT IN (SELECT conversation_id FROM jobs)"
-            )
         return cur
 
     @staticmethod
@@ -350,9 +346,10 @@ class Store:
     # -- privacy: erase and export (issue 12) -----------------------------
     async def delete_conversations(self, key: ConversationKey) -> int | None:
         """Erase for good the messages and jobs of a conversation (of every
-        thread of the channel when the key has no thread), and the
-        conversation rows. None, and nothing erased, while a reply is
-        pending there. Returns how many messages went."""
+        thread of the channel when the key has no thread). None, and nothing
+        erased, while a reply is pending there. Returns how many messages
+        went. The conversation row (ids, no text) stays, a new generation, so
+        that the thread goes on as a new conversation."""
         where, args = _key_filter(key)
         conversations = f"SELECT id FROM conversations c WHERE {where}"
         async with self._transaction() as db:
@@ -367,7 +364,8 @@ class Store:
             count = await self._delete_messages(
                 db, f"SELECT id FROM messages WHERE conversation_id IN ({conversations})", args
             )
-            await db.execute(f"DELETE FROM conversations WHERE id IN ({conversations})", args)
+            await db.execute(f"UPDATE conversations SET generation = generation + 1 WHERE id IN ({conversations})",
+                             args)
         return count
 
     async def export_records(self, *, user: str | None = None,

@@ -618,6 +618,28 @@ async def test_stop_command_in_the_thread_cancels_its_reply(tmp_path: Path) -> N
         assert job is not None and job.state == "cancelled"
 
 
+async def test_delete_in_a_thread_is_for_admins_and_erases_it(tmp_path: Path) -> None:
+    async with running(tmp_path, replies=["noted"]) as w:
+        asked = await w.say("remember my secret: 42")
+        await wait_for(lambda: w.fake.sent("POST", "/threads$"))
+        thread = w.thread_of(asked)
+        await w.reply_in(thread)
+
+        async def delete(**kw: Any) -> str:
+            token = await w.fake.slash_command("delete", {"confirm": True}, user=w.user, channel_id=thread,
+                                               guild_id=w.guild["id"], **kw)
+            return str(await wait_for(lambda: w.fake.interaction_text(token)))
+
+        assert "Only admins" in await delete()
+        assert await w.bot.store.message_count() == 2
+        assert await delete(permissions=MANAGE_CHANNELS) == "Deleted for good: 2 stored messages of this thread."
+        assert await w.bot.store.message_count() == 0
+        # The thread goes on, from nothing: a follow-up without a mention is still answered.
+        await w.say_in(thread, "what is my secret?")
+        await w.reply_in(thread, count=2)
+        assert "42" not in w.engine.calls[-1].prompt_text
+
+
 async def test_a_reply_cut_by_a_restart_is_sent_after_it(tmp_path: Path) -> None:
     async with discord_server() as place:
         async with bot_on(place, tmp_path, replies=["never finished " * 200], delay=0.05) as first:
