@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,7 @@ async def test_a_later_start_loads_the_copy_and_answers_like_the_gguf(tmp_path: 
             assert torch.equal(engine.model.generate(ids, **greedy), from_gguf.generate(ids, **greedy))
     finally:
         await asyncio.wait_for(engine.close(), 60)
+        shutil.rmtree(tmp_path / "xwin-bot")  # 517 MB; pytest keeps its last temporary folders
 
 
 def test_without_a_writable_cache_the_gguf_is_loaded_directly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
