@@ -5,7 +5,7 @@
   channel's running conversation). Messages in a bot thread continue it (with the
   message content intent; without it, when they mention the bot). Every DM
   continues the author's DM conversation.
-- ``/xwin settings|set|reset|forget|stop|status`` through ``app_commands``; the
+- ``/xwin settings|set|reset|forget|delete|stop|status`` through ``app_commands``; the
   option ranges and choices come from :data:`bot.settings.SPECS`. Replies are
   ephemeral, and the interaction is deferred first.
 - Replies stream into one message edited about once a second, continue in new
@@ -533,6 +533,11 @@ class XwinCommands(app_commands.Group):
     @app_commands.command(name="forget", description="Start a new conversation here")
     async def forget(self, interaction: discord.Interaction) -> None:
         await self._run(interaction, "forget")
+
+    @app_commands.command(name="delete", description="Erase this conversation's stored messages for good (admins)")
+    @app_commands.describe(confirm="true erases; without it, says what would be erased")
+    async def delete(self, interaction: discord.Interaction, confirm: bool = False) -> None:
+        await self._run(interaction, "delete confirm" if confirm else "delete")
 
     @app_commands.command(name="stop", description="Cancel the reply being written here")
     async def stop(self, interaction: discord.Interaction) -> None:
