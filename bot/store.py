@@ -21,12 +21,12 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import aiosqlite
 
 from bot.errors import StoreError
-from bot.types import Attachment, ConversationKey, Incoming, Turn
+from bot.types import Attachment, ConversationKey, Incoming, Platform, Turn
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +186,15 @@ _JOB_SELECT = """
     JOIN conversations c ON c.id = j.conversation_id
     JOIN messages m ON m.id = j.message_id
 """
+
+
+def _key_filter(key: ConversationKey) -> tuple[str, tuple[str, ...]]:
+    """A WHERE clause on ``conversations c``: one thread, or every thread of
+    a channel when the key has no thread."""
+    where = "c.platform = ? AND c.workspace = ? AND c.channel = ?"
+    if key.thread:
+        return where + " AND c.thread = ?", (key.platform, key.workspace, key.channel, key.thread)
+    return where, (key.platform, key.workspace, key.channel)
 
 
 def _job(row: Sequence[Any]) -> Job:
@@ -633,19 +642,130 @@ class Store:
             cur = await db.execute(sql, args)
         return cur.rowcount
 
-    async def purge_messages_older_than(self, days: int) -> int:
-        """Retention: delete old messages that no pending job needs."""
+    async def purge_messages_older_than(self, days: float) -> int:
+        """Retention: delete for good the messages older than ``days`` (with
+        their finished jobs and the replies to them), except those a pending
+        job still needs. Returns how many messages went. Conversation rows
+        (ids, no text) stay: the bot still knows its threads."""
         cutoff = time.time() - days * 86400
         async with self._transaction() as db:
+            await db.execute("DROP TABLE IF EXISTS temp.doomed")
             await db.execute(
-                "DELETE FROM jobs WHERE state NOT IN ('queued', 'running') AND message_id IN "
-                "(SELECT id FROM messages WHERE created_at < ?)", (cutoff,),
+                "CREATE TEMP TABLE doomed AS SELECT id FROM messages WHERE (created_at < ? OR reply_to IN "
+                "(SELECT id FROM messages WHERE created_at < ?)) AND id NOT IN "
+                "(SELECT message_id FROM jobs WHERE state IN ('queued', 'running'))", (cutoff, cutoff),
             )
-            cur = await db.execute(
-                "DELETE FROM messages WHERE created_at < ? AND id NOT IN (SELECT message_id FROM jobs)",
-                (cutoff,),
+            # A reply whose question stays (it is pending) stays too.
+            await db.execute(
+                "DELETE FROM doomed WHERE id IN (SELECT m.id FROM messages m WHERE m.reply_to IS NOT NULL "
+                "AND m.reply_to NOT IN (SELECT id FROM doomed))"
             )
-        return cur.rowcount
+            cur = await self._delete_messages(db, "SELECT id FROM doomed")
+            await db.execute("DROP TABLE temp.doomed")
+        return cur
+
+    @staticmethod
+    async def _delete_messages(db: aiosqlite.Connection, ids_sql: str, args: Sequence[Any] = ()) -> int:
+        """Delete the messages ``ids_sql`` selects, their jobs first and the
+        replies before the questions (foreign keys are on)."""
+        await db.execute(f"DELETE FROM jobs WHERE message_id IN ({ids_sql})", args)
+        replies = await db.execute(f"DELETE FROM messages WHERE reply_to IS NOT NULL AND id IN ({ids_sql})", args)
+        rest = await db.execute(f"DELETE FROM messages WHERE id IN ({ids_sql})", args)
+        return max(replies.rowcount, 0) + max(rest.rowcount, 0)
+
+    # -- privacy: erase and export (issue 12) -----------------------------
+    async def delete_conversations(self, key: ConversationKey) -> int | None:
+        """Erase for good the messages and jobs of a conversation (of every
+        thread of the channel when the key has no thread). None, and nothing
+        erased, while a reply is pending there. Returns how many messages
+        went. The conversation row (ids, no text) stays, a new generation, so
+        that the thread goes on as a new conversation."""
+        where, args = _key_filter(key)
+        conversations = f"SELECT id FROM conversations c WHERE {where}"
+        async with self._transaction() as db:
+            async with db.execute(
+                f"SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running') "
+                f"AND conversation_id IN ({conversations})", args,
+            ) as cur:
+                row = await cur.fetchone()
+            if row and row[0]:
+                return None
+            await db.execute(f"DELETE FROM jobs WHERE conversation_id IN ({conversations})", args)
+            count = await self._delete_messages(
+                db, f"SELECT id FROM messages WHERE conversation_id IN ({conversations})", args
+            )
+            await db.execute(f"UPDATE conversations SET generation = generation + 1 WHERE id IN ({conversations})",
+                             args)
+        return count
+
+    async def export_records(self, *, user: str | None = None,
+                             conversation: ConversationKey | None = None) -> list[dict[str, Any]]:
+        """What the store holds about a user (their messages, the replies to
+        them, their jobs and their own settings) or about a conversation (its
+        messages and jobs, and its channel's settings), as plain records."""
+        if (user is None) == (conversation is None):
+            raise ValueError("export one user or one conversation")
+        if user is not None:
+            msg_where = "m.author_id = ? OR m.reply_to IN (SELECT id FROM messages WHERE author_id = ?)"
+            msg_args: tuple[Any, ...] = (user, user)
+            job_where = "j.author_id = ?"
+            job_args: tuple[Any, ...] = (user,)
+            scopes = [f"user:{p}:{user}" for p in get_args(Platform)]
+            set_where = f"scope IN ({','.join('?' * len(scopes))}) OR updated_by = ?"
+            set_args: tuple[Any, ...] = (*scopes, user)
+        else:
+            assert conversation is not None
+            where, args = _key_filter(conversation)
+            msg_where = job_where = where
+            msg_args = job_args = args
+            channel = conversation.channel_key()
+            set_where = "scope = ?"
+            set_args = (f"channel:{channel.platform}:{channel.workspace}:{channel.channel}",)
+        records = await self._records(
+            "message", "SELECT m.id, c.platform, c.workspace, c.channel, c.thread, m.generation, m.role, "
+            "m.platform_message_id, m.author_id, m.author_name, m.text, m.created_at, m.reply_to "
+            f"FROM messages m JOIN conversations c ON c.id = m.conversation_id WHERE {msg_where} ORDER BY m.id",
+            msg_args,
+        )
+        records += await self._records(
+            "job", "SELECT j.id, c.platform, c.workspace, c.channel, c.thread, j.message_id, j.author_id, "
+            "j.is_dm, j.settings_scope, j.state, j.attempts, j.error, j.created_at, j.started_at, j.finished_at "
+            f"FROM jobs j JOIN conversations c ON c.id = j.conversation_id WHERE {job_where} ORDER BY j.id",
+            job_args,
+        )
+        records += await self._records(
+            "setting", "SELECT scope, name, value, updated_by, updated_at FROM settings "
+            f"WHERE {set_where} ORDER BY scope, name", set_args,
+        )
+        # Files read into those messages, and votes on those replies (a user's own votes too).
+        records += await self._records(
+            "attachment", "SELECT a.message_id, a.position, a.name, a.status, a.text, a.reason "
+            "FROM attachments a JOIN messages m ON m.id = a.message_id "
+            f"JOIN conversations c ON c.id = m.conversation_id WHERE {msg_where} ORDER BY a.message_id, a.position",
+            msg_args,
+        )
+        vote_where = f"({msg_where})" + (" OR f.user_id = ?" if user is not None else "")
+        records += await self._records(
+            "feedback", "SELECT f.message_id, f.user_id, f.value, f.created_at, f.updated_at "
+            "FROM feedback f JOIN messages m ON m.id = f.message_id "
+            f"JOIN conversations c ON c.id = m.conversation_id WHERE {vote_where} ORDER BY f.message_id, f.user_id",
+            (*msg_args, user) if user is not None else msg_args,
+        )
+        return records
+
+    async def _records(self, kind: str, sql: str, args: Sequence[Any]) -> list[dict[str, Any]]:
+        async with self.db.execute(sql, args) as cur:
+            names = [d[0] for d in cur.description]
+            rows = await cur.fetchall()
+        records = []
+        for row in rows:
+            record: dict[str, Any] = {"type": kind, **dict(zip(names, row, strict=True))}
+            if "platform" in record:
+                record["conversation"] = ":".join(
+                    str(record.pop(k)) for k in ("platform", "workspace", "channel", "thread")
+                ).rstrip(":")
+            records.append(record)
+        return records
 
     # -- jobs ------------------------------------------------------------
     async def job(self, job_id: int) -> Job | None:

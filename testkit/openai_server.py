@@ -146,7 +146,6 @@ def _chunk(text: str, finish: str | None, chat: bool) -> dict[str, Any]:
 
 
 # -- a real server: `transformers serve` with the embedded model -----------------------
-EMBEDDED_DIR_MARK = "converted-from-gguf.txt"
 #: Where the converted model is kept between runs (git-ignored).
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / ".cache" / "openai-server-smollm2"
 
@@ -156,32 +155,17 @@ def embedded_model_dir(cache: Path = EMBEDDED_DIR) -> Path:
     tokenizer, bfloat16 safetensors), made once under ``cache``.
 
     ``transformers serve`` cannot serve the GGUF itself (its config has no
-    ``architectures``), and a GGUF-loaded model refuses ``save_pretrained``,
-    so the weights are copied into a fresh model of the same class."""
-    from bot.engine.transformers import embedded_model_file
-
-    gguf = embedded_model_file()
-    stamp = f"{gguf.name} {gguf.stat().st_size}\n"
-    cache.mkdir(parents=True, exist_ok=True)
-    mark = cache / EMBEDDED_DIR_MARK
-    if mark.is_file() and mark.read_text() == stamp:
-        return cache
+    ``architectures``); the bot's own converted copy is float32, this one is
+    bfloat16 for speed."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.architectures = [type(loaded).__name__]
-    plain = type(loaded)(config).to(torch.bfloat16)
-    plain.load_state_dict(loaded.state_dict())
-    plain.generation_config = loaded.generation_config
-    plain.save_pretrained(cache)
-    tok.save_pretrained(cache)
-    mark.write_text(stamp)
-    return cache
+    from bot.engine import embedded
+
+    gguf = embedded.embedded_model_file()
+    target = embedded.copy_path(gguf, cache)
+    if not (target / embedded.MARK).is_file():
+        embedded.convert(gguf, target, dtype=torch.bfloat16, progress=None)
+    return target
 
 
 @dataclass

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.config import Config, Secrets, load_config
+from bot.config import EMBEDDED_GENERATION, Config, GenerationConfig, Secrets, load_config
 from bot.errors import ConfigError
 from bot.main import RedactSecrets
 
@@ -36,6 +36,18 @@ def test_model_override_and_embedded() -> None:
     assert config.model.decode == "generate" and config.model.device_map == "cpu"
     other = load_config(ROOT / "config.toml", model_override="/models/xwin-7b")
     assert other.model.id == "/models/xwin-7b" and other.model.prompt_format == "xwin"
+    assert other.generation == load_config(ROOT / "config.toml").generation
+
+
+def test_embedded_sampling_defaults_replace_only_the_seeds_values(tmp_path: Path) -> None:
+    shipped = load_config(ROOT / "config.toml", model_override="embedded").generation
+    for name, value in EMBEDDED_GENERATION.items():
+        assert getattr(shipped, name) == value != getattr(GenerationConfig(), name)
+    assert shipped.max_new_tokens == GenerationConfig().max_new_tokens
+    mine = write(tmp_path, '[generation]\ntemperature = 0.7\nsystem_prompt = "Be terse."\n')
+    chosen = load_config(mine, model_override="embedded").generation
+    assert (chosen.temperature, chosen.system_prompt) == (0.7, "Be terse.")
+    assert chosen.repetition_penalty == EMBEDDED_GENERATION["repetition_penalty"]
 
 
 @pytest.mark.parametrize(

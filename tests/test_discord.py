@@ -466,7 +466,9 @@ async def test_commands_are_registered_with_ranges_and_choices(tmp_path: Path) -
         [put] = w.fake.sent("PUT", r"/applications/\d+/commands$")
         [xwin] = put.body
         subs = {o["name"]: o for o in xwin["options"]}
-        assert set(subs) == {"settings", "set", "reset", "forget", "stop", "status"}
+        assert set(subs) == {"settings", "set", "reset", "forget", "delete", "stop", "status"}
+        [confirm] = subs["delete"]["options"]
+        assert confirm["name"] == "confirm" and confirm["type"] == 5 and not confirm.get("required")
         options = {o["name"]: o for o in subs["set"]["options"]}
         assert options["temperature"]["min_value"] == 0 and options["temperature"]["max_value"] == 2
         assert options["repetition_penalty"]["min_value"] == 1
@@ -635,6 +637,28 @@ async def test_stop_command_in_the_thread_cancels_its_reply(tmp_path: Path) -> N
         key = ConversationKey("discord", w.guild["id"], w.channel["id"], thread)
         job = await w.bot.store.job_for_message(key, asked)
         assert job is not None and job.state == "cancelled"
+
+
+async def test_delete_in_a_thread_is_for_admins_and_erases_it(tmp_path: Path) -> None:
+    async with running(tmp_path, replies=["noted"]) as w:
+        asked = await w.say("remember my secret: 42")
+        await wait_for(lambda: w.fake.sent("POST", "/threads$"))
+        thread = w.thread_of(asked)
+        await w.reply_in(thread)
+
+        async def delete(**kw: Any) -> str:
+            token = await w.fake.slash_command("delete", {"confirm": True}, user=w.user, channel_id=thread,
+                                               guild_id=w.guild["id"], **kw)
+            return str(await wait_for(lambda: w.fake.interaction_text(token)))
+
+        assert "Only admins" in await delete()
+        assert await w.bot.store.message_count() == 2
+        assert await delete(permissions=MANAGE_CHANNELS) == "Deleted for good: 2 stored messages of this thread."
+        assert await w.bot.store.message_count() == 0
+        # The thread goes on, from nothing: a follow-up without a mention is still answered.
+        await w.say_in(thread, "what is my secret?")
+        await w.reply_in(thread, count=2)
+        assert "42" not in w.engine.calls[-1].prompt_text
 
 
 async def test_a_reply_cut_by_a_restart_is_sent_after_it(tmp_path: Path) -> None:

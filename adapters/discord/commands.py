@@ -73,6 +73,11 @@ class XwinCommands(app_commands.Group):
     async def forget(self, interaction: discord.Interaction) -> None:
         await self._run(interaction, "forget")
 
+    @app_commands.command(name="delete", description="Erase this conversation's stored messages for good (admins)")
+    @app_commands.describe(confirm="true erases; without it, says what would be erased")
+    async def delete(self, interaction: discord.Interaction, confirm: bool = False) -> None:
+        await self._run(interaction, "delete confirm" if confirm else "delete")
+
     @app_commands.command(name="stop", description="Cancel the reply being written here")
     async def stop(self, interaction: discord.Interaction) -> None:
         await self._run(interaction, "stop")

