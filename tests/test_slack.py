@@ -24,6 +24,7 @@ import pytest
 
 from adapters.slack import DM_SCOPE, MESSAGE_LIMIT, OPTIONAL_SCOPES, REQUIRED_SCOPES, SlackAdapter, panel_command
 from adapters.slack_format import escape
+from adapters.strings import SORRY
 from bot.app import Bot
 from bot.config import BotConfig, Config, GenerationConfig, Secrets, SlackConfig
 from bot.engine.fake import FakeEngine
@@ -431,6 +432,18 @@ async def test_http_engine_error_text_never_reaches_the_channel(
     sent = all_sent_text(env.fake)
     assert "SECRET" not in sent and "/home/ops" not in sent and "RuntimeError" not in sent
     assert "xoxb-1234-SECRET-5678" in caplog.text
+
+
+async def test_http_a_failing_event_tells_one_safe_sentence_and_logs_the_detail(
+    start_env: Starter, caplog: pytest.LogCaptureFixture
+) -> None:
+    env = await start_env()
+    await env.bot.store.close()  # the database is gone: handling the mention fails
+    assert await post_event(env, mention("<@UBOT> hi", ts="960.000001")) == 200
+    texts = await wait_reply(env, "C1", "960.000001", SORRY)
+    assert texts == [SORRY] and "store" not in all_sent_text(env.fake)
+    await poll(lambda: "slack: message 960.000001 in C1 failed" in caplog.text, what="the log line")
+    assert "StoreError: the store is not open" in caplog.text  # the detail, with its traceback
 
 
 # ---------------------------------------------------------------- Socket Mode
