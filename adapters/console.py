@@ -10,13 +10,15 @@ every reply is out.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import logging
 import time
 import uuid
 from typing import TextIO
 
-from bot.app import Bot
+from adapters.boundary import EventBoundary
+from bot.adapter import Core
 from bot.types import CommandContext, ConversationKey, Incoming, ReplySink
 
 log = logging.getLogger(__name__)
@@ -66,14 +68,42 @@ class ConsoleSink:
 
 
 class ConsoleAdapter:
-    def __init__(self, bot: Bot, *, stdin: TextIO, stdout: TextIO, interactive: bool,
+    """An :class:`bot.adapter.Adapter` on standard input and output: its work is
+    over at end of input (``wait_closed`` returns)."""
+
+    def __init__(self, bot: Core, *, stdin: TextIO, stdout: TextIO, interactive: bool,
                  user: str | None = None) -> None:
         self.bot = bot
         self.stdin = stdin
         self.stdout = stdout
         self.interactive = interactive
         self.user = user or _user_name()
+        self._started = False
+        self._reader: asyncio.Task[None] | None = None
+        self._events = EventBoundary("console", log, lambda: bot.metrics.error("adapter"))
         bot.register_platform("console", self.sink_for)
+
+    async def start(self) -> None:
+        """Nothing to connect: input is read in :meth:`wait_closed`, which
+        ``bot.main`` awaits once the jobs left by an earlier process are queued
+        again (at end of input the console waits for every queued reply)."""
+        self._started = True
+
+    async def not_ready(self) -> str | None:
+        return None if self._started else "not started"
+
+    async def wait_closed(self) -> None:
+        """Read and answer input until its end."""
+        if self._reader is None:
+            self._reader = asyncio.create_task(self.run())
+        await asyncio.shield(self._reader)
+
+    async def close(self) -> None:
+        task, self._reader = self._reader, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     def sink_for(self, key: ConversationKey, reply_ref: dict[str, str]) -> ReplySink:
         return ConsoleSink(self.stdout, interactive=self.interactive)
@@ -85,11 +115,11 @@ class ConsoleAdapter:
         while (line := await self._read_line()) is not None:
             text = line.strip()
             if text == f"{PREFIX} continue":
-                await self._continue()
+                await self._events.run(self._continue(), "continue", tell=self._tell)
             elif text == PREFIX or text.startswith(PREFIX + " "):
-                await self._command(text[len(PREFIX) :].strip())
+                await self._events.run(self._command(text[len(PREFIX) :].strip()), "a command", tell=self._tell)
             elif text:
-                await self._message(text)
+                await self._events.run(self._message(text), "a message", tell=self._tell)
         await self.bot.drain()
 
     async def _read_line(self) -> str | None:
@@ -126,6 +156,9 @@ class ConsoleAdapter:
         result = await self.bot.handle(incoming, sink)
         if result == "queued":
             await sink.done.wait()
+
+    async def _tell(self, text: str) -> None:
+        self._write(text + "\n\n")
 
     def _write(self, text: str) -> None:
         self.stdout.write(text)

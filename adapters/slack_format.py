@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+
+from adapters import render
 
 FENCE = "```"
 
@@ -95,65 +96,12 @@ def _style_to_mrkdwn(text: str) -> str:
 # ---------------------------------------------------------------- splitting
 
 
-@dataclass
-class _Packer:
-    """Packs lines into messages of at most ``limit`` characters, closing an
-    open code fence at the end of a message and reopening it in the next."""
-
-    limit: int
-    chunks: list[str]
-    lines: list[str]
-    size: int = 0
-    fence: str = ""  # the opening fence line while inside a code block
-
-    def add(self, line: str) -> None:
-        toggles = line.count(FENCE) % 2 == 1
-        reserve = len(FENCE) + 1 if (self.fence or toggles) else 0
-        if self.lines and self.size + 1 + len(line) + reserve > self.limit:
-            self.flush()
-        self.lines.append(line)
-        self.size += len(line) + (1 if len(self.lines) > 1 else 0)
-        if toggles:
-            self.fence = "" if self.fence else line.strip()
-
-    def flush(self) -> None:
-        if self.fence:
-            self.lines.append(FENCE)
-        self.chunks.append("\n".join(self.lines))
-        self.lines = [self.fence] if self.fence else []
-        self.size = len(self.fence)
-
-    def done(self) -> list[str]:
-        if any(line.strip() for line in self.lines):
-            self.chunks.append("\n".join(self.lines))
-        return self.chunks
-
-
 def split_message(text: str, limit: int) -> list[str]:
-    """Cut mrkdwn into messages of at most ``limit`` characters.
-
-    Cuts fall between lines where possible, else at a space, never inside an
-    entity (``&amp;``) or a ``<…>`` link; a code block cut in two is closed
-    and reopened so both halves render as code.
-    """
-    if len(text) <= limit:
-        return [text]
-    piece_limit = max(limit - 2 * (len(FENCE) + 1) - 16, 16)
-    packer = _Packer(limit=limit, chunks=[], lines=[])
-    for line in text.split("\n"):
-        for piece in _cut_line(line, piece_limit):
-            packer.add(piece)
-    return packer.done()
-
-
-def _cut_line(line: str, limit: int) -> list[str]:
-    pieces: list[str] = []
-    while len(line) > limit:
-        cut = _cut_point(line, limit)
-        pieces.append(line[:cut].rstrip(" "))
-        line = line[cut:].lstrip(" ")
-    pieces.append(line)
-    return pieces
+    """Cut mrkdwn into messages of at most ``limit`` characters with the one
+    splitter (:func:`adapters.render.split_message`: between lines where
+    possible, a code block cut in two closed and reopened), never inside an
+    entity (``&amp;``) or a ``<…>`` link."""
+    return render.split_message(text, limit, cut_point=_cut_point)
 
 
 def _cut_point(line: str, limit: int) -> int:

@@ -22,19 +22,15 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Literal
 
 from bot.config import BotConfig
 from bot.store import JobKind, Store, StoredReply
-from bot.types import CommandReply, ConversationKey, ReplyAction, ReplySink
+from bot.types import ActionSink, CommandReply, ConversationKey, ReplyAction, Vote
 from bot.worker import Worker
 
 log = logging.getLogger(__name__)
 
-#: Builds the sink for a Continue/Regenerate job from the reply's text so far;
-#: returns it with the ``reply_ref`` that re-creates it after a restart.
-ActionSink = Callable[[str], tuple[ReplySink, dict[str, str]]]
-Vote = Literal["up", "down"]
+__all__ = ["ActionSink", "ReplyActions", "Vote"]  # the first and last live in bot.types (adapters use them)
 
 GONE = "I can't find that reply here any more."
 NOTHING_YET = "There is no reply here to continue yet."

@@ -1,4 +1,4 @@
-"""The bot's core: what adapters call.
+"""The bot's core: what adapters call (it implements :class:`bot.adapter.Core`).
 
 :class:`Bot` ties the store, the worker and the commands together. Adapters
 hand it normalized :class:`~bot.types.Incoming` messages and a
@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 from bot.actions import ActionSink, ReplyActions, Vote
 from bot.attachments import FileFetcher, FileReader
@@ -27,6 +27,7 @@ from bot.types import (
     CommandContext,
     CommandReply,
     ConversationKey,
+    HandleResult,
     Incoming,
     Platform,
     ReplyAction,
@@ -37,8 +38,6 @@ from bot.types import (
 from bot.worker import Worker
 
 log = logging.getLogger(__name__)
-
-HandleResult = Literal["queued", "duplicate", "busy", "limited", "empty", "stopped"]
 
 EMPTY_HELP = "Ask me something after the mention, or type `/xwin` to see my commands."
 BUSY = "I'm busy right now ({why}); try again in a moment."

@@ -21,8 +21,9 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+from bot.adapter import Adapter
 from bot.app import Bot
 from bot.config import Config, Secrets, load_config, settings_from_generation
 from bot.engine import make_engine
@@ -37,12 +38,6 @@ log = logging.getLogger("xwin-bot")
 
 DEFAULT_CONFIG = "config.toml"
 ADAPTER_CLOSE_TIMEOUT = 5.0
-
-
-class Adapter(Protocol):
-    async def start(self) -> None: ...
-
-    async def close(self) -> None: ...
 
 
 class RedactSecrets(logging.Filter):
@@ -227,8 +222,7 @@ async def _chat(bot: Bot, stop: asyncio.Event) -> int:
     from adapters.console import ConsoleAdapter
 
     console = ConsoleAdapter(bot, stdin=sys.stdin, stdout=sys.stdout, interactive=sys.stdin.isatty())
-    await bot.resume_pending()
-    return await _until_stopped(console.run(), stop)
+    return await _serve(bot, [console], stop, stopped=130, watch_store=False)
 
 
 async def _run(bot: Bot, config: Config, secrets: Secrets, stop: asyncio.Event,
@@ -239,17 +233,25 @@ async def _run(bot: Bot, config: Config, secrets: Secrets, stop: asyncio.Event,
             "no adapter is enabled: set [discord] enabled = true or [slack] enabled = true "
             "(or talk to the bot with `xwin-bot chat`)"
         )
+    return await _serve(bot, adapters, stop, stopped=0, health=health)
+
+
+async def _serve(bot: Bot, adapters: Sequence[Adapter], stop: asyncio.Event, *, stopped: int,
+                 health: HealthServer | None = None, watch_store: bool = True) -> int:
+    """Start the adapters, then wait for a signal (exit code ``stopped``) or for
+    an adapter to end: its work done (0), or its platform lost for good (its
+    :class:`AdapterError`, exit code 1)."""
     started: list[Adapter] = []
     try:
         for adapter in adapters:
-            if health is not None and (check := getattr(adapter, "not_ready", None)):
-                health.add_readiness(type(adapter).__name__.removesuffix("Adapter").lower(), check)
+            if health is not None:
+                health.add_readiness(type(adapter).__name__.removesuffix("Adapter").lower(), adapter.not_ready)
             await adapter.start()
             started.append(adapter)
         await bot.resume_pending()
         log.info("running; Ctrl-C or SIGTERM stops")
-        await _until_stop_or_adapter_dies(started, stop, bot.store.watch())
-        return 0
+        watch = bot.store.watch() if watch_store else None
+        return stopped if await _until_stop_or_adapter_dies(started, stop, watch) else 0
     finally:
         # The bot first, so that its last words ("restarting...") still reach
         # the platforms; then the adapters.
@@ -270,20 +272,21 @@ async def _close_adapter(adapter: Adapter) -> None:
 
 
 async def _until_stop_or_adapter_dies(
-    adapters: Sequence[Adapter], stop: asyncio.Event, store_watch: Coroutine[Any, Any, None]
-) -> None:
-    """Return on SIGINT/SIGTERM; raise the AdapterError of an adapter that
-    lost its platform for good (a revoked token, say), or the StoreError of a
-    database file deleted under the running bot."""
-    waits = [asyncio.ensure_future(w()) for a in adapters if (w := getattr(a, "wait_closed", None))]
-    waits.append(asyncio.ensure_future(store_watch))
+    adapters: Sequence[Adapter], stop: asyncio.Event, store_watch: Coroutine[Any, Any, None] | None
+) -> bool:
+    """True on SIGINT/SIGTERM, False when an adapter's work is over; raises the
+    AdapterError of an adapter that lost its platform for good (a revoked
+    token, say), or the StoreError of a database file deleted under the running bot."""
+    waits = [asyncio.ensure_future(adapter.wait_closed()) for adapter in adapters]
+    if store_watch is not None:
+        waits.append(asyncio.ensure_future(store_watch))
     stopper = asyncio.ensure_future(stop.wait())
     try:
         done, _ = await asyncio.wait({stopper, *waits}, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
             if task is not stopper:
                 task.result()  # raises the adapter's error
-                raise AdapterError("a platform connection closed; stopping")
+        return stopper in done
     finally:
         for task in (stopper, *waits):
             task.cancel()
@@ -303,8 +306,7 @@ def _discord(bot: Bot, config: Config, secrets: Secrets) -> Adapter:
         raise AdapterError("Discord is enabled but DISCORD_TOKEN is not set in the environment")
     from adapters.discord import DiscordAdapter
 
-    adapter: Any = DiscordAdapter(bot, config.discord, secrets.discord_token)
-    return adapter  # type: ignore[no-any-return]
+    return DiscordAdapter(bot, config.discord, secrets.discord_token)
 
 
 def _slack(bot: Bot, config: Config, secrets: Secrets) -> Adapter:
@@ -312,22 +314,7 @@ def _slack(bot: Bot, config: Config, secrets: Secrets) -> Adapter:
         raise AdapterError("Slack is enabled but SLACK_BOT_TOKEN is not set in the environment")
     from adapters.slack import SlackAdapter
 
-    adapter: Any = SlackAdapter(bot, config.slack, secrets)
-    return adapter  # type: ignore[no-any-return]
-
-
-async def _until_stopped(work: Any, stop: asyncio.Event) -> int:
-    task = asyncio.ensure_future(work)
-    stopper = asyncio.ensure_future(stop.wait())
-    done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    stopper.cancel()
-    if task in done:
-        task.result()
-        return 0
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    return 130
+    return SlackAdapter(bot, config.slack, secrets)
 
 
 if __name__ == "__main__":

@@ -6,12 +6,15 @@ Adapters turn a platform's events into :class:`Incoming` and implement
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
 Platform = Literal["discord", "slack", "console"]
 Role = Literal["user", "assistant"]
 AttachmentStatus = Literal["read", "cut", "skipped"]
+#: What :meth:`bot.app.Bot.handle` did with a message.
+HandleResult = Literal["queued", "duplicate", "busy", "limited", "empty", "stopped"]
 
 
 @dataclass(frozen=True)
@@ -165,3 +168,10 @@ class SinkFactory(Protocol):
     """Re-creates a sink for a job after a restart, from its ``reply_ref``."""
 
     def __call__(self, key: ConversationKey, reply_ref: dict[str, str]) -> ReplySink: ...
+
+
+#: Builds the sink for a Continue/Regenerate job from the reply's text so far;
+#: returns it with the ``reply_ref`` that re-creates it after a restart (issue 11).
+ActionSink = Callable[[str], tuple[ReplySink, dict[str, str]]]
+#: A feedback button's vote.
+Vote = Literal["up", "down"]

@@ -24,6 +24,7 @@ from adapters.discord import (
     split_message,
     thread_name,
 )
+from adapters.strings import SORRY
 from bot.app import Bot
 from bot.config import parse_config
 from bot.engine.fake import FakeEngine, Reply
@@ -708,6 +709,18 @@ async def test_resume_pending_leaves_jobs_of_this_process_alone(tmp_path: Path) 
         await w.bot.drain()
         assert [m.content for m in w.fake.bot_messages(first)] == [("first answer " * 20).strip()]
         assert [m.content for m in w.fake.bot_messages(second)] == ["second answer"]
+
+
+async def test_a_failing_message_tells_one_safe_sentence_and_logs_the_detail(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running(tmp_path) as w:
+        await w.bot.store.close()  # the database is gone: handling the mention fails
+        asked = await w.say("hello")
+        await wait_for(lambda: [m for m in w.fake.bot_messages(w.channel["id"]) if m.content == SORRY])
+        assert all("store" not in str(body.get("content", "")) for body in content_bodies(w.fake))
+    assert f"Discord: message {asked} in channel {w.channel['id']} failed" in caplog.text
+    assert "StoreError: the store is not open" in caplog.text  # the detail, with its traceback
 
 
 # ---------------------------------------------------------------------------- start-up

@@ -7,9 +7,12 @@ Nothing sleeps for a fixed time: waits poll with a deadline.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import logging
+import os
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -21,6 +24,7 @@ import pytest
 
 from adapters.slack import DM_SCOPE, MESSAGE_LIMIT, OPTIONAL_SCOPES, REQUIRED_SCOPES, SlackAdapter, panel_command
 from adapters.slack_format import escape
+from adapters.strings import SORRY
 from bot.app import Bot
 from bot.config import BotConfig, Config, GenerationConfig, Secrets, SlackConfig
 from bot.engine.fake import FakeEngine
@@ -39,6 +43,7 @@ from tests.fakes.slack_server import (
 )
 
 SECRET = "test-signing-secret"
+ROOT = Path(__file__).resolve().parent.parent
 JSON = dict[str, Any]
 
 
@@ -429,6 +434,18 @@ async def test_http_engine_error_text_never_reaches_the_channel(
     assert "xoxb-1234-SECRET-5678" in caplog.text
 
 
+async def test_http_a_failing_event_tells_one_safe_sentence_and_logs_the_detail(
+    start_env: Starter, caplog: pytest.LogCaptureFixture
+) -> None:
+    env = await start_env()
+    await env.bot.store.close()  # the database is gone: handling the mention fails
+    assert await post_event(env, mention("<@UBOT> hi", ts="960.000001")) == 200
+    texts = await wait_reply(env, "C1", "960.000001", SORRY)
+    assert texts == [SORRY] and "store" not in all_sent_text(env.fake)
+    await poll(lambda: "slack: message 960.000001 in C1 failed" in caplog.text, what="the log line")
+    assert "StoreError: the store is not open" in caplog.text  # the detail, with its traceback
+
+
 # ---------------------------------------------------------------- Socket Mode
 
 
@@ -774,6 +791,49 @@ async def test_start_refuses_missing_secrets(tmp_path: Path, fake: FakeSlack) ->
         with pytest.raises(AdapterError, match="SLACK_SIGNING_SECRET"):
             await SlackAdapter(bot, replace(cfg, mode="http"), only_bot).start()
     assert fake.calls == []
+
+
+async def test_socket_mode_reconnects_after_a_drop_and_ends_when_refused_for_good(
+    start_env: Starter, fake: FakeSlack
+) -> None:
+    env = await start_env(mode="socket")
+    waiting = asyncio.ensure_future(env.adapter.wait_closed())
+    await fake.kill_sockets()  # a passing fault: slack-sdk reconnects
+    await poll(lambda: len(fake.calls_to("apps.connections.open")) == 2)
+    await fake.wait_connected()
+    await fake.send_envelope(event_body(mention("<@UBOT> still there?", ts="1300.000001")))
+    await poll(lambda: env.thread_texts("C1", "1300.000001") == ["Hello from the fake engine."])
+    assert not waiting.done()
+    fake.errors["apps.connections.open"] = "token_revoked"  # the app token is gone for good
+    await fake.kill_sockets()
+    with pytest.raises(AdapterError, match=r"SLACK_APP_TOKEN.*token_revoked"):
+        await asyncio.wait_for(waiting, 10)
+
+
+async def test_xwin_bot_run_ends_when_slack_refuses_to_reconnect(tmp_path: Path, fake: FakeSlack) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'''[model]\nengine = "fake"\n[bot]\ndatabase = "bot.sqlite3"\n
+[slack]\nenabled = true\nmode = "socket"\napi_base_url = "{fake.api_base_url}"\n''', encoding="utf-8")
+    env = {**os.environ, "SLACK_BOT_TOKEN": fake.bot_token, "SLACK_APP_TOKEN": fake.app_token}
+    log = tmp_path / "stderr.log"
+    with log.open("wb") as err:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bot.main", "run", "--config", str(config),
+            cwd=ROOT, env=env, stdout=err, stderr=err,
+        )  # fmt: skip
+    try:
+        await poll(lambda: "running; Ctrl-C" in log.read_text(), within=60)
+        fake.errors["apps.connections.open"] = "invalid_auth"
+        await fake.kill_sockets()
+        code = await asyncio.wait_for(process.wait(), 30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+    text = log.read_text()
+    assert code == 1, text
+    assert "Traceback" not in text
+    assert "SLACK_APP_TOKEN was refused while reconnecting Socket Mode (invalid_auth)" in text.splitlines()[-1]
+    assert fake.app_token not in text and fake.bot_token not in text
 
 
 async def test_sink_factory_answers_a_resumed_job_in_its_thread(start_env: Starter) -> None:

@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from tests.fakes.file_host import FileHost, FileRequest
 
@@ -369,6 +369,12 @@ class FakeSlack:
             if not self._sockets:
                 self._connected.clear()
         return ws
+
+    async def kill_sockets(self) -> None:
+        """Close every Socket Mode websocket, as Slack does before it refuses an
+        app (set ``errors["apps.connections.open"]`` to refuse the reconnect)."""
+        for ws in list(self._sockets):
+            await ws.close(code=WSCloseCode.GOING_AWAY)
 
     async def wait_connected(self, within: float = 10.0) -> None:
         await asyncio.wait_for(self._connected.wait(), within)

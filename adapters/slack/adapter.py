@@ -1,29 +1,5 @@
-"""The Slack adapter: slack-bolt's ``AsyncApp`` in front of the platform-free core.
-
-Socket Mode by default (no public URL), HTTP mode as an option (bolt checks
-each request's signature). It turns ``app_mention`` events, follow-ups in the
-bot's threads and DMs into :class:`~bot.types.Incoming`, answers through
-:class:`SlackReplySink` (a placeholder with the queue position, then
-``chat.update`` about once a second, continued in new thread messages past
-Slack's limit), and maps the ``/xwin`` slash command onto ``Bot.command``.
-
-The assistant panel ("Agents & AI Apps") goes through slack-bolt's
-``AsyncAssistant`` middleware: a new panel thread is greeted and given
-suggested prompts, each panel thread is its own conversation, its title is
-the first question, and replies there go through :class:`PanelReplySink`
-(the thread's status line while waiting, then native streaming with
-``chat.startStream``/``appendStream``/``stopStream``, or edits where Slack
-refuses streams). The panel has no slash commands: a message that is exactly
-``stop``, ``settings``, ``status``, ``forget`` or ``help``, or that starts
-with ``/xwin``, runs that command there.
-
-Usage (``bot.main``)::
-
-    slack = SlackAdapter(bot, config.slack, Secrets.from_env())
-    await slack.start()      # AdapterError with one sentence on a bad token/scope
-    ...
-    await slack.close()
-"""
+"""The Slack adapter: slack-bolt's ``AsyncApp`` (Socket Mode or HTTP) in front
+of the core, every event through the event boundary."""
 
 from __future__ import annotations
 
@@ -35,16 +11,13 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any
 
 from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 from slack_bolt.async_app import AsyncApp, AsyncAssistant
 from slack_bolt.context.ack.async_ack import AsyncAck
-from slack_bolt.context.assistant.thread_context import AssistantThreadContext
-from slack_bolt.context.assistant.thread_context_store.async_store import AsyncAssistantThreadContextStore
 from slack_bolt.context.respond.async_respond import AsyncRespond
 from slack_bolt.context.say.async_say import AsyncSay
 from slack_bolt.context.set_suggested_prompts.async_set_suggested_prompts import AsyncSetSuggestedPrompts
@@ -54,554 +27,66 @@ from slack_sdk.errors import SlackApiError, SlackClientError
 from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
 from slack_sdk.web.async_client import AsyncWebClient
 
+from adapters import strings
+from adapters.boundary import EventBoundary
 from adapters.files import Downloader
-from adapters.slack_format import (
-    StreamSplitter,
-    escape,
-    mentioned_channels,
-    mentioned_users,
-    readable_text,
-    split_message,
-    to_mrkdwn,
+from adapters.slack.api import JSON, _error_of
+from adapters.slack.blocks import CONTINUE_ACTION, FEEDBACK_ACTION, REGENERATE_ACTION, BlockSupport
+from adapters.slack.events import (
+    _USER_SUBTYPES,
+    _dm_key,
+    _Identity,
+    _Message,
+    _PanelContexts,
+    _suggested_prompt,
+    _title,
+    _ts_seconds,
+    panel_command,
 )
-from bot.actions import ActionSink, Vote
-from bot.attachments import FileFetcher
-from bot.config import Config, Secrets, SlackConfig
+from adapters.slack.sink import MESSAGE_LIMIT, PanelReplySink, SlackReplySink, StreamSupport
+from adapters.slack_format import mentioned_channels, mentioned_users, readable_text, split_message, to_mrkdwn
+from bot.adapter import Core
+from bot.config import Secrets, SlackConfig
 from bot.errors import AdapterError
-from bot.metrics import Metrics
-from bot.types import (
-    CommandContext,
-    CommandReply,
-    ConversationKey,
-    Incoming,
-    RemoteFile,
-    ReplyAction,
-    ReplyInfo,
-    ReplySink,
-    SinkFactory,
-)
+from bot.types import CommandContext, CommandReply, ConversationKey, Incoming, ReplyAction, ReplySink
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)  # one logger per platform: "adapters.slack"
 
-JSON = dict[str, Any]
-
-#: Characters per Slack message. Slack truncates ``text`` past 40,000 and
-#: advises 4,000; staying under it keeps each message readable and editable.
-MESSAGE_LIMIT = 3500
 #: Scopes the bot cannot work without, and the ones that only degrade it.
 REQUIRED_SCOPES = ("app_mentions:read", "chat:write")
 DM_SCOPE = "im:history"
 OPTIONAL_SCOPES = ("channels:history", "users:read", "files:read", "assistant:write")
-#: Message subtypes that are someone writing to the bot.
-_USER_SUBTYPES = frozenset({"", "file_share", "thread_broadcast"})
 _SEEN_EVENTS = 2048
 _CONNECT_TIMEOUT = 30.0
 _EVENTS_PATH = "/slack/events"
 _MAX_AGE = 5 * 60  # seconds a signed request stays valid (Slack's advice)
-_SORRY = "Sorry, something went wrong on my side; please try again."
 #: Where attached files are downloaded from (with the bot token); nowhere else.
 FILE_ORIGINS = ("https://files.slack.com",)
-#: Errors of chat.startStream that mean "never for this app": edits from then on.
-_NO_STREAMING = frozenset({"unknown_method", "not_allowed_token_type"})
-#: Whole messages in a panel thread that run a command instead of asking the model.
-PANEL_COMMANDS = frozenset({"stop", "settings", "status", "forget", "help"})
-_THINKING = "is thinking…"
-_TITLE_CHARS = 80
-_PANEL_CONTEXTS = 1024
+#: Errors of apps.connections.open that retrying cannot heal: the adapter ends
+#: (and the process with it) instead of reconnecting forever.
+_CONNECT_REFUSED = frozenset({
+    "invalid_auth", "not_authed", "account_inactive", "token_revoked", "token_expired",
+    "not_allowed_token_type", "missing_scope", "no_permission", "app_uninstalled",
+})
 
 
-class SlackBot(Protocol):
-    """The part of ``bot.app.Bot`` this adapter uses (see docs/architecture.md)."""
+class _ConnectionsClient(AsyncWebClient):
+    """The web client Socket Mode asks for a new websocket URL each time it
+    reconnects. slack-sdk retries a refusal forever; this one reports a refusal
+    that cannot heal (a revoked app token, say) to ``refused`` first."""
 
-    @property
-    def config(self) -> Config: ...
+    def __init__(self, refused: Callable[[str], None], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._refused = refused
 
-    @property
-    def metrics(self) -> Metrics: ...
-
-    def register_platform(self, platform: Literal["slack"], sink_factory: SinkFactory) -> None: ...
-
-    async def handle(
-        self, incoming: Incoming, sink: ReplySink, fetcher: FileFetcher | None = None
-    ) -> object: ...
-
-    async def command(self, ctx: CommandContext, text: str) -> CommandReply: ...
-
-    async def cancel_message(self, key: ConversationKey, platform_message_id: str) -> bool: ...
-
-    async def knows_conversation(self, key: ConversationKey) -> bool: ...
-
-    async def continue_reply(self, action: ReplyAction, make_sink: ActionSink) -> CommandReply: ...
-
-    async def regenerate(self, action: ReplyAction, make_sink: ActionSink) -> CommandReply: ...
-
-    async def feedback(self, action: ReplyAction, vote: Vote) -> CommandReply: ...
-
-
-# ---------------------------------------------------------------- buttons (issue 11)
-
-#: Block action ids; each button's ``value`` carries the reply's row id, so a
-#: click is understood with nothing in memory (after a restart too).
-CONTINUE_ACTION = "xwin_continue"
-REGENERATE_ACTION = "xwin_regenerate"
-FEEDBACK_ACTION = "xwin_feedback"
-#: Characters of text in one section block (Slack's limit is 3000).
-SECTION_LIMIT = 3000
-
-
-def final_blocks(text: str, info: ReplyInfo, *, native_feedback: bool = True) -> list[JSON]:
-    """The blocks of a finished reply's last message: its mrkdwn ``text``, then
-    the :func:`action_blocks`."""
-    sections = [text[i : i + SECTION_LIMIT] for i in range(0, len(text), SECTION_LIMIT)] or [" "]
-    blocks: list[JSON] = [{"type": "section", "text": {"type": "mrkdwn", "text": t}} for t in sections]
-    return blocks + action_blocks(info, native_feedback=native_feedback)
-
-
-def action_blocks(info: ReplyInfo, *, native_feedback: bool = True) -> list[JSON]:
-    """Continue (only when cut at max_new_tokens) and Regenerate, then 👍/👎 as
-    Slack's ``feedback_buttons`` (or plain buttons where those are refused)."""
-    rid = str(info.reply_id)
-    buttons = [_button("Regenerate", REGENERATE_ACTION, rid)]
-    if info.can_continue:
-        buttons.insert(0, {**_button("Continue", CONTINUE_ACTION, rid), "style": "primary"})
-    if not native_feedback:
-        votes = [{**_button("👍", FEEDBACK_ACTION, f"up:{rid}"), "action_id": f"{FEEDBACK_ACTION}_up"},
-                 {**_button("👎", FEEDBACK_ACTION, f"down:{rid}"), "action_id": f"{FEEDBACK_ACTION}_down"}]
-        return [{"type": "actions", "elements": buttons + votes}]
-    return [
-        {"type": "actions", "elements": buttons},
-        {"type": "context_actions", "elements": [{
-            "type": "feedback_buttons", "action_id": FEEDBACK_ACTION,
-            "positive_button": {"text": _plain("👍"), "value": f"up:{rid}",
-                                "accessibility_label": "Mark this reply as good"},
-            "negative_button": {"text": _plain("👎"), "value": f"down:{rid}",
-                                "accessibility_label": "Mark this reply as bad"},
-        }]},
-    ]
-
-
-@dataclass
-class BlockSupport:
-    """What this workspace's Slack takes, shared by an adapter's sinks:
-    ``feedback_buttons`` until Slack refuses them once (then plain buttons)."""
-
-    native_feedback: bool = True
-
-
-def _plain(text: str) -> JSON:
-    return {"type": "plain_text", "text": text, "emoji": True}
-
-
-def _button(label: str, action_id: str, value: str) -> JSON:
-    return {"type": "button", "text": _plain(label), "action_id": action_id, "value": value}
-
-
-# ---------------------------------------------------------------- replies
-
-
-class SlackReplySink:
-    """One reply in one Slack thread (or DM): a placeholder, then throttled
-    ``chat.update`` edits, continued in new messages past ``limit``."""
-
-    #: Seconds between tries of the final text (after the client's own
-    #: retries of a 429); after the last, it is posted as a new message.
-    final_retry_delays: tuple[float, ...] = (1.0, 4.0)
-
-    def __init__(
-        self,
-        client: AsyncWebClient,
-        channel: str,
-        thread_ts: str,
-        *,
-        update_interval: float,
-        limit: int = MESSAGE_LIMIT,
-        clock: Callable[[], float] = time.monotonic,
-        resume: Sequence[str] = (),
-        skip: int = 0,
-        continuing: bool = False,
-        support: BlockSupport | None = None,
-    ) -> None:
-        """``resume_ts``: a message of the reply to go on editing (Continue),
-        which shows the reply's text from its ``skip``-th message on."""
-        self.update_interval = update_interval
-        self._client = client
-        self._channel = channel
-        self._thread_ts = thread_ts
-        self._limit = limit
-        self._clock = clock
-        # A job resumed after a restart shows its reply in the messages it had (issue 9);
-        # a Continue goes on editing the reply's last message, which shows its text from
-        # the ``skip``-th message on, and takes its old buttons off with the first edit.
-        self._ts: list[str] = list(resume)
-        self._shown: list[str] = [""] * len(self._ts)
-        self._skip = skip
-        self._clear_blocks = continuing
-        self._info: ReplyInfo | None = None
-        self._support = support or BlockSupport()
-        #: Set by the core: told the ts of the messages that show this reply.
-        self.on_placed: Callable[[list[str]], Awaitable[None]] | None = None
-        self._last_edit = float("-inf")
-        self._streamed = continuing
-        self._lock = asyncio.Lock()
-
-    async def queued(self, position: int) -> None:
-        status = "_Thinking…_" if position <= 0 else f"_Queued: {position} ahead of you…_"
-        await self._status(status)
-
-    async def started(self) -> None:
-        await self._status("_Thinking…_")
-
-    async def update(self, text_so_far: str) -> None:
-        if not text_so_far.strip() or self._clock() - self._last_edit < self.update_interval / 2:
-            return
-        self._streamed = True
-        await self._sync(split_message(to_mrkdwn(text_so_far), self._limit)[self._skip :])
-
-    async def reply_stored(self, info: ReplyInfo) -> None:
-        self._info = info
-
-    async def finish(self, text: str) -> None:
-        """The final text must arrive (issue 9): retried with backoff, then
-        posted as new messages (the old ones deleted). Raises
-        :class:`AdapterError` when it could not be shown at all."""
-        chunks = split_message(to_mrkdwn(text), self._limit)[self._skip :] if text.strip() else []
-        chunks = chunks or ["_(no reply)_"]
-        for delay in (*self.final_retry_delays, None):
-            if await self._sync(chunks, buttons=self._info):
-                return
-            if delay is not None:
-                await asyncio.sleep(delay)
-        await self._repost(chunks)
-
-    async def fail(self, user_message: str) -> None:
-        text = to_mrkdwn(user_message)
-        if self._streamed:
-            await self._post(text)  # keep the partial answer, say why it stopped
-        else:
-            await self._status(text)
-
-    async def _status(self, text: str) -> None:
-        """Show a one-line status in the placeholder (posted on first use)."""
-        if self._streamed:
-            return
-        await self._sync([text])
-
-    async def _sync(self, chunks: list[str], *, buttons: ReplyInfo | None = None) -> bool:
-        """Show ``chunks``, ``buttons`` under the last one (the final message);
-        False if some call failed (logged)."""
-        ok = True
-        async with self._lock:
-            for i, chunk in enumerate(chunks):
-                last = buttons if i == len(chunks) - 1 else None
-                if i >= len(self._ts):
-                    posted = await self._post(chunk)
-                    ok = posted and ok
-                    if posted and last is not None:
-                        ok = await self._edit(i, chunk, buttons=last) and ok
-                elif self._shown[i] != chunk or last is not None:
-                    ok = await self._edit(i, chunk, buttons=last) and ok
-            while len(self._ts) > len(chunks):  # left from before a restart
-                self._shown.pop()
-                await self._delete(self._ts.pop())
-            self._last_edit = self._clock()
-        return ok
-
-    async def _repost(self, chunks: list[str]) -> None:
-        """Edits keep failing: post the reply anew, then delete the old messages."""
-        async with self._lock:
-            old, self._ts, self._shown = self._ts, [], []
-            for chunk in chunks:
-                if not await self._post(chunk):
-                    raise AdapterError(f"Slack: the final reply could not be posted in {self._channel}")
-        for ts in old:
-            await self._delete(ts)
-        log.info("slack: the final reply was posted anew in %s after its edits failed", self._channel)
-
-    async def _post(self, text: str) -> bool:
-        ts = await self._new_message(text)
-        if ts is None:
-            return False
-        self._ts.append(ts)
-        self._shown.append(text)
-        await self._placed()
-        return True
-
-    async def _new_message(self, text: str) -> str | None:
+    async def apps_connections_open(self, *, app_token: str, **kwargs: Any) -> Any:
         try:
-            resp = await self._client.chat_postMessage(
-                channel=self._channel,
-                thread_ts=self._thread_ts or None,
-                text=text,
-                unfurl_links=False,
-                unfurl_media=False,
-                link_names=False,  # "@here" typed by the model stays text
-            )
-        except (SlackClientError, OSError, TimeoutError) as exc:
-            log.warning("slack: chat.postMessage in %s failed: %s", self._channel, _why(exc))
-            return None
-        return str(resp["ts"])
-
-    async def _edit(self, index: int, text: str, *, buttons: ReplyInfo | None = None) -> bool:
-        blocks: list[JSON] | None = None
-        if buttons is not None:
-            blocks = final_blocks(text, buttons, native_feedback=self._support.native_feedback)
-        elif index == 0 and self._clear_blocks:
-            self._clear_blocks, blocks = False, []
-        try:
-            await self._client.chat_update(
-                channel=self._channel, ts=self._ts[index], text=text, link_names=False, blocks=blocks
-            )
-        except SlackApiError as exc:
-            if buttons is not None and self._support.native_feedback and _error_of(exc) == "invalid_blocks":
-                log.warning("slack: feedback_buttons refused (invalid_blocks); using plain buttons from now on")
-                self._support.native_feedback = False
-                return await self._edit(index, text, buttons=buttons)
-            if _error_of(exc) != "message_not_found":
-                log.warning("slack: chat.update in %s failed: %s", self._channel, _error_of(exc))
-                return False
-            # Deleted meanwhile (or before a restart): post it again in its place.
-            ts = await self._new_message(text)
-            if ts is None:
-                return False
-            self._ts[index] = ts
-            await self._placed()
-        except (SlackClientError, OSError, TimeoutError) as exc:
-            log.warning("slack: chat.update in %s failed: %s", self._channel, _why(exc))
-            return False
-        self._shown[index] = text
-        return True
-
-    async def _delete(self, ts: str) -> None:
-        try:
-            await self._client.chat_delete(channel=self._channel, ts=ts)
-        except (SlackClientError, OSError, TimeoutError) as exc:
-            log.warning("slack: could not delete an outdated message in %s: %s", self._channel, _why(exc))
-        await self._placed()
-
-    async def _placed(self) -> None:
-        if self.on_placed is None:
-            return
-        try:
-            await self.on_placed(list(self._ts))
-        except Exception:
-            log.exception("slack: could not store where a reply is shown")
-
-
-class StreamSupport:
-    """Whether this app may stream replies natively; refused once, off for
-    the rest of the process (with one log line)."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.available = enabled
-
-    def refuse(self, error: str) -> None:
-        if self.available:
-            self.available = False
-            log.warning("slack: native streaming is not available (%s); replies use chat.update edits "
-                        "from now on", error)
-
-
-class PanelReplySink:
-    """One reply in an assistant (panel) thread.
-
-    The thread's status line shows the wait (queue position, "is thinking…")
-    until the first text; the text then streams into the thread through
-    ``chat.startStream``/``appendStream``/``stopStream``, in messages of at
-    most ``limit`` characters that never break a code block. Where Slack
-    refuses a stream, the reply (the rest of it) goes through a
-    :class:`SlackReplySink`'s edits instead.
-    """
-
-    def __init__(
-        self,
-        client: AsyncWebClient,
-        channel: str,
-        thread_ts: str,
-        *,
-        user: str,
-        team: str,
-        streams: StreamSupport,
-        update_interval: float,
-        limit: int = MESSAGE_LIMIT,
-        support: BlockSupport | None = None,
-    ) -> None:
-        self.update_interval = update_interval
-        self._client = client
-        self._channel = channel
-        self._thread_ts = thread_ts
-        self._support = support or BlockSupport()
-        self._info: ReplyInfo | None = None
-        self._user = user or None
-        self._team = team or None
-        self._streams = streams
-        self._splitter = StreamSplitter(limit)
-        self._edits = SlackReplySink(client, channel, thread_ts, update_interval=update_interval, limit=limit,
-                                     support=self._support)
-        self._ts = ""  # the message being streamed
-        self._edits_from: int | None = None  # reply characters streamed before edits took over
-        self._lock = asyncio.Lock()
-
-    async def queued(self, position: int) -> None:
-        await self._status(_THINKING if position <= 0 else f"is waiting: {position} ahead of you…")
-
-    async def started(self) -> None:
-        await self._status(_THINKING)
-
-    async def update(self, text_so_far: str) -> None:
-        if text_so_far.strip():
-            async with self._lock:
-                await self._show(text_so_far, final=False)
-
-    async def finish(self, text: str) -> None:
-        async with self._lock:
-            await self._show(text if text.strip() else "_(no reply)_", final=True)
-
-    async def fail(self, user_message: str) -> None:
-        async with self._lock:
-            if self._ts:
-                await self._stop(final=True)  # keep the partial answer, say why it stopped
-            await self._edits.fail(user_message)
-
-    async def reply_stored(self, info: ReplyInfo) -> None:
-        self._info = info
-        await self._edits.reply_stored(info)  # where edits took over, they show the buttons
-
-    def final_blocks(self) -> list[JSON]:
-        """Blocks shown under the finished reply: its buttons."""
-        if self._info is None:
-            return []
-        return action_blocks(self._info, native_feedback=self._support.native_feedback)
-
-    async def _show(self, text: str, *, final: bool) -> None:
-        if self._edits_from is None and not self._streams.available and not self._splitter.consumed:
-            self._edits_from = 0  # refused before this reply began (a stream under way goes on)
-        if self._edits_from is None:
-            before = len(self._splitter.consumed)
-            if await self._stream(text, final=final):
-                return
-            self._edits_from = before
-        rest = text[self._edits_from :]
-        await (self._edits.finish(rest) if final else self._edits.update(rest))
-
-    async def _stream(self, text: str, *, final: bool) -> bool:
-        """Stream what is new in ``text``; False if Slack refused the stream."""
-        # Trailing blanks wait for what follows them: the final text has none.
-        for i, piece in enumerate(self._splitter.feed(text if final else text.rstrip())):
-            if i:
-                await self._stop(final=False)
-            if piece and not await self._send(piece):
-                return False
-        if final and self._ts:
-            await self._stop(final=True)
-        return True
-
-    async def _send(self, piece: str) -> bool:
-        markdown = escape(piece)  # no <!here>, <@U…> or <#C…> from the model
-        method = "chat.appendStream" if self._ts else "chat.startStream"
-        try:
-            if self._ts:
-                await self._client.chat_appendStream(channel=self._channel, ts=self._ts, markdown_text=markdown)
-            else:
-                resp = await self._client.chat_startStream(
-                    channel=self._channel, thread_ts=self._thread_ts, markdown_text=markdown,
-                    recipient_user_id=self._user, recipient_team_id=self._team,
-                )
-                self._ts = str(resp["ts"])
+            return await super().apps_connections_open(app_token=app_token, **kwargs)
         except SlackApiError as exc:
             error = _error_of(exc)
-            if error in _NO_STREAMING:
-                self._streams.refuse(error)
-            else:
-                log.warning("slack: %s in %s failed (%s); this reply goes on as edits", method,
-                            self._channel, error)
-            if self._ts:
-                await self._stop(final=False)
-            return False
-        return True
-
-    async def _stop(self, *, final: bool) -> None:
-        ts, self._ts = self._ts, ""
-        blocks = self.final_blocks() if final else []
-        try:
-            await self._client.chat_stopStream(channel=self._channel, ts=ts, blocks=blocks or None)
-        except SlackApiError as exc:
-            log.warning("slack: chat.stopStream in %s failed: %s", self._channel, _error_of(exc))
-
-    async def _status(self, status: str) -> None:
-        try:
-            await self._client.assistant_threads_setStatus(
-                channel_id=self._channel, thread_ts=self._thread_ts, status=status
-            )
-        except SlackApiError as exc:
-            log.warning("slack: assistant.threads.setStatus in %s failed: %s", self._channel, _error_of(exc))
-
-
-class _PanelContexts(AsyncAssistantThreadContextStore):
-    """What channel each panel thread's user is viewing, as Slack reported it
-    (``assistant_thread_context_changed``): recorded in memory, never read
-    from Slack and never given to the model."""
-
-    def __init__(self) -> None:
-        self._contexts: OrderedDict[tuple[str, str], dict[str, str]] = OrderedDict()
-
-    async def save(self, *, channel_id: str, thread_ts: str, context: dict[str, str]) -> None:
-        log.debug("slack: panel thread %s/%s now shows %s", channel_id, thread_ts, context.get("channel_id"))
-        self._contexts[(channel_id, thread_ts)] = dict(context)
-        while len(self._contexts) > _PANEL_CONTEXTS:
-            self._contexts.popitem(last=False)
-
-    async def find(self, *, channel_id: str, thread_ts: str) -> AssistantThreadContext | None:
-        context = self._contexts.get((channel_id, thread_ts))
-        return AssistantThreadContext(context) if context else None
-
-
-# ---------------------------------------------------------------- identity
-
-
-@dataclass(frozen=True)
-class _Identity:
-    """Who the bot is, from ``auth.test``."""
-
-    team_id: str
-    user_id: str
-    bot_id: str
-    scopes: frozenset[str]
-
-
-@dataclass(frozen=True)
-class _Message:
-    """The fields of a Slack message event the adapter uses."""
-
-    team: str
-    channel: str
-    user: str
-    ts: str
-    thread_ts: str
-    text: str
-    is_dm: bool
-    subtype: str
-    from_bot: bool
-    files: tuple[RemoteFile, ...] = ()
-
-    @classmethod
-    def of(cls, event: Mapping[str, Any], body: Mapping[str, Any]) -> _Message:
-        return cls(
-            # The workspace the app is installed in (event.team is the author's,
-            # another one in Slack Connect channels).
-            team=str(body.get("team_id") or event.get("team") or ""),
-            channel=str(event.get("channel", "")),
-            user=str(event.get("user") or ""),
-            ts=str(event.get("ts", "")),
-            thread_ts=str(event.get("thread_ts") or ""),
-            text=str(event.get("text") or ""),
-            is_dm=event.get("channel_type") == "im" or str(event.get("channel", "")).startswith("D"),
-            subtype=str(event.get("subtype") or ""),
-            from_bot=bool(event.get("bot_id")) or event.get("subtype") == "bot_message",
-            files=_files_of(event),
-        )
-
-
-# ---------------------------------------------------------------- adapter
+            if error in _CONNECT_REFUSED:
+                self._refused(error)
+            raise
 
 
 class SlackAdapter:
@@ -609,13 +94,14 @@ class SlackAdapter:
 
     def __init__(
         self,
-        bot: SlackBot,
+        bot: Core,
         config: SlackConfig,
         secrets: Secrets,
         *,
         file_origins: Sequence[str] = FILE_ORIGINS,
     ) -> None:
         self._bot = bot
+        self._events = EventBoundary("slack", log, lambda: bot.metrics.error("adapter"))
         self._config = config
         self._bot_token = secrets.slack_bot_token
         self._app_token = secrets.slack_app_token
@@ -637,6 +123,7 @@ class SlackAdapter:
         self._socket: AsyncSocketModeHandler | None = None
         self._runner: web.AppRunner | None = None
         self._port = 0
+        self._ended: asyncio.Future[None] | None = None  # done on close() or on losing Slack for good
         self._blocks = BlockSupport()
         bot.register_platform("slack", self.sink_for)
 
@@ -648,6 +135,7 @@ class SlackAdapter:
         Raises :class:`AdapterError` with one sentence saying what to fix.
         """
         self._check_secrets()
+        self._ended = asyncio.get_running_loop().create_future()
         self._identity = await self._auth_test()
         self._check_scopes(self._identity.scopes)
         app = self._app = self._build_app()
@@ -658,7 +146,23 @@ class SlackAdapter:
         log.info("slack: connected as %s in team %s (%s mode)", self._identity.user_id,
                  self._identity.team_id, self._config.mode)
 
+    async def wait_closed(self) -> None:
+        """Until :meth:`close`; raises :class:`AdapterError` when Slack refuses
+        the Socket Mode connection for good (slack-sdk reconnects after passing
+        faults: a dropped socket, a network error, a 5xx)."""
+        if self._ended is not None:
+            await asyncio.shield(self._ended)
+
+    def _connection_refused(self, error: str) -> None:
+        if self._ended is not None and not self._ended.done():
+            self._ended.set_exception(AdapterError(
+                f"Slack: SLACK_APP_TOKEN was refused while reconnecting Socket Mode ({error}); "
+                "check or regenerate the app-level token."
+            ))
+
     async def close(self) -> None:
+        if self._ended is not None and not self._ended.done():
+            self._ended.set_result(None)
         if self._socket is not None:
             await self._socket.close_async()  # type: ignore[no-untyped-call]
             self._socket = None
@@ -762,7 +266,9 @@ class SlackAdapter:
                 f"Slack: SLACK_APP_TOKEN was refused by apps.connections.open ({error}); "
                 "enable Socket Mode and use an app-level token with connections:write."
             ) from None
-        handler = AsyncSocketModeHandler(app, app_token=self._app_token, logger=log)
+        connections = _ConnectionsClient(self._connection_refused, token=None,
+                                         base_url=self._config.api_base_url)
+        handler = AsyncSocketModeHandler(app, app_token=self._app_token, logger=log, web_client=connections)
         handler.client.wss_uri = str(resp["url"])
         _count_reconnects(handler.client, lambda: self._bot.metrics.reconnected("slack"))
         self._socket = handler
@@ -858,16 +364,13 @@ class SlackAdapter:
 
     async def _on_command(self, ack: AsyncAck, command: JSON, respond: AsyncRespond) -> None:
         await ack()
-        try:
+
+        async def run() -> None:
             reply = await self._run_command(command)
-        except Exception:
-            log.exception("slack: /xwin %r failed", command.get("text", ""))
-            reply = CommandReply(_SORRY, ok=False)
-        response_type = "ephemeral" if reply.ephemeral else "in_channel"
-        try:
-            await respond(text=to_mrkdwn(reply.text), response_type=response_type, replace_original=False)
-        except (SlackClientError, OSError) as exc:
-            log.warning("slack: could not answer /xwin through its response_url: %s", exc)
+            await _respond(respond, reply.text, "ephemeral" if reply.ephemeral else "in_channel")
+
+        what = f"/xwin in {command.get('channel_id', '?')}"
+        await self._events.run(run(), what, tell=lambda text: _respond(respond, text, "ephemeral"))
 
     # ------------------------------------------------------------ the assistant panel
 
@@ -878,6 +381,10 @@ class SlackAdapter:
         team = str(body.get("team_id") or "")
         if not self._fresh(body) or not self._allowed(team, str(thread.get("channel_id", "")), True):
             return
+        what = f"greeting panel thread {thread.get('thread_ts')}"
+        await self._events.run(self._greet(thread, say, set_suggested_prompts), what)
+
+    async def _greet(self, thread: JSON, say: AsyncSay, set_suggested_prompts: AsyncSetSuggestedPrompts) -> None:
         try:
             if self._config.assistant_greeting.strip():
                 await say(text=to_mrkdwn(self._config.assistant_greeting), unfurl_links=False)
@@ -936,15 +443,15 @@ class SlackAdapter:
         """A button under a reply: acked at once (Slack wants it within 3 s),
         then the core decides; the presser gets one ephemeral line."""
         await ack()
-        try:
-            text = await self._press(body, action)
-        except Exception:
-            log.exception("slack: button %s failed", action.get("action_id"))
-            text = _SORRY
-        try:
-            await respond(text=to_mrkdwn(text), response_type="ephemeral", replace_original=False)
-        except (SlackClientError, OSError) as exc:
-            log.warning("slack: could not answer a button through its response_url: %s", exc)
+
+        async def answer(text: str) -> None:
+            await _respond(respond, text, "ephemeral")
+
+        async def press() -> None:
+            await answer(await self._press(body, action))
+
+        channel = (body.get("channel") or {}).get("id", "?")
+        await self._events.run(press(), f"button {action.get('action_id')} in {channel}", tell=answer)
 
     async def _press(self, body: Mapping[str, Any], action: Mapping[str, Any]) -> str:
         what, _, number = str(action.get("value") or "").rpartition(":")
@@ -955,7 +462,7 @@ class SlackAdapter:
         message = body.get("message") or {}
         is_dm = channel.startswith("D")
         if not number.isdigit() or not self._allowed(team, channel, is_dm):
-            return "I'm not enabled here."
+            return strings.NOT_HERE
         thread = str(message.get("thread_ts") or "")
         key = _dm_key(channel) if is_dm else ConversationKey("slack", team, channel, thread)
         press = ReplyAction(key, int(number), user, is_admin=user in self._config.admin_users)
@@ -1014,14 +521,10 @@ class SlackAdapter:
     def _mentions_me(self, text: str) -> bool:
         return bool(self._identity.user_id) and f"<@{self._identity.user_id}" in text
 
-    async def _guarded(self, msg: _Message, handler: Callable[[_Message], Any]) -> None:
-        """The error boundary of one event: log it, tell the user one sentence."""
-        try:
-            await handler(msg)
-        except Exception:
-            self._bot.metrics.error("adapter")
-            log.exception("slack: message %s in %s failed", msg.ts, msg.channel)
-            await self._sink(msg.channel, msg.thread_ts or ("" if msg.is_dm else msg.ts)).fail(_SORRY)
+    async def _guarded(self, msg: _Message, handler: Callable[[_Message], Awaitable[object]]) -> None:
+        """One message event through the error boundary (the user is told in its thread)."""
+        sink = self._sink(msg.channel, msg.thread_ts or ("" if msg.is_dm else msg.ts))
+        await self._events.run(handler(msg), f"message {msg.ts} in {msg.channel}", tell=sink.fail)
 
     async def _on_channel_mention(self, msg: _Message) -> None:
         thread = msg.thread_ts or msg.ts
@@ -1037,6 +540,10 @@ class SlackAdapter:
         await self._handle(msg, _dm_key(msg.channel), msg.thread_ts)
 
     async def _on_deleted(self, event: Mapping[str, Any], msg: _Message) -> None:
+        what = f"cancelling the reply to a message deleted in {msg.channel}"
+        await self._events.run(self._cancel_reply(event, msg), what)
+
+    async def _cancel_reply(self, event: Mapping[str, Any], msg: _Message) -> None:
         previous = event.get("previous_message") or {}
         ts = str(previous.get("ts") or event.get("deleted_ts") or "")
         if not ts or not self._allowed(msg.team, msg.channel, msg.is_dm):
@@ -1081,7 +588,7 @@ class SlackAdapter:
         user = str(command.get("user_id", ""))
         is_dm = channel.startswith("D") or command.get("channel_name") == "directmessage"
         if not self._allowed(team, channel, is_dm) or not self._permitted(user):
-            return CommandReply("I'm not enabled here.", ok=False)
+            return CommandReply(strings.NOT_HERE, ok=False)
         key = _dm_key(channel) if is_dm else ConversationKey("slack", team, channel, "")
         ctx = CommandContext(key=key, author_id=user, is_dm=is_dm, is_admin=user in self._config.admin_users)
         return await self._bot.command(ctx, str(command.get("text", "")).strip())
@@ -1130,55 +637,12 @@ _OPTIONAL_WHY = {
 }
 
 
-def panel_command(text: str) -> str | None:
-    """The ``/xwin`` command a panel message stands for, or None for a question."""
-    words = text.strip()
-    if words.lower().rstrip(".!") in PANEL_COMMANDS:
-        return words.lower().rstrip(".!")
-    if words.lower() == "/xwin" or words.lower().startswith("/xwin "):
-        return words[len("/xwin") :].strip()
-    return None
-
-
-def _suggested_prompt(spec: str) -> dict[str, str]:
-    """``"Title | message"`` (or just a message) as Slack's prompt object."""
-    title, bar, message = spec.partition("|")
-    if not bar:
-        return {"title": _title(spec), "message": spec.strip()}
-    return {"title": title.strip(), "message": message.strip()}
-
-
-def _title(text: str) -> str:
-    line = " ".join(text.split())
-    return line if len(line) <= _TITLE_CHARS else line[: _TITLE_CHARS - 1].rstrip() + "…"
-
-
-def _error_of(exc: SlackApiError) -> str:
-    """Slack's error code, or the HTTP status when the answer was not JSON."""
-    data = exc.response.data
-    if isinstance(data, dict):
-        return str(data.get("error", "unknown error"))
-    return f"HTTP {exc.response.status_code}"
-
-
-def _files_of(event: Mapping[str, Any]) -> tuple[RemoteFile, ...]:
-    """The files of a message event (``url_private_download``, else ``url_private``;
-    none for a file deleted or hidden by the plan's limits)."""
-    files = event.get("files") or []
-    return tuple(
-        RemoteFile(
-            name=str(f.get("name") or f.get("title") or "file"),
-            content_type=str(f.get("mimetype") or ""),
-            size=f["size"] if isinstance(f.get("size"), int) else -1,
-            url=str(f.get("url_private_download") or f.get("url_private") or ""),
-        )
-        for f in files
-        if isinstance(f, Mapping)
-    )
-
-
-def _why(exc: BaseException) -> str:
-    return _error_of(exc) if isinstance(exc, SlackApiError) else f"{type(exc).__name__}: {exc}"
+async def _respond(respond: AsyncRespond, text: str, response_type: str) -> None:
+    """Answer a command or a button through its response_url."""
+    try:
+        await respond(text=to_mrkdwn(text), response_type=response_type, replace_original=False)
+    except (SlackClientError, OSError) as exc:
+        log.warning("slack: could not answer through the response_url: %s", exc)
 
 
 def _signed(secret: bytes, body: bytes, headers: Mapping[str, str]) -> bool:
@@ -1191,17 +655,6 @@ def _signed(secret: bytes, body: bytes, headers: Mapping[str, str]) -> bool:
         return False
     mac = hmac.new(secret, b"v0:" + timestamp.encode() + b":" + body, hashlib.sha256)
     return hmac.compare_digest(f"v0={mac.hexdigest()}".encode(), signature.encode("utf-8", "replace"))
-
-
-def _dm_key(channel: str) -> ConversationKey:
-    return ConversationKey("slack", "dm", channel, "")
-
-
-def _ts_seconds(ts: str) -> float:
-    try:
-        return float(ts)
-    except ValueError:
-        return time.time()
 
 
 def _count_reconnects(client: Any, on_reconnect: Callable[[], None]) -> None:
