@@ -34,6 +34,7 @@ tiny Llama).
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import queue
 import threading
@@ -51,6 +52,16 @@ from bot.engine.detok import IncrementalDecoder
 from bot.errors import GenerationError
 from bot.types import Settings, Turn
 
+log = logging.getLogger(__name__)
+
+# What a chat user sees when the model fails mid-reply (details go to the log).
+MSG_NON_FINITE = "the model produced invalid numbers (NaN) and this reply was stopped"
+MSG_DECODE_FAILED = "the model failed while writing this reply"
+
+# Prompts this long or longer are prefilled through the prompt-time twins
+# (GPTQModel's torch kernel: dequantize + cuBLAS; H200, 8 Xwin-70B layers,
+# 1,000 tokens: 33 ms against Marlin's 45).
+TWIN_MIN_TOKENS = 256
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 _CTX_BUCKETS = tuple(range(256, 32768 + 1, 256))  # attention reads at most 255 extra positions
 
@@ -154,6 +165,15 @@ class DecodeCore:
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool: Any = None
         self.capture_s = 0.0
+        # Prompt-time twins: id(quantized module) -> the same weights in another
+        # kernel's packing, used for prompts of twin_min_tokens or more.
+        self.prefill_twins: dict[int, Any] = {}
+        self.twin_min_tokens = TWIN_MIN_TOKENS
+
+    def set_prefill_twins(self, pairs: Sequence[tuple[Any, Any]]) -> None:
+        """(module, twin) pairs (``TransformersEngine.prefill_twins``): long
+        prompts go through the twins, decode steps through the modules."""
+        self.prefill_twins = {id(module): twin for module, twin in pairs}
 
     def set_compiled_glue(self, on: bool) -> None:
         """Fuse the small element-wise work around the GPTQ products (rope,
@@ -272,17 +292,28 @@ class DecodeCore:
         x = self.embed(t)[None]  # [1, n, D]
         cos = self.cos[:n][None, None]
         sin = self.sin[:n][None, None]
+        twins = self.prefill_twins if n >= self.twin_min_tokens else {}
+
+        def proj(module: Any, inp: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = twins.get(id(module), module)(inp)
+            return out
+
         for li, layer in enumerate(self.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
-            q = self._rope(attn.q_proj(h).view(1, n, self.n_heads, hd).transpose(1, 2), cos, sin)
-            k = self._rope(attn.k_proj(h).view(1, n, nkv, hd).transpose(1, 2), cos, sin)
-            v = attn.v_proj(h).view(1, n, nkv, hd).transpose(1, 2)
+            q = self._rope(proj(attn.q_proj, h).view(1, n, self.n_heads, hd).transpose(1, 2), cos, sin)
+            k = self._rope(proj(attn.k_proj, h).view(1, n, nkv, hd).transpose(1, 2), cos, sin)
+            v = proj(attn.v_proj, h).view(1, n, nkv, hd).transpose(1, 2)
             self.k_cache[li, row, :, :n] = k[0]
             self.v_cache[li, row, :, :n] = v[0]
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=nkv != self.n_heads)
-            x = x + attn.o_proj(o.transpose(1, 2).reshape(1, n, self.n_heads * hd))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + proj(attn.o_proj, o.transpose(1, 2).reshape(1, n, self.n_heads * hd))
+            h = layer.post_attention_layernorm(x)
+            if twins:
+                mlp = layer.mlp
+                x = x + proj(mlp.down_proj, mlp.act_fn(proj(mlp.gate_proj, h)) * proj(mlp.up_proj, h))
+            else:
+                x = x + layer.mlp(h)
         out: torch.Tensor = self.lm_head(self.norm(x[:, -1]))[0]
         return out
 
@@ -407,6 +438,13 @@ class DecodeCore:
             for n in batches:
                 for c in contexts:
                     self._graph(*self.buckets(n, c - 1))
+
+    @torch.no_grad()
+    def clear(self, row: int) -> None:
+        """Zero a row's cache: attention multiplies masked positions by 0,
+        and 0 x NaN left by a failed reply would poison the row's next user."""
+        self.k_cache[:, row].zero_()
+        self.v_cache[:, row].zero_()
 
     @torch.no_grad()
     def move(self, src: int, dst: int, length: int) -> None:
@@ -542,8 +580,9 @@ class BatchScheduler:
                 self._admit(block=not self._live)
                 if self._live:
                     self._step()
-            except BaseException as exc:  # fail every live stream, keep serving
-                err = GenerationError(f"decode failed: {exc!r}")
+            except BaseException:  # fail every live stream, keep serving
+                log.exception("decode step failed")
+                err = GenerationError(MSG_DECODE_FAILED)
                 for req in self._live:
                     _post(req, err)
                 self._live.clear()
@@ -565,12 +604,22 @@ class BatchScheduler:
                 continue
             row = len(self._live)
             try:
-                logits = self.core.prefill(row, req.ids)
+                logits = self.core.prefill(row, req.ids)[None]
+                finite = torch.isfinite(logits).all(dim=-1)
                 self.sampler.admit(row, req.ids)
-                tok = self.sampler.sample(logits[None], [req.settings], row0=row)[0]
-            except Exception as exc:
-                err = exc if isinstance(exc, GenerationError) else GenerationError(f"prefill failed: {exc!r}")
-                _post(req, err)
+                tok = self.sampler.sample(logits, [req.settings], row0=row)[0]
+                if not bool(finite[0]):
+                    log.error("non-finite logits after a prompt of %d tokens; the reply is failed",
+                              len(req.ids))
+                    self.core.clear(row)
+                    _post(req, GenerationError(MSG_NON_FINITE))
+                    continue
+            except GenerationError as exc:
+                _post(req, exc)
+                continue
+            except Exception:
+                log.exception("prefill failed")
+                _post(req, GenerationError(MSG_DECODE_FAILED))
                 continue
             req.first_token_at = time.perf_counter()
             req.position = len(req.ids)
@@ -631,12 +680,25 @@ class BatchScheduler:
         t0 = time.perf_counter()
         live = list(self._live)
         logits = self.core.step([r.last_token for r in live], [r.position for r in live])
+        finite = torch.isfinite(logits).all(dim=-1)
         toks = self.sampler.sample(logits, [r.settings for r in live])
         self.steps += 1
         self.step_s += time.perf_counter() - t0
         for r in live:
             r.position += 1
-        self._emit(list(zip(live, toks, strict=True)))
+        pairs = list(zip(live, toks, strict=True))
+        ok: list[bool] = finite.tolist()
+        if not all(ok):  # nothing sampled from NaN reaches a reply
+            for req, good in zip(live, ok, strict=True):
+                if not good:
+                    log.error("non-finite logits at position %d (%d rows); the reply is failed",
+                              req.position, len(live))
+                    _post(req, GenerationError(MSG_NON_FINITE))
+                    self._finished_stats(req)
+                    self.core.clear(self._live.index(req))
+                    self._retire(req)
+            pairs = [p for p, good in zip(pairs, ok, strict=True) if good]
+        self._emit(pairs)
 
 
 class BatchedEngine:
@@ -696,13 +758,30 @@ class BatchedEngine:
         from bot.engine.transformers import TransformersEngine
 
         loader = TransformersEngine(self.config)
+        loader.keep_prefill_twins = True
         loader.load()  # the same loading code path as the one-at-a-time engine
         self.tokenizer = loader.tokenizer
         self._description = loader.describe()
         self._build(loader.model)
         assert self.core is not None
+        self.core.set_prefill_twins(loader.prefill_twins)
         # compile the glue and capture the one-conversation graph before the first reply
         self.core.warmup([1], [min(256, self.core.scratch - 1)])
+        self.verify(loader.probe_logits)
+
+    def verify(self, reference: Any = None) -> tuple[float, float]:
+        """The load check of the batched path (bot/engine/fidelity.py): its
+        prefill and graph-replayed decode step against transformers' forward
+        (``reference``: the forward's logits of the probe prompt, computed
+        here when not given). Raises ConfigError; returns the two errors."""
+        from bot.engine.fidelity import check_decode_path, check_forward, probe_ids
+
+        assert self.core is not None
+        ids = probe_ids(self.tokenizer)
+        kernel = self._description.get("gptq kernel", "")
+        if reference is None:
+            reference = check_forward(self.model, ids, self.config.id, kernel, self.config.gptq_backend)
+        return check_decode_path(self.core, ids, reference, self.config.id, kernel, self.config.gptq_backend)
 
     def _build(self, model: Any) -> None:
         self.model = model
