@@ -18,7 +18,7 @@ if ls kcache/ext.tgz.* >/dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 if [ "$MODE" = fidelity ]; then
-    timeout "$(left 430)" python3 -m bench.gpu_fidelity --layers 8 --out "$OUT/fidelity.json" 2>&1 | tee "$OUT/fidelity.log"
+    timeout "$(left 430)" python3 -m bench.gpu_fidelity --layers 8 --out "$OUT/fidelity.json" "${@:2}" 2>&1 | tee "$OUT/fidelity.log"
     if ! ls kcache/ext.tgz.* >/dev/null 2>&1; then
         (cd /tmp/gptq-ext && find . -name '*.so' -exec strip --strip-unneeded {} \; \
             && tar czf - $(find . -name '*.so')) | split -b 15m - "$OUT/ext.tgz."
