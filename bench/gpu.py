@@ -523,9 +523,35 @@ def check_logits(engine: BatchedEngine, model: Any, vocab: int, length: int) -> 
     return prefill_err, step_err
 
 
+async def followup_run(
+    engine: BatchedEngine, res: dict[str, Any], rng: torch.Generator, total: int, vocab: int,
+    settings: Settings,
+) -> None:
+    """A thread of ``total`` tokens: a prompt of ``total - 40`` tokens gets a
+    20-token reply; then the follow-up (prompt + reply + 20 new tokens) is
+    sent. Its TTFT, with the parked row's keys and values reused, against the
+    first prompt's (everything prefilled)."""
+    history = random_prompt(rng, total - 40, vocab)
+    engine.finished.clear()
+    reply = [t async for chunk in engine.stream_ids(history, replace(settings, max_new_tokens=20))
+             for t in chunk]
+    cold = engine.finished[-1].first_token_s
+    assert engine.scheduler is not None
+    before = engine.scheduler.prefix.reused_tokens
+    follow = [*history, *reply, *random_prompt(rng, 21, vocab)[1:]]
+    r = await engine_run(engine, [follow], replace(settings, max_new_tokens=1))
+    res["ttft_followup_s"] = r.ttft_s
+    res["ttft_thread_cold_s"] = cold
+    res["followup_reused_tokens"] = engine.scheduler.prefix.reused_tokens - before
+    log(f"follow-up of {len(follow)} tokens: TTFT {r.ttft_s * 1e3:.0f} ms with "
+        f"{res['followup_reused_tokens']} reused; its thread's first prompt ({len(history)} tokens) "
+        f"{cold * 1e3:.0f} ms")
+
+
 def check_long_prefill(engine: BatchedEngine, model: Any, vocab: int, length: int) -> float:
-    """Relative error of a long prompt's prefill logits (through the
-    prompt-time twins where the engine has them) against transformers' forward."""
+    """Relative error against transformers' forward of a long prompt's
+    prefill logits (through the prompt-time twins where the engine has them)
+    and of 20 more tokens prefilled onto the same row (prefix reuse)."""
     from bot.engine.fidelity import forward_logits, relative_error
 
     core = engine.core
@@ -533,7 +559,11 @@ def check_long_prefill(engine: BatchedEngine, model: Any, vocab: int, length: in
     ids = random_prompt(torch.Generator().manual_seed(2), length, vocab)
     with torch.inference_mode():
         got = core.prefill(0, ids)
-    return relative_error(got, forward_logits(model, ids)[-1])
+        err = relative_error(got, forward_logits(model, ids)[-1])
+        # the same row extended by 20 tokens, as a follow-up reusing its prefix is
+        more = [*ids, *random_prompt(torch.Generator().manual_seed(4), 21, vocab)[1:]]
+        ext = core.prefill(0, more, start=len(ids))
+        return max(err, relative_error(ext, forward_logits(model, more)[-1]))
 
 
 # -- the run ------------------------------------------------------------------
@@ -598,7 +628,7 @@ def parse(argv: list[str] | None) -> Options:
         out=a.out,
         no_compile=bool(a.no_compile),
         group=a.group,
-        followup_tokens=0 if tiny else a.followup_tokens,
+        followup_tokens=100 if tiny else a.followup_tokens,
     )
 
 
@@ -697,10 +727,7 @@ async def main_async(opt: Options) -> dict[str, Any]:
     # a follow-up of 20 tokens in a thread with 3,000 tokens of history: with
     # no prefix cache the whole thread is prefilled again
     if opt.followup_tokens:
-        followup = random_prompt(rng, opt.followup_tokens, shape.vocab)
-        r = await engine_run(engine, [followup], replace(settings, max_new_tokens=1))
-        res["ttft_followup_s"] = r.ttft_s
-        log(f"TTFT {opt.followup_tokens}-token follow-up (whole thread prefilled): {r.ttft_s * 1e3:.0f} ms")
+        await followup_run(engine, res, rng, opt.followup_tokens, shape.vocab, settings)
 
     runs: dict[str, dict[int, RunResult]] = {"engine": {}, "worker": {}, "generate": {}, "generate_batch": {}}
     words = max(1, opt.prompt_tokens - 45)  # the worker's prompt adds the system prompt
@@ -815,8 +842,9 @@ def table(res: dict[str, Any], opt: Options) -> str:
         f"{_graph_ms(res, min(opt.batches)):.2f} / {_graph_ms(res, max(opt.batches)):.2f} ms |",
         f"| TTFT, {opt.ttft_tokens}-token prompt | {res['ttft_s'] * 1e3:.0f} ms "
         f"(generate(): {res['ttft_generate_s'] * 1e3:.0f} ms) |",
-        f"| TTFT, {opt.followup_tokens}-token thread prefilled again (follow-up) | "
-        f"{res.get('ttft_followup_s', 0.0) * 1e3:.0f} ms |",
+        f"| TTFT, follow-up of 20 tokens in a {opt.followup_tokens}-token thread | "
+        f"{res.get('ttft_followup_s', 0.0) * 1e3:.0f} ms ({res.get('followup_reused_tokens', 0)} tokens "
+        f"reused; the thread's first prompt: {res.get('ttft_thread_cold_s', 0.0) * 1e3:.0f} ms) |",
         "",
         "| conversations | path | wall tok/s | decode tok/s | ms/token each | TTFT median (p90) | "
         "% of floor | worker/engine |",

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from bot.config import ModelConfig
 from bot.engine.base import PromptTokenizer, StreamStats
 from bot.engine.detok import IncrementalDecoder
+from bot.engine.prefix_cache import PrefixCache
 from bot.errors import GenerationError
 from bot.types import Settings, Turn
 
@@ -282,32 +283,46 @@ class DecodeCore:
         return out
 
     @torch.no_grad()
-    def prefill(self, row: int, ids: Sequence[int]) -> torch.Tensor:
-        """Fill ``row``'s cache with a prompt; the logits after its last token."""
+    def prefill(self, row: int, ids: Sequence[int], start: int = 0) -> torch.Tensor:
+        """Fill ``row``'s cache with a prompt; the logits after its last token.
+        With ``start``, the row already holds the first ``start`` tokens' keys
+        and values (a reused prefix): only the rest is computed."""
         n = len(ids)
         if n == 0 or n >= self.scratch:
             raise GenerationError(f"prompt of {n} tokens does not fit the cache ({self.scratch - 1})")
+        if not 0 <= start < n:
+            raise ValueError(f"start {start} outside a prompt of {n} tokens")
         hd, nkv = self.head_dim, self.n_kv
-        t = torch.tensor(ids, dtype=torch.long, device=self.device)
-        x = self.embed(t)[None]  # [1, n, D]
-        cos = self.cos[:n][None, None]
-        sin = self.sin[:n][None, None]
-        twins = self.prefill_twins if n >= self.twin_min_tokens else {}
+        m = n - start
+        t = torch.tensor(ids[start:], dtype=torch.long, device=self.device)
+        x = self.embed(t)[None]  # [1, m, D]
+        cos = self.cos[start:n][None, None]
+        sin = self.sin[start:n][None, None]
+        mask = None
+        if start:  # new token i sees cache positions 0..start+i
+            mask = self.ctx_range[:n][None, :] <= (start + self.ctx_range[:m])[:, None]
+        twins = self.prefill_twins if m >= self.twin_min_tokens else {}
 
         def proj(module: Any, inp: torch.Tensor) -> torch.Tensor:
             out: torch.Tensor = twins.get(id(module), module)(inp)
             return out
 
+        gqa = nkv != self.n_heads
         for li, layer in enumerate(self.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
-            q = self._rope(proj(attn.q_proj, h).view(1, n, self.n_heads, hd).transpose(1, 2), cos, sin)
-            k = self._rope(proj(attn.k_proj, h).view(1, n, nkv, hd).transpose(1, 2), cos, sin)
-            v = proj(attn.v_proj, h).view(1, n, nkv, hd).transpose(1, 2)
-            self.k_cache[li, row, :, :n] = k[0]
-            self.v_cache[li, row, :, :n] = v[0]
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=nkv != self.n_heads)
-            x = x + proj(attn.o_proj, o.transpose(1, 2).reshape(1, n, self.n_heads * hd))
+            q = self._rope(proj(attn.q_proj, h).view(1, m, self.n_heads, hd).transpose(1, 2), cos, sin)
+            k = self._rope(proj(attn.k_proj, h).view(1, m, nkv, hd).transpose(1, 2), cos, sin)
+            v = proj(attn.v_proj, h).view(1, m, nkv, hd).transpose(1, 2)
+            self.k_cache[li, row, :, start:n] = k[0]
+            self.v_cache[li, row, :, start:n] = v[0]
+            if mask is None:
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            else:
+                kc = self.k_cache[li, row, :, :n][None]
+                vc = self.v_cache[li, row, :, :n][None]
+                o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=gqa)
+            x = x + proj(attn.o_proj, o.transpose(1, 2).reshape(1, m, self.n_heads * hd))
             h = layer.post_attention_layernorm(x)
             if twins:
                 mlp = layer.mlp
@@ -523,6 +538,8 @@ class _Request:
     position: int = 0  # cache index the next token goes to
     last_token: int = 0
     first_token_at: float = 0.0
+    tokens: list[int] = field(default_factory=list)  # sampled so far
+    reused: int = 0  # prompt tokens whose keys and values came from a parked row
 
 
 def _deliver(batch: list[tuple[_Request, _Item]]) -> None:
@@ -549,6 +566,7 @@ class BatchScheduler:
         self.sampler = Sampler(core.max_batch, core.vocab, core.device)
         self.eos = set(eos_ids)
         self.on_finish = on_finish
+        self.prefix = PrefixCache(core.max_batch)  # finished replies' rows, for follow-ups
         self._inbox: queue.Queue[_Request | None] = queue.Queue()
         self._live: list[_Request] = []
         self._thread: threading.Thread | None = None
@@ -604,7 +622,8 @@ class BatchScheduler:
                 continue
             row = len(self._live)
             try:
-                logits = self.core.prefill(row, req.ids)[None]
+                start = self._claim(row, req)
+                logits = self.core.prefill(row, req.ids, start=start)[None]
                 finite = torch.isfinite(logits).all(dim=-1)
                 self.sampler.admit(row, req.ids)
                 tok = self.sampler.sample(logits, [req.settings], row0=row)[0]
@@ -614,6 +633,7 @@ class BatchScheduler:
                     self.core.clear(row)
                     _post(req, GenerationError(MSG_NON_FINITE))
                     continue
+                req.reused = start
             except GenerationError as exc:
                 _post(req, exc)
                 continue
@@ -626,12 +646,31 @@ class BatchScheduler:
             self._live.append(req)
             self._emit([(req, tok)])
 
+    def _claim(self, row: int, req: _Request) -> int:
+        """Make ``row`` (the next live row) ready for ``req``: the prefix of a
+        parked row that ``req.ids`` starts with is moved there (unless it is
+        there already); any other parked row there is evicted. The number of
+        prompt tokens whose keys and values are in place."""
+        hit = self.prefix.lookup(req.ids)
+        if hit is not None and hit[0] == row:
+            self.prefix.take(row)
+        else:
+            self.prefix.evict(row)
+            if hit is not None:
+                self.core.move(hit[0], row, hit[1])
+                self.prefix.take(hit[0])
+        if hit is not None:
+            self.prefix.reused_tokens += hit[1]
+            log.debug("prompt of %d tokens: %d reused from a parked row", len(req.ids), hit[1])
+        return hit[1] if hit is not None else 0
+
     def _emit(self, pairs: list[tuple[_Request, int]]) -> None:
         """Deliver one new token per request; retire finished rows."""
         out: dict[asyncio.AbstractEventLoop, list[tuple[_Request, _Item]]] = {}
         done: list[_Request] = []
         for req, tok in pairs:
             req.last_token = tok
+            req.tokens.append(tok)
             req.generated += 1
             finished = req.cancelled
             if not finished and tok in self.eos:
@@ -661,9 +700,17 @@ class BatchScheduler:
                 )
             )
 
-    def _retire(self, req: _Request) -> None:
+    def _retire(self, req: _Request, park: bool = True) -> None:
         row = self._live.index(req)
         last = len(self._live) - 1
+        if park:  # keep its keys and values for a follow-up (bot/engine/prefix_cache.py)
+            fed = (req.ids + req.tokens)[: req.position]
+            dest = self.prefix.free_row(len(self._live), exclude=last, evict=row != last)
+            dest = row if dest is None and row == last else dest
+            if dest is not None:
+                if dest != row:
+                    self.core.move(row, dest, req.position)
+                self.prefix.park(dest, fed)
         if row != last:
             moved = self._live[last]
             self.core.move(last, row, moved.position)
@@ -696,7 +743,7 @@ class BatchScheduler:
                     _post(req, GenerationError(MSG_NON_FINITE))
                     self._finished_stats(req)
                     self.core.clear(self._live.index(req))
-                    self._retire(req)
+                    self._retire(req, park=False)
             pairs = [p for p, good in zip(pairs, ok, strict=True) if good]
         self._emit(pairs)
 
