@@ -325,10 +325,13 @@ def random_prompt(rng: torch.Generator, length: int, vocab: int) -> list[int]:
 
 
 async def engine_run(
-    engine: BatchedEngine, prompts: list[list[int]], settings: Settings
+    engine: BatchedEngine, prompts: list[list[int]], settings: Settings, cold: bool = True
 ) -> RunResult:
-    """N conversations straight into the engine (text streams, detok included)."""
+    """N conversations straight into the engine (text streams, detok included),
+    cold: no prefix of theirs is reused from earlier runs."""
     engine.finished.clear()
+    if cold and engine.scheduler is not None:
+        engine.scheduler.prefix.clear()
 
     async def one(p: list[int]) -> None:
         async for _ in engine.stream(p, settings):
@@ -404,6 +407,8 @@ async def worker_run(
                       max_pending_per_user=4 * n + 8),
     )
     engine.finished.clear()
+    if engine.scheduler is not None:  # as cold as the engine's own run of these prompts
+        engine.scheduler.prefix.clear()
     async with Store(config.database_path()) as store:
         bot = Bot(config, store, engine)
         await bot.start()
@@ -533,13 +538,14 @@ async def followup_run(
     first prompt's (everything prefilled)."""
     history = random_prompt(rng, total - 40, vocab)
     engine.finished.clear()
+    assert engine.scheduler is not None
+    engine.scheduler.prefix.clear()
     reply = [t async for chunk in engine.stream_ids(history, replace(settings, max_new_tokens=20))
              for t in chunk]
     cold = engine.finished[-1].first_token_s
-    assert engine.scheduler is not None
     before = engine.scheduler.prefix.reused_tokens
     follow = [*history, *reply, *random_prompt(rng, 21, vocab)[1:]]
-    r = await engine_run(engine, [follow], replace(settings, max_new_tokens=1))
+    r = await engine_run(engine, [follow], replace(settings, max_new_tokens=1), cold=False)
     res["ttft_followup_s"] = r.ttft_s
     res["ttft_thread_cold_s"] = cold
     res["followup_reused_tokens"] = engine.scheduler.prefix.reused_tokens - before

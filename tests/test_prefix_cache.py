@@ -24,10 +24,15 @@ def prompt(seed: int, n: int) -> list[int]:
     return [1, *torch.randint(3, VOCAB, (n - 1,), generator=g).tolist()]
 
 
-async def test_follow_up_reuses_the_thread_and_matches_generate(tiny_model: Any, llama_tok: Any) -> None:  # noqa: F811
-    cfg = ModelConfig(id="tiny", max_batch=2, context_length=128)
-    engine = BatchedEngine.over(tiny_model, llama_tok, cfg, eos_ids=(), max_len=129)
+async def started(model: Any, tokenizer: Any, max_batch: int) -> BatchedEngine:
+    cfg = ModelConfig(id="tiny", max_batch=max_batch, context_length=128)
+    engine = BatchedEngine.over(model, tokenizer, cfg, eos_ids=(), max_len=129)
     await engine.start()
+    return engine
+
+
+async def test_follow_up_reuses_the_thread_and_matches_generate(tiny_model: Any, llama_tok: Any) -> None:  # noqa: F811
+    engine = await started(tiny_model, llama_tok, max_batch=2)
     try:
         first = prompt(5, 40)
         reply = await collect(engine.stream_ids(first, greedy(8)))
@@ -54,9 +59,7 @@ async def test_parked_row_moves_to_the_next_live_row(tiny_model: Any, llama_tok:
     """A finished reply is parked in a top row; two other conversations take
     rows 0 and 1; the follow-up, admitted into row 2, gets its prefix copied
     there from the parked row while the others decode."""
-    cfg = ModelConfig(id="tiny", max_batch=4, context_length=128)
-    engine = BatchedEngine.over(tiny_model, llama_tok, cfg, eos_ids=(), max_len=129)
-    await engine.start()
+    engine = await started(tiny_model, llama_tok, max_batch=4)
     try:
         first = prompt(8, 34)
         reply = await collect(engine.stream_ids(first, greedy(6)))

@@ -73,6 +73,10 @@ class PrefixCache:
         if self._parked.pop(row, None) is not None:
             self.hits += 1
 
+    def clear(self) -> None:
+        """Forget every parked row (benchmarks measuring cold prompts)."""
+        self._parked.clear()
+
     def evict(self, row: int) -> None:
         if self._parked.pop(row, None) is not None:
             self.evictions += 1
