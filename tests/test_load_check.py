@@ -128,3 +128,19 @@ async def test_non_finite_logits_while_serving_fail_only_that_reply(
         assert err_clean is None and len(clean) == 6
     finally:
         await engine.close()
+
+
+def test_kernels_measured_wrong_are_refused_before_loading() -> None:
+    from bot.engine.transformers import gptq_load_backend
+
+    def backend(name: str, group: int, desc_act: bool) -> str:
+        cfg = ModelConfig(id="TheBloke/x", device_map="cpu", gptq_backend=name)  # type: ignore[arg-type]
+        return gptq_load_backend(cfg, {"group_size": group, "desc_act": desc_act}, True)
+
+    for group, desc_act in ((-1, True), (-1, False), (128, True)):
+        with pytest.raises(ConfigError, match=r'exllama_v2 kernel .*set \[model\] gptq_backend = "marlin"'):
+            backend("exllama_v2", group, desc_act)
+    assert backend("exllama_v2", 128, False) == "exllama_v2"
+    assert backend("torch", -1, True) == "torch"
+    # regrouping into Marlin needs the GPU; on the CPU the choice is left as it is
+    assert backend("marlin", -1, True) == "marlin"
