@@ -19,7 +19,13 @@ the GPTQ ``q/k/v/o_proj`` and MLP layers, ``lm_head``), not ``generate()``:
 - the small element-wise work between the GPTQ products (rope, softmax,
   residual + RMSNorm, SiLU x up) is fused by ``torch.compile`` on the GPU;
 - a prompt is prefilled alone, eagerly (its matrix products are large enough
-  to hide the launches), between two decode steps.
+  to hide the launches), between two decode steps; long prompts go through
+  prompt-time twins of the quantized modules where the loader kept them
+  (``DecodeCore.set_prefill_twins``);
+- a finished reply's cache row is parked for a follow-up, which then
+  prefills only its new tokens (``bot.engine.prefix_cache``);
+- a row whose logits are not finite fails that reply alone (nothing is
+  sampled from them) and its cache row is zeroed.
 
 Measured on an H100 with a Xwin-70B-shaped GPTQ model (docs/benchmarks.md,
 docs/gpu-notes.md): 21.6 ms/step at 1 conversation (eager ``generate()``:
