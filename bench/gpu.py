@@ -48,7 +48,7 @@ from bot.engine.batched import BatchedEngine
 from bot.engine.transformers import TransformersEngine, generation_kwargs
 from bot.types import ConversationKey, Incoming, Settings
 
-RECIPE = 3  # bump when the checkpoint recipe changes
+RECIPE = 4  # bump when the checkpoint recipe changes
 
 
 @dataclass(frozen=True)
@@ -62,13 +62,21 @@ class Shape:
     group: int
     context: int
     gptq: bool
+    desc_act: bool = False  # act order: g_idx a permutation's groups (no effect at group -1)
 
     @property
     def head_dim(self) -> int:
         return self.hidden // self.heads
 
+    def groups(self, fin: int) -> int:
+        """Quantization groups along an input dimension of ``fin`` (1 at group size -1)."""
+        return 1 if self.group <= 0 else fin // self.group
 
-XWIN_70B = Shape(80, 8192, 28672, 64, 8, 32000, 128, 4096, True)
+
+# The reference checkpoint, TheBloke/Xwin-LM-70B-V0.1-GPTQ branch main: 4 bits,
+# group size -1 (one scale per column), act order, GPTQ v1 zero points, sym.
+XWIN_70B = Shape(80, 8192, 28672, 64, 8, 32000, -1, 4096, True, desc_act=True)
+# Its branch gptq-4bit-128g-actorder_True: `--group 128`.
 TINY = Shape(2, 64, 160, 4, 2, 512, 32, 512, False)
 
 
@@ -150,7 +158,6 @@ def build_checkpoint(dest: Path, shape: Shape, seed: int = 0) -> float:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator(device=dev).manual_seed(seed)
     h, m, kvd = shape.hidden, shape.intermediate, shape.kv_heads * shape.head_dim
-    g = shape.group
     projs = {
         "self_attn.q_proj": (h, h),
         "self_attn.k_proj": (h, kvd),
@@ -179,12 +186,13 @@ def build_checkpoint(dest: Path, shape: Shape, seed: int = 0) -> float:
             t[p + ".qweight"] = rand_i32(fin // 8, fout)
             # zero point 8 (stored as 7 in the GPTQ v1 format); scale 1/(4 x 4.6 sqrt(in)):
             # each layer adds a quarter of unit variance (80 layers at full scale overflow fp16)
-            t[p + ".qzeros"] = torch.full((fin // g, fout // 8), 0x77777777, dtype=torch.int32, device=dev)
+            ng = shape.groups(fin)
+            t[p + ".qzeros"] = torch.full((ng, fout // 8), 0x77777777, dtype=torch.int32, device=dev)
             base = 0.25 / (4.6 * math.sqrt(fin))
             t[p + ".scales"] = (
-                base * (0.5 + torch.rand((fin // g, fout), device=dev, generator=gen))
+                base * (0.5 + torch.rand((ng, fout), device=dev, generator=gen))
             ).half()
-            t[p + ".g_idx"] = (torch.arange(fin, device=dev) // g).to(torch.int32)
+            t[p + ".g_idx"] = _g_idx(fin, ng, shape.desc_act, gen, dev)
         ones = torch.ones(h, dtype=torch.float16, device=dev)
         t[f"model.layers.{i}.input_layernorm.weight"] = ones
         t[f"model.layers.{i}.post_attention_layernorm.weight"] = ones.clone()
@@ -204,8 +212,8 @@ def build_checkpoint(dest: Path, shape: Shape, seed: int = 0) -> float:
     cfg["quantization_config"] = {
         "quant_method": "gptq",
         "bits": 4,
-        "group_size": g,
-        "desc_act": False,
+        "group_size": shape.group,
+        "desc_act": shape.desc_act,
         "sym": True,
         "damp_percent": 0.1,
         "checkpoint_format": "gptq",
@@ -216,6 +224,18 @@ def build_checkpoint(dest: Path, shape: Shape, seed: int = 0) -> float:
     )
     marker.write_text(json.dumps(want))
     return time.perf_counter() - t0
+
+
+def _g_idx(fin: int, groups: int, desc_act: bool, gen: torch.Generator, dev: torch.device) -> torch.Tensor:
+    """Each input row's group. With act order, GPTQ quantizes the rows in a
+    permuted order (largest Hessian diagonal first) and stores the original
+    order: a row's group is its rank in the permutation // group size."""
+    if groups == 1:
+        return torch.zeros(fin, dtype=torch.int32, device=dev)
+    rank = torch.arange(fin, device=dev)
+    if desc_act:
+        rank = torch.argsort(torch.randperm(fin, device=dev, generator=gen))
+    return (rank // (fin // groups)).to(torch.int32)
 
 
 # -- measurements -------------------------------------------------------------
@@ -255,7 +275,7 @@ def weight_bytes(shape: Shape) -> float:
     per_layer = 0.0
     for fin, fout in ((h, h), (h, kvd), (h, kvd), (h, h), (h, m), (h, m), (m, h)):
         if shape.gptq:
-            per_layer += fin * fout / 2 + (fin / shape.group) * fout * (2 + 0.5)
+            per_layer += fin * fout / 2 + shape.groups(fin) * fout * (2 + 0.5)
         else:
             per_layer += fin * fout * 4
         per_layer += 2 * h * 2
@@ -287,6 +307,7 @@ def _summarize(n: int, stats: list[StreamStats], wall: float) -> RunResult:
         (s.total_s - s.first_token_s) / (s.new_tokens - 1) for s in stats if s.new_tokens > 1
     ]
     rates = [1.0 / x for x in per_tok if x > 0]
+    firsts = sorted(s.first_token_s for s in stats)
     return RunResult(
         n=n,
         tokens=sum(s.new_tokens for s in stats),
@@ -294,6 +315,7 @@ def _summarize(n: int, stats: list[StreamStats], wall: float) -> RunResult:
         decode_ms_per_token=1e3 * statistics.mean(per_tok) if per_tok else 0.0,
         ttft_s=statistics.median([s.first_token_s for s in stats]) if stats else 0.0,
         decode_tok_s=sum(rates),
+        extra={"ttft_p90_s": firsts[min(len(firsts) - 1, int(0.9 * len(firsts)))] if firsts else 0.0},
     )
 
 
@@ -303,10 +325,13 @@ def random_prompt(rng: torch.Generator, length: int, vocab: int) -> list[int]:
 
 
 async def engine_run(
-    engine: BatchedEngine, prompts: list[list[int]], settings: Settings
+    engine: BatchedEngine, prompts: list[list[int]], settings: Settings, cold: bool = True
 ) -> RunResult:
-    """N conversations straight into the engine (text streams, detok included)."""
+    """N conversations straight into the engine (text streams, detok included),
+    cold: no prefix of theirs is reused from earlier runs."""
     engine.finished.clear()
+    if cold and engine.scheduler is not None:
+        engine.scheduler.prefix.clear()
 
     async def one(p: list[int]) -> None:
         async for _ in engine.stream(p, settings):
@@ -382,6 +407,8 @@ async def worker_run(
                       max_pending_per_user=4 * n + 8),
     )
     engine.finished.clear()
+    if engine.scheduler is not None:  # as cold as the engine's own run of these prompts
+        engine.scheduler.prefix.clear()
     async with Store(config.database_path()) as store:
         bot = Bot(config, store, engine)
         await bot.start()
@@ -453,6 +480,30 @@ def generate_run(
     return res
 
 
+def generate_batch_run(model: Any, prompts: list[list[int]], new_tokens: int) -> RunResult:
+    """transformers' own continuous batching (``generate_batch``: paged
+    attention, its own scheduler), greedy, all prompts submitted together.
+    Its TTFT is not observable from outside: the median is left at 0."""
+    import inspect
+
+    from transformers import GenerationConfig
+
+    cfg = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    accepted = inspect.signature(model.generate_batch).parameters
+    kw: dict[str, Any] = {k: v for k, v in {"progress_bar": False}.items() if k in accepted}
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    # not under inference_mode: its scheduler thread updates tensors made here
+    with torch.no_grad():
+        out = model.generate_batch(inputs=prompts, generation_config=cfg, **kw)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    tokens = sum(len(getattr(o, "generated_tokens", []) or []) for o in out.values())
+    return RunResult(len(prompts), tokens, wall, 0.0, 0.0, tokens / wall if wall > 0 else 0.0)
+
+
 def check_logits(engine: BatchedEngine, model: Any, vocab: int, length: int) -> tuple[float, float]:
     """Relative error of the batched path's logits against transformers'
     forward: after a prefill, and after one graph-replayed decode step of two rows."""
@@ -477,6 +528,50 @@ def check_logits(engine: BatchedEngine, model: Any, vocab: int, length: int) -> 
     return prefill_err, step_err
 
 
+async def followup_run(
+    engine: BatchedEngine, res: dict[str, Any], rng: torch.Generator, total: int, vocab: int,
+    settings: Settings,
+) -> None:
+    """A thread of ``total`` tokens: a prompt of ``total - 40`` tokens gets a
+    20-token reply; then the follow-up (prompt + reply + 20 new tokens) is
+    sent. Its TTFT, with the parked row's keys and values reused, against the
+    first prompt's (everything prefilled)."""
+    history = random_prompt(rng, total - 40, vocab)
+    engine.finished.clear()
+    assert engine.scheduler is not None
+    engine.scheduler.prefix.clear()
+    reply = [t async for chunk in engine.stream_ids(history, replace(settings, max_new_tokens=20))
+             for t in chunk]
+    cold = engine.finished[-1].first_token_s
+    before = engine.scheduler.prefix.reused_tokens
+    follow = [*history, *reply, *random_prompt(rng, 21, vocab)[1:]]
+    r = await engine_run(engine, [follow], replace(settings, max_new_tokens=1), cold=False)
+    res["ttft_followup_s"] = r.ttft_s
+    res["ttft_thread_cold_s"] = cold
+    res["followup_reused_tokens"] = engine.scheduler.prefix.reused_tokens - before
+    log(f"follow-up of {len(follow)} tokens: TTFT {r.ttft_s * 1e3:.0f} ms with "
+        f"{res['followup_reused_tokens']} reused; its thread's first prompt ({len(history)} tokens) "
+        f"{cold * 1e3:.0f} ms")
+
+
+def check_long_prefill(engine: BatchedEngine, model: Any, vocab: int, length: int) -> float:
+    """Relative error against transformers' forward of a long prompt's
+    prefill logits (through the prompt-time twins where the engine has them)
+    and of 20 more tokens prefilled onto the same row (prefix reuse)."""
+    from bot.engine.fidelity import forward_logits, relative_error
+
+    core = engine.core
+    assert core is not None
+    ids = random_prompt(torch.Generator().manual_seed(2), length, vocab)
+    with torch.inference_mode():
+        got = core.prefill(0, ids)
+        err = relative_error(got, forward_logits(model, ids)[-1])
+        # the same row extended by 20 tokens, as a follow-up reusing its prefix is
+        more = [*ids, *random_prompt(torch.Generator().manual_seed(4), 21, vocab)[1:]]
+        ext = core.prefill(0, more, start=len(ids))
+        return max(err, relative_error(ext, forward_logits(model, more)[-1]))
+
+
 # -- the run ------------------------------------------------------------------
 
 
@@ -494,6 +589,8 @@ class Options:
     baseline_max: int
     out: Path | None
     no_compile: bool
+    group: int = 0
+    followup_tokens: int = 0
 
 
 def parse(argv: list[str] | None) -> Options:
@@ -502,6 +599,10 @@ def parse(argv: list[str] | None) -> Options:
     ap.add_argument("--checkpoint", type=Path, default=None, help="where the synthetic checkpoint lives")
     ap.add_argument("--backend", default="marlin", help="GPTQ kernel: marlin, exllama_v2, triton, torch")
     ap.add_argument("--layers", type=int, default=0, help="override the layer count (quick tries)")
+    ap.add_argument("--followup-tokens", type=int, default=3020,
+                    help="TTFT of a thread this long (3,000 tokens of history + 20 new)")
+    ap.add_argument("--group", type=int, default=0,
+                    help="GPTQ group size (default -1, the reference; 128: its 128g act-order branch)")
     ap.add_argument("--batches", default="1,4,16,32")
     ap.add_argument("--prompt-tokens", type=int, default=0)
     ap.add_argument("--new-tokens", type=int, default=0)
@@ -518,7 +619,7 @@ def parse(argv: list[str] | None) -> Options:
 
         need = weight_bytes(replace(XWIN_70B, layers=a.layers or XWIN_70B.layers)) * 1.1
         if shutil.disk_usage("/dev/shm").free > need:  # RAM-backed: fast to write and read
-            default_ckpt = Path("/dev/shm/xwin-bench-70b")
+            default_ckpt = Path(f"/dev/shm/xwin-bench-70b-g{a.group or -1}")
     return Options(
         tiny=tiny,
         checkpoint=a.checkpoint or default_ckpt,
@@ -532,6 +633,8 @@ def parse(argv: list[str] | None) -> Options:
         baseline_max=a.baseline_max or (32 if tiny else 8),
         out=a.out,
         no_compile=bool(a.no_compile),
+        group=a.group,
+        followup_tokens=100 if tiny else a.followup_tokens,
     )
 
 
@@ -543,6 +646,8 @@ async def main_async(opt: Options) -> dict[str, Any]:
     shape = TINY if opt.tiny else XWIN_70B
     if opt.layers:
         shape = replace(shape, layers=opt.layers)
+    if opt.group and shape.gptq:
+        shape = replace(shape, group=opt.group)
     cuda = torch.cuda.is_available() and not opt.tiny
     dev = torch.device("cuda:0" if cuda else "cpu")
     res: dict[str, Any] = {"shape": shape.__dict__, "backend": opt.backend if shape.gptq else "none"}
@@ -568,7 +673,7 @@ async def main_async(opt: Options) -> dict[str, Any]:
     log(f"checkpoint at {opt.checkpoint} (built in {res['build_s']:.1f} s)")
 
     max_batch = max(opt.batches)
-    ctx_needed = max(opt.prompt_tokens + opt.new_tokens + 64, opt.ttft_tokens + 8)
+    ctx_needed = max(opt.prompt_tokens + opt.new_tokens + 64, opt.ttft_tokens + 8, opt.followup_tokens + 8)
     mcfg = ModelConfig(
         id=str(opt.checkpoint),
         device_map="cuda:0" if cuda else "cpu",
@@ -579,6 +684,7 @@ async def main_async(opt: Options) -> dict[str, Any]:
     )
     t0 = time.perf_counter()
     loader = TransformersEngine(mcfg)
+    loader.keep_prefill_twins = True  # as BatchedEngine loads
     loader.load()  # the project's loading code path
     res["load_s"] = time.perf_counter() - t0
     model, tok = loader.model, loader.tokenizer
@@ -591,15 +697,22 @@ async def main_async(opt: Options) -> dict[str, Any]:
     )
     core = engine.core
     assert core is not None
+    core.set_prefill_twins(loader.prefill_twins)
     res["cache_len"] = cache_len
     t0 = time.perf_counter()
     pe, se = check_logits(engine, model, shape.vocab, 48)
-    if not (pe < 1e-2 and se < 1e-2):
+    le = check_long_prefill(engine, model, shape.vocab, opt.ttft_tokens)
+    if not (pe < 1e-2 and se < 1e-2 and le < 1e-2):
         log("WARNING: the batched path does not match transformers' forward")
     res["check_prefill_rel_err"], res["check_step_rel_err"] = pe, se
-    log(f"check vs transformers forward: prefill rel err {pe:.2e}, decode step {se:.2e}")
+    res["check_long_prefill_rel_err"] = le
+    log(f"check vs transformers forward: prefill rel err {pe:.2e}, decode step {se:.2e}, "
+        f"{opt.ttft_tokens}-token prefill {le:.2e}")
     ctxs = sorted(range(opt.prompt_tokens + 1, opt.prompt_tokens + opt.new_tokens + 48, 256))
     core.warmup(sorted(set(opt.batches) | {1}), ctxs)
+    engine._description = loader.describe()
+    res["load_check"] = engine.verify(loader.probe_logits)  # the engine's own start-up check
+    log(f"load check (batched vs forward, probe prompt): {res['load_check']}")
     res["capture_s"] = time.perf_counter() - t0
     log(f"graphs captured in {core.capture_s:.1f} s (compiled glue: {core.glue is not None})")
 
@@ -616,8 +729,12 @@ async def main_async(opt: Options) -> dict[str, Any]:
         ttfts.append(r.ttft_s)
     res["ttft_s"] = statistics.median(ttfts)
     log(f"TTFT {opt.ttft_tokens} tokens: {res['ttft_s'] * 1e3:.0f} ms")
+    # a follow-up of 20 tokens in a thread with 3,000 tokens of history: with
+    # no prefix cache the whole thread is prefilled again
+    if opt.followup_tokens:
+        await followup_run(engine, res, rng, opt.followup_tokens, shape.vocab, settings)
 
-    runs: dict[str, dict[int, RunResult]] = {"engine": {}, "worker": {}, "generate": {}}
+    runs: dict[str, dict[int, RunResult]] = {"engine": {}, "worker": {}, "generate": {}, "generate_batch": {}}
     words = max(1, opt.prompt_tokens - 45)  # the worker's prompt adds the system prompt
     # warm-up at the run's shapes (first-use kernel selection stays out of the numbers)
     await engine_run(engine, worker_prompt_ids(engine, worker_texts(1, words, shape.vocab), settings),
@@ -661,6 +778,18 @@ async def main_async(opt: Options) -> dict[str, Any]:
         prompts = [random_prompt(rng, opt.prompt_tokens, shape.vocab) for _ in range(n)]
         runs["generate"][n] = generate_run(model, tok, prompts, base_settings, opt.baseline_max)
         log(f"generate n={n}: {runs['generate'][n]}")
+    # transformers' own continuous batching, same checkpoint, same prompt lengths
+    # (at the largest batch only: eager, it is slow; ~20 s a call on the CPU)
+    for i, n in enumerate([] if opt.tiny else [0, max(opt.batches)]):
+        prompts = [random_prompt(rng, opt.prompt_tokens, shape.vocab) for _ in range(max(n, 1))]
+        try:
+            r = generate_batch_run(model, prompts, opt.baseline_tokens * 4 if n else 4)
+        except Exception as exc:  # keep the other rows
+            log(f"generate_batch n={n} failed: {exc!r}")
+            r = RunResult(n, 0, 0.0, 0.0, 0.0, 0.0, {"error": repr(exc)[:300]})
+        if i:  # the first call is a warm-up
+            runs["generate_batch"][n] = r
+            log(f"generate_batch n={n}: {r}")
     # TTFT of the seed's way
     r = generate_run(model, tok, [long_prompt], replace(settings, max_new_tokens=1), 1)
     res["ttft_generate_s"] = r.ttft_s
@@ -706,7 +835,8 @@ def table(res: dict[str, Any], opt: Options) -> str:
         f"{res['weight_gb']:.2f} GB; prompts {opt.prompt_tokens} tok, {opt.new_tokens} new "
         f"(generate(): {opt.baseline_tokens} new)",
         f"check vs transformers: prefill rel err {res['check_prefill_rel_err']:.1e}, "
-        f"graph decode step {res['check_step_rel_err']:.1e}",
+        f"graph decode step {res['check_step_rel_err']:.1e}, "
+        f"{opt.ttft_tokens}-token prefill {res['check_long_prefill_rel_err']:.1e}",
         "",
         "| metric | value |",
         "|---|---|",
@@ -717,8 +847,11 @@ def table(res: dict[str, Any], opt: Options) -> str:
         f"{_graph_ms(res, min(opt.batches)):.2f} / {_graph_ms(res, max(opt.batches)):.2f} ms |",
         f"| TTFT, {opt.ttft_tokens}-token prompt | {res['ttft_s'] * 1e3:.0f} ms "
         f"(generate(): {res['ttft_generate_s'] * 1e3:.0f} ms) |",
+        f"| TTFT, follow-up of 20 tokens in a {opt.followup_tokens}-token thread | "
+        f"{res.get('ttft_followup_s', 0.0) * 1e3:.0f} ms ({res.get('followup_reused_tokens', 0)} tokens "
+        f"reused; the thread's first prompt: {res.get('ttft_thread_cold_s', 0.0) * 1e3:.0f} ms) |",
         "",
-        "| conversations | path | wall tok/s | decode tok/s | ms/token each | TTFT median | "
+        "| conversations | path | wall tok/s | decode tok/s | ms/token each | TTFT median (p90) | "
         "% of floor | worker/engine |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -726,18 +859,24 @@ def table(res: dict[str, Any], opt: Options) -> str:
     for n in opt.batches:
         key = str(n)
         eng = runs["engine"][key]
-        for kind in ("engine", "worker", "generate"):
-            r = runs[kind][key]
+        for kind in ("engine", "worker", "generate", "generate_batch"):
+            r = runs[kind].get(key)
+            if r is None:
+                continue
             ratio = (f"{r['wall_tok_s'] / eng['wall_tok_s']:.3f}"
                      if kind == "worker" and eng["wall_tok_s"] > 0 else "")
             label = {"engine": "batched engine", "worker": "bot worker + engine",
-                     "generate": "sequential generate()"}[kind]
+                     "generate": "sequential generate()",
+                     "generate_batch": "transformers generate_batch"}[kind]
             if kind == "generate" and r["extra"].get("measured", n) < n:
                 label += f" ({r['extra']['measured']} run, rest scaled)"
+            if r["extra"].get("error"):
+                label += " (failed: " + r["extra"]["error"][:80] + ")"
             pct = 100 * r["decode_tok_s"] / r["floor_tok_s"]
             lines.append(
                 f"| {n} | {label} | {r['wall_tok_s']:.1f} | {r['decode_tok_s']:.1f} | "
-                f"{r['decode_ms_per_token']:.1f} | {r['ttft_s'] * 1e3:.0f} ms | {pct:.0f}% | {ratio} |"
+                f"{r['decode_ms_per_token']:.1f} | {r['ttft_s'] * 1e3:.0f} ms "
+                f"(p90 {r['extra'].get('ttft_p90_s', 0.0) * 1e3:.0f}) | {pct:.0f}% | {ratio} |"
             )
     lines.append("")
     d = res.get("diag", {})

@@ -19,7 +19,13 @@ the GPTQ ``q/k/v/o_proj`` and MLP layers, ``lm_head``), not ``generate()``:
 - the small element-wise work between the GPTQ products (rope, softmax,
   residual + RMSNorm, SiLU x up) is fused by ``torch.compile`` on the GPU;
 - a prompt is prefilled alone, eagerly (its matrix products are large enough
-  to hide the launches), between two decode steps.
+  to hide the launches), between two decode steps; long prompts go through
+  prompt-time twins of the quantized modules where the loader kept them
+  (``DecodeCore.set_prefill_twins``);
+- a finished reply's cache row is parked for a follow-up, which then
+  prefills only its new tokens (``bot.engine.prefix_cache``);
+- a row whose logits are not finite fails that reply alone (nothing is
+  sampled from them) and its cache row is zeroed.
 
 Measured on an H100 with a Xwin-70B-shaped GPTQ model (docs/benchmarks.md,
 docs/gpu-notes.md): 21.6 ms/step at 1 conversation (eager ``generate()``:
@@ -34,6 +40,7 @@ tiny Llama).
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import queue
 import threading
@@ -48,9 +55,19 @@ import torch.nn.functional as F
 from bot.config import ModelConfig
 from bot.engine.base import PromptTokenizer, StreamStats
 from bot.engine.detok import IncrementalDecoder
+from bot.engine.prefix_cache import PrefixCache
 from bot.errors import GenerationError
 from bot.types import Settings, Turn
 
+log = logging.getLogger(__name__)
+
+# What a chat user sees when the model fails mid-reply (details go to the log).
+MSG_NON_FINITE = "the model produced invalid numbers (NaN) and this reply was stopped"
+
+# Prompts this long or longer are prefilled through the prompt-time twins
+# (GPTQModel's torch kernel: dequantize + cuBLAS). H200, 8 Xwin-70B layers,
+# ms twin / Marlin: 64 tokens 19 / 11, 256: 19 / 13, 512: 22 / 22, 1,000: 33 / 47.
+TWIN_MIN_TOKENS = 512
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 _CTX_BUCKETS = tuple(range(256, 32768 + 1, 256))  # attention reads at most 255 extra positions
 
@@ -154,6 +171,15 @@ class DecodeCore:
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool: Any = None
         self.capture_s = 0.0
+        # Prompt-time twins: id(quantized module) -> the same weights in another
+        # kernel's packing, used for prompts of twin_min_tokens or more.
+        self.prefill_twins: dict[int, Any] = {}
+        self.twin_min_tokens = TWIN_MIN_TOKENS
+
+    def set_prefill_twins(self, pairs: Sequence[tuple[Any, Any]]) -> None:
+        """(module, twin) pairs (``TransformersEngine.prefill_twins``): long
+        prompts go through the twins, decode steps through the modules."""
+        self.prefill_twins = {id(module): twin for module, twin in pairs}
 
     def set_compiled_glue(self, on: bool) -> None:
         """Fuse the small element-wise work around the GPTQ products (rope,
@@ -262,27 +288,52 @@ class DecodeCore:
         return out
 
     @torch.no_grad()
-    def prefill(self, row: int, ids: Sequence[int]) -> torch.Tensor:
-        """Fill ``row``'s cache with a prompt; the logits after its last token."""
+    def prefill(self, row: int, ids: Sequence[int], start: int = 0) -> torch.Tensor:
+        """Fill ``row``'s cache with a prompt; the logits after its last token.
+        With ``start``, the row already holds the first ``start`` tokens' keys
+        and values (a reused prefix): only the rest is computed."""
         n = len(ids)
         if n == 0 or n >= self.scratch:
             raise GenerationError(f"prompt of {n} tokens does not fit the cache ({self.scratch - 1})")
+        if not 0 <= start < n:
+            raise ValueError(f"start {start} outside a prompt of {n} tokens")
         hd, nkv = self.head_dim, self.n_kv
-        t = torch.tensor(ids, dtype=torch.long, device=self.device)
-        x = self.embed(t)[None]  # [1, n, D]
-        cos = self.cos[:n][None, None]
-        sin = self.sin[:n][None, None]
+        m = n - start
+        t = torch.tensor(ids[start:], dtype=torch.long, device=self.device)
+        x = self.embed(t)[None]  # [1, m, D]
+        cos = self.cos[start:n][None, None]
+        sin = self.sin[start:n][None, None]
+        mask = None
+        if start:  # new token i sees cache positions 0..start+i
+            mask = self.ctx_range[:n][None, :] <= (start + self.ctx_range[:m])[:, None]
+        twins = self.prefill_twins if m >= self.twin_min_tokens else {}
+
+        def proj(module: Any, inp: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = twins.get(id(module), module)(inp)
+            return out
+
+        gqa = nkv != self.n_heads
         for li, layer in enumerate(self.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
-            q = self._rope(attn.q_proj(h).view(1, n, self.n_heads, hd).transpose(1, 2), cos, sin)
-            k = self._rope(attn.k_proj(h).view(1, n, nkv, hd).transpose(1, 2), cos, sin)
-            v = attn.v_proj(h).view(1, n, nkv, hd).transpose(1, 2)
-            self.k_cache[li, row, :, :n] = k[0]
-            self.v_cache[li, row, :, :n] = v[0]
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=nkv != self.n_heads)
-            x = x + attn.o_proj(o.transpose(1, 2).reshape(1, n, self.n_heads * hd))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            q = self._rope(proj(attn.q_proj, h).view(1, m, self.n_heads, hd).transpose(1, 2), cos, sin)
+            k = self._rope(proj(attn.k_proj, h).view(1, m, nkv, hd).transpose(1, 2), cos, sin)
+            v = proj(attn.v_proj, h).view(1, m, nkv, hd).transpose(1, 2)
+            self.k_cache[li, row, :, start:n] = k[0]
+            self.v_cache[li, row, :, start:n] = v[0]
+            if mask is None:
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            else:
+                kc = self.k_cache[li, row, :, :n][None]
+                vc = self.v_cache[li, row, :, :n][None]
+                o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=gqa)
+            x = x + proj(attn.o_proj, o.transpose(1, 2).reshape(1, m, self.n_heads * hd))
+            h = layer.post_attention_layernorm(x)
+            if twins:
+                mlp = layer.mlp
+                x = x + proj(mlp.down_proj, mlp.act_fn(proj(mlp.gate_proj, h)) * proj(mlp.up_proj, h))
+            else:
+                x = x + layer.mlp(h)
         out: torch.Tensor = self.lm_head(self.norm(x[:, -1]))[0]
         return out
 
@@ -409,6 +460,13 @@ class DecodeCore:
                     self._graph(*self.buckets(n, c - 1))
 
     @torch.no_grad()
+    def clear(self, row: int) -> None:
+        """Zero a row's cache: attention multiplies masked positions by 0,
+        and 0 x NaN left by a failed reply would poison the row's next user."""
+        self.k_cache[:, row].zero_()
+        self.v_cache[:, row].zero_()
+
+    @torch.no_grad()
     def move(self, src: int, dst: int, length: int) -> None:
         if src != dst and length > 0:
             self.k_cache[:, dst, :, :length] = self.k_cache[:, src, :, :length]
@@ -485,6 +543,8 @@ class _Request:
     position: int = 0  # cache index the next token goes to
     last_token: int = 0
     first_token_at: float = 0.0
+    tokens: list[int] = field(default_factory=list)  # sampled so far
+    reused: int = 0  # prompt tokens whose keys and values came from a parked row
 
 
 def _deliver(batch: list[tuple[_Request, _Item]]) -> None:
@@ -511,6 +571,7 @@ class BatchScheduler:
         self.sampler = Sampler(core.max_batch, core.vocab, core.device)
         self.eos = set(eos_ids)
         self.on_finish = on_finish
+        self.prefix = PrefixCache(core.max_batch)  # finished replies' rows, for follow-ups
         self._inbox: queue.Queue[_Request | None] = queue.Queue()
         self._live: list[_Request] = []
         self._thread: threading.Thread | None = None
@@ -565,17 +626,44 @@ class BatchScheduler:
                 continue
             row = len(self._live)
             try:
-                logits = self.core.prefill(row, req.ids)
+                start = self._claim(row, req)
+                logits = self.core.prefill(row, req.ids, start=start)[None]
+                finite = torch.isfinite(logits).all(dim=-1)
                 self.sampler.admit(row, req.ids)
-                tok = self.sampler.sample(logits[None], [req.settings], row0=row)[0]
+                tok = self.sampler.sample(logits, [req.settings], row0=row)[0]
+                if not bool(finite[0]):
+                    log.error("non-finite logits after a prompt of %d tokens; the reply is failed",
+                              len(req.ids))
+                    self.core.clear(row)
+                    _post(req, GenerationError(MSG_NON_FINITE))
+                    continue
+                req.reused = start
             except Exception as exc:
-                err = exc if isinstance(exc, GenerationError) else GenerationError.internal(exc, "prefill")
-                _post(req, err)
+                _post(req, exc if isinstance(exc, GenerationError) else GenerationError.internal(exc, "prefill"))
+                continue
                 continue
             req.first_token_at = time.perf_counter()
             req.position = len(req.ids)
             self._live.append(req)
             self._emit([(req, tok)])
+
+    def _claim(self, row: int, req: _Request) -> int:
+        """Make ``row`` (the next live row) ready for ``req``: the prefix of a
+        parked row that ``req.ids`` starts with is moved there (unless it is
+        there already); any other parked row there is evicted. The number of
+        prompt tokens whose keys and values are in place."""
+        hit = self.prefix.lookup(req.ids)
+        if hit is not None and hit[0] == row:
+            self.prefix.take(row)
+        else:
+            self.prefix.evict(row)
+            if hit is not None:
+                self.core.move(hit[0], row, hit[1])
+                self.prefix.take(hit[0])
+        if hit is not None:
+            self.prefix.reused_tokens += hit[1]
+            log.debug("prompt of %d tokens: %d reused from a parked row", len(req.ids), hit[1])
+        return hit[1] if hit is not None else 0
 
     def _emit(self, pairs: list[tuple[_Request, int]]) -> None:
         """Deliver one new token per request; retire finished rows."""
@@ -583,6 +671,7 @@ class BatchScheduler:
         done: list[_Request] = []
         for req, tok in pairs:
             req.last_token = tok
+            req.tokens.append(tok)
             req.generated += 1
             finished = req.cancelled
             if not finished and tok in self.eos:
@@ -612,9 +701,17 @@ class BatchScheduler:
                 )
             )
 
-    def _retire(self, req: _Request) -> None:
+    def _retire(self, req: _Request, park: bool = True) -> None:
         row = self._live.index(req)
         last = len(self._live) - 1
+        if park:  # keep its keys and values for a follow-up (bot/engine/prefix_cache.py)
+            fed = (req.ids + req.tokens)[: req.position]
+            dest = self.prefix.free_row(len(self._live), exclude=last, evict=row != last)
+            dest = row if dest is None and row == last else dest
+            if dest is not None:
+                if dest != row:
+                    self.core.move(row, dest, req.position)
+                self.prefix.park(dest, fed)
         if row != last:
             moved = self._live[last]
             self.core.move(last, row, moved.position)
@@ -631,12 +728,25 @@ class BatchScheduler:
         t0 = time.perf_counter()
         live = list(self._live)
         logits = self.core.step([r.last_token for r in live], [r.position for r in live])
+        finite = torch.isfinite(logits).all(dim=-1)
         toks = self.sampler.sample(logits, [r.settings for r in live])
         self.steps += 1
         self.step_s += time.perf_counter() - t0
         for r in live:
             r.position += 1
-        self._emit(list(zip(live, toks, strict=True)))
+        pairs = list(zip(live, toks, strict=True))
+        ok: list[bool] = finite.tolist()
+        if not all(ok):  # nothing sampled from NaN reaches a reply
+            for req, good in zip(live, ok, strict=True):
+                if not good:
+                    log.error("non-finite logits at position %d (%d rows); the reply is failed",
+                              req.position, len(live))
+                    _post(req, GenerationError(MSG_NON_FINITE))
+                    self._finished_stats(req)
+                    self.core.clear(self._live.index(req))
+                    self._retire(req, park=False)
+            pairs = [p for p, good in zip(pairs, ok, strict=True) if good]
+        self._emit(pairs)
 
 
 class BatchedEngine:
@@ -696,13 +806,30 @@ class BatchedEngine:
         from bot.engine.transformers import TransformersEngine
 
         loader = TransformersEngine(self.config)
+        loader.keep_prefill_twins = True
         loader.load()  # the same loading code path as the one-at-a-time engine
         self.tokenizer = loader.tokenizer
         self._description = loader.describe()
         self._build(loader.model)
         assert self.core is not None
+        self.core.set_prefill_twins(loader.prefill_twins)
         # compile the glue and capture the one-conversation graph before the first reply
         self.core.warmup([1], [min(256, self.core.scratch - 1)])
+        self.verify(loader.probe_logits)
+
+    def verify(self, reference: Any = None) -> tuple[float, float]:
+        """The load check of the batched path (bot/engine/fidelity.py): its
+        prefill and graph-replayed decode step against transformers' forward
+        (``reference``: the forward's logits of the probe prompt, computed
+        here when not given). Raises ConfigError; returns the two errors."""
+        from bot.engine.fidelity import check_decode_path, check_forward, probe_ids
+
+        assert self.core is not None
+        ids = probe_ids(self.tokenizer)
+        kernel = self._description.get("gptq kernel", "")
+        if reference is None:
+            reference = check_forward(self.model, ids, self.config.id, kernel, self.config.gptq_backend)
+        return check_decode_path(self.core, ids, reference, self.config.id, kernel, self.config.gptq_backend)
 
     def _build(self, model: Any) -> None:
         self.model = model

@@ -25,7 +25,7 @@ from bot.config import EMBEDDED_MODEL, ModelConfig
 from bot.engine import embedded
 from bot.engine.base import StreamStats
 from bot.engine.detok import IncrementalDecoder
-from bot.errors import GenerationError
+from bot.errors import ConfigError, GenerationError
 from bot.types import Settings, Turn
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,15 @@ class TransformersEngine:
         self.tokenizer: HFPromptTokenizer
         self._device = "?"
         self._kernel = ""
+        # Group size -1 checkpoints with gptq_backend = "marlin": load with the
+        # torch kernel and regroup into Marlin modules (bot/engine/gptq_regroup.py).
+        self.regroup_channelwise = True
+        self._regrouped = 0
+        # Keep the torch-kernel modules beside the regrouped Marlin ones, for
+        # prompts (the batched engine asks for them; if the GPU has room).
+        self.keep_prefill_twins = False
+        self.prefill_twins: list[tuple[Any, Any]] = []
+        self.probe_logits: Any = None  # the load check's logits (bot/engine/fidelity.py)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -113,6 +122,10 @@ class TransformersEngine:
         info = {"engine": "transformers", "model": self.config.id, "device": self._device}
         if self._kernel:
             info["gptq kernel"] = self._kernel
+            if self._regrouped:
+                info["gptq kernel"] += " (group size -1 regrouped into groups of 128)"
+            if self.prefill_twins:
+                info["gptq kernel"] += "; prompts: TorchLinear"
         return info
 
     # -- loading ---------------------------------------------------------
@@ -132,6 +145,7 @@ class TransformersEngine:
         self.model.eval()
         self._device = str(getattr(self.model, "device", "?"))
         self._kernel = _gptq_kernel(self.model)
+        self.check()
         log.info(
             "loaded %s on %s (%s) in %.1f s",
             self.config.id, self._device, self.model.dtype, time.perf_counter() - started,
@@ -145,9 +159,29 @@ class TransformersEngine:
             return embedded.load_model(**kwargs)
         kwargs["revision"] = self.config.revision
         quant = self._gptq_config()
+        regroup = quant is not None and quant.backend == "torch" and self.config.gptq_backend == "marlin"
         if quant is not None:
             kwargs["quantization_config"] = quant
-        return AutoModelForCausalLM.from_pretrained(self.config.id, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(self.config.id, **kwargs)
+        if regroup:
+            from bot.engine.gptq_regroup import REGROUP_SIZE, marlin_class, regroup_model
+
+            pairs = regroup_model(model, REGROUP_SIZE, marlin_class())
+            self._regrouped = len(pairs)
+            if self.keep_prefill_twins and _gpu_room_left() >= TWIN_ROOM:
+                self.prefill_twins = pairs
+            del pairs
+            _empty_cuda_cache()
+        return model
+
+    def check(self) -> None:
+        """The load check: one forward of a fixed prompt gives finite logits,
+        or loading fails with one sentence saying what to set instead."""
+        from bot.engine.fidelity import check_forward, probe_ids
+
+        self.probe_logits = check_forward(
+            self.model, probe_ids(self.tokenizer), self.config.id, self._kernel, self.config.gptq_backend
+        )
 
     def _dtype(self) -> Any:
         import torch
@@ -174,7 +208,8 @@ class TransformersEngine:
             quant = quant.to_dict()
         if quant.get("quant_method") != "gptq":
             return None
-        return GPTQConfig(bits=quant.get("bits", 4), backend=self.config.gptq_backend)
+        backend = gptq_load_backend(self.config, quant, self.regroup_channelwise)
+        return GPTQConfig(bits=quant.get("bits", 4), backend=backend)
 
     # -- generation ------------------------------------------------------
     async def stream(self, prompt_ids: list[int], settings: Settings, *,
@@ -237,6 +272,52 @@ class TransformersEngine:
                 )
         finally:
             streamer.end()
+
+
+def gptq_load_backend(config: ModelConfig, quant: dict[str, Any], regroup: bool) -> str:
+    """The kernel to load a GPTQ checkpoint with, or ConfigError for a pair
+    measured wrong (docs/gpu-notes.md, "Fidelity"). Group size -1 with
+    "marlin": loaded with "torch", then regrouped into Marlin modules."""
+    from bot.engine.gptq_regroup import is_channelwise
+
+    backend = config.gptq_backend
+    if backend == "exllama_v2" and (is_channelwise(quant) or quant.get("desc_act")):
+        raise ConfigError(
+            f"model {config.id} is GPTQ with group size -1 or act order, on which the exllama_v2 "
+            "kernel decodes wrongly under CUDA graphs: set [model] gptq_backend = \"marlin\" instead"
+        )
+    if not is_channelwise(quant):
+        return backend
+    on_gpu = config.device_map != "cpu" and _cuda_available()
+    if backend == "marlin" and regroup and on_gpu:
+        return "torch"
+    return backend
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+# Keep prompt-time twins only if this share of the GPU is still free with
+# them (the rest is the KV cache's): 70B on an H200 leaves ~47 %.
+TWIN_ROOM = 0.3
+
+
+def _gpu_room_left() -> float:
+    import torch
+
+    _empty_cuda_cache()
+    free, total = torch.cuda.mem_get_info()
+    return float(free) / float(total)
+
+
+def _empty_cuda_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def generation_kwargs(settings: Settings, tokenizer: HFPromptTokenizer) -> dict[str, Any]:

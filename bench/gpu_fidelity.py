@@ -1,0 +1,183 @@
+"""Every GPTQ kernel on the reference quantizations: correct, and how fast.
+
+    python -m bench.gpu_fidelity --layers 8 --backends marlin,torch,triton,exllama_v2
+
+For each checkpoint (group size -1 + act order, the reference; group 128 +
+act order, its second branch) bench/gpu.py's synthetic Xwin-70B-shaped
+checkpoint is built, the torch kernel's transformers forward on it is taken as
+the reference, and each kernel is loaded through the project's loader
+(``TransformersEngine``, so group size -1 with "marlin" is regrouped into
+groups of 128, and refusals are the loader's own). A row: the load check's
+verdict, the batched path's prefill and graph-replayed decode step against the
+kernel's own transformers forward and against the reference, the graph step
+time at 1 and 32 rows and a 1,000-token prefill. ``marlin-raw`` is Marlin
+without the regrouping (the load check must refuse it on group size -1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.gpu import XWIN_70B, build_checkpoint, check_logits, check_long_prefill, log, random_prompt
+from bot.config import ModelConfig
+from bot.engine.batched import BatchedEngine
+from bot.engine.fidelity import relative_error
+from bot.engine.transformers import TransformersEngine
+from bot.errors import ConfigError
+
+
+def _load(path: Path, backend: str, max_batch: int) -> TransformersEngine:
+    raw = backend == "marlin-raw"
+    cfg = ModelConfig(id=str(path), device_map="cuda:0", dtype="float16",
+                      gptq_backend="marlin" if raw else backend,  # type: ignore[arg-type]
+                      max_batch=max_batch, context_length=4096)
+    loader = TransformersEngine(cfg)
+    loader.regroup_channelwise = not raw
+    loader.keep_prefill_twins = True
+    loader.load()
+    return loader
+
+
+def _free() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def reference_logits(path: Path, vocab: int) -> tuple[list[int], torch.Tensor]:
+    loader = _load(path, "torch", 1)
+    ids = random_prompt(torch.Generator().manual_seed(7), 48, vocab)
+    with torch.no_grad():
+        ref = loader.model(torch.tensor([ids], device="cuda:0")).logits[0].float().cpu()
+    del loader
+    _free()
+    return ids, ref
+
+
+def time_prefill(engine: BatchedEngine, n: int, vocab: int) -> float:
+    core = engine.core
+    assert core is not None
+    ids = random_prompt(torch.Generator().manual_seed(3), n, vocab)
+    core.prefill(0, ids)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        core.prefill(0, ids)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[1]
+
+
+def one(path: Path, backend: str, ref_ids: list[int], ref: torch.Tensor, vocab: int) -> dict[str, Any]:
+    row: dict[str, Any] = {"backend": backend}
+    t0 = time.perf_counter()
+    try:
+        loader = _load(path, backend, 32)
+    except ConfigError as exc:
+        row["refused"] = str(exc)
+        return row
+    except Exception as exc:  # a kernel that does not load at all
+        row["error"] = repr(exc)[:300]
+        return row
+    row["load_s"] = time.perf_counter() - t0
+    row["kernel"] = loader.describe().get("gptq kernel", "")
+    model = loader.model
+    engine = BatchedEngine.over(model, loader.tokenizer, loader.config, eos_ids=(), max_len=1281,
+                                compile_glue=True)
+    engine._description = loader.describe()
+    core = engine.core
+    assert core is not None
+    core.set_prefill_twins(loader.prefill_twins)
+    try:
+        row["verify"] = engine.verify(loader.probe_logits)
+    except ConfigError as exc:
+        row["refused"] = str(exc)
+    pe, se = check_logits(engine, model, vocab, 48)
+    row["own_prefill_err"], row["own_step_err"] = pe, se
+    with torch.no_grad():
+        out = model(torch.tensor([ref_ids], device=model.device)).logits[0].float().cpu()
+    row["vs_torch_ref_err"] = relative_error(out, ref)
+    row["finite"] = bool(torch.isfinite(out).all())
+    if "refused" not in row:
+        row["long_prefill_err"] = check_long_prefill(engine, model, vocab, 1000)
+        row["step_ms_1"] = 1e3 * core.time_step(1, 1100)
+        row["step_ms_32"] = 1e3 * core.time_step(32, 1100)
+        row["gemms_ms_1"] = 1e3 * core.time_gemms(1)
+        row["prefill_1000_ms"] = 1e3 * time_prefill(engine, 1000, vocab)
+        for n in (64, 128, 256, 512, 1000):
+            row[f"prefill_ms_{n}"] = 1e3 * time_prefill(engine, n, vocab)
+            if core.prefill_twins:
+                saved, core.twin_min_tokens = core.twin_min_tokens, 1
+                row[f"prefill_twin_ms_{n}"] = 1e3 * time_prefill(engine, n, vocab)
+                core.twin_min_tokens = 10**9
+                row[f"prefill_module_ms_{n}"] = 1e3 * time_prefill(engine, n, vocab)
+                core.twin_min_tokens = saved
+    del engine, core, model, loader
+    _free()
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--backends", default="marlin,marlin-raw,torch,triton,exllama_v2")
+    ap.add_argument("--groups", default="-1,128")
+    ap.add_argument("--out", type=Path, default=None)
+    a = ap.parse_args(argv)
+    results: list[dict[str, Any]] = []
+    for group in [int(g) for g in a.groups.split(",")]:
+        shape = replace(XWIN_70B, layers=a.layers, group=group, desc_act=True)
+        path = Path(f"/dev/shm/xwin-fid-g{group}-l{a.layers}")
+        build_checkpoint(path, shape)
+        ref_ids, ref = reference_logits(path, shape.vocab)
+        log(f"group {group}: reference (torch kernel) ready")
+        for backend in a.backends.split(","):
+            if group > 0 and backend == "marlin-raw":
+                continue
+            row = one(path, backend, ref_ids, ref, shape.vocab)
+            row["group"] = group
+            log(json.dumps(row, default=str))
+            results.append(row)
+            if a.out is not None:
+                a.out.write_text(json.dumps(results, indent=1, default=str))
+    print(table(results, a.layers), flush=True)
+    return 0
+
+
+def table(rows: list[dict[str, Any]], layers: int) -> str:
+    def f(x: Any, fmt: str) -> str:
+        return format(x, fmt) if isinstance(x, float) and math.isfinite(x) else str(x if x is not None else "")
+
+    lines = [
+        f"{layers} layers, act order; errors are relative L2 of logits",
+        "| group | gptq_backend | kernel | load check | batched vs own forward (prefill / graph step) | "
+        "forward vs torch kernel | 1k prefill vs forward | step ms 1 / 32 rows | products ms | 1k prefill ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        verdict = "refused" if "refused" in r else ("error" if "error" in r else "ok")
+        lines.append(
+            f"| {r['group']} | {r['backend']} | {r.get('kernel', '')} | {verdict} | "
+            f"{f(r.get('own_prefill_err'), '.1e')} / {f(r.get('own_step_err'), '.1e')} | "
+            f"{f(r.get('vs_torch_ref_err'), '.1e')} | {f(r.get('long_prefill_err'), '.1e')} | "
+            f"{f(r.get('step_ms_1'), '.2f')} / "
+            f"{f(r.get('step_ms_32'), '.2f')} | {f(r.get('gemms_ms_1'), '.2f')} | "
+            f"{f(r.get('prefill_1000_ms'), '.1f')} |"
+        )
+        if "refused" in r or "error" in r:
+            lines.append(f"|  | | {r.get('refused') or r.get('error')} | | | | | | | |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

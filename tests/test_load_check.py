@@ -1,0 +1,146 @@
+"""Never serve garbage: the load check and non-finite logits while serving.
+
+- A GPTQ checkpoint with a poisoned scale (infinity) is refused at start with
+  one sentence naming the model, the kernel and what to set instead
+  (bot/engine/fidelity.py), on the real GPTQ loading path on the CPU.
+- The batched engine's own check refuses a model whose logits are not finite.
+- While serving, a reply whose logits turn non-finite fails with a safe
+  message and nothing sampled from them is sent; the event is logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from bot.config import ModelConfig
+from bot.engine.batched import MSG_NON_FINITE, BatchedEngine
+from bot.engine.transformers import TransformersEngine
+from bot.errors import ConfigError, GenerationError
+from bot.types import Settings
+from tests.test_gptq_cpu import tiny_gptq  # noqa: F401  (the session's tiny GPTQ checkpoint)
+
+VOCAB = 600  # above the tests' Llama tokenizer's 573 ids (the load check's probe)
+
+
+@pytest.fixture
+def eager() -> Iterator[None]:
+    """GPTQModel's torch kernel compiles its dequantize with inductor (slow
+    C++ builds on 2 cores): eagerly here, the same arithmetic."""
+    import torch._dynamo.config
+
+    with torch._dynamo.config.patch(disable=True):
+        yield
+
+
+def test_poisoned_gptq_checkpoint_is_refused_at_start(
+    tiny_gptq: Path, tmp_path: Path, eager: None  # noqa: F811
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "poisoned"
+    shutil.copytree(tiny_gptq / "gptq", path)
+    weights = load_file(str(path / "model.safetensors"))
+    name = "model.layers.1.mlp.down_proj.scales"
+    weights[name][0, 5] = float("inf")  # one scale of one group
+    save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+    engine = TransformersEngine(ModelConfig(id=str(path), device_map="cpu", gptq_backend="torch"))
+    with pytest.raises(ConfigError) as err:
+        asyncio.run(engine.start())
+    message = str(err.value)
+    assert str(path) in message and "TorchLinear" in message and "non-finite" in message
+    assert 'gptq_backend = "marlin" instead' in message
+    assert "\n" not in message and "Traceback" not in message
+
+
+def tiny_llama() -> Any:
+    """bench/gpu.py's tiny random Llama (fresh: the tests poison it)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bench.gpu import TINY, _llama_config
+
+    torch.manual_seed(1)
+    cfg = _llama_config(replace(TINY, vocab=VOCAB))
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()  # type: ignore[no-untyped-call]
+
+
+def test_batched_engine_refuses_non_finite_logits(llama_tok: Any) -> None:
+    model = tiny_llama()
+    cfg = ModelConfig(id="tiny-poisoned", max_batch=2, context_length=128)
+    engine = BatchedEngine.over(model, llama_tok, cfg, eos_ids=(), max_len=129)
+    assert max(engine.verify()) < 1e-4  # healthy: the batched path matches the forward
+    with torch.no_grad():
+        model.lm_head.weight[7] = float("nan")
+    with pytest.raises(ConfigError, match="model tiny-poisoned gives non-finite logits"):
+        engine.verify()
+
+
+async def test_non_finite_logits_while_serving_fail_only_that_reply(
+    llama_tok: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = tiny_llama()
+    greedy = Settings(0.0, 1.0, 0, 1.0, 6, "")
+    prompt = [1, 40, 41, 42, 43]
+    with torch.no_grad():
+        first = int(model(torch.tensor([prompt])).logits[0, -1].argmax())
+    assert first not in prompt
+    # The token this reply writes first now embeds to NaN: the prompt's
+    # prefill is fine, the decode step that reads that token is not.
+    with torch.no_grad():
+        model.model.embed_tokens.weight[first] = float("nan")
+    cfg = ModelConfig(id="tiny", max_batch=4, context_length=128)
+    engine = BatchedEngine.over(model, llama_tok, cfg, eos_ids=(), max_len=129)
+    await engine.start()
+    try:
+        async def run(ids: list[int]) -> tuple[list[int], BaseException | None]:
+            got: list[int] = []
+            try:
+                async for chunk in engine.stream_ids(ids, greedy):
+                    got.extend(chunk)
+            except GenerationError as exc:
+                return got, exc
+            return got, None
+
+        caplog.set_level(logging.ERROR, logger="bot.engine.batched")
+        (decoded, err_decode), (prefilled, err_prefill) = await asyncio.wait_for(
+            asyncio.gather(run(prompt), run([1, 50, first, 51])), timeout=60
+        )
+        # the first token came from finite logits; nothing after it was sent
+        assert decoded == [first]
+        assert isinstance(err_decode, GenerationError) and str(err_decode) == MSG_NON_FINITE
+        # a prompt holding the poisoned token fails at its prefill, with no token sent
+        assert prefilled == []
+        assert isinstance(err_prefill, GenerationError) and str(err_prefill) == MSG_NON_FINITE
+        assert sum("non-finite logits" in r.getMessage() for r in caplog.records) == 2
+        # the engine keeps serving: a clean prompt still gets its whole reply
+        with torch.no_grad():
+            model.model.embed_tokens.weight[first] = 0.01
+        clean, err_clean = await asyncio.wait_for(run([1, 60, 61]), timeout=60)
+        assert err_clean is None and len(clean) == 6
+    finally:
+        await engine.close()
+
+
+def test_kernels_measured_wrong_are_refused_before_loading() -> None:
+    from bot.engine.transformers import gptq_load_backend
+
+    def backend(name: str, group: int, desc_act: bool) -> str:
+        cfg = ModelConfig(id="TheBloke/x", device_map="cpu", gptq_backend=name)  # type: ignore[arg-type]
+        return gptq_load_backend(cfg, {"group_size": group, "desc_act": desc_act}, True)
+
+    for group, desc_act in ((-1, True), (-1, False), (128, True)):
+        with pytest.raises(ConfigError, match=r'exllama_v2 kernel .*set \[model\] gptq_backend = "marlin"'):
+            backend("exllama_v2", group, desc_act)
+    assert backend("exllama_v2", 128, False) == "exllama_v2"
+    assert backend("torch", -1, True) == "torch"
+    # regrouping into Marlin needs the GPU; on the CPU the choice is left as it is
+    assert backend("marlin", -1, True) == "marlin"
