@@ -387,69 +387,6 @@ class DecodeCore:
             return out[:n]
         return self._decode_body(bb, ctx)[:n]
 
-    def time_step(self, n: int, ctx: int, reps: int = 20) -> float:
-        """Median seconds of one decode step (graph replay, or eager) for n rows
-        reading ``ctx`` positions; writes only at the scratch position."""
-        times: list[float] = []
-        with torch.no_grad():
-            for i in range(reps + 3):
-                self.tokens[:n].fill_(1)
-                self.positions[:n].fill_(self.scratch)
-                bb, cb = self.buckets(n, ctx - 1)
-                if self.device.type == "cuda":
-                    e0 = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-                    e1 = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-                    if self.use_graphs:
-                        graph, _ = self._graph(bb, cb)
-                        e0.record()
-                        graph.replay()
-                    else:
-                        e0.record()
-                        self._decode_body(bb, cb)
-                    e1.record()
-                    e1.synchronize()
-                    dt = float(e0.elapsed_time(e1)) / 1e3
-                else:
-                    t0 = time.perf_counter()
-                    self._decode_body(bb, cb)
-                    dt = time.perf_counter() - t0
-                if i >= 3:
-                    times.append(dt)
-        times.sort()
-        return times[len(times) // 2]
-
-    def time_gemms(self, n: int, reps: int = 10) -> float:
-        """Median seconds of the quantized matrix products of one decode step
-        alone (7 per layer, graph-captured): the kernel's share of a step."""
-        if self.device.type != "cuda":
-            return 0.0
-        cfg = self.model.config
-        x = torch.randn(n, cfg.hidden_size, dtype=self.dtype, device=self.device) * 0.1
-        a = torch.randn(n, cfg.intermediate_size, dtype=self.dtype, device=self.device) * 0.1
-
-        def body() -> None:
-            for layer in self.layers:
-                at, mlp = layer.self_attn, layer.mlp
-                at.q_proj(x), at.k_proj(x), at.v_proj(x), at.o_proj(x)
-                mlp.gate_proj(x), mlp.up_proj(x), mlp.down_proj(a)
-
-        with torch.no_grad():
-            body()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                body()
-            times = []
-            for _ in range(reps):
-                e0 = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-                e1 = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-                e0.record()
-                graph.replay()
-                e1.record()
-                e1.synchronize()
-                times.append(float(e0.elapsed_time(e1)) / 1e3)
-        times.sort()
-        return times[len(times) // 2]
-
     def warmup(self, batches: Sequence[int], contexts: Sequence[int]) -> None:
         """Capture the graphs for these batch sizes and context lengths now."""
         if not self.use_graphs:
@@ -781,7 +718,9 @@ class BatchedEngine:
         self._use_graphs = use_graphs
         self._compile_glue = compile_glue
         self._description: dict[str, str] = {}
-        self.finished: list[StreamStats] = []  # every stream's stats, for the benchmark
+        # Called on the decode thread with each finished stream's stats (the
+        # benchmark collects them here); must be quick and must not raise.
+        self.on_finish: Callable[[StreamStats], None] | None = None
 
     @classmethod
     def over(
@@ -848,7 +787,8 @@ class BatchedEngine:
 
     def _record(self, stats: StreamStats) -> None:
         self.last_stats = stats
-        self.finished.append(stats)
+        if self.on_finish is not None:
+            self.on_finish(stats)
 
     async def start(self) -> None:
         if self.scheduler is None:
