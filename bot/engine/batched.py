@@ -21,7 +21,9 @@ the GPTQ ``q/k/v/o_proj`` and MLP layers, ``lm_head``), not ``generate()``:
 - a prompt is prefilled alone, eagerly (its matrix products are large enough
   to hide the launches), between two decode steps; long prompts go through
   prompt-time twins of the quantized modules where the loader kept them
-  (``DecodeCore.set_prefill_twins``);
+  (``DecodeCore.set_prefill_twins``); while other rows decode, a prompt
+  longer than ``[model] prefill_chunk`` is prefilled a chunk at a time with a
+  decode step between chunks (``BatchScheduler``), so it stalls no one;
 - a finished reply's cache row is parked for a follow-up, which then
   prefills only its new tokens (``bot.engine.prefix_cache``);
 - a row whose logits are not finite fails that reply alone (nothing is
