@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,8 +31,11 @@ CHUNK = 16
 Event = tuple[str, int, int, int]  # ("prefill", row, start, end) or ("step", rows, 0, 0)
 
 
-def recorded(model: Any, tokenizer: Any, max_batch: int = 4) -> tuple[BatchedEngine, list[Event]]:
-    """An engine whose DecodeCore logs every prefill call and decode step, in order."""
+def recorded(
+    model: Any, tokenizer: Any, max_batch: int = 4, gate: threading.Event | None = None
+) -> tuple[BatchedEngine, list[Event]]:
+    """An engine whose DecodeCore logs every prefill call and decode step, in
+    order; with ``gate``, the first prefill waits for it."""
     cfg = ModelConfig(id="tiny", max_batch=max_batch, context_length=128, prefill_chunk=CHUNK)
     engine = BatchedEngine.over(model, tokenizer, cfg, eos_ids=(), max_len=129)
     core = engine.core
@@ -40,6 +45,8 @@ def recorded(model: Any, tokenizer: Any, max_batch: int = 4) -> tuple[BatchedEng
 
     def prefill(row: int, ids: Sequence[int], start: int = 0) -> torch.Tensor:
         events.append(("prefill", row, start, len(ids)))
+        if gate is not None:
+            assert gate.wait(timeout=30)
         return real_prefill(row, ids, start=start)
 
     def step(tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
@@ -170,3 +177,28 @@ async def test_nan_in_one_chunk_fails_that_reply_only(
     finally:
         await engine.close()
     assert again == [ref_short, ref_long]
+
+
+async def test_short_prompts_arriving_together_share_the_chunk_budget(
+    tiny_model: Any, llama_tok: Any  # noqa: F811
+) -> None:
+    gate = threading.Event()
+    engine, events = recorded(tiny_model, llama_tok, gate=gate)
+    first, others = prompt(11, 8), [prompt(20 + i, 10) for i in range(3)]
+    await engine.start()
+    try:
+        runs = [asyncio.create_task(collect(engine.stream_ids(first, greedy(40))))]
+        runs += [asyncio.create_task(collect(engine.stream_ids(p, greedy(5)))) for p in others]
+        deadline = time.monotonic() + 30
+        while engine.scheduler._inbox.qsize() < 3:  # type: ignore[union-attr]  # all three wait
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.005)
+        gate.set()  # the decode thread was held in the first prompt's prefill
+        got = await asyncio.wait_for(asyncio.gather(*runs), timeout=60)
+    finally:
+        gate.set()
+        await engine.close()
+    assert got == [reference(tiny_model, first, 40), *(reference(tiny_model, p, 5) for p in others)]
+    # row 0 decodes; then 10 + 10 tokens reach the budget of 16: a step before the third
+    kinds = [(k, r) for k, r, _, _ in events[:6]]
+    assert kinds == [("prefill", 0), ("prefill", 1), ("prefill", 2), ("step", 3), ("prefill", 3), ("step", 4)]

@@ -583,6 +583,8 @@ class BatchScheduler:
     the last chunk's logits are sampled. While a prompt is being filled no
     other prompt is admitted (first come, first served). With no row
     decoding, the rest of a prompt is prefilled at once (nobody to wait).
+    Shorter prompts arriving together are prefilled up to ``prefill_chunk``
+    tokens per decode step too.
     """
 
     def __init__(
@@ -653,8 +655,11 @@ class BatchScheduler:
 
     def _admit(self, block: bool) -> None:
         """Take new requests while rows are free, prefilling each (a long
-        one only its first chunk: then admitting pauses until it is done)."""
-        while self._filling is None and len(self._live) < self.core.max_batch:
+        one only its first chunk: then admitting pauses until it is done).
+        While rows decode, one turn prefills at most ``prefill_chunk`` prompt
+        tokens before the next decode step (at least one prompt)."""
+        spent = 0
+        while self._filling is None and len(self._live) < self.core.max_batch and spent < self.prefill_chunk:
             try:
                 req = self._inbox.get(block=block, timeout=0.5 if block else None)
             except queue.Empty:
@@ -673,6 +678,8 @@ class BatchScheduler:
                 _post(req, _prefill_error(exc))
                 continue
             self._filling, self._fill_row = req, row
+            if self._live:
+                spent += len(req.ids) - req.reused
             self._prefill_chunk()
 
     def _prefill_chunk(self) -> None:
