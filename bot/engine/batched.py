@@ -608,7 +608,7 @@ class BatchScheduler:
         # at or above len(self._live), never parked into while it fills).
         self._filling: _Request | None = None
         self._fill_row = 0
-        self.prefill_chunks = 0  # chunks prefilled while rows were decoding
+        self.prefill_chunks = 0  # chunks that left a prompt unfinished (a decode step came next)
         self._thread: threading.Thread | None = None
         self._stop = False
         self.steps = 0
