@@ -51,6 +51,10 @@ class ModelConfig:
     api: Literal["completions", "chat"] = "completions"
     # Tokenizer to build prompts with for the openai engine ("" = same as id).
     tokenizer: str = ""
+    # -- chunked prefill (issue 14, decode = "batched"): while other replies
+    # are decoding, a prompt longer than this many tokens is prefilled in
+    # chunks of it, with a decode step for the others between chunks.
+    prefill_chunk: int = 512
 
 
 @dataclass(frozen=True)
@@ -348,6 +352,7 @@ def _check_cross_field(config: Config) -> None:
     m, g, b = config.model, config.generation, config.bot
     _positive("[model] context_length", m.context_length)
     _positive("[model] max_batch", m.max_batch)
+    _positive("[model] prefill_chunk", m.prefill_chunk)  # issue 14
     _positive("[model] max_concurrency", m.max_concurrency)
     _positive("[bot] max_queue", b.max_queue)
     _positive("[bot] max_pending_per_user", b.max_pending_per_user)

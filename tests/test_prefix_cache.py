@@ -93,9 +93,9 @@ def test_prefix_cache_picks_the_longest_prefix_and_evicts_least_recent() -> None
     assert cache.lookup([7, 2, 3, 4]) is None
     assert common_prefix([1, 2, 3], [1, 2, 4]) == 2
     # rows 0..1 live: row 3 and 2 parked, none free: the least recently parked (3) goes
-    assert cache.free_row(live=2, exclude=-1, evict=False) is None
-    assert cache.free_row(live=2, exclude=-1) == 3
+    assert cache.free_row(live=2, exclude=(), evict=False) is None
+    assert cache.free_row(live=2, exclude=()) == 3
     assert 3 not in cache and cache.evictions == 1
     cache.take(2)
     assert cache.hits == 1 and len(cache) == 0
-    assert cache.free_row(live=4, exclude=-1) is None
+    assert cache.free_row(live=4, exclude=()) is None

@@ -21,7 +21,9 @@ the GPTQ ``q/k/v/o_proj`` and MLP layers, ``lm_head``), not ``generate()``:
 - a prompt is prefilled alone, eagerly (its matrix products are large enough
   to hide the launches), between two decode steps; long prompts go through
   prompt-time twins of the quantized modules where the loader kept them
-  (``DecodeCore.set_prefill_twins``);
+  (``DecodeCore.set_prefill_twins``); while other rows decode, a prompt
+  longer than ``[model] prefill_chunk`` is prefilled a chunk at a time with a
+  decode step between chunks (``BatchScheduler``), so it stalls no one;
 - a finished reply's cache row is parked for a follow-up, which then
   prefills only its new tokens (``bot.engine.prefix_cache``);
 - a row whose logits are not finite fails that reply alone (nothing is
@@ -68,6 +70,10 @@ MSG_NON_FINITE = "the model produced invalid numbers (NaN) and this reply was st
 # (GPTQModel's torch kernel: dequantize + cuBLAS). H200, 8 Xwin-70B layers,
 # ms twin / Marlin: 64 tokens 19 / 11, 256: 19 / 13, 512: 22 / 22, 1,000: 33 / 47.
 TWIN_MIN_TOKENS = 512
+# While other rows decode, longer prompts are prefilled this many tokens at a
+# time with a decode step between chunks ([model] prefill_chunk; issue 14).
+# 512 = the twins' crossover, so full chunks still go through the twins.
+PREFILL_CHUNK = 512
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 _CTX_BUCKETS = tuple(range(256, 32768 + 1, 256))  # attention reads at most 255 extra positions
 
@@ -287,14 +293,18 @@ class DecodeCore:
         out: torch.Tensor = self.lm_head(h)
         return out
 
+    def check_fits(self, n: int) -> None:
+        """Raise GenerationError unless a prompt of ``n`` tokens fits a row."""
+        if n == 0 or n >= self.scratch:
+            raise GenerationError(f"prompt of {n} tokens does not fit the cache ({self.scratch - 1})")
+
     @torch.no_grad()
     def prefill(self, row: int, ids: Sequence[int], start: int = 0) -> torch.Tensor:
         """Fill ``row``'s cache with a prompt; the logits after its last token.
         With ``start``, the row already holds the first ``start`` tokens' keys
         and values (a reused prefix): only the rest is computed."""
         n = len(ids)
-        if n == 0 or n >= self.scratch:
-            raise GenerationError(f"prompt of {n} tokens does not fit the cache ({self.scratch - 1})")
+        self.check_fits(n)
         if not 0 <= start < n:
             raise ValueError(f"start {start} outside a prompt of {n} tokens")
         hd, nkv = self.head_dim, self.n_kv
@@ -489,6 +499,10 @@ def _deliver(batch: list[tuple[_Request, _Item]]) -> None:
         req.out.put_nowait(item)
 
 
+def _prefill_error(exc: Exception) -> GenerationError:
+    return exc if isinstance(exc, GenerationError) else GenerationError.internal(exc, "prefill")
+
+
 def _post(req: _Request, item: _Item) -> None:
     """Hand one item to a request's stream, from the decode thread."""
     batch: list[tuple[_Request, _Item]] = [(req, item)]
@@ -496,21 +510,42 @@ def _post(req: _Request, item: _Item) -> None:
 
 
 class BatchScheduler:
-    """The decode thread: admits requests, steps all live rows, streams ids."""
+    """The decode thread: admits requests, steps all live rows, streams ids.
+
+    Chunked prefill: while rows are decoding, a prompt whose remaining
+    tokens (after any reused prefix) exceed ``prefill_chunk`` is prefilled
+    ``prefill_chunk`` tokens at a time into its own idle row (``_filling``),
+    one chunk per loop turn, each followed by a decode step of the live rows:
+    their tokens keep flowing instead of waiting for the whole prompt. Only
+    the last chunk's logits are sampled. While a prompt is being filled no
+    other prompt is admitted (first come, first served). With no row
+    decoding, the rest of a prompt is prefilled at once (nobody to wait).
+    Shorter prompts arriving together are prefilled up to ``prefill_chunk``
+    tokens per decode step too.
+    """
 
     def __init__(
         self,
         core: DecodeCore,
         eos_ids: Sequence[int],
         on_finish: Callable[[StreamStats], None] | None = None,
+        prefill_chunk: int = PREFILL_CHUNK,
     ) -> None:
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be 1 or more, got {prefill_chunk}")
         self.core = core
+        self.prefill_chunk = prefill_chunk
         self.sampler = Sampler(core.max_batch, core.vocab, core.device)
         self.eos = set(eos_ids)
         self.on_finish = on_finish
         self.prefix = PrefixCache(core.max_batch)  # finished replies' rows, for follow-ups
         self._inbox: queue.Queue[_Request | None] = queue.Queue()
         self._live: list[_Request] = []
+        # The prompt being prefilled chunk by chunk, and its row (an idle row
+        # at or above len(self._live), never parked into while it fills).
+        self._filling: _Request | None = None
+        self._fill_row = 0
+        self.prefill_chunks = 0  # chunks that left a prompt unfinished (a decode step came next)
         self._thread: threading.Thread | None = None
         self._stop = False
         self.steps = 0
@@ -537,20 +572,31 @@ class BatchScheduler:
     def _run(self) -> None:
         while not self._stop:
             try:
-                self._admit(block=not self._live)
+                if self._filling is not None:
+                    self._prefill_chunk()
+                else:
+                    self._admit(block=not self._live)
                 if self._live:
                     self._step()
             except BaseException as exc:  # fail every live stream, keep serving
-                err = GenerationError.internal(exc, "decode")
-                for req in self._live:
-                    _post(req, err)
-                self._live.clear()
+                self._fail_all(GenerationError.internal(exc, "decode"))
+        self._fail_all(GenerationError("engine closed"))
+
+    def _fail_all(self, err: GenerationError) -> None:
         for req in self._live:
-            _post(req, GenerationError("engine closed"))
+            _post(req, err)
         self._live.clear()
+        if self._filling is not None:
+            _post(self._filling, err)
+            self._filling = None
 
     def _admit(self, block: bool) -> None:
-        while len(self._live) < self.core.max_batch:
+        """Take new requests while rows are free, prefilling each (a long
+        one only its first chunk: then admitting pauses until it is done).
+        While rows decode, one turn prefills at most ``prefill_chunk`` prompt
+        tokens before the next decode step (at least one prompt)."""
+        spent = 0
+        while self._filling is None and len(self._live) < self.core.max_batch and spent < self.prefill_chunk:
             try:
                 req = self._inbox.get(block=block, timeout=0.5 if block else None)
             except queue.Empty:
@@ -563,26 +609,68 @@ class BatchScheduler:
                 continue
             row = len(self._live)
             try:
-                start = self._claim(row, req)
-                logits = self.core.prefill(row, req.ids, start=start)[None]
-                finite = torch.isfinite(logits).all(dim=-1)
-                self.sampler.admit(row, req.ids)
-                tok = self.sampler.sample(logits, [req.settings], row0=row)[0]
-                if not bool(finite[0]):
-                    log.error("non-finite logits after a prompt of %d tokens; the reply is failed",
-                              len(req.ids))
-                    self.core.clear(row)
-                    _post(req, GenerationError(MSG_NON_FINITE))
-                    continue
-                req.reused = start
+                self.core.check_fits(len(req.ids))
+                req.reused = req.position = self._claim(row, req)
             except Exception as exc:
-                _post(req, exc if isinstance(exc, GenerationError) else GenerationError.internal(exc, "prefill"))
+                _post(req, _prefill_error(exc))
                 continue
-                continue
-            req.first_token_at = time.perf_counter()
-            req.position = len(req.ids)
-            self._live.append(req)
-            self._emit([(req, tok)])
+            self._filling, self._fill_row = req, row
+            if self._live:
+                spent += len(req.ids) - req.reused
+            self._prefill_chunk()
+
+    def _prefill_chunk(self) -> None:
+        """Prefill the next chunk of ``_filling`` (all the rest when no row is
+        decoding); after the last one, sample its first token and make it live."""
+        req, row = self._filling, self._fill_row
+        assert req is not None
+        if req.cancelled:
+            self._filling = None
+            _post(req, None)
+            return
+        n = len(req.ids)
+        end = min(n, req.position + self.prefill_chunk) if self._live else n
+        try:
+            logits = self.core.prefill(row, req.ids[:end], start=req.position)[None]
+            finite = bool(torch.isfinite(logits).all())
+            if end < n:
+                self.prefill_chunks += 1
+                if finite:
+                    req.position = end
+                    return
+                self._filling = None
+                self._fail_prefill(req, row, end)
+                return
+            self._filling = None
+            row = self._settle(row, n)
+            self.sampler.admit(row, req.ids)
+            tok = self.sampler.sample(logits, [req.settings], row0=row)[0]
+            if not finite:
+                self._fail_prefill(req, row, n)
+                return
+        except Exception as exc:
+            self._filling = None
+            _post(req, _prefill_error(exc))
+            return
+        req.first_token_at = time.perf_counter()
+        req.position = n
+        self._live.append(req)
+        self._emit([(req, tok)])
+
+    def _fail_prefill(self, req: _Request, row: int, tokens: int) -> None:
+        log.error("non-finite logits after %d tokens of a prompt of %d; the reply is failed",
+                  tokens, len(req.ids))
+        self.core.clear(row)
+        _post(req, GenerationError(MSG_NON_FINITE))
+
+    def _settle(self, row: int, length: int) -> int:
+        """Move a filled row down to the next live row (live rows may have
+        left while it filled): the row the new request decodes in."""
+        dest = len(self._live)
+        if row != dest:
+            self.prefix.evict(dest)
+            self.core.move(row, dest, length)
+        return dest
 
     def _claim(self, row: int, req: _Request) -> int:
         """Make ``row`` (the next live row) ready for ``req``: the prefix of a
@@ -643,7 +731,8 @@ class BatchScheduler:
         last = len(self._live) - 1
         if park:  # keep its keys and values for a follow-up (bot/engine/prefix_cache.py)
             fed = (req.ids + req.tokens)[: req.position]
-            dest = self.prefix.free_row(len(self._live), exclude=last, evict=row != last)
+            busy = (last, self._fill_row) if self._filling is not None else (last,)
+            dest = self.prefix.free_row(len(self._live), exclude=busy, evict=row != last)
             dest = row if dest is None and row == last else dest
             if dest is not None:
                 if dest != row:
@@ -781,7 +870,9 @@ class BatchedEngine:
         eos = list(self._eos_ids) if self._eos_ids is not None else []
         if self._eos_ids is None and self.tokenizer.eos_id is not None:
             eos = [self.tokenizer.eos_id]
-        self.scheduler = BatchScheduler(self.core, eos, on_finish=self._record)
+        self.scheduler = BatchScheduler(
+            self.core, eos, on_finish=self._record, prefill_chunk=self.config.prefill_chunk
+        )
         # The prompt builder must not make prompts the cache cannot hold.
         self.context_length = min(self.context_length, self.core.scratch - 1)
 

@@ -15,7 +15,7 @@ scheduler (``bot.engine.batched``) moves the caches.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 MIN_REUSE = 32  # shorter shared prefixes are prefilled again (not worth a copy)
@@ -81,16 +81,16 @@ class PrefixCache:
         if self._parked.pop(row, None) is not None:
             self.evictions += 1
 
-    def free_row(self, live: int, exclude: int, evict: bool = True) -> int | None:
-        """An idle row (``live`` or beyond, not ``exclude``) to park in, from
+    def free_row(self, live: int, exclude: Collection[int], evict: bool = True) -> int | None:
+        """An idle row (``live`` or beyond, none of ``exclude``) to park in, from
         the top (the next live conversations take the low rows): an unparked
         one, else (``evict``) the least recently used parked one, evicted."""
         for row in range(self.rows - 1, live - 1, -1):
-            if row != exclude and row not in self._parked:
+            if row not in exclude and row not in self._parked:
                 return row
         if not evict:
             return None
-        candidates = [(p.stamp, row) for row, p in self._parked.items() if row >= live and row != exclude]
+        candidates = [(p.stamp, row) for row, p in self._parked.items() if row >= live and row not in exclude]
         if not candidates:
             return None
         row = min(candidates)[1]

@@ -1,0 +1,204 @@
+"""Chunked prefill: a long prompt does not stall the replies already decoding.
+
+On the CPU with a tiny random Llama (``[model] prefill_chunk`` = 16 here):
+while a row decodes, a longer prompt is prefilled 16 tokens at a time into its
+own row with a decode step between chunks. Greedy ids must still equal
+transformers' own ``generate()`` (also with a reused prefix), the decoding row
+must get steps between the chunks, and a NaN in one chunk fails that reply
+only, at that chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+import torch
+
+from bot.config import ModelConfig
+from bot.engine.batched import MSG_NON_FINITE, BatchedEngine
+from bot.errors import GenerationError
+from tests.test_batched import VOCAB, collect, greedy, reference, tiny_llama, tiny_model  # noqa: F401
+from tests.test_prefix_cache import prompt
+
+CHUNK = 16
+Event = tuple[str, int, int, int]  # ("prefill", row, start, end) or ("step", rows, 0, 0)
+
+
+def recorded(
+    model: Any, tokenizer: Any, max_batch: int = 4, gate: threading.Event | None = None
+) -> tuple[BatchedEngine, list[Event]]:
+    """An engine whose DecodeCore logs every prefill call and decode step, in
+    order; with ``gate``, the first prefill waits for it."""
+    cfg = ModelConfig(id="tiny", max_batch=max_batch, context_length=128, prefill_chunk=CHUNK)
+    engine = BatchedEngine.over(model, tokenizer, cfg, eos_ids=(), max_len=129)
+    core = engine.core
+    assert core is not None
+    events: list[Event] = []
+    real_prefill, real_step = core.prefill, core.step
+
+    def prefill(row: int, ids: Sequence[int], start: int = 0) -> torch.Tensor:
+        events.append(("prefill", row, start, len(ids)))
+        if gate is not None:
+            assert gate.wait(timeout=30)
+        return real_prefill(row, ids, start=start)
+
+    def step(tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+        events.append(("step", len(tokens), 0, 0))
+        return real_step(tokens, positions)
+
+    core.prefill = prefill  # type: ignore[method-assign]
+    core.step = step  # type: ignore[method-assign]
+    return engine, events
+
+
+def chunks_of(events: list[Event], row: int) -> list[tuple[int, int]]:
+    return [(s, e) for kind, r, s, e in events if kind == "prefill" and r == row]
+
+
+def steps_between_chunks(events: list[Event], row: int) -> list[int]:
+    """Decode steps run between consecutive prefill chunks of ``row``."""
+    at = [i for i, (kind, r, _, _) in enumerate(events) if kind == "prefill" and r == row]
+    return [sum(events[i][0] == "step" for i in range(a, b)) for a, b in itertools.pairwise(at)]
+
+
+async def test_long_prompt_is_chunked_between_decode_steps_and_matches_generate(
+    tiny_model: Any, llama_tok: Any  # noqa: F811
+) -> None:
+    engine, events = recorded(tiny_model, llama_tok, max_batch=3)
+    short, brief, long = prompt(11, 8), prompt(16, 8), prompt(12, 90)
+    await engine.start()
+    try:
+        # the short prompts are submitted first: they decode while the long one
+        # fills row 2; the brief reply ends (row 1 frees) before it is done
+        got_short, got_brief, got_long = await asyncio.wait_for(asyncio.gather(
+            collect(engine.stream_ids(short, greedy(100))),
+            collect(engine.stream_ids(brief, greedy(3))),
+            collect(engine.stream_ids(long, greedy(8))),
+        ), timeout=60)
+        # the same prompt unchunked: alone (nobody decoding), prefilled at once
+        prefix = engine.scheduler.prefix  # type: ignore[union-attr]
+        for _ in range(500):  # both finished rows are parked just after their last token
+            if len(prefix) == 2:
+                break
+            await asyncio.sleep(0.01)
+        prefix.clear()  # nothing reused: the whole prompt again
+        events_before = len(events)
+        alone = await collect(engine.stream_ids(long, greedy(8)))
+    finally:
+        await engine.close()
+    assert got_short == reference(tiny_model, short, 100)
+    assert got_brief == reference(tiny_model, brief, 3)
+    assert got_long == reference(tiny_model, long, 8)  # its row moved down to row 1 at the end
+    assert alone == got_long
+    assert chunks_of(events, 0)[0] == chunks_of(events, 1)[0] == (0, 8)
+    assert chunks_of(events[:events_before], 2) == [(0, 16), (16, 32), (32, 48), (48, 64), (64, 80), (80, 90)]
+    # a decode step of the others between every two chunks: no stall
+    assert steps_between_chunks(events[:events_before], 2) == [1, 1, 1, 1, 1]
+    assert engine.scheduler.prefill_chunks == 5  # type: ignore[union-attr]
+    assert chunks_of(events[events_before:], 0) == [(0, 90)]
+
+
+async def test_chunked_follow_up_reuses_the_prefix_and_matches_generate(
+    tiny_model: Any, llama_tok: Any  # noqa: F811
+) -> None:
+    engine, events = recorded(tiny_model, llama_tok)
+    await engine.start()
+    try:
+        first = prompt(5, 40)
+        reply = await collect(engine.stream_ids(first, greedy(8)))
+        prefix = engine.scheduler.prefix  # type: ignore[union-attr]
+        for _ in range(500):  # the decode thread parks row 0 at the top just after the last token
+            if 3 in prefix:
+                break
+            await asyncio.sleep(0.01)
+        assert 3 in prefix
+        other = prompt(13, 10)
+        follow = [*first, *reply, *prompt(14, 41)[1:]]  # 88 tokens, 47 of them parked
+        mark = len(events)
+        got_other, got_follow = await asyncio.wait_for(asyncio.gather(
+            collect(engine.stream_ids(other, greedy(60))), collect(engine.stream_ids(follow, greedy(7)))
+        ), timeout=60)
+    finally:
+        await engine.close()
+    assert reply == reference(tiny_model, first, 8)
+    assert got_other == reference(tiny_model, other, 60)
+    assert got_follow == reference(tiny_model, follow, 7)
+    assert prefix.hits == 1 and prefix.reused_tokens == 47
+    # parked row 3 copied to row 1, then only the 41 new tokens, in chunks
+    assert chunks_of(events[mark:], 1) == [(47, 63), (63, 79), (79, 88)]
+    assert steps_between_chunks(events[mark:], 1) == [1, 1]
+
+
+async def test_nan_in_one_chunk_fails_that_reply_only(
+    llama_tok: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = tiny_llama(VOCAB)  # its own: poisoned below
+    short = prompt(11, 8)
+    ref_short = reference(model, short, 60)
+    long = prompt(15, 70)
+    poison = next(t for t in range(3, VOCAB) if t not in {*short, *ref_short, *long})
+    long[20] = poison  # in the second chunk (tokens 16..31)
+    ref_long = reference(model, long, 5)
+    saved = model.model.embed_tokens.weight[poison].clone()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[poison] = float("nan")
+    engine, events = recorded(model, llama_tok)
+    caplog.set_level(logging.ERROR, logger="bot.engine.batched")
+    await engine.start()
+    try:
+        async def failing() -> BaseException | None:
+            try:
+                await collect(engine.stream_ids(long, greedy(5)))
+            except GenerationError as exc:
+                return exc
+            return None
+
+        got_short, err = await asyncio.wait_for(
+            asyncio.gather(collect(engine.stream_ids(short, greedy(60))), failing()), timeout=60
+        )
+        # stopped at the poisoned chunk; the decoding reply is untouched
+        assert isinstance(err, GenerationError) and str(err) == MSG_NON_FINITE
+        assert chunks_of(events, 1) == [(0, 16), (16, 32)]
+        assert got_short == ref_short
+        assert sum("non-finite logits after 32 tokens" in r.getMessage() for r in caplog.records) == 1
+        # the engine keeps serving, the failed prompt's row included
+        with torch.no_grad():
+            model.model.embed_tokens.weight[poison] = saved
+        again = await asyncio.wait_for(asyncio.gather(
+            collect(engine.stream_ids(short, greedy(60))), collect(engine.stream_ids(long, greedy(5)))
+        ), timeout=60)
+    finally:
+        await engine.close()
+    assert again == [ref_short, ref_long]
+
+
+async def test_short_prompts_arriving_together_share_the_chunk_budget(
+    tiny_model: Any, llama_tok: Any  # noqa: F811
+) -> None:
+    gate = threading.Event()
+    engine, events = recorded(tiny_model, llama_tok, gate=gate)
+    first, others = prompt(11, 8), [prompt(20 + i, 10) for i in range(3)]
+    await engine.start()
+    try:
+        runs = [asyncio.create_task(collect(engine.stream_ids(first, greedy(40))))]
+        runs += [asyncio.create_task(collect(engine.stream_ids(p, greedy(5)))) for p in others]
+        deadline = time.monotonic() + 30
+        while engine.scheduler._inbox.qsize() < 3:  # type: ignore[union-attr]  # all three wait
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.005)
+        gate.set()  # the decode thread was held in the first prompt's prefill
+        got = await asyncio.wait_for(asyncio.gather(*runs), timeout=60)
+    finally:
+        gate.set()
+        await engine.close()
+    assert got == [reference(tiny_model, first, 40), *(reference(tiny_model, p, 5) for p in others)]
+    # row 0 decodes; then 10 + 10 tokens reach the budget of 16: a step before the third
+    kinds = [(k, r) for k, r, _, _ in events[:6]]
+    assert kinds == [("prefill", 0), ("prefill", 1), ("prefill", 2), ("step", 3), ("prefill", 3), ("step", 4)]
