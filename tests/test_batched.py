@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from bot.app import Bot
-from bot.config import ModelConfig
+from bot.config import ModelConfig, Secrets
+from bot.engine import make_engine as engine_from_config
 from bot.engine.base import StreamStats
 from bot.engine.batched import BatchedEngine, DecodeCore, Sampler
 from bot.errors import MODEL_FAILED, GenerationError
@@ -197,6 +198,12 @@ async def test_text_never_holds_half_a_character(tiny_model: Any, llama_tok: Any
     pieces = [p async for p in engine.stream([1, 5], greedy(8))]
     assert "".join(pieces) == "日本"
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_config_decode_batched_makes_the_batched_engine() -> None:
+    engine = engine_from_config(ModelConfig(id="tiny", decode="batched", max_batch=3), Secrets())
+    assert isinstance(engine, BatchedEngine)
+    assert engine.max_batch == 3 and engine.scheduler is None  # nothing loaded before start()
 
 
 def test_sampler_top_k_one_is_greedy_and_survives_nan() -> None:
