@@ -998,6 +998,20 @@ async def test_xwin_continue_in_the_thread_extends_the_cut_reply_in_place_then_r
         assert len(w.engine.calls) == 2
 
 
+async def test_xwin_continue_in_a_dm_whose_reply_message_is_gone_continues_in_a_new_one(tmp_path: Path) -> None:
+    cut = {"max_new_tokens": len(CUT)}
+    async with running(tmp_path, replies=[CUT, ", and its end."], generation=cut) as w:
+        dm = w.fake.snowflake()
+        await w.fake.user_message(dm, "Tell me everything.", w.user)
+        [reply] = await w.reply_in(dm)
+        await w.fake.delete_message(dm, reply.id)
+        token = await w.fake.slash_command("continue", user=w.user, channel_id=dm)
+        assert await wait_for(lambda: w.fake.interaction_text(token) or None) == "Continuing…"
+        [new] = await w.reply_in(dm, count=2)
+        assert new.id != reply.id and new.content == f"{CUT}, and its end."
+        assert [i.split(":")[1] for i in new.custom_ids()] == ["regenerate", "up", "down"]
+
+
 async def test_buttons_work_after_a_restart_and_refuse_a_stranger(tmp_path: Path) -> None:
     async with discord_server() as place:
         async with bot_on(place, tmp_path, replies=["Red."]) as w:
