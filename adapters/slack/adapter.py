@@ -481,7 +481,7 @@ class SlackAdapter:
         if not number.isdigit() or not self._allowed(team, channel, is_dm):
             return strings.NOT_HERE
         thread = str(message.get("thread_ts") or "")
-        key = _dm_key(channel) if is_dm else ConversationKey("slack", team, channel, thread)
+        key = await self._pressed_in(team, channel, thread, is_dm)
         press = ReplyAction(key, int(number), user, is_admin=user in self._config.admin_users)
         if what in ("up", "down"):
             return (await self._bot.feedback(press, "up" if what == "up" else "down")).text
@@ -493,6 +493,14 @@ class SlackAdapter:
             return self._sink(channel, thread), {"channel": channel, "thread_ts": thread}
 
         return (await self._bot.regenerate(press, new_reply)).text
+
+    async def _pressed_in(self, team: str, channel: str, thread: str, is_dm: bool) -> ConversationKey:
+        """The conversation of a button: a channel's thread; in a DM, the assistant
+        panel thread when it is one (each is its own conversation), else the DM."""
+        if not is_dm:
+            return ConversationKey("slack", team, channel, thread)
+        panel = ConversationKey("slack", "dm", channel, thread)
+        return panel if thread and await self._bot.knows_conversation(panel) else _dm_key(channel)
 
     async def _continue_last(self, ctx: CommandContext, channel: str, thread: str) -> CommandReply:
         """``continue`` (a panel message, ``/xwin continue`` in a DM): the newest
