@@ -33,3 +33,6 @@ def panel_waiting(position: int) -> str:
 def slack_queued(position: int) -> str:
     """Slack's placeholder of a queued reply (``_italics_`` added where shown)."""
     return "Thinking…" if position <= 0 else f"Queued: {position} ahead of you…"
+#: ``/xwin continue`` in a Slack channel: Slack's slash commands do not say which thread they came from.
+SLACK_CONTINUE_IN_THREAD = ("Slack does not tell me which thread a command comes from: press the Continue "
+                            "button under the reply instead.")

@@ -94,6 +94,10 @@ class Core(Protocol):
         """``/xwin continue``: Continue on the newest reply of the conversation."""
         ...
 
+    async def last_reply_id(self, key: ConversationKey) -> int | None:
+        """The newest reply of the conversation (to find the message it ends in), or None."""
+        ...
+
     async def regenerate(self, action: ReplyAction, make_sink: ActionSink) -> CommandReply:
         """The Regenerate button: the last question answered again."""
         ...

@@ -250,6 +250,10 @@ class Bot:
         """``/xwin continue``: Continue on the newest reply of the conversation."""
         return await self.actions.continue_last(key, user_id, is_admin, make_sink)
 
+    async def last_reply_id(self, key: ConversationKey) -> int | None:
+        """The newest reply of the conversation (what ``continue_last`` would go on with)."""
+        return await self.store.last_reply_id(key)
+
     async def regenerate(self, action: ReplyAction, make_sink: ActionSink) -> CommandReply:
         """Answer the last question again; the old reply leaves the history."""
         return await self.actions.regenerate(action, make_sink)

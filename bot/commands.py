@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 HELP = (
     "Commands: `/xwin settings` · `/xwin set <name> <value>` · `/xwin reset [name]` · "
-    "`/xwin forget` · `/xwin delete` · `/xwin stop` · `/xwin status`. "
+    "`/xwin continue` · `/xwin forget` · `/xwin delete` · `/xwin stop` · `/xwin status`. "
     f"Settings: {', '.join(SPECS)}."
 )
 

@@ -467,7 +467,7 @@ async def test_commands_are_registered_with_ranges_and_choices(tmp_path: Path) -
         [put] = w.fake.sent("PUT", r"/applications/\d+/commands$")
         [xwin] = put.body
         subs = {o["name"]: o for o in xwin["options"]}
-        assert set(subs) == {"settings", "set", "reset", "forget", "delete", "stop", "status"}
+        assert set(subs) == {"settings", "set", "reset", "forget", "delete", "stop", "continue", "status"}
         [confirm] = subs["delete"]["options"]
         assert confirm["name"] == "confirm" and confirm["type"] == 5 and not confirm.get("required")
         options = {o["name"]: o for o in subs["set"]["options"]}
@@ -964,6 +964,52 @@ async def test_continue_button_extends_the_cut_reply_in_place(tmp_path: Path) ->
         row = await w.bot.store.reply(reply_id)
         assert row is not None and row.text == f"{CUT}, and its end."
         assert await w.bot.store.message_count() == 2  # one question, one reply
+
+
+async def test_xwin_continue_in_the_thread_extends_the_cut_reply_in_place_then_refuses(tmp_path: Path) -> None:
+    cut = {"max_new_tokens": len(CUT)}
+    async with running(tmp_path, replies=[CUT, ", and its end."], generation=cut) as w:
+        asked = await w.say("Tell me everything.")
+        await wait_for(lambda: w.fake.sent("POST", "/threads$"))
+        thread = w.thread_of(asked)
+        [reply] = await w.reply_in(thread)
+
+        async def xwin_continue() -> str:
+            token = await w.fake.slash_command("continue", user=w.user, channel_id=thread,
+                                               guild_id=w.guild["id"])
+            text = str(await wait_for(lambda: w.fake.interaction_text(token) or None))
+            assert w.fake.interaction_replies(token)[0].json["type"] == 5  # deferred at once
+            return text
+
+        assert await xwin_continue() == "Continuing…"
+        await wait_for(lambda: len(w.engine.calls) == 2 and w.bot.worker.running() == 0)
+        await w.bot.drain()
+        [same] = w.fake.bot_messages(thread)
+        assert same.id == reply.id and same.content == f"{CUT}, and its end."
+        assert [i.split(":")[1] for i in same.custom_ids()] == ["regenerate", "up", "down"]
+        assert w.engine.calls[1].prompt_text.endswith(f"Tell me everything. ASSISTANT: {CUT}")
+        key = ConversationKey("discord", w.guild["id"], w.channel["id"], thread)
+        reply_id = await w.bot.store.last_reply_id(key)
+        row = None if reply_id is None else await w.bot.store.reply(reply_id)
+        assert row is not None and row.text == f"{CUT}, and its end."
+        assert await w.bot.store.message_count() == 2  # one question, one reply
+
+        assert await xwin_continue() == "That reply is complete: there is nothing to continue."
+        assert len(w.engine.calls) == 2
+
+
+async def test_xwin_continue_in_a_dm_whose_reply_message_is_gone_continues_in_a_new_one(tmp_path: Path) -> None:
+    cut = {"max_new_tokens": len(CUT)}
+    async with running(tmp_path, replies=[CUT, ", and its end."], generation=cut) as w:
+        dm = w.fake.snowflake()
+        await w.fake.user_message(dm, "Tell me everything.", w.user)
+        [reply] = await w.reply_in(dm)
+        await w.fake.delete_message(dm, reply.id)
+        token = await w.fake.slash_command("continue", user=w.user, channel_id=dm)
+        assert await wait_for(lambda: w.fake.interaction_text(token) or None) == "Continuing…"
+        [new] = await w.reply_in(dm, count=2)
+        assert new.id != reply.id and new.content == f"{CUT}, and its end."
+        assert [i.split(":")[1] for i in new.custom_ids()] == ["regenerate", "up", "down"]
 
 
 async def test_buttons_work_after_a_restart_and_refuse_a_stranger(tmp_path: Path) -> None:

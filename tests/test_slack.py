@@ -996,10 +996,10 @@ CUT = "The first part of a long answer"  # as long as max_new_tokens: cut there
 
 
 async def press(env: Env, action_id: str, value: str, *, ts: str, thread: str | None, user: str = "U1",
-                kind: str = "button") -> str:
+                kind: str = "button", channel: str = "C1") -> str:
     """Presses a button under the bot's message ``ts``; returns the ephemeral answer."""
     url = env.fake.response_url()
-    payload = block_action(action_id, value, user=user, channel="C1", message_ts=ts, thread_ts=thread,
+    payload = block_action(action_id, value, user=user, channel=channel, message_ts=ts, thread_ts=thread,
                            response_url=url, kind=kind)
     if env.adapter.http_port:
         assert await post_signed(env, form_body(payload), content_type="application/x-www-form-urlencoded") == 200
@@ -1040,6 +1040,51 @@ async def test_continue_button_extends_the_reply_and_feedback_counts_once(start_
     second = await press(env, "xwin_feedback", up, ts=ts, thread="700.000001", kind="feedback_buttons")
     assert (first, second) == ("Thanks for the feedback.", "Your feedback was already recorded.")
     assert [(r, u, v) for r, u, v, _ in await env.bot.store.feedback_rows()] == [(reply_id, "U1", 1)]
+
+
+async def test_continue_as_text_in_a_panel_extends_the_reply_in_place_then_refuses(start_env: Starter) -> None:
+    engine = FakeEngine(replies=[CUT, ", and its end."])
+    env = await start_env(engine, generation=GenerationConfig(max_new_tokens=len(CUT)))
+    thread = "3100.000001"
+    await post_event(env, panel_message("tell me everything", ts="3100.000002", thread_ts=thread))
+    await wait_panel_reply(env, thread, CUT)
+    [ts] = [t for t, m in env.fake.messages.items() if m["thread_ts"] == thread]
+    await poll(lambda: "xwin_continue" in env.fake.buttons(ts), what="the Continue button")
+
+    await post_event(env, panel_message("Continue", ts="3100.000003", thread_ts=thread))
+    await poll(lambda: "xwin_regenerate" in env.fake.buttons(ts) and "xwin_continue" not in env.fake.buttons(ts),
+               what="the continued reply's buttons")
+    assert env.fake.thread("D1", thread) == [f"{CUT}, and its end."]  # the same message, edited
+    assert engine.calls[1].prompt_text.endswith(f"tell me everything ASSISTANT: {CUT}")
+    reply_id = int(env.fake.buttons(ts)["xwin_regenerate"])
+    stored = await env.bot.store.reply(reply_id)
+    assert stored is not None and stored.text == f"{CUT}, and its end."
+    assert await env.bot.store.message_count() == 2  # one question, one reply
+    up = env.fake.buttons(ts)["xwin_feedback:up"]  # the panel's buttons find their reply too
+    voted = await press(env, "xwin_feedback", up, ts=ts, thread=thread, kind="feedback_buttons", channel="D1")
+    assert voted == "Thanks for the feedback."
+
+    await post_event(env, panel_message("continue", ts="3100.000004", thread_ts=thread))
+    refusal = "That reply is complete: there is nothing to continue."
+    await poll(lambda: env.fake.thread("D1", thread)[-1] == refusal, what="the refusal")
+    assert len(engine.calls) == 2
+    in_channel = await post_command(env, "continue", user="U1", channel="C1")
+    assert "press the Continue button" in in_channel["text"] and len(engine.calls) == 2
+
+
+async def test_xwin_continue_in_a_dm_extends_the_reply_in_place(start_env: Starter) -> None:
+    engine = FakeEngine(replies=[CUT, ", and its end."])
+    env = await start_env(engine, generation=GenerationConfig(max_new_tokens=len(CUT)))
+    await post_event(env, message("tell me everything", ts="3200.000001", channel="D1", channel_type="im"))
+    await poll(lambda: env.fake.thread("D1", None) == [CUT], what="the cut reply")
+    [ts] = [p["_ts"] for p in env.fake.posted()]
+    await poll(lambda: "xwin_continue" in env.fake.buttons(ts), what="the Continue button")
+
+    answer = await post_command(env, "continue", user="U1", channel="D1")
+    assert answer["text"] == "Continuing…" and answer["response_type"] == "ephemeral"
+    await poll(lambda: "xwin_regenerate" in env.fake.buttons(ts) and "xwin_continue" not in env.fake.buttons(ts),
+               what="the continued reply's buttons")
+    assert env.fake.thread("D1", None) == [f"{CUT}, and its end."] and len(env.fake.posted()) == 1
 
 
 async def test_buttons_work_after_a_restart_refuse_a_stranger_and_fall_back_to_plain_feedback(

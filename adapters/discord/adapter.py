@@ -19,13 +19,14 @@ from discord import app_commands
 from adapters import strings
 from adapters.boundary import EventBoundary
 from adapters.discord.client import _Client, _intents
-from adapters.discord.sink import NO_MENTIONS, DiscordSink, parse_button_id
+from adapters.discord.sink import NO_MENTIONS, DiscordSink, button_id, parse_button_id
 from adapters.discord.text import readable_text, split_message, thread_name
 from adapters.files import Downloader
 from bot.adapter import Core
 from bot.config import DiscordConfig
 from bot.errors import AdapterError
 from bot.types import (
+    ActionSink,
     CommandContext,
     CommandReply,
     ConversationKey,
@@ -40,6 +41,8 @@ log = logging.getLogger(__package__)  # one logger per platform: "adapters.disco
 PLATFORM: Final = "discord"
 #: Where attachments are downloaded from; nowhere else.
 FILE_ORIGINS = ("https://cdn.discordapp.com", "https://media.discordapp.net")
+#: Messages read back to find the one a reply ends in (``/xwin continue``).
+_HISTORY_LIMIT = 50
 
 
 @dataclass(frozen=True)
@@ -427,23 +430,62 @@ class DiscordAdapter:
         if what in ("up", "down"):
             return (await self._bot.feedback(action, "up" if what == "up" else "down")).text
 
+        if what == "continue":
+            return (await self._bot.continue_reply(action, self._continuing(channel, pressed.id))).text
+
         def make_sink(shown: str) -> tuple[ReplySink, dict[str, str]]:
-            ref = {"channel_id": str(channel.id)}
-            if what == "regenerate":
-                return self._sink(channel, None), ref
-            skip = max(0, len(split_message(shown)) - 1)  # the messages before the pressed one
-            resume = self.client.get_partial_messageable(channel.id).get_partial_message(pressed.id)
-            ref.update(edit_message_id=str(pressed.id), skip=str(skip))
+            return self._sink(channel, None), {"channel_id": str(channel.id)}
+
+        return (await self._bot.regenerate(action, make_sink)).text
+
+    def _continuing(self, channel: discord.abc.Messageable, last_id: int | None) -> ActionSink:
+        """The sink of a Continue: it goes on editing the reply's last message
+        ``last_id`` (a new message if that one is gone, or ``None``: not found)."""
+
+        def make_sink(shown: str) -> tuple[ReplySink, dict[str, str]]:
+            ref = {"channel_id": str(getattr(channel, "id", ""))}
+            skip = max(0, len(split_message(shown)) - 1)  # the reply's messages before its last
+            if last_id is None:  # new messages, from the reply's last part on
+                return self._sink(channel, None, skip=skip), ref
+            resume = self.client.get_partial_messageable(int(ref["channel_id"])).get_partial_message(last_id)
+            ref.update(edit_message_id=str(last_id), skip=str(skip))
             return self._sink(channel, None, resume=[resume], skip=skip, continuing=True), ref
 
-        run = self._bot.continue_reply if what == "continue" else self._bot.regenerate
-        return (await run(action, make_sink)).text
+        return make_sink
+
+    async def _last_message_of(self, channel: discord.abc.Messageable, reply_id: int) -> int | None:
+        """The id of the message that ends reply ``reply_id``: the bot's newest one
+        here with that reply's Continue button; None if none is found (or the
+        bot may not read the history here)."""
+        wanted = button_id("continue", reply_id)
+        me = self.client.user
+        try:
+            async for message in channel.history(limit=_HISTORY_LIMIT):
+                if me is not None and message.author.id == me.id and wanted in _custom_ids(message):
+                    return message.id
+        except discord.HTTPException as exc:
+            log.info("Discord: cannot read the history of %s (%s %s); continuing in a new message",
+                     getattr(channel, "id", "?"), exc.status, exc.text)
+        return None
 
     # ------------------------------------------------------------------ slash commands
 
     async def run_command(self, interaction: discord.Interaction, text: str) -> None:
         """Defer, run ``/xwin <text>`` in the core, answer ephemerally."""
         await self._command(interaction, lambda context: self._bot.command(context, text))
+
+    async def continue_command(self, interaction: discord.Interaction) -> None:
+        """``/xwin continue``: the newest reply here goes on, editing its last message."""
+        await self._command(interaction, lambda context: self._continue_last(interaction, context))
+
+    async def _continue_last(self, interaction: discord.Interaction, context: CommandContext) -> CommandReply:
+        channel = interaction.channel
+        if not isinstance(channel, discord.abc.Messageable):
+            return CommandReply(strings.NOT_HERE, ok=False)
+        reply_id = await self._bot.last_reply_id(context.key)
+        last_id = None if reply_id is None else await self._last_message_of(channel, reply_id)
+        make_sink = self._continuing(channel, last_id)
+        return await self._bot.continue_last(context.key, context.author_id, context.is_admin, make_sink)
 
     async def set_command(self, interaction: discord.Interaction, values: dict[str, object]) -> None:
         """``/xwin set`` with its typed options, as values."""
@@ -508,6 +550,12 @@ async def _tell_interaction(interaction: discord.Interaction, text: str) -> None
         await interaction.edit_original_response(content=text, allowed_mentions=NO_MENTIONS)
     else:
         await interaction.response.send_message(text, ephemeral=True, allowed_mentions=NO_MENTIONS)
+
+
+def _custom_ids(message: discord.Message) -> list[str]:
+    """The custom ids of the buttons under a message."""
+    return [str(getattr(item, "custom_id", "")) for row in message.components
+            for item in getattr(row, "children", ())]
 
 
 def _has_role(user: discord.User | discord.Member, wanted: tuple[str, ...]) -> bool:

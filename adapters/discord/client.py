@@ -22,7 +22,7 @@ class _Client(discord.Client):
         super().__init__(**options)  # type: ignore[arg-type]
         self.adapter = adapter
         self.tree: app_commands.CommandTree[_Client] = app_commands.CommandTree(self)
-        self.tree.add_command(XwinCommands(adapter.run_command, adapter.set_command))
+        self.tree.add_command(XwinCommands(adapter.run_command, adapter.set_command, adapter.continue_command))
         self.tree.on_error = adapter.on_command_error  # type: ignore[method-assign]
 
     async def setup_hook(self) -> None:

@@ -28,10 +28,12 @@ class XwinCommands(app_commands.Group):
         self,
         run: Callable[[discord.Interaction, str], Awaitable[None]],
         set_values: Callable[[discord.Interaction, dict[str, object]], Awaitable[None]],
+        continue_last: Callable[[discord.Interaction], Awaitable[None]],
     ) -> None:
         super().__init__(name="xwin", description="Talk to the Xwin-LM bot: settings and conversation")
         self._run = run
         self._set_values = set_values
+        self._continue_last = continue_last
 
     @app_commands.command(name="settings", description="Show the generation settings in force here")
     async def show_settings(self, interaction: discord.Interaction) -> None:
@@ -81,6 +83,10 @@ class XwinCommands(app_commands.Group):
     @app_commands.command(name="stop", description="Cancel the reply being written here")
     async def stop(self, interaction: discord.Interaction) -> None:
         await self._run(interaction, "stop")
+
+    @app_commands.command(name="continue", description="Go on with the newest reply here (one cut at its length)")
+    async def continue_(self, interaction: discord.Interaction) -> None:
+        await self._continue_last(interaction)
 
     @app_commands.command(name="status", description="Model, queue and speed")
     async def status(self, interaction: discord.Interaction) -> None:

@@ -48,7 +48,15 @@ from adapters.slack_format import mentioned_channels, mentioned_users, readable_
 from bot.adapter import Core
 from bot.config import Secrets, SlackConfig
 from bot.errors import AdapterError
-from bot.types import CommandContext, CommandReply, ConversationKey, Incoming, ReplyAction, ReplySink
+from bot.types import (
+    ActionSink,
+    CommandContext,
+    CommandReply,
+    ConversationKey,
+    Incoming,
+    ReplyAction,
+    ReplySink,
+)
 
 log = logging.getLogger(__package__)  # one logger per platform: "adapters.slack"
 
@@ -59,6 +67,10 @@ OPTIONAL_SCOPES = ("channels:history", "users:read", "files:read", "assistant:wr
 _SEEN_EVENTS = 2048
 _CONNECT_TIMEOUT = 30.0
 _EVENTS_PATH = "/slack/events"
+#: Messages read back to find the one a reply ends in (``continue``): a DM's
+#: newest, a thread's oldest (a panel thread rarely has more).
+_HISTORY_LIMIT = 50
+_REPLIES_LIMIT = 1000
 _MAX_AGE = 5 * 60  # seconds a signed request stays valid (Slack's advice)
 #: Where attached files are downloaded from (with the bot token); nowhere else.
 FILE_ORIGINS = ("https://files.slack.com",)
@@ -419,7 +431,12 @@ class SlackAdapter:
         if command is not None:
             ctx = CommandContext(key=key, author_id=msg.user, is_dm=True,
                                  is_admin=msg.user in self._config.admin_users)
-            reply = await self._bot.command(ctx, command)
+            if command.lower() == "continue":  # the reply itself shows that it goes on
+                reply = await self._continue_last(ctx, msg.channel, msg.thread_ts)
+                if reply.ok:
+                    return
+            else:
+                reply = await self._bot.command(ctx, command)
             await self._say(msg.channel, msg.thread_ts, to_mrkdwn(reply.text))
             return
         first = not await self._bot.knows_conversation(key)
@@ -464,22 +481,66 @@ class SlackAdapter:
         if not number.isdigit() or not self._allowed(team, channel, is_dm):
             return strings.NOT_HERE
         thread = str(message.get("thread_ts") or "")
-        key = _dm_key(channel) if is_dm else ConversationKey("slack", team, channel, thread)
+        key = await self._pressed_in(team, channel, thread, is_dm)
         press = ReplyAction(key, int(number), user, is_admin=user in self._config.admin_users)
         if what in ("up", "down"):
             return (await self._bot.feedback(press, "up" if what == "up" else "down")).text
-        pressed_ts = str(message.get("ts") or "")
+        if what == "continue":
+            make_sink = self._continuing(channel, thread, str(message.get("ts") or ""))
+            return (await self._bot.continue_reply(press, make_sink)).text
+
+        def new_reply(shown: str) -> tuple[ReplySink, dict[str, str]]:
+            return self._sink(channel, thread), {"channel": channel, "thread_ts": thread}
+
+        return (await self._bot.regenerate(press, new_reply)).text
+
+    async def _pressed_in(self, team: str, channel: str, thread: str, is_dm: bool) -> ConversationKey:
+        """The conversation of a button: a channel's thread; in a DM, the assistant
+        panel thread when it is one (each is its own conversation), else the DM."""
+        if not is_dm:
+            return ConversationKey("slack", team, channel, thread)
+        panel = ConversationKey("slack", "dm", channel, thread)
+        return panel if thread and await self._bot.knows_conversation(panel) else _dm_key(channel)
+
+    async def _continue_last(self, ctx: CommandContext, channel: str, thread: str) -> CommandReply:
+        """``continue`` (a panel message, ``/xwin continue`` in a DM): the newest
+        reply of the conversation goes on, editing the message it ends in."""
+        reply_id = await self._bot.last_reply_id(ctx.key)
+        last_ts = None if reply_id is None else await self._last_message_of(channel, thread, reply_id)
+        make_sink = self._continuing(channel, thread, last_ts)
+        return await self._bot.continue_last(ctx.key, ctx.author_id, ctx.is_admin, make_sink)
+
+    def _continuing(self, channel: str, thread: str, last_ts: str | None) -> ActionSink:
+        """The sink of a Continue: it goes on editing the reply's last message
+        ``last_ts`` (new messages if that one is gone, or ``None``: not found)."""
 
         def make_sink(shown: str) -> tuple[ReplySink, dict[str, str]]:
             ref = {"channel": channel, "thread_ts": thread}
-            if what != "continue":
-                return self._sink(channel, thread), ref
-            skip = max(0, len(split_message(to_mrkdwn(shown), MESSAGE_LIMIT)) - 1)
-            ref.update(edit_ts=pressed_ts, skip=str(skip))
-            return self._sink(channel, thread, resume=[pressed_ts], skip=skip, continuing=True), ref
+            skip = max(0, len(split_message(to_mrkdwn(shown), MESSAGE_LIMIT)) - 1)  # messages before the last
+            if not last_ts:  # new messages, from the reply's last part on
+                return self._sink(channel, thread, skip=skip), ref
+            ref.update(edit_ts=last_ts, skip=str(skip))
+            return self._sink(channel, thread, resume=[last_ts], skip=skip, continuing=True), ref
 
-        run = self._bot.continue_reply if what == "continue" else self._bot.regenerate
-        return (await run(press, make_sink)).text
+        return make_sink
+
+    async def _last_message_of(self, channel: str, thread: str, reply_id: int) -> str | None:
+        """The ts of the message that ends reply ``reply_id``: the bot's newest one
+        in the thread (or the DM) with that reply's Continue button; None if none
+        is found or the history cannot be read."""
+        try:
+            if thread:  # oldest first, the thread's start included
+                found = await self._client.conversations_replies(channel=channel, ts=thread, limit=_REPLIES_LIMIT)
+            else:  # newest first
+                found = await self._client.conversations_history(channel=channel, limit=_HISTORY_LIMIT)
+        except SlackApiError as exc:
+            log.info("slack: cannot read the messages of %s (%s); continuing in a new message",
+                     channel, _error_of(exc))
+            return None
+        messages = [m for m in found.get("messages") or [] if isinstance(m, Mapping)]
+        ours = [m for m in messages if m.get("bot_id") == self._identity.bot_id
+                and _has_button(m, CONTINUE_ACTION, str(reply_id))]
+        return str(max(ours, key=lambda m: _ts_seconds(str(m.get("ts"))))["ts"]) if ours else None
 
     # ------------------------------------------------------------ events
 
@@ -591,7 +652,12 @@ class SlackAdapter:
             return CommandReply(strings.NOT_HERE, ok=False)
         key = _dm_key(channel) if is_dm else ConversationKey("slack", team, channel, "")
         ctx = CommandContext(key=key, author_id=user, is_dm=is_dm, is_admin=user in self._config.admin_users)
-        return await self._bot.command(ctx, str(command.get("text", "")).strip())
+        text = str(command.get("text", "")).strip()
+        if text.lower() == "continue":
+            if not is_dm:  # a channel's conversations are threads, and the command names none
+                return CommandReply(strings.SLACK_CONTINUE_IN_THREAD, ok=False)
+            return await self._continue_last(ctx, channel, "")
+        return await self._bot.command(ctx, text)
 
     # ------------------------------------------------------------ markup → text
 
@@ -635,6 +701,14 @@ _OPTIONAL_WHY = {
     "files:read": "files attached to messages cannot be read.",
     "assistant:write": "the assistant panel (greeting, prompts, status, titles) will not work.",
 }
+
+
+def _has_button(message: Mapping[str, Any], action_id: str, value: str) -> bool:
+    """Whether a message's blocks hold the button ``action_id`` with ``value``."""
+    return any(isinstance(element, Mapping) and element.get("action_id") == action_id
+               and element.get("value") == value
+               for block in message.get("blocks") or [] if isinstance(block, Mapping)
+               for element in block.get("elements") or [])
 
 
 async def _respond(respond: AsyncRespond, text: str, response_type: str) -> None:

@@ -19,7 +19,7 @@ log = logging.getLogger(__package__)  # one logger per platform: "adapters.slack
 #: Message subtypes that are someone writing to the bot.
 _USER_SUBTYPES = frozenset({"", "file_share", "thread_broadcast"})
 #: Whole messages in a panel thread that run a command instead of asking the model.
-PANEL_COMMANDS = frozenset({"stop", "settings", "status", "forget", "help"})
+PANEL_COMMANDS = frozenset({"stop", "continue", "settings", "status", "forget", "help"})
 _TITLE_CHARS = 80
 _PANEL_CONTEXTS = 1024
 

@@ -559,6 +559,7 @@ class FakeDiscord:
             ("GET", r"/oauth2/applications/@me", self._get_app),
             ("PUT", r"/applications/(\d+)/commands", self._put_commands),
             ("PUT", r"/applications/(\d+)/guilds/(\d+)/commands", self._put_commands),
+            ("GET", r"/channels/(\d+)/messages", self._get_messages),
             ("POST", r"/channels/(\d+)/messages", self._post_message),
             ("PATCH", r"/channels/(\d+)/messages/(\d+)", self._patch_message),
             ("DELETE", r"/channels/(\d+)/messages/(\d+)", self._delete_message),
@@ -619,6 +620,12 @@ class FakeDiscord:
         if content is not None and len(content) > 2000:
             return json_response({"message": "Invalid Form Body", "code": 50035}, 400)
         return None
+
+    async def _get_messages(self, record: Recorded, channel_id: str) -> web.Response:
+        """A channel's history, newest first (``?limit=``; ``before``/``after`` are not needed)."""
+        limit = int(record.query.get("limit", "50"))
+        here = [m for m in self.messages.values() if m.channel_id == channel_id]
+        return json_response([self._message_payload(m) for m in reversed(here)][:limit])
 
     async def _post_message(self, record: Recorded, channel_id: str) -> web.Response:
         body = record.json

@@ -154,7 +154,8 @@ class FakeSlack:
         blocks: dict[str, list[JSON]] = {}
         for call in self.calls:
             ts = call.params.get("_ts") if call.method == "chat.postMessage" else call.params.get("ts")
-            if call.method in ("chat.postMessage", "chat.update") and "blocks" in call.params and not call.error:
+            has_blocks = "blocks" in call.params and not call.error
+            if call.method in ("chat.postMessage", "chat.update", "chat.stopStream") and has_blocks:
                 raw = call.params["blocks"]
                 blocks[str(ts)] = json.loads(raw) if isinstance(raw, str) else list(raw or [])
         return blocks
@@ -211,6 +212,8 @@ class FakeSlack:
             "chat.postEphemeral": self._post_ephemeral,
             "users.info": self._users_info,
             "conversations.info": self._conversations_info,
+            "conversations.replies": self._conversations_replies,
+            "conversations.history": self._conversations_history,
             "apps.connections.open": self._connections_open,
             "assistant.threads.setStatus": self._assistant_thread,
             "assistant.threads.setSuggestedPrompts": self._assistant_thread,
@@ -318,6 +321,26 @@ class FakeSlack:
         if cid not in self.channels:
             return {"ok": False, "error": "channel_not_found"}
         return {"ok": True, "channel": {"id": cid, "name": self.channels[cid]}}
+
+    def _conversations_replies(self, call: ApiCall) -> JSON:
+        """A thread's messages (the bot's: the fake keeps no others), oldest first."""
+        channel, ts = call.params.get("channel"), str(call.params.get("ts") or "")
+        found = [t for t, m in self.messages.items() if m["channel"] == channel and ts in (t, m["thread_ts"])]
+        return self._history_page(found, call)
+
+    def _conversations_history(self, call: ApiCall) -> JSON:
+        """A conversation's top-level messages (the bot's), newest first."""
+        channel = call.params.get("channel")
+        found = [t for t, m in self.messages.items() if m["channel"] == channel and not m["thread_ts"]]
+        return self._history_page(found[::-1], call)
+
+    def _history_page(self, found: list[str], call: ApiCall) -> JSON:
+        blocks = self.message_blocks()
+        limit = int(call.params.get("limit") or 100)
+        messages = [{"type": "message", "ts": t, "text": self.messages[t]["text"], "bot_id": self.bot_id,
+                     "user": self.bot_user_id, "thread_ts": self.messages[t]["thread_ts"], "blocks": blocks.get(t, [])}
+                    for t in found if t not in self.deleted]
+        return {"ok": True, "messages": messages[:limit], "has_more": len(messages) > limit}
 
     def _connections_open(self, call: ApiCall) -> JSON:
         return {"ok": True, "url": f"ws://127.0.0.1:{self.port}/socket"}
