@@ -20,15 +20,20 @@ import argparse
 import gc
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+# Before GPTQModel is imported: as bench/gpu.py, no expandable segments.
+os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:False")
+
 import torch
 
-from bench.gpu import XWIN_70B, build_checkpoint, check_logits, check_long_prefill, log, random_prompt
+from bench.gpu_checkpoint import XWIN_70B, build_checkpoint
+from bench.gpu_measure import check_logits, check_long_prefill, log, random_prompt, time_gemms, time_step
 from bot.config import ModelConfig
 from bot.engine.batched import BatchedEngine
 from bot.engine.fidelity import relative_error
@@ -110,9 +115,9 @@ def one(path: Path, backend: str, ref_ids: list[int], ref: torch.Tensor, vocab: 
     row["finite"] = bool(torch.isfinite(out).all())
     if "refused" not in row:
         row["long_prefill_err"] = check_long_prefill(engine, model, vocab, 1000)
-        row["step_ms_1"] = 1e3 * core.time_step(1, 1100)
-        row["step_ms_32"] = 1e3 * core.time_step(32, 1100)
-        row["gemms_ms_1"] = 1e3 * core.time_gemms(1)
+        row["step_ms_1"] = 1e3 * time_step(core, 1, 1100)
+        row["step_ms_32"] = 1e3 * time_step(core, 32, 1100)
+        row["gemms_ms_1"] = 1e3 * time_gemms(core, 1)
         row["prefill_1000_ms"] = 1e3 * time_prefill(engine, 1000, vocab)
         for n in (64, 128, 256, 512, 1000):
             row[f"prefill_ms_{n}"] = 1e3 * time_prefill(engine, n, vocab)

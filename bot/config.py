@@ -39,7 +39,7 @@ class ModelConfig:
     # Concurrent replies decoded together by the one worker (1 = one at a time).
     max_batch: int = 1
     # "generate": one model.generate() per reply, as in the seed; "batched":
-    # bot/engine/batched.py, up to max_batch replies decoded together with a
+    # bot/engine/batched/, up to max_batch replies decoded together with a
     # static KV cache and CUDA graphs (the GPU path, see docs/benchmarks.md).
     decode: Literal["generate", "batched"] = "generate"
     # engine = "openai": an OpenAI-compatible server (vLLM, TGI, llama.cpp).

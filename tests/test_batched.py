@@ -16,7 +16,9 @@ import pytest
 import torch
 
 from bot.app import Bot
-from bot.config import ModelConfig
+from bot.config import ModelConfig, Secrets
+from bot.engine import make_engine as engine_from_config
+from bot.engine.base import StreamStats
 from bot.engine.batched import BatchedEngine, DecodeCore, Sampler
 from bot.errors import MODEL_FAILED, GenerationError
 from bot.store import Store
@@ -108,6 +110,8 @@ async def test_closing_a_stream_frees_its_row_and_others_go_on(tiny_model: Any, 
 
 async def test_more_streams_than_rows_wait_their_turn(tiny_model: Any, llama_tok: Any) -> None:
     engine = make_engine(tiny_model, llama_tok, max_batch=2)
+    finished: list[StreamStats] = []
+    engine.on_finish = finished.append  # the benchmark's hook
     await engine.start()
     try:
         ps = prompts()
@@ -115,6 +119,11 @@ async def test_more_streams_than_rows_wait_their_turn(tiny_model: Any, llama_tok
     finally:
         await engine.close()
     assert got == [reference(tiny_model, p, 6) for p in ps]
+    # one call per reply; the engine itself keeps only the last (nothing grows per reply)
+    assert sorted(s.prompt_tokens for s in finished) == sorted(len(p) for p in ps)
+    assert [s.new_tokens for s in finished] == [6, 6, 6]
+    assert engine.last_stats is finished[-1]
+    assert not [k for k, v in vars(engine).items() if isinstance(v, (list, dict)) and len(v) >= len(ps)]
 
 
 async def test_eos_ends_the_stream_and_is_not_sent(tiny_model: Any, llama_tok: Any) -> None:
@@ -189,6 +198,12 @@ async def test_text_never_holds_half_a_character(tiny_model: Any, llama_tok: Any
     pieces = [p async for p in engine.stream([1, 5], greedy(8))]
     assert "".join(pieces) == "日本"
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_config_decode_batched_makes_the_batched_engine() -> None:
+    engine = engine_from_config(ModelConfig(id="tiny", decode="batched", max_batch=3), Secrets())
+    assert isinstance(engine, BatchedEngine)
+    assert engine.max_batch == 3 and engine.scheduler is None  # nothing loaded before start()
 
 
 def test_sampler_top_k_one_is_greedy_and_survives_nan() -> None:

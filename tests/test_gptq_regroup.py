@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from bench.gpu import Shape, build_checkpoint
+from bench.gpu_checkpoint import Shape, build_checkpoint
 from bot.config import ModelConfig
 from bot.engine.transformers import TransformersEngine
 from tests.gptq_fixture import GPTQ_ENV

@@ -66,7 +66,7 @@ def tiny_llama() -> Any:
     """bench/gpu.py's tiny random Llama (fresh: the tests poison it)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from bench.gpu import TINY, _llama_config
+    from bench.gpu_checkpoint import TINY, _llama_config
 
     torch.manual_seed(1)
     cfg = _llama_config(replace(TINY, vocab=VOCAB))

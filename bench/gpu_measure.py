@@ -1,0 +1,444 @@
+"""The benchmark's measurements, each through the bot's own code.
+
+Device bandwidth (:func:`copy_bandwidth`); one decode step's GPU time and its
+quantized products' share (:func:`time_step`, :func:`time_gemms`,
+:func:`step_breakdown`); N conversations through the batched engine
+(:func:`engine_run`), through the bot's worker (:func:`worker_run`), through
+sequential ``generate()`` and transformers' ``generate_batch`` (the baselines);
+a follow-up's TTFT with its prefix reused (:func:`followup_run`); and the
+batched path's logits against transformers' forward (:func:`check_logits`,
+:func:`check_long_prefill`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bot.config import BotConfig, Config, GenerationConfig
+from bot.engine.base import StreamStats
+from bot.engine.batched import BatchedEngine, DecodeCore
+from bot.engine.transformers import generation_kwargs
+from bot.types import ConversationKey, Incoming, Settings
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def copy_bandwidth(dev: torch.device) -> float:
+    """Device-to-device copy, bytes read + written per second (median of 20)."""
+    if dev.type != "cuda":
+        a = torch.rand(16 * 2**20)
+        b = torch.empty_like(a)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            b.copy_(a)
+        return 5 * 2 * a.numel() * 4 / (time.perf_counter() - t0)
+    n = 2**30  # 1 GiB
+    a = torch.empty(n, dtype=torch.uint8, device=dev).random_()
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    times = []
+    for _ in range(20):
+        e0 = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        e1 = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        e0.record()
+        b.copy_(a)
+        e1.record()
+        e1.synchronize()
+        times.append(float(e0.elapsed_time(e1)) / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n / statistics.median(times)
+
+
+def time_step(core: DecodeCore, n: int, ctx: int, reps: int = 20) -> float:
+    """Median seconds of one decode step (graph replay, or eager) for n rows
+    reading ``ctx`` positions; writes only at the scratch position."""
+    times: list[float] = []
+    with torch.no_grad():
+        for i in range(reps + 3):
+            core.tokens[:n].fill_(1)
+            core.positions[:n].fill_(core.scratch)
+            bb, cb = core.buckets(n, ctx - 1)
+            if core.device.type == "cuda":
+                e0 = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+                e1 = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+                if core.use_graphs:
+                    graph, _ = core._graph(bb, cb)
+                    e0.record()
+                    graph.replay()
+                else:
+                    e0.record()
+                    core._decode_body(bb, cb)
+                e1.record()
+                e1.synchronize()
+                dt = float(e0.elapsed_time(e1)) / 1e3
+            else:
+                t0 = time.perf_counter()
+                core._decode_body(bb, cb)
+                dt = time.perf_counter() - t0
+            if i >= 3:
+                times.append(dt)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def time_gemms(core: DecodeCore, n: int, reps: int = 10) -> float:
+    """Median seconds of the quantized matrix products of one decode step
+    alone (7 per layer, graph-captured): the kernel's share of a step."""
+    if core.device.type != "cuda":
+        return 0.0
+    cfg = core.model.config
+    x = torch.randn(n, cfg.hidden_size, dtype=core.dtype, device=core.device) * 0.1
+    a = torch.randn(n, cfg.intermediate_size, dtype=core.dtype, device=core.device) * 0.1
+
+    def body() -> None:
+        for layer in core.layers:
+            at, mlp = layer.self_attn, layer.mlp
+            at.q_proj(x), at.k_proj(x), at.v_proj(x), at.o_proj(x)
+            mlp.gate_proj(x), mlp.up_proj(x), mlp.down_proj(a)
+
+    with torch.no_grad():
+        body()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=core._pool):
+            body()
+        times = []
+        for _ in range(reps):
+            e0 = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            e1 = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            e0.record()
+            graph.replay()
+            e1.record()
+            e1.synchronize()
+            times.append(float(e0.elapsed_time(e1)) / 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def step_breakdown(core: DecodeCore, batches: list[int], ctx: int) -> dict[str, float]:
+    """Where a decode step's time goes, at each of ``batches`` rows: the step
+    as run, without the compiled glue, also with the module's own RMSNorm, and
+    the quantized products alone (ms). Leaves the core as it found it."""
+    diag: dict[str, float] = {}
+    glued = core.glue is not None
+    for n in batches:
+        diag[f"gemms_ms_{n}"] = 1e3 * time_gemms(core, n)
+        diag[f"step_ms_{n}"] = 1e3 * time_step(core, n, ctx)
+        core.set_compiled_glue(False)
+        diag[f"step_plain_ms_{n}"] = 1e3 * time_step(core, n, ctx)  # fused RMSNorm only
+        core.fused_norm = False
+        core.reset_graphs()
+        diag[f"step_module_norm_ms_{n}"] = 1e3 * time_step(core, n, ctx)
+        core.fused_norm = True
+        core.set_compiled_glue(glued)  # drops the graphs too
+    return diag
+
+
+@contextmanager
+def collecting(engine: BatchedEngine) -> Iterator[list[StreamStats]]:
+    """The stats of every stream that finishes inside the block, in order
+    (the engine keeps only its last; it calls ``on_finish`` for each)."""
+    stats: list[StreamStats] = []
+    engine.on_finish = stats.append  # list.append: atomic, safe from the decode thread
+    try:
+        yield stats
+    finally:
+        engine.on_finish = None
+
+
+@dataclass
+class RunResult:
+    n: int
+    tokens: int
+    wall_s: float
+    decode_ms_per_token: float  # mean over conversations, first -> last token
+    ttft_s: float  # median over conversations, from submission
+    decode_tok_s: float  # sum over conversations of their decode rates
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def wall_tok_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+
+def _summarize(n: int, stats: list[StreamStats], wall: float) -> RunResult:
+    per_tok = [
+        (s.total_s - s.first_token_s) / (s.new_tokens - 1) for s in stats if s.new_tokens > 1
+    ]
+    rates = [1.0 / x for x in per_tok if x > 0]
+    firsts = sorted(s.first_token_s for s in stats)
+    return RunResult(
+        n=n,
+        tokens=sum(s.new_tokens for s in stats),
+        wall_s=wall,
+        decode_ms_per_token=1e3 * statistics.mean(per_tok) if per_tok else 0.0,
+        ttft_s=statistics.median([s.first_token_s for s in stats]) if stats else 0.0,
+        decode_tok_s=sum(rates),
+        extra={"ttft_p90_s": firsts[min(len(firsts) - 1, int(0.9 * len(firsts)))] if firsts else 0.0},
+    )
+
+
+def random_prompt(rng: torch.Generator, length: int, vocab: int) -> list[int]:
+    ids: list[int] = torch.randint(259, vocab, (length - 1,), generator=rng).tolist()
+    return [1, *ids]
+
+
+async def engine_run(
+    engine: BatchedEngine, prompts: list[list[int]], settings: Settings, cold: bool = True
+) -> RunResult:
+    """N conversations straight into the engine (text streams, detok included),
+    cold: no prefix of theirs is reused from earlier runs."""
+    if cold and engine.scheduler is not None:
+        engine.scheduler.prefix.clear()
+
+    async def one(p: list[int]) -> None:
+        async for _ in engine.stream(p, settings):
+            pass
+
+    with collecting(engine) as stats:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(p) for p in prompts))
+        wall = time.perf_counter() - t0
+    res = _summarize(len(prompts), stats, wall)
+    core = engine.core
+    if core is not None:  # the GPU time of one step alone, at this batch and context
+        ctx = len(prompts[0]) + settings.max_new_tokens // 2
+        res.extra["graph_step_ms"] = 1e3 * await asyncio.to_thread(time_step, core, len(prompts), ctx)
+    return res
+
+
+class _BenchSink:
+    update_interval = 1.0
+
+    def __init__(self) -> None:
+        self.done = asyncio.Event()
+        self.text = ""
+        self.error = ""
+
+    async def queued(self, position: int) -> None:
+        return None
+
+    async def started(self) -> None:
+        return None
+
+    async def update(self, text_so_far: str) -> None:
+        return None
+
+    async def finish(self, text: str) -> None:
+        self.text = text
+        self.done.set()
+
+    async def fail(self, user_message: str) -> None:
+        self.error = user_message
+        self.done.set()
+
+
+def worker_texts(n: int, words: int, vocab: int) -> list[str]:
+    rng = torch.Generator().manual_seed(n)
+    out = []
+    for _ in range(n):
+        ws = torch.randint(0, vocab - 300, (words,), generator=rng)
+        out.append(" ".join(f"w{int(w)}" for w in ws))
+    return out
+
+
+def worker_prompt_ids(engine: BatchedEngine, texts: list[str], settings: Settings) -> list[list[int]]:
+    """The ids the worker's PromptBuilder makes of these messages (a DM each)."""
+    from bot.prompt import PromptBuilder
+    from bot.types import Turn
+
+    builder = PromptBuilder(engine.tokenizer, fmt=engine.prompt_format, context_length=engine.context_length)
+    return [builder.build([Turn("user", t, "user", "m")], settings, is_dm=True).ids for t in texts]
+
+
+async def worker_run(
+    engine: BatchedEngine, texts: list[str], gen: GenerationConfig, db_dir: Path, tag: str
+) -> RunResult:
+    """N conversations through the bot: Bot.handle -> store -> Worker -> engine."""
+    from bot.app import Bot
+    from bot.store import Store
+
+    n = len(texts)
+    config = Config(
+        model=engine.config,
+        generation=gen,
+        bot=BotConfig(database=str(db_dir / f"bench-{tag}.sqlite3"), max_queue=4 * n + 8,
+                      max_pending_per_user=4 * n + 8),
+    )
+    if engine.scheduler is not None:  # as cold as the engine's own run of these prompts
+        engine.scheduler.prefix.clear()
+    with collecting(engine) as stats:
+        async with Store(config.database_path()) as store:
+            bot = Bot(config, store, engine)
+            await bot.start()
+            sinks = []
+            t0 = time.perf_counter()
+            for i, text in enumerate(texts):
+                key = ConversationKey("console", "bench", f"{tag}-{i}", "")
+                sink = _BenchSink()
+                sinks.append(sink)
+                incoming = Incoming(key, f"m{tag}{i}", f"user{i}", f"user{i}", text, True, time.time())
+                await bot.handle(incoming, sink)
+            await asyncio.gather(*(s.done.wait() for s in sinks))
+            wall = time.perf_counter() - t0
+            errors = [s.error for s in sinks if s.error]
+            await bot.worker.stop()
+    result = _summarize(n, stats, wall)
+    result.extra["errors"] = errors
+    return result
+
+
+class _TimingStreamer:
+    def __init__(self) -> None:
+        self.skipped = False
+        self.first = 0.0
+        self.count = 0
+
+    def put(self, value: Any) -> None:
+        if not self.skipped:
+            self.skipped = True
+            return
+        if self.count == 0:
+            self.first = time.perf_counter()
+        self.count += int(value.numel())
+
+    def end(self) -> None:
+        return None
+
+
+def generate_run(
+    model: Any, tokenizer: Any, prompts: list[list[int]], settings: Settings, measured: int
+) -> RunResult:
+    """The seed's way: one ``generate()`` after another (EOS ignored). Only the
+    first ``measured`` conversations run; the rest would take as long each."""
+    stats: list[StreamStats] = []
+    t0 = time.perf_counter()
+    for p in prompts[:measured]:
+        kw = generation_kwargs(settings, tokenizer)
+        kw["min_new_tokens"] = settings.max_new_tokens
+        streamer = _TimingStreamer()
+        start = time.perf_counter()
+        inputs = torch.tensor([p], device=model.device)
+        with torch.inference_mode():
+            model.generate(inputs, attention_mask=torch.ones_like(inputs), streamer=streamer, **kw)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        end = time.perf_counter()
+        # the time a conversation waits behind the earlier ones counts in its TTFT
+        stats.append(StreamStats(len(p), streamer.count, streamer.first - t0, end - t0))
+        del start
+    wall = time.perf_counter() - t0
+    n = len(prompts)
+    if measured < n:  # sequential: each further conversation costs the same again
+        wall *= n / measured
+    res = _summarize(n, stats, wall)
+    res.tokens = settings.max_new_tokens * n
+    # one conversation at a time: the aggregate decode rate is one conversation's
+    res.decode_tok_s = 1e3 / res.decode_ms_per_token if res.decode_ms_per_token > 0 else 0.0
+    res.extra["measured"] = min(measured, n)
+    return res
+
+
+def generate_batch_run(model: Any, prompts: list[list[int]], new_tokens: int) -> RunResult:
+    """transformers' own continuous batching (``generate_batch``: paged
+    attention, its own scheduler), greedy, all prompts submitted together.
+    Its TTFT is not observable from outside: the median is left at 0."""
+    import inspect
+
+    from transformers import GenerationConfig
+
+    cfg = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    accepted = inspect.signature(model.generate_batch).parameters
+    kw: dict[str, Any] = {k: v for k, v in {"progress_bar": False}.items() if k in accepted}
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    # not under inference_mode: its scheduler thread updates tensors made here
+    with torch.no_grad():
+        out = model.generate_batch(inputs=prompts, generation_config=cfg, **kw)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    tokens = sum(len(getattr(o, "generated_tokens", []) or []) for o in out.values())
+    return RunResult(len(prompts), tokens, wall, 0.0, 0.0, tokens / wall if wall > 0 else 0.0)
+
+
+def check_logits(engine: BatchedEngine, model: Any, vocab: int, length: int) -> tuple[float, float]:
+    """Relative error of the batched path's logits against transformers'
+    forward: after a prefill, and after one graph-replayed decode step of two rows."""
+    core = engine.core
+    assert core is not None
+    rng = torch.Generator().manual_seed(1)
+    pa = random_prompt(rng, length, vocab)
+    pb = random_prompt(rng, length // 2, vocab)
+    nxt = [300, 301]
+    with torch.inference_mode():
+        la = core.prefill(0, pa)
+        core.prefill(1, pb)
+        step = core.step(nxt, [len(pa), len(pb)]).float()
+        ref_a = model(torch.tensor([[*pa, nxt[0]]], device=model.device)).logits[0].float()
+        ref_b = model(torch.tensor([[*pb, nxt[1]]], device=model.device)).logits[0].float()
+
+    def rel(x: torch.Tensor, y: torch.Tensor) -> float:
+        return float((x - y).norm() / y.norm())
+
+    prefill_err = rel(la.float(), ref_a[-2])
+    step_err = max(rel(step[0], ref_a[-1]), rel(step[1], ref_b[-1]))
+    return prefill_err, step_err
+
+
+async def followup_run(
+    engine: BatchedEngine, res: dict[str, Any], rng: torch.Generator, total: int, vocab: int,
+    settings: Settings,
+) -> None:
+    """A thread of ``total`` tokens: a prompt of ``total - 40`` tokens gets a
+    20-token reply; then the follow-up (prompt + reply + 20 new tokens) is
+    sent. Its TTFT, with the parked row's keys and values reused, against the
+    first prompt's (everything prefilled)."""
+    history = random_prompt(rng, total - 40, vocab)
+    assert engine.scheduler is not None
+    engine.scheduler.prefix.clear()
+    with collecting(engine) as stats:
+        reply = [t async for chunk in engine.stream_ids(history, replace(settings, max_new_tokens=20))
+                 for t in chunk]
+    cold = stats[-1].first_token_s
+    before = engine.scheduler.prefix.reused_tokens
+    follow = [*history, *reply, *random_prompt(rng, 21, vocab)[1:]]
+    r = await engine_run(engine, [follow], replace(settings, max_new_tokens=1), cold=False)
+    res["ttft_followup_s"] = r.ttft_s
+    res["ttft_thread_cold_s"] = cold
+    res["followup_reused_tokens"] = engine.scheduler.prefix.reused_tokens - before
+    log(f"follow-up of {len(follow)} tokens: TTFT {r.ttft_s * 1e3:.0f} ms with "
+        f"{res['followup_reused_tokens']} reused; its thread's first prompt ({len(history)} tokens) "
+        f"{cold * 1e3:.0f} ms")
+
+
+def check_long_prefill(engine: BatchedEngine, model: Any, vocab: int, length: int) -> float:
+    """Relative error against transformers' forward of a long prompt's
+    prefill logits (through the prompt-time twins where the engine has them)
+    and of 20 more tokens prefilled onto the same row (prefix reuse)."""
+    from bot.engine.fidelity import forward_logits, relative_error
+
+    core = engine.core
+    assert core is not None
+    ids = random_prompt(torch.Generator().manual_seed(2), length, vocab)
+    with torch.inference_mode():
+        got = core.prefill(0, ids)
+        err = relative_error(got, forward_logits(model, ids)[-1])
+        # the same row extended by 20 tokens, as a follow-up reusing its prefix is
+        more = [*ids, *random_prompt(torch.Generator().manual_seed(4), 21, vocab)[1:]]
+        ext = core.prefill(0, more, start=len(ids))
+        return max(err, relative_error(ext, forward_logits(model, more)[-1]))
+

@@ -1,0 +1,97 @@
+"""The benchmark's report: its results as the Markdown table docs/benchmarks.md shows.
+
+:func:`table` reads the results dict that ``bench.gpu`` builds (and writes as
+JSON with ``--out``); nothing here measures or loads anything.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+
+class RunOptions(Protocol):
+    """What the report needs of the run's options (``bench.gpu.Options``)."""
+
+    batches: list[int]
+    prompt_tokens: int
+    new_tokens: int
+    ttft_tokens: int
+    baseline_tokens: int
+    followup_tokens: int
+
+
+def _graph_ms(res: dict[str, Any], n: int) -> float:
+    run = res["runs"]["engine"].get(str(n), {})
+    return float(run.get("extra", {}).get("graph_step_ms", 0.0))
+
+
+def table(res: dict[str, Any], opt: RunOptions) -> str:
+    bw = res["copy_bandwidth_gbs"]
+    s = res["shape"]
+    lines = [
+        f"device: {res['device']}  kernel: {res['kernel'] or '-'}  versions: {res['versions']}",
+        f"model: {s['layers']} layers, hidden {s['hidden']}, inter {s['intermediate']}, "
+        f"heads {s['heads']}/{s['kv_heads']}, vocab {s['vocab']}; weights read/step "
+        f"{res['weight_gb']:.2f} GB; prompts {opt.prompt_tokens} tok, {opt.new_tokens} new "
+        f"(generate(): {opt.baseline_tokens} new)",
+        f"check vs transformers: prefill rel err {res['check_prefill_rel_err']:.1e}, "
+        f"graph decode step {res['check_step_rel_err']:.1e}, "
+        f"{opt.ttft_tokens}-token prefill {res['check_long_prefill_rel_err']:.1e}",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| copy bandwidth (read+write) | {bw:.0f} GB/s |",
+        f"| decode, 1 conversation | {res['single_ms_step']:.1f} ms/step, "
+        f"{1e3 / max(res['single_ms_step'], 1e-9):.1f} tok/s |",
+        f"| decode step alone (graph replay), {min(opt.batches)} / {max(opt.batches)} conversations | "
+        f"{_graph_ms(res, min(opt.batches)):.2f} / {_graph_ms(res, max(opt.batches)):.2f} ms |",
+        f"| TTFT, {opt.ttft_tokens}-token prompt | {res['ttft_s'] * 1e3:.0f} ms "
+        f"(generate(): {res['ttft_generate_s'] * 1e3:.0f} ms) |",
+        f"| TTFT, follow-up of 20 tokens in a {opt.followup_tokens}-token thread | "
+        f"{res.get('ttft_followup_s', 0.0) * 1e3:.0f} ms ({res.get('followup_reused_tokens', 0)} tokens "
+        f"reused; the thread's first prompt: {res.get('ttft_thread_cold_s', 0.0) * 1e3:.0f} ms) |",
+        "",
+        "| conversations | path | wall tok/s | decode tok/s | ms/token each | TTFT median (p90) | "
+        "% of floor | worker/engine |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    runs = res["runs"]
+    for n in opt.batches:
+        key = str(n)
+        eng = runs["engine"][key]
+        for kind in ("engine", "worker", "generate", "generate_batch"):
+            r = runs[kind].get(key)
+            if r is None:
+                continue
+            ratio = (f"{r['wall_tok_s'] / eng['wall_tok_s']:.3f}"
+                     if kind == "worker" and eng["wall_tok_s"] > 0 else "")
+            label = {"engine": "batched engine", "worker": "bot worker + engine",
+                     "generate": "sequential generate()",
+                     "generate_batch": "transformers generate_batch"}[kind]
+            if kind == "generate" and r["extra"].get("measured", n) < n:
+                label += f" ({r['extra']['measured']} run, rest scaled)"
+            if r["extra"].get("error"):
+                label += " (failed: " + r["extra"]["error"][:80] + ")"
+            pct = 100 * r["decode_tok_s"] / r["floor_tok_s"]
+            lines.append(
+                f"| {n} | {label} | {r['wall_tok_s']:.1f} | {r['decode_tok_s']:.1f} | "
+                f"{r['decode_ms_per_token']:.1f} | {r['ttft_s'] * 1e3:.0f} ms "
+                f"(p90 {r['extra'].get('ttft_p90_s', 0.0) * 1e3:.0f}) | {pct:.0f}% | {ratio} |"
+            )
+    lines.append("")
+    d = res.get("diag", {})
+    for n in sorted({min(opt.batches), max(opt.batches)}):
+        if f"gemms_ms_{n}" in d:
+            lines.append(
+                f"step at {n}: {d[f'step_ms_{n}']:.2f} ms as run; without compiled glue "
+                f"{d[f'step_plain_ms_{n}']:.2f} ms; also with the module's RMSNorm "
+                f"{d[f'step_module_norm_ms_{n}']:.2f} ms; its GPTQ products alone "
+                f"{d[f'gemms_ms_{n}']:.2f} ms"
+            )
+    lines.append(
+        "floor: N x copy bandwidth / (weight bytes + N x context x KV bytes/token); "
+        "decode tok/s: sum over conversations of (tokens-1)/(last-first token time); "
+        "wall tok/s: all new tokens / (first submission -> last token), prefill included"
+    )
+    return "\n".join(lines)
+

@@ -1,0 +1,371 @@
+"""The decode core: a static KV cache, CUDA graphs and the fused glue.
+
+:class:`DecodeCore` runs the model's own modules (embedding, norms, the GPTQ
+projections, ``lm_head``) over a cache ``[layers, rows, kv_heads, max_len,
+head_dim]``: a prompt is prefilled into one row, and a decode step advances
+rows ``0..n-1`` by one token each, captured once per (batch bucket, context
+bucket) as a CUDA graph and replayed. The small element-wise work between the
+quantized products can be fused by ``torch.compile`` (``_glue_*``). One
+thread uses it: the scheduler's.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from bot.errors import GenerationError
+
+# Prompts this long or longer are prefilled through the prompt-time twins
+# (GPTQModel's torch kernel: dequantize + cuBLAS). H200, 8 Xwin-70B layers,
+# ms twin / Marlin: 64 tokens 19 / 11, 256: 19 / 13, 512: 22 / 22, 1,000: 33 / 47.
+TWIN_MIN_TOKENS = 512
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
+_CTX_BUCKETS = tuple(range(256, 32768 + 1, 256))  # attention reads at most 255 extra positions
+
+
+def _bucket(n: int, buckets: Sequence[int], cap: int) -> int:
+    for b in buckets:
+        if b >= n:
+            return min(b, cap)
+    return cap
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _glue_rope_qk(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _glue_probs(s: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    return torch.softmax(s.float() * scale + bias, dim=-1).to(s.dtype)
+
+
+def _glue_add_norm(
+    x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x + y
+    xf = x.float()
+    h = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return x, w * h.to(x.dtype)
+
+
+def _glue_silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return F.silu(g) * u
+
+
+def _eps(norm: Any) -> float:
+    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", None) or 1e-6
+    return float(eps)
+
+
+class DecodeCore:
+    """The model's decode loop over a static KV cache (one thread uses it).
+
+    Rows ``0..n-1`` are the live sequences. :meth:`prefill` fills one row from
+    a prompt, :meth:`step` advances rows ``0..n-1`` by one token each,
+    :meth:`move` copies a row's cache into another row (compaction).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        max_batch: int,
+        max_len: int,
+        use_graphs: bool | None = None,
+        fused_norm: bool = True,
+        compile_glue: bool = False,
+    ) -> None:
+        inner = model.model
+        cfg = model.config
+        self.model = model
+        self.embed = inner.embed_tokens
+        self.layers = list(inner.layers)
+        self.norm = inner.norm
+        self.lm_head = model.lm_head
+        self.n_heads: int = cfg.num_attention_heads
+        self.n_kv: int = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim: int = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.group = self.n_heads // self.n_kv
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.vocab: int = cfg.vocab_size
+        self.max_batch = max_batch
+        self.max_len = max_len
+        self.device: torch.device = self.embed.weight.device
+        self.dtype: torch.dtype = self.embed.weight.dtype
+        self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
+        # torch's one-kernel RMSNorm instead of the module's six small kernels
+        self.fused_norm = fused_norm and hasattr(F, "rms_norm")
+        self.glue: dict[str, Callable[..., Any]] | None = None
+        if compile_glue:
+            self.set_compiled_glue(True)
+        n_layers = len(self.layers)
+        shape = (n_layers, max_batch, self.n_kv, max_len, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # Position max_len-1 is scratch: padded rows and graph warm-ups write there.
+        self.scratch = max_len - 1
+        with torch.no_grad():
+            pos = torch.arange(max_len, device=self.device)[None]
+            dummy = torch.zeros(1, dtype=self.dtype, device=self.device)
+            cos, sin = inner.rotary_emb(dummy, pos)
+        self.cos = cos[0].to(self.dtype).contiguous()
+        self.sin = sin[0].to(self.dtype).contiguous()
+        self.tokens = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        self.positions = torch.full((max_batch,), self.scratch, dtype=torch.long, device=self.device)
+        self.rows = torch.arange(max_batch, device=self.device)
+        self.ctx_range = torch.arange(max_len, device=self.device)
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool: Any = None
+        self.capture_s = 0.0
+        # Prompt-time twins: id(quantized module) -> the same weights in another
+        # kernel's packing, used for prompts of twin_min_tokens or more.
+        self.prefill_twins: dict[int, Any] = {}
+        self.twin_min_tokens = TWIN_MIN_TOKENS
+
+    def set_prefill_twins(self, pairs: Sequence[tuple[Any, Any]]) -> None:
+        """(module, twin) pairs (``TransformersEngine.prefill_twins``): long
+        prompts go through the twins, decode steps through the modules."""
+        self.prefill_twins = {id(module): twin for module, twin in pairs}
+
+    def set_compiled_glue(self, on: bool) -> None:
+        """Fuse the small element-wise work around the GPTQ products (rope,
+        softmax, residual + RMSNorm, SiLU x up) with ``torch.compile``: a
+        decode step is ~30 small kernels a layer otherwise."""
+        self.reset_graphs()
+        if not on:
+            self.glue = None
+            return
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
+        fns = {
+            "rope_qk": _glue_rope_qk,
+            "probs": _glue_probs,
+            "add_norm": _glue_add_norm,
+            "silu_mul": _glue_silu_mul,
+        }
+        self.glue = {k: torch.compile(f, fullgraph=True) for k, f in fns.items()}  # type: ignore[call-overload]
+
+    def reset_graphs(self) -> None:
+        """Drop the captured graphs and their memory pool (a pool whose graphs
+        are all gone must not be captured into again)."""
+        self._graphs = {}
+        self._pool = None
+
+    # -- eager pieces ---------------------------------------------------------
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return x * cos + _rotate_half(x) * sin
+
+    def _norm(self, module: Any, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_norm:
+            return F.rms_norm(x, (x.shape[-1],), module.weight, _eps(module))
+        out: torch.Tensor = module(x)
+        return out
+
+    def _decode_body(self, bb: int, ctx: int) -> torch.Tensor:
+        """One decode step for rows 0..bb-1 reading ``ctx`` cache positions."""
+        tokens = self.tokens[:bb]
+        pos = self.positions[:bb]
+        rows = self.rows[:bb]
+        x = self.embed(tokens)  # [bb, D]
+        cos = self.cos[pos][:, None, :]
+        sin = self.sin[pos][:, None, :]
+        visible = self.ctx_range[:ctx][None, :] <= pos[:, None]
+        bias = torch.zeros(visible.shape, dtype=torch.float32, device=self.device)
+        bias = bias.masked_fill(~visible, float("-inf"))[:, None, None, :]
+        hd, nkv, g = self.head_dim, self.n_kv, self.group
+        if self.glue is not None:
+            return self._decode_body_glued(bb, ctx, x, cos, sin, bias, rows, pos)
+        for li, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            h = self._norm(layer.input_layernorm, x)
+            q = self._rope(attn.q_proj(h).view(bb, self.n_heads, hd), cos, sin)
+            k = self._rope(attn.k_proj(h).view(bb, nkv, hd), cos, sin)
+            v = attn.v_proj(h).view(bb, nkv, hd)
+            kc, vc = self.k_cache[li], self.v_cache[li]
+            kc[rows, :, pos] = k
+            vc[rows, :, pos] = v
+            qg = q.view(bb, nkv, g, hd)
+            s = torch.matmul(qg, kc[:bb, :, :ctx].transpose(-1, -2)).float() * self.scale + bias
+            p = torch.softmax(s, dim=-1).to(self.dtype)
+            o = torch.matmul(p, vc[:bb, :, :ctx]).reshape(bb, self.n_heads * hd)
+            x = x + attn.o_proj(o)
+            x = x + layer.mlp(self._norm(layer.post_attention_layernorm, x))
+        out: torch.Tensor = self.lm_head(self._norm(self.norm, x))
+        return out
+
+    def _decode_body_glued(
+        self,
+        bb: int,
+        ctx: int,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        bias: torch.Tensor,
+        rows: torch.Tensor,
+        pos: torch.Tensor,
+    ) -> torch.Tensor:
+        assert self.glue is not None
+        rope_qk, probs, add_norm, silu_mul = (
+            self.glue["rope_qk"], self.glue["probs"], self.glue["add_norm"], self.glue["silu_mul"]
+        )
+        hd, nkv, g = self.head_dim, self.n_kv, self.group
+        zero = torch.zeros_like(x)
+        first = self.layers[0].input_layernorm
+        x, h = add_norm(x, zero, first.weight, _eps(first))
+        for li, layer in enumerate(self.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            q, k = rope_qk(
+                attn.q_proj(h).view(bb, self.n_heads, hd), attn.k_proj(h).view(bb, nkv, hd), cos, sin
+            )
+            v = attn.v_proj(h).view(bb, nkv, hd)
+            kc, vc = self.k_cache[li], self.v_cache[li]
+            kc[rows, :, pos] = k
+            vc[rows, :, pos] = v
+            s = torch.matmul(q.view(bb, nkv, g, hd), kc[:bb, :, :ctx].transpose(-1, -2))
+            o = torch.matmul(probs(s, bias, self.scale), vc[:bb, :, :ctx]).reshape(bb, self.n_heads * hd)
+            post = layer.post_attention_layernorm
+            x, h = add_norm(x, attn.o_proj(o), post.weight, _eps(post))
+            m = mlp.down_proj(silu_mul(mlp.gate_proj(h), mlp.up_proj(h)))
+            nxt = self.layers[li + 1].input_layernorm if li + 1 < len(self.layers) else self.norm
+            x, h = add_norm(x, m, nxt.weight, _eps(nxt))
+        out: torch.Tensor = self.lm_head(h)
+        return out
+
+    def check_fits(self, n: int) -> None:
+        """Raise GenerationError unless a prompt of ``n`` tokens fits a row."""
+        if n == 0 or n >= self.scratch:
+            raise GenerationError(f"prompt of {n} tokens does not fit the cache ({self.scratch - 1})")
+
+    @torch.no_grad()
+    def prefill(self, row: int, ids: Sequence[int], start: int = 0) -> torch.Tensor:
+        """Fill ``row``'s cache with a prompt; the logits after its last token.
+        With ``start``, the row already holds the first ``start`` tokens' keys
+        and values (a reused prefix): only the rest is computed."""
+        n = len(ids)
+        self.check_fits(n)
+        if not 0 <= start < n:
+            raise ValueError(f"start {start} outside a prompt of {n} tokens")
+        hd, nkv = self.head_dim, self.n_kv
+        m = n - start
+        t = torch.tensor(ids[start:], dtype=torch.long, device=self.device)
+        x = self.embed(t)[None]  # [1, m, D]
+        cos = self.cos[start:n][None, None]
+        sin = self.sin[start:n][None, None]
+        mask = None
+        if start:  # new token i sees cache positions 0..start+i
+            mask = self.ctx_range[:n][None, :] <= (start + self.ctx_range[:m])[:, None]
+        twins = self.prefill_twins if m >= self.twin_min_tokens else {}
+
+        def proj(module: Any, inp: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = twins.get(id(module), module)(inp)
+            return out
+
+        gqa = nkv != self.n_heads
+        for li, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = self._rope(proj(attn.q_proj, h).view(1, m, self.n_heads, hd).transpose(1, 2), cos, sin)
+            k = self._rope(proj(attn.k_proj, h).view(1, m, nkv, hd).transpose(1, 2), cos, sin)
+            v = proj(attn.v_proj, h).view(1, m, nkv, hd).transpose(1, 2)
+            self.k_cache[li, row, :, start:n] = k[0]
+            self.v_cache[li, row, :, start:n] = v[0]
+            if mask is None:
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            else:
+                kc = self.k_cache[li, row, :, :n][None]
+                vc = self.v_cache[li, row, :, :n][None]
+                o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=gqa)
+            x = x + proj(attn.o_proj, o.transpose(1, 2).reshape(1, m, self.n_heads * hd))
+            h = layer.post_attention_layernorm(x)
+            if twins:
+                mlp = layer.mlp
+                x = x + proj(mlp.down_proj, mlp.act_fn(proj(mlp.gate_proj, h)) * proj(mlp.up_proj, h))
+            else:
+                x = x + layer.mlp(h)
+        out: torch.Tensor = self.lm_head(self.norm(x[:, -1]))[0]
+        return out
+
+    def _graph(self, bb: int, ctx: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        key = (bb, ctx)
+        hit = self._graphs.get(key)
+        if hit is not None:
+            return hit
+        t0 = time.perf_counter()
+        saved_pos = self.positions.clone()
+        saved_tok = self.tokens.clone()
+        # Warm-up and capture write only at the scratch position.
+        self.positions.fill_(self.scratch)
+        side = torch.cuda.Stream(device=self.device)  # type: ignore[no-untyped-call]
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._decode_body(bb, ctx)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self._decode_body(bb, ctx)
+        self.positions.copy_(saved_pos)
+        self.tokens.copy_(saved_tok)
+        torch.cuda.synchronize(self.device)
+        self._graphs[key] = (graph, out)
+        self.capture_s += time.perf_counter() - t0
+        return graph, out
+
+    def buckets(self, n: int, max_pos: int) -> tuple[int, int]:
+        bb = _bucket(n, _BATCH_BUCKETS, self.max_batch)
+        ctx = _bucket(max_pos + 1, _CTX_BUCKETS, self.max_len)
+        return bb, ctx
+
+    @torch.no_grad()
+    def step(self, tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+        """Logits ``[n, vocab]`` for rows 0..n-1 given each row's last token
+        and its position (the cache index the token is written to)."""
+        n = len(tokens)
+        bb, ctx = self.buckets(n, max(positions))
+        pad = bb - n
+        tok = torch.tensor(list(tokens) + [0] * pad, dtype=torch.long)
+        pos = torch.tensor(list(positions) + [self.scratch] * pad, dtype=torch.long)
+        self.tokens[:bb].copy_(tok, non_blocking=True)
+        self.positions[:bb].copy_(pos, non_blocking=True)
+        if self.use_graphs:
+            graph, out = self._graph(bb, ctx)
+            graph.replay()
+            return out[:n]
+        return self._decode_body(bb, ctx)[:n]
+
+    def warmup(self, batches: Sequence[int], contexts: Sequence[int]) -> None:
+        """Capture the graphs for these batch sizes and context lengths now."""
+        if not self.use_graphs:
+            return
+        with torch.no_grad():
+            for n in batches:
+                for c in contexts:
+                    self._graph(*self.buckets(n, c - 1))
+
+    @torch.no_grad()
+    def clear(self, row: int) -> None:
+        """Zero a row's cache: attention multiplies masked positions by 0,
+        and 0 x NaN left by a failed reply would poison the row's next user."""
+        self.k_cache[:, row].zero_()
+        self.v_cache[:, row].zero_()
+
+    @torch.no_grad()
+    def move(self, src: int, dst: int, length: int) -> None:
+        if src != dst and length > 0:
+            self.k_cache[:, dst, :, :length] = self.k_cache[:, src, :, :length]
+            self.v_cache[:, dst, :, :length] = self.v_cache[:, src, :, :length]

@@ -1,0 +1,201 @@
+"""The async engine: :class:`BatchedEngine`, an :class:`~bot.engine.base.Engine`
+whose streams are rows of one batch, and :func:`kv_cache_len`, the cache size
+the GPU's memory allows."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Callable, Sequence
+from typing import Any
+
+import torch
+
+from bot.config import ModelConfig
+from bot.engine.base import PromptTokenizer, StreamStats
+from bot.engine.batched.core import DecodeCore
+from bot.engine.batched.scheduler import BatchScheduler, Request
+from bot.engine.detok import IncrementalDecoder
+from bot.errors import GenerationError
+from bot.types import Settings, Turn
+
+
+class BatchedEngine:
+    """An :class:`~bot.engine.base.Engine` whose concurrent streams share decode steps.
+
+    ``BatchedEngine(config)`` loads the model exactly as
+    :class:`~bot.engine.transformers.TransformersEngine` does (transformers +
+    GPTQModel, ``[model] gptq_backend``) and decodes with :class:`DecodeCore`.
+    :meth:`over` wraps a model that is already loaded (tests, the benchmark).
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        eos_ids: Sequence[int] | None = None,
+        max_len: int | None = None,
+        use_graphs: bool | None = None,
+        compile_glue: bool | None = None,
+    ) -> None:
+        self.config = config
+        self.context_length = config.context_length
+        self.prompt_format = config.prompt_format
+        self.max_batch = max(1, config.max_batch)
+        self.last_stats: StreamStats | None = None
+        self.tokenizer: PromptTokenizer
+        self.model: Any = None
+        self.core: DecodeCore | None = None
+        self.scheduler: BatchScheduler | None = None
+        self._eos_ids = eos_ids
+        self._max_len = max_len
+        self._use_graphs = use_graphs
+        self._compile_glue = compile_glue
+        self._description: dict[str, str] = {}
+        # Called on the decode thread with each finished stream's stats (the
+        # benchmark collects them here); must be quick and must not raise.
+        self.on_finish: Callable[[StreamStats], None] | None = None
+
+    @classmethod
+    def over(
+        cls,
+        model: Any,
+        tokenizer: PromptTokenizer,
+        config: ModelConfig,
+        *,
+        eos_ids: Sequence[int] | None = None,
+        max_len: int | None = None,
+        use_graphs: bool | None = None,
+        compile_glue: bool | None = None,
+    ) -> BatchedEngine:
+        engine = cls(
+            config, eos_ids=eos_ids, max_len=max_len, use_graphs=use_graphs, compile_glue=compile_glue
+        )
+        engine.tokenizer = tokenizer
+        engine._build(model)
+        return engine
+
+    def _load(self) -> None:
+        from bot.engine.transformers import TransformersEngine
+
+        loader = TransformersEngine(self.config)
+        loader.keep_prefill_twins = True
+        loader.load()  # the same loading code path as the one-at-a-time engine
+        self.tokenizer = loader.tokenizer
+        self._description = loader.describe()
+        self._build(loader.model)
+        assert self.core is not None
+        self.core.set_prefill_twins(loader.prefill_twins)
+        # compile the glue and capture the one-conversation graph before the first reply
+        self.core.warmup([1], [min(256, self.core.scratch - 1)])
+        self.verify(loader.probe_logits)
+
+    def verify(self, reference: Any = None) -> tuple[float, float]:
+        """The load check of the batched path (bot/engine/fidelity.py): its
+        prefill and graph-replayed decode step against transformers' forward
+        (``reference``: the forward's logits of the probe prompt, computed
+        here when not given). Raises ConfigError; returns the two errors."""
+        from bot.engine.fidelity import check_decode_path, check_forward, probe_ids
+
+        assert self.core is not None
+        ids = probe_ids(self.tokenizer)
+        kernel = self._description.get("gptq kernel", "")
+        if reference is None:
+            reference = check_forward(self.model, ids, self.config.id, kernel, self.config.gptq_backend)
+        return check_decode_path(self.core, ids, reference, self.config.id, kernel, self.config.gptq_backend)
+
+    def _build(self, model: Any) -> None:
+        self.model = model
+        cache_len = self._max_len or kv_cache_len(model, self.max_batch, self.context_length)
+        on_gpu = model.model.embed_tokens.weight.device.type == "cuda"
+        glue = on_gpu if self._compile_glue is None else self._compile_glue
+        self.core = DecodeCore(
+            model, self.max_batch, cache_len, use_graphs=self._use_graphs, compile_glue=glue
+        )
+        eos = list(self._eos_ids) if self._eos_ids is not None else []
+        if self._eos_ids is None and self.tokenizer.eos_id is not None:
+            eos = [self.tokenizer.eos_id]
+        self.scheduler = BatchScheduler(
+            self.core, eos, on_finish=self._record, prefill_chunk=self.config.prefill_chunk
+        )
+        # The prompt builder must not make prompts the cache cannot hold.
+        self.context_length = min(self.context_length, self.core.scratch - 1)
+
+    def _record(self, stats: StreamStats) -> None:
+        self.last_stats = stats
+        if self.on_finish is not None:
+            self.on_finish(stats)
+
+    async def start(self) -> None:
+        if self.scheduler is None:
+            await asyncio.to_thread(self._load)
+        assert self.scheduler is not None
+        self.scheduler.start()
+
+    async def close(self) -> None:
+        if self.scheduler is not None:
+            await asyncio.to_thread(self.scheduler.close)
+
+    def describe(self) -> dict[str, str]:
+        d = dict(self._description) or {"engine": "transformers", "model": self.config.id}
+        if self.core is not None:
+            d["decode"] = (
+                "batched, static KV cache"
+                + (", CUDA graphs" if self.core.use_graphs else "")
+                + (", compiled glue" if self.core.glue is not None else "")
+            )
+            d["kv cache"] = f"{self.max_batch} x {self.core.max_len - 1} tokens"
+        return d
+
+    async def stream_ids(
+        self, prompt_ids: list[int], settings: Settings
+    ) -> AsyncGenerator[list[int], None]:
+        """The reply's token ids as they come (EOS not included); closing cancels."""
+        if self.scheduler is None:
+            raise GenerationError("the model is not loaded")
+        self.scheduler.start()
+        loop = asyncio.get_running_loop()
+        req = Request(list(prompt_ids), settings, loop, asyncio.Queue())
+        self.scheduler.submit(req)
+        try:
+            while True:
+                item = await req.out.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            req.cancelled = True
+
+    async def stream(self, prompt_ids: list[int], settings: Settings, *,
+                     turns: Sequence[Turn] = (), is_dm: bool = False) -> AsyncGenerator[str, None]:
+        decoder = IncrementalDecoder(self.tokenizer.decode)
+        ids = self.stream_ids(prompt_ids, settings)
+        try:
+            async for chunk in ids:
+                for token_id in chunk:
+                    if piece := decoder.push(token_id):
+                        yield piece
+            if tail := decoder.flush():
+                yield tail
+        finally:
+            await ids.aclose()
+
+
+def kv_cache_len(model: Any, max_batch: int, context_length: int, fraction: float = 0.9) -> int:
+    """Cache positions per row: the context, or less if the GPU's free memory
+    cannot hold ``max_batch`` rows of it (plus one scratch position)."""
+    want = context_length + 1
+    dev = model.model.embed_tokens.weight.device
+    if dev.type != "cuda":
+        return want
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    per_token = 2 * cfg.num_hidden_layers * kv * hd * model.model.embed_tokens.weight.element_size()
+    free, _ = torch.cuda.mem_get_info(dev)
+    fit = int(free * fraction) // (int(per_token) * max_batch)
+    if fit >= want:
+        return want
+    return int(max(256, fit // 256 * 256))

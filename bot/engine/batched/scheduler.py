@@ -1,0 +1,341 @@
+"""The decode thread: admits requests, steps every live row, streams ids back.
+
+:class:`BatchScheduler` owns the :class:`~bot.engine.batched.core.DecodeCore`
+and the :class:`~bot.engine.batched.sampler.Sampler` and is the only thread
+that touches them. A :class:`Request` is one reply: it comes in through the
+scheduler's inbox (a thread-safe queue) and its token ids go back to its
+stream's asyncio queue, on the stream's own event loop (``_post``,
+``_deliver``). While rows decode, prompts are prefilled a chunk at a time
+between decode steps (``prefill_chunk``). Finished rows are compacted and
+parked for a follow-up (``bot.engine.prefix_cache``); a row whose logits are
+not finite fails alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from bot.engine.base import StreamStats
+from bot.engine.batched.core import DecodeCore
+from bot.engine.batched.sampler import Sampler
+from bot.engine.prefix_cache import PrefixCache
+from bot.errors import GenerationError
+from bot.types import Settings
+
+log = logging.getLogger(__package__)  # one logger for the batched engine: "bot.engine.batched"
+
+# What a chat user sees when the model fails mid-reply (details go to the log).
+MSG_NON_FINITE = "the model produced invalid numbers (NaN) and this reply was stopped"
+
+# While other rows decode, longer prompts are prefilled this many tokens at a
+# time with a decode step between chunks ([model] prefill_chunk; issue 14).
+# 512 = the twins' crossover, so full chunks still go through the twins.
+PREFILL_CHUNK = 512
+
+
+_Item = list[int] | BaseException | None
+
+
+@dataclass
+class Request:
+    ids: list[int]
+    settings: Settings
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue[_Item]
+    submitted: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    generated: int = 0
+    position: int = 0  # cache index the next token goes to
+    last_token: int = 0
+    first_token_at: float = 0.0
+    tokens: list[int] = field(default_factory=list)  # sampled so far
+    reused: int = 0  # prompt tokens whose keys and values came from a parked row
+
+
+def _deliver(batch: list[tuple[Request, _Item]]) -> None:
+    for req, item in batch:
+        req.out.put_nowait(item)
+
+
+def _prefill_error(exc: Exception) -> GenerationError:
+    return exc if isinstance(exc, GenerationError) else GenerationError.internal(exc, "prefill")
+
+
+def _post(req: Request, item: _Item) -> None:
+    """Hand one item to a request's stream, from the decode thread."""
+    batch: list[tuple[Request, _Item]] = [(req, item)]
+    req.loop.call_soon_threadsafe(_deliver, batch)
+
+
+class BatchScheduler:
+    """The decode thread: admits requests, steps all live rows, streams ids.
+
+    Chunked prefill: while rows are decoding, a prompt whose remaining
+    tokens (after any reused prefix) exceed ``prefill_chunk`` is prefilled
+    ``prefill_chunk`` tokens at a time into its own idle row (``_filling``),
+    one chunk per loop turn, each followed by a decode step of the live rows:
+    their tokens keep flowing instead of waiting for the whole prompt. Only
+    the last chunk's logits are sampled. While a prompt is being filled no
+    other prompt is admitted (first come, first served). With no row
+    decoding, the rest of a prompt is prefilled at once (nobody to wait).
+    Shorter prompts arriving together are prefilled up to ``prefill_chunk``
+    tokens per decode step too.
+    """
+
+    def __init__(
+        self,
+        core: DecodeCore,
+        eos_ids: Sequence[int],
+        on_finish: Callable[[StreamStats], None] | None = None,
+        prefill_chunk: int = PREFILL_CHUNK,
+    ) -> None:
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be 1 or more, got {prefill_chunk}")
+        self.core = core
+        self.prefill_chunk = prefill_chunk
+        self.sampler = Sampler(core.max_batch, core.vocab, core.device)
+        self.eos = set(eos_ids)
+        self.on_finish = on_finish
+        self.prefix = PrefixCache(core.max_batch)  # finished replies' rows, for follow-ups
+        self._inbox: queue.Queue[Request | None] = queue.Queue()
+        self._live: list[Request] = []
+        # The prompt being prefilled chunk by chunk, and its row (an idle row
+        # at or above len(self._live), never parked into while it fills).
+        self._filling: Request | None = None
+        self._fill_row = 0
+        self.prefill_chunks = 0  # chunks that left a prompt unfinished (a decode step came next)
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.steps = 0
+        self.step_s = 0.0
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._run, name="batched-decode", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        self._stop = True
+        self._inbox.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def submit(self, req: Request) -> None:
+        self._inbox.put(req)
+
+    # -- the thread -----------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop:
+            try:
+                if self._filling is not None:
+                    self._prefill_chunk()
+                else:
+                    self._admit(block=not self._live)
+                if self._live:
+                    self._step()
+            except BaseException as exc:  # fail every live stream, keep serving
+                self._fail_all(GenerationError.internal(exc, "decode"))
+        self._fail_all(GenerationError("engine closed"))
+
+    def _fail_all(self, err: GenerationError) -> None:
+        for req in self._live:
+            _post(req, err)
+        self._live.clear()
+        if self._filling is not None:
+            _post(self._filling, err)
+            self._filling = None
+
+    def _admit(self, block: bool) -> None:
+        """Take new requests while rows are free, prefilling each (a long
+        one only its first chunk: then admitting pauses until it is done).
+        While rows decode, one turn prefills at most ``prefill_chunk`` prompt
+        tokens before the next decode step (at least one prompt)."""
+        spent = 0
+        while self._filling is None and len(self._live) < self.core.max_batch and spent < self.prefill_chunk:
+            try:
+                req = self._inbox.get(block=block, timeout=0.5 if block else None)
+            except queue.Empty:
+                return
+            block = False
+            if req is None:
+                return
+            if req.cancelled:
+                _post(req, None)
+                continue
+            row = len(self._live)
+            try:
+                self.core.check_fits(len(req.ids))
+                req.reused = req.position = self._claim(row, req)
+            except Exception as exc:
+                _post(req, _prefill_error(exc))
+                continue
+            self._filling, self._fill_row = req, row
+            if self._live:
+                spent += len(req.ids) - req.reused
+            self._prefill_chunk()
+
+    def _prefill_chunk(self) -> None:
+        """Prefill the next chunk of ``_filling`` (all the rest when no row is
+        decoding); after the last one, sample its first token and make it live."""
+        req, row = self._filling, self._fill_row
+        assert req is not None
+        if req.cancelled:
+            self._filling = None
+            _post(req, None)
+            return
+        n = len(req.ids)
+        end = min(n, req.position + self.prefill_chunk) if self._live else n
+        try:
+            logits = self.core.prefill(row, req.ids[:end], start=req.position)[None]
+            finite = bool(torch.isfinite(logits).all())
+            if end < n:
+                self.prefill_chunks += 1
+                if finite:
+                    req.position = end
+                    return
+                self._filling = None
+                self._fail_prefill(req, row, end)
+                return
+            self._filling = None
+            row = self._settle(row, n)
+            self.sampler.admit(row, req.ids)
+            tok = self.sampler.sample(logits, [req.settings], row0=row)[0]
+            if not finite:
+                self._fail_prefill(req, row, n)
+                return
+        except Exception as exc:
+            self._filling = None
+            _post(req, _prefill_error(exc))
+            return
+        req.first_token_at = time.perf_counter()
+        req.position = n
+        self._live.append(req)
+        self._emit([(req, tok)])
+
+    def _fail_prefill(self, req: Request, row: int, tokens: int) -> None:
+        log.error("non-finite logits after %d tokens of a prompt of %d; the reply is failed",
+                  tokens, len(req.ids))
+        self.core.clear(row)
+        _post(req, GenerationError(MSG_NON_FINITE))
+
+    def _settle(self, row: int, length: int) -> int:
+        """Move a filled row down to the next live row (live rows may have
+        left while it filled): the row the new request decodes in."""
+        dest = len(self._live)
+        if row != dest:
+            self.prefix.evict(dest)
+            self.core.move(row, dest, length)
+        return dest
+
+    def _claim(self, row: int, req: Request) -> int:
+        """Make ``row`` (the next live row) ready for ``req``: the prefix of a
+        parked row that ``req.ids`` starts with is moved there (unless it is
+        there already); any other parked row there is evicted. The number of
+        prompt tokens whose keys and values are in place."""
+        hit = self.prefix.lookup(req.ids)
+        if hit is not None and hit[0] == row:
+            self.prefix.take(row)
+        else:
+            self.prefix.evict(row)
+            if hit is not None:
+                self.core.move(hit[0], row, hit[1])
+                self.prefix.take(hit[0])
+        if hit is not None:
+            self.prefix.reused_tokens += hit[1]
+            log.debug("prompt of %d tokens: %d reused from a parked row", len(req.ids), hit[1])
+        return hit[1] if hit is not None else 0
+
+    def _emit(self, pairs: list[tuple[Request, int]]) -> None:
+        """Deliver one new token per request; retire finished rows."""
+        out: dict[asyncio.AbstractEventLoop, list[tuple[Request, _Item]]] = {}
+        done: list[Request] = []
+        for req, tok in pairs:
+            req.last_token = tok
+            req.tokens.append(tok)
+            req.generated += 1
+            finished = req.cancelled
+            if not finished and tok in self.eos:
+                finished = True
+            else:
+                out.setdefault(req.loop, []).append((req, [tok]))
+                if req.generated >= req.settings.max_new_tokens or req.position >= self.core.scratch:
+                    finished = True
+            if finished:
+                out.setdefault(req.loop, []).append((req, None))
+                done.append(req)
+                self._finished_stats(req)
+        for loop, batch in out.items():
+            loop.call_soon_threadsafe(_deliver, batch)
+        for req in done:
+            self._retire(req)
+
+    def _finished_stats(self, req: Request) -> None:
+        if self.on_finish is not None:
+            now = time.perf_counter()
+            self.on_finish(
+                StreamStats(
+                    prompt_tokens=len(req.ids),
+                    new_tokens=req.generated,
+                    first_token_s=req.first_token_at - req.submitted,
+                    total_s=now - req.submitted,
+                )
+            )
+
+    def _retire(self, req: Request, park: bool = True) -> None:
+        row = self._live.index(req)
+        last = len(self._live) - 1
+        if park:  # keep its keys and values for a follow-up (bot/engine/prefix_cache.py)
+            fed = (req.ids + req.tokens)[: req.position]
+            busy = (last, self._fill_row) if self._filling is not None else (last,)
+            dest = self.prefix.free_row(len(self._live), exclude=busy, evict=row != last)
+            dest = row if dest is None and row == last else dest
+            if dest is not None:
+                if dest != row:
+                    self.core.move(row, dest, req.position)
+                self.prefix.park(dest, fed)
+        if row != last:
+            moved = self._live[last]
+            self.core.move(last, row, moved.position)
+            self.sampler.move(last, row)
+            self._live[row] = moved
+        self._live.pop()
+
+    def _step(self) -> None:
+        for req in [r for r in self._live if r.cancelled]:
+            _post(req, None)
+            self._retire(req)
+        if not self._live:
+            return
+        t0 = time.perf_counter()
+        live = list(self._live)
+        logits = self.core.step([r.last_token for r in live], [r.position for r in live])
+        finite = torch.isfinite(logits).all(dim=-1)
+        toks = self.sampler.sample(logits, [r.settings for r in live])
+        self.steps += 1
+        self.step_s += time.perf_counter() - t0
+        for r in live:
+            r.position += 1
+        pairs = list(zip(live, toks, strict=True))
+        ok: list[bool] = finite.tolist()
+        if not all(ok):  # nothing sampled from NaN reaches a reply
+            for req, good in zip(live, ok, strict=True):
+                if not good:
+                    log.error("non-finite logits at position %d (%d rows); the reply is failed",
+                              req.position, len(live))
+                    _post(req, GenerationError(MSG_NON_FINITE))
+                    self._finished_stats(req)
+                    self.core.clear(self._live.index(req))
+                    self._retire(req, park=False)
+            pairs = [p for p, good in zip(pairs, ok, strict=True) if good]
+        self._emit(pairs)
