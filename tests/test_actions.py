@@ -193,3 +193,27 @@ async def test_buttons_respect_the_askers_quota(tmp_path: Path) -> None:
             refused = await call(press(info.reply_id), sink_for([]))  # type: ignore[operator]
             assert not refused.ok and "today's 3 tokens" in refused.text
         assert bot.engine.calls == [] and await store.count_pending() == 0
+
+
+async def test_a_continuation_not_delivered_is_taken_back(bot: Bot) -> None:
+    """What the user did not see is not history: the reply is as it was, and can be continued."""
+    info = await answer(bot, "m1", "Tell me a long story.", CUT)
+
+    class Unshowable(ButtonSink):
+        async def finish(self, text: str) -> None:
+            self.done.set()
+            raise RuntimeError("the platform refused every edit")
+
+    assert isinstance(bot.engine, FakeEngine)
+    bot.engine.replies = [" and part two."]
+    sink = Unshowable()
+    result = await bot.continue_reply(press(info.reply_id), lambda shown: (sink, {}))
+    assert result.ok
+    await sink.wait()
+    await bot.drain()
+    stored = await bot.store.reply(info.reply_id)
+    assert stored is not None and (stored.text, stored.finish_reason) == (CUT, "length")
+    job = await bot.store.job(2)
+    assert job is not None and job.state == "failed"
+    _, [again] = await run_action(bot, " and part three.", lambda make: bot.continue_reply(press(info.reply_id), make))
+    assert again.final() == ("finish", f"{CUT} and part three.")
