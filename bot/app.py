@@ -12,7 +12,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from bot.actions import ActionSink, ReplyActions, Vote
+from bot.actions import STOPPED, ActionSink, ReplyActions, Vote  # STOPPED: one sentence for both
 from bot.attachments import FileFetcher, FileReader
 from bot.commands import Commands, settings_scope
 from bot.config import Config, settings_from_generation
@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 
 EMPTY_HELP = "Ask me something after the mention, or type `/xwin` to see my commands."
 BUSY = "I'm busy right now ({why}); try again in a moment."
-STOPPED = "The bot is shutting down; try again in a minute."
 
 
 class Bot:
