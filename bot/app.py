@@ -172,11 +172,12 @@ class Bot:
         scope = settings_scope(incoming.key, incoming.author_id, incoming.is_dm)
         # Files are downloaded only for a message the limits would let in, and
         # outside the admission lock (a download must not hold up everyone).
-        admissible = not await self._refusal(incoming.key.platform, incoming.author_id)
-        attachments = await self.files.read(incoming.files, fetcher) if admissible else ()
+        # Refused then, it stays refused: never admitted without its files.
+        early = await self._refusal(incoming.key.platform, incoming.author_id)
+        attachments = await self.files.read(incoming.files, fetcher) if early is None else ()
         # The limits checked, the message stored with its job and counted, as one step.
         async with self._admission:
-            refusal = await self._refusal(incoming.key.platform, incoming.author_id)
+            refusal = early or await self._refusal(incoming.key.platform, incoming.author_id)
             stored = await self.store.add_user_message(incoming, settings_scope=scope, with_job=not refusal,
                                                        attachments=() if refusal else attachments)
             if stored is not None and stored[1] is not None:
