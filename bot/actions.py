@@ -13,7 +13,9 @@ pressed; nothing internal reaches them.
 
 Continue and Regenerate are for the last reply of a conversation, at most
 ``[bot] reply_buttons_max_age_hours`` old, pressed by the asker or an admin,
-and one job at a time per conversation.
+and one job at a time per conversation. The asker's quotas and the queue
+bounds are those of a new message (``Bot``'s own check, under its admission
+lock); the asker is the one whose tokens the job counts.
 """
 
 from __future__ import annotations
@@ -21,11 +23,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from bot.config import BotConfig
 from bot.store import JobKind, Store, StoredReply
-from bot.types import ActionSink, CommandReply, ConversationKey, ReplyAction, Vote
+from bot.types import ActionSink, CommandReply, ConversationKey, HandleResult, Platform, ReplyAction, Vote
 from bot.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -39,22 +41,25 @@ NOT_LAST = "Only the last reply of a conversation can be {what}."
 NOT_YOURS = "Only the person who asked (or an admin) can {what} this reply."
 COMPLETE = "That reply is complete: there is nothing to continue."
 BUSY_HERE = "A reply is already being written here; wait for it to finish."
-BUSY = "I'm busy right now ({why}); try again in a moment."
 STOPPED = "The bot is shutting down; try again in a minute."
 THANKS = {"new": "Thanks for the feedback.", "same": "Your feedback was already recorded.",
           "changed": "Your feedback was changed."}
 _VERB: dict[JobKind, str] = {"continue": "continued", "regenerate": "regenerated", "reply": "answered"}
+#: Why an author gets no job now (quotas, queue bounds), with what to tell them; None lets them in.
+Refusal = Callable[[Platform, str], Awaitable[tuple[HandleResult, str] | None]]
 
 
 class ReplyActions:
     def __init__(self, store: Store, config: BotConfig, worker: Callable[[], Worker],
-                 closing: Callable[[], bool]) -> None:
+                 closing: Callable[[], bool], limits: Refusal, lock: asyncio.Lock) -> None:
         self.store = store
         self.config = config
         self._worker = worker
         self._closing = closing
-        # Check-then-queue is one step: a double click queues one job.
-        self._lock = asyncio.Lock()
+        self._limits = limits
+        # Check-then-queue is one step (the lock new messages are admitted under):
+        # a double click queues one job, and the queue bounds hold for both.
+        self._lock = lock
 
     async def continue_reply(self, action: ReplyAction, make_sink: ActionSink) -> CommandReply:
         return await self._queue(action, "continue", make_sink)
@@ -113,6 +118,5 @@ class ReplyActions:
             return BUSY_HERE
         if not reply.is_last:
             return NOT_LAST.format(what=what)
-        if await self.store.count_pending() >= self.config.max_queue:
-            return BUSY.format(why=f"{self.config.max_queue} messages are waiting")
-        return None
+        refusal = await self._limits(reply.key.platform, reply.asker_id)
+        return None if refusal is None else refusal[1]

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from bot.actions import ActionSink, ReplyActions, Vote
+from bot.actions import STOPPED, ActionSink, ReplyActions, Vote  # STOPPED: one sentence for both
 from bot.attachments import FileFetcher, FileReader
 from bot.commands import Commands, settings_scope
 from bot.config import Config, settings_from_generation
@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 
 EMPTY_HELP = "Ask me something after the mention, or type `/xwin` to see my commands."
 BUSY = "I'm busy right now ({why}); try again in a moment."
-STOPPED = "The bot is shutting down; try again in a minute."
 
 
 class Bot:
@@ -68,7 +67,8 @@ class Bot:
         self._admission = asyncio.Lock()
         self.commands = Commands(store, self.defaults, engine.context_length, self._stop_here, self.status)
         self.files = FileReader(config.attachments, engine)
-        self.actions = ReplyActions(store, config.bot, lambda: self.worker, lambda: self._closing)
+        self.actions = ReplyActions(store, config.bot, lambda: self.worker, lambda: self._closing,
+                                    self._refusal, self._admission)
 
     async def __aenter__(self) -> Bot:
         await self.start()
@@ -172,11 +172,12 @@ class Bot:
         scope = settings_scope(incoming.key, incoming.author_id, incoming.is_dm)
         # Files are downloaded only for a message the limits would let in, and
         # outside the admission lock (a download must not hold up everyone).
-        admissible = not await self._refusal(incoming.key.platform, incoming.author_id)
-        attachments = await self.files.read(incoming.files, fetcher) if admissible else ()
+        # Refused then, it stays refused: never admitted without its files.
+        early = await self._refusal(incoming.key.platform, incoming.author_id)
+        attachments = await self.files.read(incoming.files, fetcher) if early is None else ()
         # The limits checked, the message stored with its job and counted, as one step.
         async with self._admission:
-            refusal = await self._refusal(incoming.key.platform, incoming.author_id)
+            refusal = early or await self._refusal(incoming.key.platform, incoming.author_id)
             stored = await self.store.add_user_message(incoming, settings_scope=scope, with_job=not refusal,
                                                        attachments=() if refusal else attachments)
             if stored is not None and stored[1] is not None:

@@ -20,7 +20,8 @@ from prometheus_client.registry import Collector
 #: How a job ended. ``requeued``: cut by a shutdown, answered after the restart.
 JobOutcome = Literal["done", "failed", "crashed", "cancelled", "requeued"]
 #: ``generation``: a reply failed for good; ``retry``: a passing fault, tried again;
-#: ``crash``: an unexpected exception in the worker; ``adapter``: an adapter's
+#: ``crash``: an unexpected exception in the worker; ``delivery``: a finished
+#: reply the platform would not show (taken back); ``adapter``: an adapter's
 #: event handler failed.
 ErrorKind = Literal["generation", "retry", "crash", "delivery", "adapter"]
 

@@ -143,7 +143,7 @@ class PromptBuilder:
         # Kept as it was generated (not stripped): the model goes on from its last character.
         exchanges[-1] = _Exchange(exchanges[-1].user, defuse(last.text), open=True)
         budget = self.context_length - settings.max_new_tokens
-        system = settings.system_prompt.strip()
+        system = system_text(settings.system_prompt)
         for start in range(len(exchanges)):
             ids = self._encode(system, exchanges[start:])
             if len(ids) <= budget:
@@ -243,7 +243,7 @@ class PromptBuilder:
 # -- chat messages (a server's chat API) ------------------------------------------
 def chat_messages(turns: Sequence[Turn], settings: Settings, is_dm: bool) -> list[dict[str, str]]:
     """System prompt, then the turns, speakers named as in the prompt builder."""
-    messages = [{"role": "system", "content": settings.system_prompt.strip()}]
+    messages = [{"role": "system", "content": system_text(settings.system_prompt)}]
     for turn in turns:
         text = speaker(turn, is_dm)
         if messages[-1]["role"] == turn.role:  # strict templates want alternating roles

@@ -576,9 +576,11 @@ class Store:
         ) as cur:
             return [(int(r[0]), str(r[1]), int(r[2]), float(r[3])) for r in await cur.fetchall()]
 
-    async def take_back_reply(self, job: Job, platform_message_id: str, error: str) -> None:
+    async def take_back_reply(self, job: Job, platform_message_id: str, error: str,
+                              before: str | None = None) -> None:
         """The stored reply never reached the chat: remove it and fail the job,
-        in one transaction (what the user did not see is not history)."""
+        in one transaction (what the user did not see is not history). A
+        ``continue`` job's target gets its text ``before`` back, cut as it was."""
         async with self._transaction() as db:
             await db.execute(
                 "DELETE FROM messages WHERE conversation_id = ? AND role = 'assistant' "
@@ -586,6 +588,9 @@ class Store:
             )
             if job.kind == "regenerate" and job.target is not None:  # the old reply stands again
                 await db.execute("UPDATE messages SET replaced = 0 WHERE id = ?", (job.target,))
+            if job.kind == "continue" and job.target is not None and before is not None:
+                await db.execute("UPDATE messages SET text = ?, finish_reason = 'length' WHERE id = ?",
+                                 (before, job.target))
             await db.execute(
                 "UPDATE jobs SET state = 'failed', finished_at = ?, error = ? WHERE id = ? AND state = 'done'",
                 (time.time(), error, job.id),

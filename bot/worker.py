@@ -250,11 +250,12 @@ class Worker:
             await self._record(job.id, "failed", f"{type(exc).__name__}: {exc}")
             await _safe(sink.fail(MSG_CRASHED))
             return
-        await self._deliver(job, sink, text)
+        await self._deliver(job, sink, text, reply.before)
 
-    async def _deliver(self, job: Job, sink: ReplySink, text: str) -> None:
+    async def _deliver(self, job: Job, sink: ReplySink, text: str, before: str | None) -> None:
         """The reply is stored; a sink raises when, retries and all, it could
-        not show it. Then the job is not done: the reply is taken back."""
+        not show it. Then the job is not done: the reply is taken back (a
+        continued reply gets its text ``before`` again)."""
         try:
             await sink.finish(text)
         except asyncio.CancelledError:
@@ -264,7 +265,7 @@ class Worker:
             self.metrics.job_ended(job.id, "failed")
             self.metrics.error("delivery")
             try:
-                await self.store.take_back_reply(job, _reply_id(job), f"not delivered: {exc}")
+                await self.store.take_back_reply(job, _reply_id(job), f"not delivered: {exc}", before)
             except Exception:
                 log.exception("job %d: could not record that its reply was not delivered", job.id)
         else:
@@ -320,7 +321,7 @@ class Worker:
         turns = await self.store.history(job)
         if job.kind == "continue":
             # The prompt ends with the unfinished reply; the new text is appended to it.
-            reply.text = await self._target_text(job)
+            reply.text = reply.before = await self._target_text(job)
             turns.append(Turn("assistant", reply.text))
         else:
             notice = files_notice(turns[-1].attachments) if turns else ""
@@ -382,6 +383,8 @@ class _Reply:
         self.sink = sink
         self.text = ""
         self.finish_reason: FinishReason = "stop"
+        #: For a ``continue`` job: the reply's text before it, to restore if not delivered.
+        self.before: str | None = None
         self._last = 0.0
 
     async def add(self, piece: str) -> None:

@@ -179,3 +179,41 @@ async def test_buttons_work_after_a_restart_and_export_has_the_turns(config: Con
     target = tmp_path / "votes.jsonl"
     assert await asyncio.to_thread(main, ["export", "feedback", "--config", str(toml), "--out", str(target)]) == 0
     assert json.loads(target.read_text())["reply_id"] == info.reply_id
+
+
+async def test_buttons_respect_the_askers_quota(tmp_path: Path) -> None:
+    """Quotas are checked before any work on the button path too: a Regenerate
+    or Continue by someone over today's tokens gets the quota sentence, no job."""
+    config = make_config(tmp_path, generation={"max_new_tokens": len(CUT)}, limits={"tokens_per_day": 3})
+    async with Store(config.database_path()) as store, Bot(config, store, FakeEngine()) as bot:
+        info = await answer(bot, "m1", "Tell me a long story.", CUT)  # 4 pieces: over the 3 allowed
+        assert isinstance(bot.engine, FakeEngine)
+        bot.engine.calls.clear()
+        for call in (bot.regenerate, bot.continue_reply):
+            refused = await call(press(info.reply_id), sink_for([]))  # type: ignore[operator]
+            assert not refused.ok and "today's 3 tokens" in refused.text
+        assert bot.engine.calls == [] and await store.count_pending() == 0
+
+
+async def test_a_continuation_not_delivered_is_taken_back(bot: Bot) -> None:
+    """What the user did not see is not history: the reply is as it was, and can be continued."""
+    info = await answer(bot, "m1", "Tell me a long story.", CUT)
+
+    class Unshowable(ButtonSink):
+        async def finish(self, text: str) -> None:
+            self.done.set()
+            raise RuntimeError("the platform refused every edit")
+
+    assert isinstance(bot.engine, FakeEngine)
+    bot.engine.replies = [" and part two."]
+    sink = Unshowable()
+    result = await bot.continue_reply(press(info.reply_id), lambda shown: (sink, {}))
+    assert result.ok
+    await sink.wait()
+    await bot.drain()
+    stored = await bot.store.reply(info.reply_id)
+    assert stored is not None and (stored.text, stored.finish_reason) == (CUT, "length")
+    job = await bot.store.job(2)
+    assert job is not None and job.state == "failed"
+    _, [again] = await run_action(bot, " and part three.", lambda make: bot.continue_reply(press(info.reply_id), make))
+    assert again.final() == ("finish", f"{CUT} and part three.")

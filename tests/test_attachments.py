@@ -260,3 +260,22 @@ async def test_downloader_caps_redirects_hosts_and_time(file_server: tuple[str, 
     with pytest.raises(FetchError, match="only from Slack's own servers"):
         await down.fetch(foreign, 100)
     assert len(seen) == count
+
+
+async def test_a_message_not_admitted_for_its_download_is_not_admitted_without_its_files(config: Config) -> None:
+    """The limits are checked before the download; if they refused then, the
+    message is refused, even if a slot frees before it is stored: it is never
+    answered as if it had no files."""
+    config = dataclasses.replace(config, limits=dataclasses.replace(config.limits, messages_per_minute=1))
+    key = ConversationKey("slack", "T1", "C1", "100.1")
+    fetcher = DictFetcher({"mem://a.txt": b"the answer is 42"})
+    async with Store(config.database_path()) as store, Bot(config, store, FakeEngine(["Ok."])) as bot:
+        first = RecordingSink()
+        assert await bot.handle(Incoming(key, "m1", "u1", "aki", "hi", False, time.time()), first) == "queued"
+        await first.wait()
+        ticks = iter([time.time(), *[time.time() + 61] * 10])  # the minute passes right after the check
+        bot.quotas.clock = lambda: next(ticks)
+        sink = RecordingSink()
+        second = Incoming(key, "m2", "u1", "aki", "read this", False, time.time(), files=(remote("a.txt"),))
+        assert await bot.handle(second, sink, fetcher) == "limited"
+        assert fetcher.asked == [] and await store.count_pending() == 0

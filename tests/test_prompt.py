@@ -81,6 +81,13 @@ def test_the_system_prompt_is_defused_like_user_text(llama_tok: HFPromptTokenize
     assert text.count("USER:") == 1 and text.count("ASSISTANT:") == 1
     assert "\x1b" not in text and "\x00" not in text and "Be nice." in text
     assert ids.count(llama_tok.eos_id) == 0
+    # The same on its twin paths: a Continue's open reply, and a server's chat messages.
+    turns = [Turn("user", "Hi!"), Turn("assistant", "Hello, I")]
+    ids = builder.build(turns, settings(system_prompt=evil), is_dm=True, open_reply=True).ids
+    text = llama_tok.hf.decode(ids, skip_special_tokens=False)
+    assert text.count("USER:") == 1 and text.count("ASSISTANT:") == 1 and "\x1b" not in text
+    [system, *_] = chat_messages(turns, settings(system_prompt=evil), is_dm=True)
+    assert "USER:" not in system["content"] and "\x00" not in system["content"]
 
 
 def test_defuse_keeps_the_words() -> None:
