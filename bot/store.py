@@ -850,17 +850,15 @@ class Store:
     # -- usage (issue 12: quotas) ----------------------------------------
     async def add_usage(self, platform: str, author_id: str, kind: UsageKind, amount: int,
                         at: float | None = None) -> None:
-        """Count what a user used; rows of theirs older than two days go."""
+        """Count what a user used; anyone's rows older than two days go (a user
+        who stopped writing leaves no trace there after that)."""
         now = time.time() if at is None else at
         async with self._transaction() as db:
             await db.execute(
                 "INSERT INTO usage (platform, author_id, kind, amount, at) VALUES (?, ?, ?, ?, ?)",
                 (platform, author_id, kind, amount, now),
             )
-            await db.execute(
-                "DELETE FROM usage WHERE platform = ? AND author_id = ? AND kind = ? AND at < ?",
-                (platform, author_id, kind, now - USAGE_KEPT_S),
-            )
+            await db.execute("DELETE FROM usage WHERE at < ?", (now - USAGE_KEPT_S,))
 
     async def usage_since(self, platform: str, author_id: str, kind: UsageKind, since: float) -> int:
         """The sum of a user's ``kind`` since a time."""

@@ -188,3 +188,14 @@ async def test_a_replaced_database_is_left_alone_and_ours_saved_beside_it(db_pat
         assert raw.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 1
     with sqlite3.connect(db_path) as raw:
         assert raw.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0  # untouched
+
+
+async def test_old_usage_rows_go_whoever_writes_next(tmp_path: Path) -> None:
+    """Quota counts are kept two days: a user who stopped writing leaves no usage rows after that."""
+    async with Store(tmp_path / "db.sqlite3") as store:
+        now = time.time()
+        await store.add_usage("slack", "gone", "message", 1, at=now - 3 * 86400)
+        await store.add_usage("slack", "gone", "tokens", 40, at=now - 3 * 86400)
+        await store.add_usage("discord", "active", "message", 1, at=now)
+        async with store.db.execute("SELECT DISTINCT author_id FROM usage") as cur:
+            assert [r[0] for r in await cur.fetchall()] == ["active"]
