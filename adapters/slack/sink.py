@@ -50,7 +50,8 @@ class SlackReplySink:
         continuing: bool = False,
         support: BlockSupport | None = None,
     ) -> None:
-        """``resume_ts``: a message of the reply to go on editing (Continue),
+        """``resume``: the ts of messages that show the reply already (after a
+        restart), or of the one to go on editing (a Continue, ``continuing``),
         which shows the reply's text from its ``skip``-th message on."""
         self.update_interval = update_interval
         self._client = client
