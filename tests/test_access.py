@@ -52,6 +52,21 @@ async def test_discord_allowed_roles_and_blocked_users(tmp_path: Path) -> None:
         assert await w.adapter.not_ready() == "closed"
 
 
+async def test_discord_buttons_refuse_blocked_users_before_any_work(tmp_path: Path) -> None:
+    async with discord_server() as place:
+        blocked = place.fake.user("mallory")
+        async with bot_on(place, tmp_path, replies=["answer"], discord={"blocked_users": [blocked["id"]]}) as w:
+            asked = await w.say("a question")
+            await wait_for(lambda: w.fake.sent("POST", "/threads$"))
+            [reply] = await w.reply_in(w.thread_of(asked))
+            regenerate, down = (i for i in reply.custom_ids() if i.split(":")[1] in ("regenerate", "down"))
+            tokens = [await w.fake.click(reply.id, i, user=blocked, guild_id=w.guild["id"]) for i in (down, regenerate)]
+            answers = [await wait_for(lambda t=t: w.fake.interaction_text(t)) for t in tokens]
+            assert answers == ["The bot is not enabled here."] * 2
+            assert await w.bot.store.feedback_rows() == []
+            assert len(w.engine.calls) == 1
+
+
 async def test_slack_allowed_and_blocked_users(start_env: Starter) -> None:
     engine = FakeEngine(replies=["answer"])
     env = await start_env(engine, allowed_users=("U1", "U2"), blocked_users=("U2",))
