@@ -62,7 +62,7 @@ class _Splitter:
         fence, marker = self.next_fence(line)
         reserve = len(marker) + 1 if fence else 0
         if not self.fresh and self.length_with(line, reserve) > self.limit:
-            self.flush()
+            self.break_before()
         while self.length_with(line, reserve) > self.limit:
             line = self.cut(line, reserve)
         self.lines.append(line)
@@ -77,6 +77,19 @@ class _Splitter:
         self.fresh = False
         self.flush()
         return line[at:]
+
+    def break_before(self) -> None:
+        """Start a new chunk for a line that does not fit. A code block opened on
+        this chunk's last line moves whole to the new chunk (no message ends in an
+        empty code block); one that is all this chunk holds stays (a new chunk
+        would begin with the same line: the next line is cut instead)."""
+        if self.fence is None or self.lines[-1].strip() != self.fence:
+            self.flush()
+        elif len(self.lines) > 1:
+            opener, marker = self.lines.pop(), self.marker
+            self.fence = None
+            self.flush()
+            self.lines, self.fence, self.marker = [opener.strip()], opener.strip(), marker
 
     def flush(self) -> None:
         if not self.fresh:

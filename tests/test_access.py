@@ -9,7 +9,7 @@ from bot.engine.fake import FakeEngine
 from tests.fakes.discord_server import wait_for
 from tests.fakes.slack_server import poll
 from tests.test_discord import bot_on, discord_server
-from tests.test_slack import Starter, fake, mention, post_command, post_event, start_env, wait_reply
+from tests.test_slack import Starter, fake, mention, post_command, post_event, press, start_env, wait_reply
 
 __all__ = ["fake", "start_env"]  # fixtures used by the Slack tests
 
@@ -52,6 +52,21 @@ async def test_discord_allowed_roles_and_blocked_users(tmp_path: Path) -> None:
         assert await w.adapter.not_ready() == "closed"
 
 
+async def test_discord_buttons_refuse_blocked_users_before_any_work(tmp_path: Path) -> None:
+    async with discord_server() as place:
+        blocked = place.fake.user("mallory")
+        async with bot_on(place, tmp_path, replies=["answer"], discord={"blocked_users": [blocked["id"]]}) as w:
+            asked = await w.say("a question")
+            await wait_for(lambda: w.fake.sent("POST", "/threads$"))
+            [reply] = await w.reply_in(w.thread_of(asked))
+            regenerate, down = (i for i in reply.custom_ids() if i.split(":")[1] in ("regenerate", "down"))
+            tokens = [await w.fake.click(reply.id, i, user=blocked, guild_id=w.guild["id"]) for i in (down, regenerate)]
+            answers = [await wait_for(lambda t=t: w.fake.interaction_text(t)) for t in tokens]
+            assert answers == ["The bot is not enabled here."] * 2
+            assert await w.bot.store.feedback_rows() == []
+            assert len(w.engine.calls) == 1
+
+
 async def test_slack_allowed_and_blocked_users(start_env: Starter) -> None:
     engine = FakeEngine(replies=["answer"])
     env = await start_env(engine, allowed_users=("U1", "U2"), blocked_users=("U2",))
@@ -80,3 +95,20 @@ async def test_slack_socket_mode_readiness_and_reconnects(start_env: Starter) ->
     assert await env.adapter.not_ready() is None
     await env.adapter.close()
     assert await env.adapter.not_ready() == "not connected"
+
+
+async def test_slack_buttons_refuse_blocked_users_before_any_work(start_env: Starter) -> None:
+    engine = FakeEngine(replies=["answer"])
+    env = await start_env(engine, blocked_users=("U2",))
+    await post_event(env, mention("<@UBOT> allowed", ts="902.000001", user="U1"))
+    await wait_reply(env, "C1", "902.000001", "answer")
+    [ts] = [p["_ts"] for p in env.fake.posted()]
+    await poll(lambda: "xwin_regenerate" in env.fake.buttons(ts), what="buttons")
+    buttons = env.fake.buttons(ts)
+
+    vote = await press(env, "xwin_feedback", buttons["xwin_feedback:down"], ts=ts, thread="902.000001",
+                       user="U2", kind="feedback_buttons")
+    again = await press(env, "xwin_regenerate", buttons["xwin_regenerate"], ts=ts, thread="902.000001", user="U2")
+    assert (vote, again) == ("The bot is not enabled here.", "The bot is not enabled here.")
+    assert await env.bot.store.feedback_rows() == []
+    assert len(engine.calls) == 1

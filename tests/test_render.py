@@ -29,6 +29,23 @@ def test_each_platform_closes_and_reopens_a_cut_code_block(platform: str, marker
     assert body == code.split("\n")  # nothing lost, nothing doubled
 
 
+@pytest.mark.parametrize("platform", SPLITTERS)
+def test_a_code_line_longer_than_a_message_sends_no_empty_code_block(platform: str) -> None:
+    line = "x" * 700
+    chunks = SPLITTERS[platform](f"```json\n{line}\n```\nDone.", 300)
+    assert all(len(c) <= 300 for c in chunks)
+    assert "```json\n```" not in chunks  # a message with an empty code block in it
+    body = "".join(x for c in chunks for x in c.split("\n") if x not in ("```json", "```"))
+    assert body == line + "Done."  # nothing lost, nothing doubled
+
+
+@pytest.mark.parametrize("platform", SPLITTERS)
+def test_a_code_block_opened_at_a_messages_end_starts_the_next_message(platform: str) -> None:
+    prose, code = "a" * 50, "b" * 40
+    chunks = SPLITTERS[platform](f"{prose}\n```py\n{code}\n```", 70)
+    assert chunks == [prose, f"```py\n{code}\n```"]  # not "aaa…\n```py\n```" first
+
+
 def test_slack_never_cuts_an_entity_or_a_link() -> None:
     text = "&amp;" * 50 + " <https://example.com/a|a link> " * 10
     for chunk in slack_format.split_message(text, 97):

@@ -633,6 +633,18 @@ async def test_panel_reply_streams_natively_without_edits(start_env: Starter) ->
     assert values == (f"up:{reply_id}", f"down:{reply_id}")
 
 
+async def test_panel_reply_falls_back_to_plain_feedback_buttons_and_its_stream_ends(
+    start_env: Starter, fake: FakeSlack
+) -> None:
+    fake.refuse_feedback_buttons = True  # a Slack without feedback_buttons, as in the thread test
+    env = await start_env(FakeEngine(replies=["Fine."]))
+    await post_event(env, panel_message("how are you", ts="2350.000002", thread_ts="2350.000001"))
+    assert await wait_panel_reply(env, "2350.000001", "Fine.") == ["Fine."]
+    [ts] = [t for t, m in fake.messages.items() if m["thread_ts"] == "2350.000001"]
+    await poll(lambda: "xwin_regenerate" in fake.buttons(ts), what="the buttons")
+    assert {"xwin_feedback_up", "xwin_feedback_down"} <= set(fake.buttons(ts))
+
+
 async def test_panel_falls_back_to_edits_once_when_streaming_is_unknown(
     start_env: Starter, fake: FakeSlack, caplog: pytest.LogCaptureFixture
 ) -> None:

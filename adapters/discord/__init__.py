@@ -5,7 +5,7 @@
   channel's running conversation). Messages in a bot thread continue it (with the
   message content intent; without it, when they mention the bot). Every DM
   continues the author's DM conversation.
-- ``/xwin settings|set|reset|forget|delete|stop|status`` through ``app_commands``; the
+- ``/xwin settings|set|reset|forget|delete|stop|continue|status`` through ``app_commands``; the
   option ranges and choices come from :data:`bot.settings.SPECS`. Replies are
   ephemeral, and the interaction is deferred first.
 - Replies stream into one message edited about once a second, continue in new

@@ -14,8 +14,8 @@ the first question, and replies there go through :class:`PanelReplySink`
 (the thread's status line while waiting, then native streaming with
 ``chat.startStream``/``appendStream``/``stopStream``, or edits where Slack
 refuses streams). The panel has no slash commands: a message that is exactly
-``stop``, ``settings``, ``status``, ``forget`` or ``help``, or that starts
-with ``/xwin``, runs that command there.
+``stop``, ``continue``, ``settings``, ``status``, ``forget`` or ``help``, or
+that starts with ``/xwin``, runs that command there.
 
 Usage (``bot.main``)::
 

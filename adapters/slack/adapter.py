@@ -478,7 +478,7 @@ class SlackAdapter:
         user = str((body.get("user") or {}).get("id") or "")
         message = body.get("message") or {}
         is_dm = channel.startswith("D")
-        if not number.isdigit() or not self._allowed(team, channel, is_dm):
+        if not number.isdigit() or not self._allowed(team, channel, is_dm) or not self._permitted(user):
             return strings.NOT_HERE
         thread = str(message.get("thread_ts") or "")
         key = await self._pressed_in(team, channel, thread, is_dm)

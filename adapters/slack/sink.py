@@ -50,7 +50,8 @@ class SlackReplySink:
         continuing: bool = False,
         support: BlockSupport | None = None,
     ) -> None:
-        """``resume_ts``: a message of the reply to go on editing (Continue),
+        """``resume``: the ts of messages that show the reply already (after a
+        restart), or of the one to go on editing (a Continue, ``continuing``),
         which shows the reply's text from its ``skip``-th message on."""
         self.update_interval = update_interval
         self._client = client
@@ -325,6 +326,13 @@ class PanelReplySink:
         try:
             await self._client.chat_stopStream(channel=self._channel, ts=ts, blocks=blocks or None)
         except SlackApiError as exc:
+            if blocks and self._support.native_feedback and _error_of(exc) == "invalid_blocks":
+                # As SlackReplySink.edit: the stream is still open; stop it with plain buttons.
+                log.warning("slack: feedback_buttons refused (invalid_blocks); using plain buttons from now on")
+                self._support.native_feedback = False
+                self._ts = ts
+                await self._stop(final=final)
+                return
             log.warning("slack: chat.stopStream in %s failed: %s", self._channel, _error_of(exc))
 
     async def _status(self, status: str) -> None:
