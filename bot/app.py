@@ -68,7 +68,7 @@ class Bot:
         self.commands = Commands(store, self.defaults, engine.context_length, self._stop_here, self.status)
         self.files = FileReader(config.attachments, engine)
         self.actions = ReplyActions(store, config.bot, lambda: self.worker, lambda: self._closing,
-                                    self._refusal, self._admission)
+                                    self._refusal, self._admission, self._track)
 
     async def __aenter__(self) -> Bot:
         await self.start()

@@ -7,7 +7,7 @@ import asyncio
 import io
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -217,3 +217,35 @@ async def test_a_continuation_not_delivered_is_taken_back(bot: Bot) -> None:
     assert job is not None and job.state == "failed"
     _, [again] = await run_action(bot, " and part three.", lambda make: bot.continue_reply(press(info.reply_id), make))
     assert again.final() == ("finish", f"{CUT} and part three.")
+
+
+async def test_a_button_jobs_messages_are_kept_for_a_restart(bot: Bot) -> None:
+    """Like a message's reply (issue 9), a regenerated reply's messages are kept with its job,
+    so that after a restart the sink resumes into them instead of leaving them stale."""
+    first = await answer(bot, "m1", "Name a colour.", "Red.")
+    sinks: list[ButtonSink] = []
+
+    def make(shown: str) -> tuple[ReplySink, dict[str, str]]:
+        sinks.append(PlacingSink())
+        return sinks[-1], {}
+
+    assert isinstance(bot.engine, FakeEngine)
+    bot.engine.replies = ["Blue."]
+    assert (await bot.regenerate(press(first.reply_id), make)).ok
+    [sink] = sinks
+    await sink.wait()
+    await sink.place(["m-101", "m-102"])
+    regenerated = (await bot.store.jobs_in(THREAD, states=("done",)))[-1]
+    assert regenerated.kind == "regenerate" and regenerated.reply_ref["messages"] == "m-101,m-102"
+
+
+
+@dataclass
+class PlacingSink(ButtonSink):
+    """A sink that shows its reply in platform messages and says which (``on_placed``)."""
+
+    on_placed: Callable[[list[str]], Awaitable[None]] | None = None
+
+    async def place(self, ids: list[str]) -> None:
+        assert self.on_placed is not None, "the core did not ask where the reply is shown"
+        await self.on_placed(ids)
