@@ -198,22 +198,20 @@ class BatchScheduler:
         end = min(n, req.position + self.prefill_chunk) if self._live else n
         try:
             logits = self.core.prefill(row, req.ids[:end], start=req.position)[None]
-            finite = bool(torch.isfinite(logits).all())
             if end < n:
                 self.prefill_chunks += 1
-                if finite:
-                    req.position = end
-                    return
+            if not bool(torch.isfinite(logits).all()):
+                # zero the row it filled, before any move could leave a NaN copy behind
                 self._filling = None
                 self._fail_prefill(req, row, end)
+                return
+            if end < n:
+                req.position = end
                 return
             self._filling = None
             row = self._settle(row, n)
             self.sampler.admit(row, req.ids)
             tok = self.sampler.sample(logits, [req.settings], row0=row)[0]
-            if not finite:
-                self._fail_prefill(req, row, n)
-                return
         except Exception as exc:
             self._filling = None
             _post(req, _prefill_error(exc))
