@@ -146,7 +146,15 @@ class BatchScheduler:
                     self._step()
             except BaseException as exc:  # fail every live stream, keep serving
                 self._fail_all(GenerationError.internal(exc, "decode"))
-        self._fail_all(GenerationError("engine closed"))
+        closed = GenerationError("engine closed")
+        self._fail_all(closed)
+        while True:  # requests still waiting for a row would wait forever
+            try:
+                req = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if req is not None:
+                _post(req, closed)
 
     def _fail_all(self, err: GenerationError) -> None:
         for req in self._live:
