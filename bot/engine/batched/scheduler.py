@@ -86,8 +86,8 @@ class BatchScheduler:
     the last chunk's logits are sampled. While a prompt is being filled no
     other prompt is admitted (first come, first served). With no row
     decoding, the rest of a prompt is prefilled at once (nobody to wait).
-    Shorter prompts arriving together are prefilled up to ``prefill_chunk``
-    tokens per decode step too.
+    Shorter prompts arriving together share that budget: a turn stops
+    admitting once ``prefill_chunk`` prompt tokens are prefilled.
     """
 
     def __init__(
@@ -167,8 +167,9 @@ class BatchScheduler:
     def _admit(self, block: bool) -> None:
         """Take new requests while rows are free, prefilling each (a long
         one only its first chunk: then admitting pauses until it is done).
-        While rows decode, one turn prefills at most ``prefill_chunk`` prompt
-        tokens before the next decode step (at least one prompt)."""
+        While rows decode, one turn stops admitting once ``prefill_chunk``
+        prompt tokens are prefilled (each prompt at most a chunk), then the
+        next decode step runs."""
         spent = 0
         while self._filling is None and len(self._live) < self.core.max_batch and spent < self.prefill_chunk:
             try:
