@@ -81,6 +81,33 @@ async def test_parked_row_moves_to_the_next_live_row(tiny_model: Any, llama_tok:
         await engine.close()
 
 
+async def test_another_conversation_sharing_only_a_prefix_never_sees_the_rest(
+    tiny_model: Any, llama_tok: Any  # noqa: F811
+) -> None:
+    """One row: conversation A's 100 prompt + 20 reply tokens stay parked in
+    it; B shares A's first 34 tokens (as prompts share a system prompt), then
+    differs. B reuses those 34 and decodes over positions where A's keys and
+    values still lie: its ids must equal generate() on B alone."""
+    engine = await started(tiny_model, llama_tok, max_batch=1)
+    try:
+        a = prompt(21, 100)
+        reply = await collect(engine.stream_ids(a, greedy(20)))
+        prefix = engine.scheduler.prefix  # type: ignore[union-attr]
+        for _ in range(500):  # parked in place just after the last token
+            if 0 in prefix:
+                break
+            await asyncio.sleep(0.01)
+        assert 0 in prefix
+        b = [*a[:34], *prompt(22, 5)[1:]]
+        shared = common_prefix([*a, *reply], b)
+        assert 34 <= shared < len(b)
+        got = await collect(engine.stream_ids(b, greedy(12)))
+    finally:
+        await engine.close()
+    assert got == reference(tiny_model, b, 12)
+    assert prefix.hits == 1 and prefix.reused_tokens == shared
+
+
 def test_prefix_cache_picks_the_longest_prefix_and_evicts_least_recent() -> None:
     cache = PrefixCache(rows=4, min_reuse=3)
     cache.park(3, [1, 2, 3, 4, 5])
