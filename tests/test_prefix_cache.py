@@ -9,6 +9,8 @@ still right.
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -106,6 +108,29 @@ async def test_another_conversation_sharing_only_a_prefix_never_sees_the_rest(
         await engine.close()
     assert got == reference(tiny_model, b, 12)
     assert prefix.hits == 1 and prefix.reused_tokens == shared
+
+
+async def test_a_reply_is_parked_before_its_stream_ends(tiny_model: Any, llama_tok: Any) -> None:  # noqa: F811
+    """When the stream has ended the row is parked (or not) already: a caller
+    that then clears the cache (the benchmark before a cold measurement)
+    cannot be overtaken by the decode thread parking it afterwards."""
+    engine = await started(tiny_model, llama_tok, max_batch=2)
+    prefix = engine.scheduler.prefix  # type: ignore[union-attr]
+    real_park = prefix.park
+
+    def slow_park(row: int, ids: Sequence[int]) -> None:
+        time.sleep(0.2)  # the decode thread is slow to park
+        real_park(row, ids)
+
+    prefix.park = slow_park  # type: ignore[method-assign]
+    try:
+        await collect(engine.stream_ids(prompt(23, 40), greedy(3)))
+        assert len(prefix) == 1  # parked before the end reached the stream
+        prefix.clear()
+        await asyncio.sleep(0.3)
+        assert len(prefix) == 0  # and nothing parked behind the clear
+    finally:
+        await engine.close()
 
 
 def test_prefix_cache_picks_the_longest_prefix_and_evicts_least_recent() -> None:

@@ -282,10 +282,10 @@ class BatchScheduler:
                 out.setdefault(req.loop, []).append((req, None))
                 done.append(req)
                 self._finished_stats(req)
+        for req in done:  # parked before the stream sees its end
+            self._retire(req)
         for loop, batch in out.items():
             loop.call_soon_threadsafe(_deliver, batch)
-        for req in done:
-            self._retire(req)
 
     def _finished_stats(self, req: Request) -> None:
         if self.on_finish is not None:
