@@ -66,11 +66,7 @@ async def test_parked_row_moves_to_the_next_live_row(tiny_model: Any, llama_tok:
         first = prompt(8, 34)
         reply = await collect(engine.stream_ids(first, greedy(6)))
         prefix = engine.scheduler.prefix  # type: ignore[union-attr]
-        for _ in range(500):  # the decode thread parks it just after the last token
-            if 3 in prefix:
-                break
-            await asyncio.sleep(0.01)
-        assert 3 in prefix  # parked at the top
+        assert 3 in prefix  # parked at the top (before its stream ended)
         others = [prompt(9, 20), prompt(10, 25)]
         follow = [*first, *reply, 4, 5, 6]
         runs = [collect(engine.stream_ids(p, greedy(12))) for p in others]
@@ -95,11 +91,7 @@ async def test_another_conversation_sharing_only_a_prefix_never_sees_the_rest(
         a = prompt(21, 100)
         reply = await collect(engine.stream_ids(a, greedy(20)))
         prefix = engine.scheduler.prefix  # type: ignore[union-attr]
-        for _ in range(500):  # parked in place just after the last token
-            if 0 in prefix:
-                break
-            await asyncio.sleep(0.01)
-        assert 0 in prefix
+        assert 0 in prefix  # parked in place
         b = [*a[:34], *prompt(22, 5)[1:]]
         shared = common_prefix([*a, *reply], b)
         assert 34 <= shared < len(b)
