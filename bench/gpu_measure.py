@@ -26,6 +26,7 @@ import torch
 from bot.config import BotConfig, Config, GenerationConfig
 from bot.engine.base import StreamStats
 from bot.engine.batched import BatchedEngine, DecodeCore
+from bot.engine.fidelity import forward_logits, relative_error
 from bot.engine.transformers import generation_kwargs
 from bot.types import ConversationKey, Incoming, Settings
 
@@ -391,11 +392,8 @@ def check_logits(engine: BatchedEngine, model: Any, vocab: int, length: int) -> 
         ref_a = model(torch.tensor([[*pa, nxt[0]]], device=model.device)).logits[0].float()
         ref_b = model(torch.tensor([[*pb, nxt[1]]], device=model.device)).logits[0].float()
 
-    def rel(x: torch.Tensor, y: torch.Tensor) -> float:
-        return float((x - y).norm() / y.norm())
-
-    prefill_err = rel(la.float(), ref_a[-2])
-    step_err = max(rel(step[0], ref_a[-1]), rel(step[1], ref_b[-1]))
+    prefill_err = relative_error(la.float(), ref_a[-2])
+    step_err = max(relative_error(step[0], ref_a[-1]), relative_error(step[1], ref_b[-1]))
     return prefill_err, step_err
 
 
@@ -429,7 +427,6 @@ def check_long_prefill(engine: BatchedEngine, model: Any, vocab: int, length: in
     """Relative error against transformers' forward of a long prompt's
     prefill logits (through the prompt-time twins where the engine has them)
     and of 20 more tokens prefilled onto the same row (prefix reuse)."""
-    from bot.engine.fidelity import forward_logits, relative_error
 
     core = engine.core
     assert core is not None

@@ -7,6 +7,7 @@ when streams join and leave mid-way (rows are compacted by moving caches).
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncGenerator
 from pathlib import Path
@@ -124,6 +125,45 @@ async def test_more_streams_than_rows_wait_their_turn(tiny_model: Any, llama_tok
     assert [s.new_tokens for s in finished] == [6, 6, 6]
     assert engine.last_stats is finished[-1]
     assert not [k for k, v in vars(engine).items() if isinstance(v, (list, dict)) and len(v) >= len(ps)]
+
+
+async def test_closing_the_engine_fails_the_streams_still_waiting_for_a_row(
+    tiny_model: Any, llama_tok: Any
+) -> None:
+    engine = make_engine(tiny_model, llama_tok, max_batch=1)
+    core, scheduler = engine.core, engine.scheduler
+    assert core is not None and scheduler is not None
+    gate = threading.Event()
+    real_step = core.step
+
+    def held_step(tokens: Any, positions: Any) -> torch.Tensor:
+        assert gate.wait(timeout=30)  # the decode thread waits here, row 0 taken
+        return real_step(tokens, positions)
+
+    core.step = held_step  # type: ignore[method-assign]
+    await engine.start()
+    a, b = prompts()[:2]
+    first = engine.stream_ids(a, greedy(40))
+    try:
+        assert len(await first.__anext__()) == 1  # prefilled; its first step is held
+        waiting = asyncio.create_task(collect(engine.stream_ids(b, greedy(5))))
+        deadline = time.monotonic() + 30
+        while scheduler._inbox.qsize() < 1:  # no free row: it stays in the inbox
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.005)
+        closing = asyncio.create_task(engine.close())
+        while not scheduler._stop:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.005)
+        gate.set()
+        await asyncio.wait_for(closing, timeout=30)
+        with pytest.raises(GenerationError, match="engine closed"):
+            await asyncio.wait_for(waiting, timeout=10)  # not left waiting forever
+        with pytest.raises(GenerationError, match="engine closed"):
+            await collect(first)
+    finally:
+        gate.set()
+        await engine.close()
 
 
 async def test_eos_ends_the_stream_and_is_not_sent(tiny_model: Any, llama_tok: Any) -> None:

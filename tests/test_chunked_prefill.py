@@ -68,6 +68,15 @@ def steps_between_chunks(events: list[Event], row: int) -> list[int]:
     return [sum(events[i][0] == "step" for i in range(a, b)) for a, b in itertools.pairwise(at)]
 
 
+async def failure(engine: BatchedEngine, ids: list[int]) -> BaseException | None:
+    """The GenerationError a greedy 5-token reply to ``ids`` ends with, or None."""
+    try:
+        await collect(engine.stream_ids(ids, greedy(5)))
+    except GenerationError as exc:
+        return exc
+    return None
+
+
 async def test_long_prompt_is_chunked_between_decode_steps_and_matches_generate(
     tiny_model: Any, llama_tok: Any  # noqa: F811
 ) -> None:
@@ -84,11 +93,7 @@ async def test_long_prompt_is_chunked_between_decode_steps_and_matches_generate(
         ), timeout=60)
         # the same prompt unchunked: alone (nobody decoding), prefilled at once
         prefix = engine.scheduler.prefix  # type: ignore[union-attr]
-        for _ in range(500):  # both finished rows are parked just after their last token
-            if len(prefix) == 2:
-                break
-            await asyncio.sleep(0.01)
-        prefix.clear()  # nothing reused: the whole prompt again
+        prefix.clear()  # nothing reused (rows are parked before their streams end): the whole prompt again
         events_before = len(events)
         alone = await collect(engine.stream_ids(long, greedy(8)))
     finally:
@@ -114,11 +119,7 @@ async def test_chunked_follow_up_reuses_the_prefix_and_matches_generate(
         first = prompt(5, 40)
         reply = await collect(engine.stream_ids(first, greedy(8)))
         prefix = engine.scheduler.prefix  # type: ignore[union-attr]
-        for _ in range(500):  # the decode thread parks row 0 at the top just after the last token
-            if 3 in prefix:
-                break
-            await asyncio.sleep(0.01)
-        assert 3 in prefix
+        assert 3 in prefix  # row 0 parked at the top
         other = prompt(13, 10)
         follow = [*first, *reply, *prompt(14, 41)[1:]]  # 88 tokens, 47 of them parked
         mark = len(events)
@@ -153,15 +154,8 @@ async def test_nan_in_one_chunk_fails_that_reply_only(
     caplog.set_level(logging.ERROR, logger="bot.engine.batched")
     await engine.start()
     try:
-        async def failing() -> BaseException | None:
-            try:
-                await collect(engine.stream_ids(long, greedy(5)))
-            except GenerationError as exc:
-                return exc
-            return None
-
         got_short, err = await asyncio.wait_for(
-            asyncio.gather(collect(engine.stream_ids(short, greedy(60))), failing()), timeout=60
+            asyncio.gather(collect(engine.stream_ids(short, greedy(60))), failure(engine, long)), timeout=60
         )
         # stopped at the poisoned chunk; the decoding reply is untouched
         assert isinstance(err, GenerationError) and str(err) == MSG_NON_FINITE
@@ -177,6 +171,45 @@ async def test_nan_in_one_chunk_fails_that_reply_only(
     finally:
         await engine.close()
     assert again == [ref_short, ref_long]
+
+
+async def test_nan_in_the_last_chunk_of_a_moved_row_leaves_no_nan_behind(
+    llama_tok: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A row that ended while the long prompt filled: the filled row would be
+    moved down; a NaN in its last chunk must not stay in the row it filled
+    (0 x NaN would poison that row's next user)."""
+    model = tiny_llama(VOCAB)  # its own: poisoned below
+    short, brief, long = prompt(11, 8), prompt(16, 8), prompt(15, 70)
+    poison = next(t for t in range(3, VOCAB) if t not in {*short, *brief, *long})
+    long[66] = poison  # in the last chunk (tokens 64..69)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[poison] = float("nan")
+    gate = threading.Event()
+    engine, events = recorded(model, llama_tok, max_batch=3, gate=gate)
+    core = engine.core
+    assert core is not None
+    caplog.set_level(logging.ERROR, logger="bot.engine.batched")
+    await engine.start()
+    try:
+        runs = [asyncio.create_task(collect(engine.stream_ids(short, greedy(100))))]
+        runs.append(asyncio.create_task(collect(engine.stream_ids(brief, greedy(3)))))
+        runs.append(asyncio.create_task(failure(engine, long)))
+        deadline = time.monotonic() + 30
+        while engine.scheduler._inbox.qsize() < 2:  # type: ignore[union-attr]  # brief and long wait
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.005)
+        gate.set()
+        err = await asyncio.wait_for(runs[2], timeout=60)
+        assert isinstance(err, GenerationError) and str(err) == MSG_NON_FINITE
+        # brief (row 1) ended while long filled row 2: the last chunk came after
+        assert chunks_of(events, 2)[-1] == (64, 70)
+        assert sum("non-finite logits after 70 tokens" in r.getMessage() for r in caplog.records) == 1
+        assert bool(torch.isfinite(core.k_cache).all()) and bool(torch.isfinite(core.v_cache).all())
+        await asyncio.wait_for(asyncio.gather(*runs[:2]), timeout=60)
+    finally:
+        gate.set()
+        await engine.close()
 
 
 async def test_short_prompts_arriving_together_share_the_chunk_budget(

@@ -9,6 +9,8 @@ still right.
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -64,11 +66,7 @@ async def test_parked_row_moves_to_the_next_live_row(tiny_model: Any, llama_tok:
         first = prompt(8, 34)
         reply = await collect(engine.stream_ids(first, greedy(6)))
         prefix = engine.scheduler.prefix  # type: ignore[union-attr]
-        for _ in range(500):  # the decode thread parks it just after the last token
-            if 3 in prefix:
-                break
-            await asyncio.sleep(0.01)
-        assert 3 in prefix  # parked at the top
+        assert 3 in prefix  # parked at the top (before its stream ended)
         others = [prompt(9, 20), prompt(10, 25)]
         follow = [*first, *reply, 4, 5, 6]
         runs = [collect(engine.stream_ids(p, greedy(12))) for p in others]
@@ -77,6 +75,52 @@ async def test_parked_row_moves_to_the_next_live_row(tiny_model: Any, llama_tok:
         assert got[:2] == [reference(tiny_model, p, 12) for p in others]
         assert got[2] == reference(tiny_model, follow, 7)
         assert prefix.hits == 1 and prefix.reused_tokens == 34 + 5
+    finally:
+        await engine.close()
+
+
+async def test_another_conversation_sharing_only_a_prefix_never_sees_the_rest(
+    tiny_model: Any, llama_tok: Any  # noqa: F811
+) -> None:
+    """One row: conversation A's 100 prompt + 20 reply tokens stay parked in
+    it; B shares A's first 34 tokens (as prompts share a system prompt), then
+    differs. B reuses those 34 and decodes over positions where A's keys and
+    values still lie: its ids must equal generate() on B alone."""
+    engine = await started(tiny_model, llama_tok, max_batch=1)
+    try:
+        a = prompt(21, 100)
+        reply = await collect(engine.stream_ids(a, greedy(20)))
+        prefix = engine.scheduler.prefix  # type: ignore[union-attr]
+        assert 0 in prefix  # parked in place
+        b = [*a[:34], *prompt(22, 5)[1:]]
+        shared = common_prefix([*a, *reply], b)
+        assert 34 <= shared < len(b)
+        got = await collect(engine.stream_ids(b, greedy(12)))
+    finally:
+        await engine.close()
+    assert got == reference(tiny_model, b, 12)
+    assert prefix.hits == 1 and prefix.reused_tokens == shared
+
+
+async def test_a_reply_is_parked_before_its_stream_ends(tiny_model: Any, llama_tok: Any) -> None:  # noqa: F811
+    """When the stream has ended the row is parked (or not) already: a caller
+    that then clears the cache (the benchmark before a cold measurement)
+    cannot be overtaken by the decode thread parking it afterwards."""
+    engine = await started(tiny_model, llama_tok, max_batch=2)
+    prefix = engine.scheduler.prefix  # type: ignore[union-attr]
+    real_park = prefix.park
+
+    def slow_park(row: int, ids: Sequence[int]) -> None:
+        time.sleep(0.2)  # the decode thread is slow to park
+        real_park(row, ids)
+
+    prefix.park = slow_park  # type: ignore[method-assign]
+    try:
+        await collect(engine.stream_ids(prompt(23, 40), greedy(3)))
+        assert len(prefix) == 1  # parked before the end reached the stream
+        prefix.clear()
+        await asyncio.sleep(0.3)
+        assert len(prefix) == 0  # and nothing parked behind the clear
     finally:
         await engine.close()
 

@@ -77,7 +77,8 @@ def check_decode_path(
     """Prefill ``ids[:-1]`` into row 0, one decode step with ``ids[-1]``
     (graph-replayed where the core uses graphs); both logits against
     transformers' forward (``reference``, from :func:`forward_logits`); with
-    prompt-time twins, also a prompt long enough to go through them.
+    prompt-time twins, also a prompt long enough to go through them (where
+    the cache holds one).
     Raise if either is non-finite or off by more than :data:`TOLERANCE`;
     return (prefill error, step error)."""
     with torch.no_grad():
@@ -85,7 +86,8 @@ def check_decode_path(
         step = core.step([ids[-1]], [len(ids) - 1])[0].float()
         prefill_error = relative_error(first, reference[-2])
         finite = bool(torch.isfinite(first).all()) and bool(torch.isfinite(step).all())
-        if core.prefill_twins:  # long prompts go through other modules: check them too
+        # long prompts go through other modules: check them too, if a prompt that long fits
+        if core.prefill_twins and core.twin_min_tokens < core.scratch:
             long_ids = (ids * (core.twin_min_tokens // len(ids) + 1))[: core.twin_min_tokens]
             long = core.prefill(0, long_ids).float()
             finite = finite and bool(torch.isfinite(long).all())

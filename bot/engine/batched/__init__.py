@@ -29,9 +29,10 @@ the GPTQ ``q/k/v/o_proj`` and MLP layers, ``lm_head``), not ``generate()``:
 - a row whose logits are not finite fails that reply alone (nothing is
   sampled from them) and its cache row is zeroed.
 
-Measured on an H100 with a Xwin-70B-shaped GPTQ model (docs/benchmarks.md,
-docs/gpu-notes.md): 21.6 ms/step at 1 conversation (eager ``generate()``:
-56-70 ms), 37.3 ms/step at 32.
+Measured on an H200 with a GPTQ model of Xwin-70B's shapes and reference
+quantization (docs/benchmarks.md, "GPU (H200)"; docs/gpu-notes.md): the
+graph-replayed step 18.8 ms at 1 conversation (eager ``generate()``: 63-84
+ms a token), 35.3 ms at 32.
 
 Llama-family models only (Llama, Mistral, Xwin): the loop needs
 ``model.model.{embed_tokens,layers,norm,rotary_emb}`` and ``model.lm_head``.

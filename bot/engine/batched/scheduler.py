@@ -86,8 +86,8 @@ class BatchScheduler:
     the last chunk's logits are sampled. While a prompt is being filled no
     other prompt is admitted (first come, first served). With no row
     decoding, the rest of a prompt is prefilled at once (nobody to wait).
-    Shorter prompts arriving together are prefilled up to ``prefill_chunk``
-    tokens per decode step too.
+    Shorter prompts arriving together share that budget: a turn stops
+    admitting once ``prefill_chunk`` prompt tokens are prefilled.
     """
 
     def __init__(
@@ -146,7 +146,15 @@ class BatchScheduler:
                     self._step()
             except BaseException as exc:  # fail every live stream, keep serving
                 self._fail_all(GenerationError.internal(exc, "decode"))
-        self._fail_all(GenerationError("engine closed"))
+        closed = GenerationError("engine closed")
+        self._fail_all(closed)
+        while True:  # requests still waiting for a row would wait forever
+            try:
+                req = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if req is not None:
+                _post(req, closed)
 
     def _fail_all(self, err: GenerationError) -> None:
         for req in self._live:
@@ -159,8 +167,9 @@ class BatchScheduler:
     def _admit(self, block: bool) -> None:
         """Take new requests while rows are free, prefilling each (a long
         one only its first chunk: then admitting pauses until it is done).
-        While rows decode, one turn prefills at most ``prefill_chunk`` prompt
-        tokens before the next decode step (at least one prompt)."""
+        While rows decode, one turn stops admitting once ``prefill_chunk``
+        prompt tokens are prefilled (each prompt at most a chunk), then the
+        next decode step runs."""
         spent = 0
         while self._filling is None and len(self._live) < self.core.max_batch and spent < self.prefill_chunk:
             try:
@@ -198,22 +207,20 @@ class BatchScheduler:
         end = min(n, req.position + self.prefill_chunk) if self._live else n
         try:
             logits = self.core.prefill(row, req.ids[:end], start=req.position)[None]
-            finite = bool(torch.isfinite(logits).all())
             if end < n:
                 self.prefill_chunks += 1
-                if finite:
-                    req.position = end
-                    return
+            if not bool(torch.isfinite(logits).all()):
+                # zero the row it filled, before any move could leave a NaN copy behind
                 self._filling = None
                 self._fail_prefill(req, row, end)
+                return
+            if end < n:
+                req.position = end
                 return
             self._filling = None
             row = self._settle(row, n)
             self.sampler.admit(row, req.ids)
             tok = self.sampler.sample(logits, [req.settings], row0=row)[0]
-            if not finite:
-                self._fail_prefill(req, row, n)
-                return
         except Exception as exc:
             self._filling = None
             _post(req, _prefill_error(exc))
@@ -275,10 +282,10 @@ class BatchScheduler:
                 out.setdefault(req.loop, []).append((req, None))
                 done.append(req)
                 self._finished_stats(req)
+        for req in done:  # parked before the stream sees its end
+            self._retire(req)
         for loop, batch in out.items():
             loop.call_soon_threadsafe(_deliver, batch)
-        for req in done:
-            self._retire(req)
 
     def _finished_stats(self, req: Request) -> None:
         if self.on_finish is not None:
