@@ -55,6 +55,11 @@ class ModelConfig:
     # are decoding, a prompt longer than this many tokens is prefilled in
     # chunks of it, with a decode step for the others between chunks.
     prefill_chunk: int = 512
+    # Keep a finished reply's KV cache for the follow-up that starts with the same
+    # tokens (decode = "batched"). Reuse is by exact token ids, so no other
+    # conversation's text can enter a reply; but a reused prefix makes the first
+    # token come sooner, which someone timing replies could notice (docs/privacy.md).
+    prefix_cache: bool = True
 
 
 @dataclass(frozen=True)

@@ -143,3 +143,18 @@ def test_prefix_cache_picks_the_longest_prefix_and_evicts_least_recent() -> None
     cache.take(2)
     assert cache.hits == 1 and len(cache) == 0
     assert cache.free_row(live=4, exclude=()) is None
+
+
+async def test_the_prefix_cache_can_be_turned_off(tiny_model: Any, llama_tok: Any) -> None:  # noqa: F811
+    cfg = ModelConfig(id="tiny", max_batch=2, context_length=128, prefix_cache=False)
+    engine = BatchedEngine.over(tiny_model, llama_tok, cfg, eos_ids=(), max_len=129)
+    await engine.start()
+    try:
+        first = prompt(5, 40)
+        reply = await collect(engine.stream_ids(first, greedy(8)))
+        follow = [*first, *reply, 7, 8, 9]
+        assert await collect(engine.stream_ids(follow, greedy(4))) == reference(tiny_model, follow, 4)
+        prefix = engine.scheduler.prefix  # type: ignore[union-attr]
+        assert len(prefix) == 0 and prefix.hits == 0 and prefix.reused_tokens == 0
+    finally:
+        await engine.close()

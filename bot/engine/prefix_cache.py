@@ -39,9 +39,10 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class PrefixCache:
     """Parked rows: row -> the token ids whose keys and values it holds."""
 
-    def __init__(self, rows: int, min_reuse: int = MIN_REUSE) -> None:
+    def __init__(self, rows: int, min_reuse: int = MIN_REUSE, *, enabled: bool = True) -> None:
         self.rows = rows
         self.min_reuse = min_reuse
+        self.enabled = enabled  # off: nothing is parked, so nothing is reused
         self._parked: dict[int, _Parked] = {}
         self._clock = itertools.count()
         self.hits = 0
@@ -55,7 +56,7 @@ class PrefixCache:
         return len(self._parked)
 
     def park(self, row: int, ids: Sequence[int]) -> None:
-        if len(ids) >= self.min_reuse:
+        if self.enabled and len(ids) >= self.min_reuse:
             self._parked[row] = _Parked(list(ids), next(self._clock))
 
     def lookup(self, ids: Sequence[int]) -> tuple[int, int] | None:

@@ -115,7 +115,8 @@ class BatchedEngine:
         if self._eos_ids is None and self.tokenizer.eos_id is not None:
             eos = [self.tokenizer.eos_id]
         self.scheduler = BatchScheduler(
-            self.core, eos, on_finish=self._record, prefill_chunk=self.config.prefill_chunk
+            self.core, eos, on_finish=self._record, prefill_chunk=self.config.prefill_chunk,
+            prefix_cache=self.config.prefix_cache,
         )
         # The prompt builder must not make prompts the cache cannot hold.
         self.context_length = min(self.context_length, self.core.scratch - 1)

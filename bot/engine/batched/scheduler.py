@@ -96,6 +96,7 @@ class BatchScheduler:
         eos_ids: Sequence[int],
         on_finish: Callable[[StreamStats], None] | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
+        prefix_cache: bool = True,
     ) -> None:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be 1 or more, got {prefill_chunk}")
@@ -104,7 +105,7 @@ class BatchScheduler:
         self.sampler = Sampler(core.max_batch, core.vocab, core.device)
         self.eos = set(eos_ids)
         self.on_finish = on_finish
-        self.prefix = PrefixCache(core.max_batch)  # finished replies' rows, for follow-ups
+        self.prefix = PrefixCache(core.max_batch, enabled=prefix_cache)  # finished replies' rows, for follow-ups
         self._inbox: queue.Queue[Request | None] = queue.Queue()
         self._live: list[Request] = []
         # The prompt being prefilled chunk by chunk, and its row (an idle row
