@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable
 
 from bot.config import BotConfig
 from bot.store import JobKind, Store, StoredReply
-from bot.types import ActionSink, CommandReply, ConversationKey, HandleResult, Platform, ReplyAction, ReplySink, Vote
+from bot.types import ActionSink, CommandReply, ConversationKey, HandleResult, Platform, ReplyAction, Vote
 from bot.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -51,15 +51,12 @@ Refusal = Callable[[Platform, str], Awaitable[tuple[HandleResult, str] | None]]
 
 class ReplyActions:
     def __init__(self, store: Store, config: BotConfig, worker: Callable[[], Worker],
-                 closing: Callable[[], bool], limits: Refusal, lock: asyncio.Lock,
-                 track: Callable[[ReplySink, int], None]) -> None:
+                 closing: Callable[[], bool], limits: Refusal, lock: asyncio.Lock) -> None:
         self.store = store
         self.config = config
         self._worker = worker
         self._closing = closing
         self._limits = limits
-        # Where the reply is shown is kept with its job, as for a message's reply (issue 9).
-        self._track = track
         # Check-then-queue is one step (the lock new messages are admitted under):
         # a double click queues one job, and the queue bounds hold for both.
         self._lock = lock
@@ -104,7 +101,6 @@ class ReplyActions:
             if job_id is None:
                 return CommandReply(GONE, ok=False)
             position = await self.store.jobs_ahead(job_id)
-            self._track(sink, job_id)
             self._worker().submit(job_id, sink, position)
         await sink.queued(position)
         log.info("%s of reply %d queued as job %d by %s", kind, reply.id, job_id, action.user_id)

@@ -68,7 +68,7 @@ class Bot:
         self.commands = Commands(store, self.defaults, engine.context_length, self._stop_here, self.status)
         self.files = FileReader(config.attachments, engine)
         self.actions = ReplyActions(store, config.bot, lambda: self.worker, lambda: self._closing,
-                                    self._refusal, self._admission, self._track)
+                                    self._refusal, self._admission)
 
     async def __aenter__(self) -> Bot:
         await self.start()
@@ -137,7 +137,6 @@ class Bot:
             if job.state == "running":
                 await self.store.set_job_state(job.id, "queued")
             sink = factory(job.key, job.reply_ref)
-            self._track(sink, job.id)
             self.worker.submit(job.id, sink)
             resumed += 1
         self._left_pending = [j for j in self._left_pending if not self.worker.holds(j)]
@@ -193,22 +192,9 @@ class Bot:
         if job_id is None:
             raise RuntimeError("the store gave no job for an admitted message")
         position = await self.store.jobs_ahead(job_id)
-        self._track(sink, job_id)
         self.worker.submit(job_id, sink, position)
         await sink.queued(position)
         return "queued"
-
-    def _track(self, sink: ReplySink, job_id: int) -> None:
-        """A sink with an ``on_placed`` attribute says which platform messages
-        show the reply; they are kept with the job (its ``reply_ref["messages"]``)
-        so that the sink factory resumes into them after a restart (issue 9)."""
-        if not hasattr(sink, "on_placed"):
-            return
-
-        async def placed(message_ids: list[str]) -> None:
-            await self.store.set_reply_messages(job_id, message_ids)
-
-        sink.on_placed = placed  # type: ignore[attr-defined]
 
     async def _refusal(self, platform: Platform, author_id: str) -> tuple[HandleResult, str] | None:
         """Why a message of this author gets no job now: over a quota (issue 12;

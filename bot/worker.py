@@ -123,12 +123,26 @@ class Worker:
         await self._record_late()
 
     def submit(self, job_id: int, sink: ReplySink, position: int | None = None) -> None:
+        self._track(sink, job_id)
         self._sinks[job_id] = sink
         if position is not None:
             self._positions[job_id] = position
         self._idle.clear()
         self.metrics.job_queued(job_id)
         self.queue.put_nowait(job_id)
+
+    def _track(self, sink: ReplySink, job_id: int) -> None:
+        """A sink with an ``on_placed`` attribute says which platform messages
+        show the reply; they are kept with the job (its ``reply_ref["messages"]``)
+        so that the sink factory resumes into them after a restart (issue 9).
+        Done here, where every job passes, whoever queued it."""
+        if not hasattr(sink, "on_placed"):
+            return
+
+        async def placed(message_ids: list[str]) -> None:
+            await self.store.set_reply_messages(job_id, message_ids)
+
+        sink.on_placed = placed  # type: ignore[attr-defined]
 
     async def drain(self) -> None:
         """Wait until every submitted job has finished."""
