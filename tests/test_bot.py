@@ -111,14 +111,8 @@ async def test_answers_in_one_conversation_come_in_order_even_when_batched(tmp_p
         assert max(len(engine.calls), 0) == 6
 
 
-async def test_busy_limits_give_a_clear_reply_and_keep_the_message(tmp_path: Path) -> None:
-    config = make_config(tmp_path, bot={"max_queue": 3, "max_pending_per_user": 2})
-    gate = asyncio.Event()
-
-    def slow(call: Call) -> str:
-        return "done"
-
-    engine = FakeEngine(replies=[slow], delay=0.0)
+def gated_engine(engine: FakeEngine, gate: asyncio.Event) -> FakeEngine:
+    """``engine`` whose replies wait for ``gate``: jobs pile up in the queue meanwhile."""
     original = engine.stream
 
     async def gated(prompt_ids: list[int], settings: Any, **kwargs: Any) -> AsyncIterator[str]:
@@ -127,6 +121,17 @@ async def test_busy_limits_give_a_clear_reply_and_keep_the_message(tmp_path: Pat
             yield piece
 
     engine.stream = gated  # type: ignore[method-assign]
+    return engine
+
+
+async def test_busy_limits_give_a_clear_reply_and_keep_the_message(tmp_path: Path) -> None:
+    config = make_config(tmp_path, bot={"max_queue": 3, "max_pending_per_user": 2})
+    gate = asyncio.Event()
+
+    def slow(call: Call) -> str:
+        return "done"
+
+    engine = gated_engine(FakeEngine(replies=[slow], delay=0.0), gate)
     async with Store(config.database_path()) as store, Bot(config, store, engine) as bot:
         results = [await bot.handle(msg(f"a{i}", author="alice"), RecordingSink()) for i in range(3)]
         assert results == ["queued", "queued", "busy"]
@@ -144,15 +149,7 @@ async def test_busy_limits_hold_under_concurrent_messages(tmp_path: Path) -> Non
     """Issue 9: 200 messages from 50 people at once against max_queue 64, 3 each."""
     config = make_config(tmp_path, bot={"max_queue": 64, "max_pending_per_user": 3})
     gate = asyncio.Event()
-    engine = FakeEngine(replies=["done"], delay=0.0)
-    original = engine.stream
-
-    async def gated(prompt_ids: list[int], settings: Any, **kwargs: Any) -> AsyncIterator[str]:
-        await gate.wait()
-        async for piece in original(prompt_ids, settings, **kwargs):
-            yield piece
-
-    engine.stream = gated  # type: ignore[method-assign]
+    engine = gated_engine(FakeEngine(replies=["done"], delay=0.0), gate)
     async with Store(config.database_path()) as store, Bot(config, store, engine) as bot:
         people = [f"p{i // 4}" for i in range(200)]  # four messages each
         results = await asyncio.gather(*(

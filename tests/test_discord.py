@@ -936,6 +936,8 @@ async def test_shutdown_is_bounded_when_discord_stalls(tmp_path: Path) -> None:
             key = ConversationKey("discord", w.guild["id"], w.channel["id"], w.thread_of(asked))
             job = await w.bot.store.job_for_message(key, asked)
             assert job is not None and job.state == "queued"
+
+
 # ---------------------------------------------------------------------------- buttons (issue 11)
 
 CUT = "The first part of a long answer"  # as long as max_new_tokens: cut there
