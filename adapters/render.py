@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
@@ -209,3 +210,14 @@ class ReplyMessages(Generic[H]):
             await callback(self.ids())
         except Exception:
             log.exception("%s: could not store where a reply is shown", self.platform)
+
+
+async def retried(attempt: Callable[[], Awaitable[bool]], delays: Sequence[float]) -> bool:
+    """Try ``attempt`` now and again after each of ``delays`` seconds until it
+    returns True (a final reply's edits, issue 9); whether it ever did."""
+    for delay in (*delays, None):
+        if await attempt():
+            return True
+        if delay is not None:
+            await asyncio.sleep(delay)
+    return False

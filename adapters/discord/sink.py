@@ -12,7 +12,7 @@ import discord
 
 from adapters import strings
 from adapters.discord.text import MESSAGE_LIMIT, queued_text, split_message
-from adapters.render import ReplyMessages
+from adapters.render import ReplyMessages, retried
 from bot.errors import AdapterError
 from bot.types import ReplyInfo
 
@@ -140,12 +140,8 @@ class DiscordSink:
             await self._show([], buttons=reply_buttons(self._info))
 
     async def _deliver(self, chunks: list[str]) -> None:
-        for delay in (*self.final_retry_delays, None):
-            if await self._final(chunks):
-                return
-            if delay is not None:
-                await asyncio.sleep(delay)
-        await self._repost(chunks)
+        if not await retried(lambda: self._final(chunks), self.final_retry_delays):
+            await self._repost(chunks)
 
     async def fail(self, user_message: str) -> None:
         await self._settle()

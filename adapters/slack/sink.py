@@ -12,7 +12,7 @@ from slack_sdk.errors import SlackApiError, SlackClientError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from adapters import strings
-from adapters.render import ReplyMessages
+from adapters.render import ReplyMessages, retried
 from adapters.slack.api import JSON, _error_of, _why
 from adapters.slack.blocks import BlockSupport, action_blocks, final_blocks
 from adapters.slack_format import StreamSplitter, escape, split_message, to_mrkdwn
@@ -95,12 +95,8 @@ class SlackReplySink:
         :class:`AdapterError` when it could not be shown at all."""
         chunks = split_message(to_mrkdwn(text), self._limit)[self._skip :] if text.strip() else []
         chunks = chunks or [f"_{strings.NO_REPLY}_"]
-        for delay in (*self.final_retry_delays, None):
-            if await self._sync(chunks, buttons=self._info):
-                return
-            if delay is not None:
-                await asyncio.sleep(delay)
-        await self._repost(chunks)
+        if not await retried(lambda: self._sync(chunks, buttons=self._info), self.final_retry_delays):
+            await self._repost(chunks)
 
     async def fail(self, user_message: str) -> None:
         text = to_mrkdwn(user_message)
