@@ -2,24 +2,40 @@
 # One call on the lent GPU machine (docs/benchmarks.md says how it is sent):
 #   bench/gpu-call.sh fidelity   # 8-layer proxies: every kernel, both checkpoints
 #   bench/gpu-call.sh full       # the 80-layer benchmark with its baselines
-# Expects the wheels in ../.whl (scripts/gpu-wheels) and, if a previous call
-# brought them back, GPTQModel's compiled kernels as kcache/ext.tgz.* here.
+#   bench/gpu-call.sh rowquant   # the row-layout kernels against Marlin, alone
+# Run from the repository's root. Expects the wheels in .whl (scripts/gpu-wheels)
+# and, if a previous call brought them back, GPTQModel's compiled kernels as
+# .gpu/kcache/ext.tgz.* and the row kernels as .gpu/kcache/rowquant.tgz (carry
+# both folders).
 set -uo pipefail
 MODE=${1:-fidelity}
 START=$(date +%s)
 left() { echo $(( ${1} - ($(date +%s) - START) )); }
-export PYTHONUNBUFFERED=1 GPTQMODEL_TORCH_EXTENSIONS_DIR=/tmp/gptq-ext TOKENIZERS_PARALLELISM=false
+KC=.gpu/kcache
+export PYTHONUNBUFFERED=1 GPTQMODEL_TORCH_EXTENSIONS_DIR=/tmp/gptq-ext TOKENIZERS_PARALLELISM=false \
+    XWIN_KERNEL_DIR=/tmp/xwin-kernels
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site ../.whl/*.whl || exit 1
+    --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD
-mkdir -p /tmp/gptq-ext
-if ls kcache/ext.tgz.* >/dev/null 2>&1; then
-    cat kcache/ext.tgz.* | tar xz -C /tmp/gptq-ext && echo "kernels restored: $(find /tmp/gptq-ext -name '*.so' | wc -l) libraries"
+mkdir -p /tmp/gptq-ext /tmp/xwin-kernels
+if ls $KC/ext.tgz.* >/dev/null 2>&1; then
+    cat $KC/ext.tgz.* | tar xz -C /tmp/gptq-ext && echo "kernels restored: $(find /tmp/gptq-ext -name '*.so' | wc -l) libraries"
 fi
+if [ -f $KC/rowquant.tgz ]; then
+    tar xzf $KC/rowquant.tgz -C /tmp/xwin-kernels && echo "row kernels restored"
+fi
+bring_back_row_kernels() {  # the built row kernels, for the next call (a few hundred KB)
+    if [ ! -f $KC/rowquant.tgz ] && [ -d /tmp/xwin-kernels/rowquant ]; then
+        tar czf "$OUT/rowquant.tgz" -C /tmp/xwin-kernels rowquant
+    fi
+}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-if [ "$MODE" = fidelity ]; then
+if [ "$MODE" = rowquant ]; then
+    timeout "$(left 560)" python3 -m bench.gpu_rowquant --out "$OUT/rowquant.json" "${@:2}" 2>&1 | tee "$OUT/rowquant.log"
+    bring_back_row_kernels
+elif [ "$MODE" = fidelity ]; then
     timeout "$(left 430)" python3 -m bench.gpu_fidelity --layers 8 --out "$OUT/fidelity.json" "${@:2}" 2>&1 | tee "$OUT/fidelity.log"
-    if ! ls kcache/ext.tgz.* >/dev/null 2>&1; then
+    if ! ls $KC/ext.tgz.* >/dev/null 2>&1; then
         (cd /tmp/gptq-ext && find . -name '*.so' -exec strip --strip-unneeded {} \; \
             && tar czf - $(find . -name '*.so')) | split -b 15m - "$OUT/ext.tgz."
         ls -la "$OUT"
@@ -29,4 +45,5 @@ if [ "$MODE" = fidelity ]; then
 else
     timeout "$(left 585)" python3 -m bench.gpu --out "$OUT/full.json" "${@:2}" 2>&1 | tee "$OUT/full.log"
 fi
+bring_back_row_kernels
 echo "call took $(( $(date +%s) - START )) s"

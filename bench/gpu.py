@@ -180,7 +180,7 @@ async def main_async(opt: Options) -> dict[str, Any]:
     )
     t0 = time.perf_counter()
     loader = TransformersEngine(mcfg)
-    loader.keep_prefill_twins = True  # as BatchedEngine loads
+    loader.fuse_for_batches = True  # as BatchedEngine loads
     loader.load()  # the project's loading code path
     res["load_s"] = time.perf_counter() - t0
     model, tok = loader.model, loader.tokenizer
@@ -193,7 +193,7 @@ async def main_async(opt: Options) -> dict[str, Any]:
     )
     core = engine.core
     assert core is not None
-    core.set_prefill_twins(loader.prefill_twins)
+    core.set_products(loader.layer_products)
     res["cache_len"] = cache_len
     t0 = time.perf_counter()
     pe, se = check_logits(engine, model, shape.vocab, 48)

@@ -48,7 +48,7 @@ def _load(path: Path, backend: str, max_batch: int) -> TransformersEngine:
                       max_batch=max_batch, context_length=4096)
     loader = TransformersEngine(cfg)
     loader.regroup_channelwise = not raw
-    loader.keep_prefill_twins = True
+    loader.fuse_for_batches = True
     loader.load()
     return loader
 
@@ -102,7 +102,7 @@ def one(path: Path, backend: str, ref_ids: list[int], ref: torch.Tensor, vocab: 
     engine._description = loader.describe()
     core = engine.core
     assert core is not None
-    core.set_prefill_twins(loader.prefill_twins)
+    core.set_products(loader.layer_products)
     try:
         row["verify"] = engine.verify(loader.probe_logits)
     except ConfigError as exc:
@@ -116,17 +116,18 @@ def one(path: Path, backend: str, ref_ids: list[int], ref: torch.Tensor, vocab: 
     if "refused" not in row:
         row["long_prefill_err"] = check_long_prefill(engine, model, vocab, 1000)
         row["step_ms_1"] = 1e3 * time_step(core, 1, 1100)
+        row["step_ms_2"] = 1e3 * time_step(core, 2, 1100)
         row["step_ms_32"] = 1e3 * time_step(core, 32, 1100)
         row["gemms_ms_1"] = 1e3 * time_gemms(core, 1)
         row["prefill_1000_ms"] = 1e3 * time_prefill(engine, 1000, vocab)
         for n in (64, 128, 256, 512, 1000):
             row[f"prefill_ms_{n}"] = 1e3 * time_prefill(engine, n, vocab)
-            if core.prefill_twins:
-                saved, core.twin_min_tokens = core.twin_min_tokens, 1
-                row[f"prefill_twin_ms_{n}"] = 1e3 * time_prefill(engine, n, vocab)
-                core.twin_min_tokens = 10**9
-                row[f"prefill_module_ms_{n}"] = 1e3 * time_prefill(engine, n, vocab)
-                core.twin_min_tokens = saved
+            if core.products:  # the crossover: dequantize + cuBLAS against the batch kernel
+                saved, core.prompt_min_tokens = core.prompt_min_tokens, 1
+                row[f"prefill_dequant_ms_{n}"] = 1e3 * time_prefill(engine, n, vocab)
+                core.prompt_min_tokens = 10**9
+                row[f"prefill_batch_ms_{n}"] = 1e3 * time_prefill(engine, n, vocab)
+                core.prompt_min_tokens = saved
     del engine, core, model, loader
     _free()
     return row

@@ -97,18 +97,22 @@ def time_step(core: DecodeCore, n: int, ctx: int, reps: int = 20) -> float:
 
 def time_gemms(core: DecodeCore, n: int, reps: int = 10) -> float:
     """Median seconds of the quantized matrix products of one decode step
-    alone (7 per layer, graph-captured): the kernel's share of a step."""
+    alone (graph-captured; 7 per layer, or 4 where the core has fused
+    products, through the kernels a step of ``n`` rows uses): the kernels'
+    share of a step."""
     if core.device.type != "cuda":
         return 0.0
     cfg = core.model.config
     x = torch.randn(n, cfg.hidden_size, dtype=core.dtype, device=core.device) * 0.1
     a = torch.randn(n, cfg.intermediate_size, dtype=core.dtype, device=core.device) * 0.1
 
+    row = n <= core.row_max_rows
+
     def body() -> None:
-        for layer in core.layers:
+        for li, layer in enumerate(core.layers):
             at, mlp = layer.self_attn, layer.mlp
-            at.q_proj(x), at.k_proj(x), at.v_proj(x), at.o_proj(x)
-            mlp.gate_proj(x), mlp.up_proj(x), mlp.down_proj(a)
+            core._qkv(li, at, x, row), core._o(li, at, x, row)
+            core._gate_up(li, mlp, x, row), core._down(li, mlp, a, row)
 
     with torch.no_grad():
         body()
@@ -425,7 +429,7 @@ async def followup_run(
 
 def check_long_prefill(engine: BatchedEngine, model: Any, vocab: int, length: int) -> float:
     """Relative error against transformers' forward of a long prompt's
-    prefill logits (through the prompt-time twins where the engine has them)
+    prefill logits (through dequantize + cuBLAS where the engine has fused products)
     and of 20 more tokens prefilled onto the same row (prefix reuse)."""
 
     core = engine.core

@@ -84,20 +84,6 @@ def test_batched_engine_refuses_non_finite_logits(llama_tok: Any) -> None:
         engine.verify()
 
 
-def test_load_check_with_twins_and_a_cache_too_short_for_their_prompts(llama_tok: Any) -> None:
-    """Prompt-time twins but a KV cache (kv_cache_len on a small GPU) shorter
-    than the twins' prompts: no prompt can reach them, so the check does not
-    prefill one (it would fail start-up with "does not fit the cache")."""
-    model = tiny_llama()
-    cfg = ModelConfig(id="tiny", max_batch=2, context_length=128)
-    engine = BatchedEngine.over(model, llama_tok, cfg, eos_ids=(), max_len=129)
-    core = engine.core
-    assert core is not None and core.twin_min_tokens >= core.scratch
-    attn = model.model.layers[0].self_attn
-    core.set_prefill_twins([(attn.q_proj, attn.q_proj)])
-    assert max(engine.verify()) < 1e-4
-
-
 async def test_non_finite_logits_while_serving_fail_only_that_reply(
     llama_tok: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

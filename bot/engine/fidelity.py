@@ -76,23 +76,35 @@ def check_decode_path(
 ) -> tuple[float, float]:
     """Prefill ``ids[:-1]`` into row 0, one decode step with ``ids[-1]``
     (graph-replayed where the core uses graphs); both logits against
-    transformers' forward (``reference``, from :func:`forward_logits`); with
-    prompt-time twins, also a prompt long enough to go through them (where
-    the cache holds one).
-    Raise if either is non-finite or off by more than :data:`TOLERANCE`;
+    transformers' forward (``reference``, from :func:`forward_logits`).
+    With fused products (bot/engine/products.py) each kernel they hold is
+    checked: also a prompt long enough for the dequantizing path (where the
+    cache holds one), and a step of two rows (the batch kernel).
+    Raise if any is non-finite or off by more than :data:`TOLERANCE`;
     return (prefill error, step error)."""
+    products = core.products or []
     with torch.no_grad():
         first = core.prefill(0, ids[:-1]).float()
         step = core.step([ids[-1]], [len(ids) - 1])[0].float()
         prefill_error = relative_error(first, reference[-2])
+        step_error = relative_error(step, reference[-1])
         finite = bool(torch.isfinite(first).all()) and bool(torch.isfinite(step).all())
-        # long prompts go through other modules: check them too, if a prompt that long fits
-        if core.prefill_twins and core.twin_min_tokens < core.scratch:
-            long_ids = (ids * (core.twin_min_tokens // len(ids) + 1))[: core.twin_min_tokens]
+        # long prompts go through another kernel: check it too, if a prompt that long fits
+        if products and core.prompt_min_tokens < core.scratch:
+            n = core.prompt_min_tokens
+            long_ids = (ids * (n // len(ids) + 1))[:n]
             long = core.prefill(0, long_ids).float()
             finite = finite and bool(torch.isfinite(long).all())
             prefill_error = max(prefill_error, relative_error(long, forward_logits(core.model, long_ids)[-1]))
-    errors = (prefill_error, relative_error(step, reference[-1]))
+        # steps of several rows go through the batch kernel
+        if products and products[0].qkv.batch is not None and core.max_batch >= 2:
+            for row in (0, 1):
+                core.prefill(row, ids[:-1])
+            pair = core.step([ids[-1]] * 2, [len(ids) - 1] * 2).float()
+            finite = finite and bool(torch.isfinite(pair).all())
+            step_error = max(step_error, *(relative_error(pair[r], reference[-1]) for r in (0, 1)))
+            core.clear(1)
+    errors = (prefill_error, step_error)
     log.info("load check: batched path vs transformers' forward, prefill %.1e, decode step %.1e",
              *errors)
     if not finite or max(errors) > TOLERANCE:

@@ -22,6 +22,8 @@ and converts).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -81,9 +83,9 @@ def regroup_module(module: Any, group: int, target: type) -> Any:
 
 def regroup_model(model: Any, group: int, target: type) -> list[tuple[Any, Any]]:
     """Replace every channelwise GPTQ module of ``model`` by a ``target``
-    module with groups of ``group``; the (new, old) pairs. The old modules
-    live on only while the caller keeps the pairs (as prompt-time twins:
-    GPTQModel's torch kernel prefills long prompts faster than Marlin)."""
+    module with groups of ``group``; the (new, old) pairs (the old modules
+    live on only while the caller keeps them). The loader's fallback where
+    the fused row-layout products cannot be built (bot/engine/products.py)."""
     from gptqmodel.nn_modules.qlinear import BaseQuantLinear
 
     swaps = [
@@ -101,6 +103,33 @@ def regroup_model(model: Any, group: int, target: type) -> list[tuple[Any, Any]]
     log.info("regrouped %d channelwise GPTQ modules into groups of %d (%s)",
              len(swaps), group, target.__name__)
     return pairs
+
+
+def fused_source(modules: Sequence[Any]) -> Any:
+    """Channelwise modules sharing their input, as one module-like source for
+    :func:`regroup_module`: their outputs side by side (GPTQ packs along the
+    input, so the columns of ``qweight``, ``scales`` and ``qzeros`` just join)."""
+    first = modules[0]
+    if any(m.out_features % 8 or m.in_features != first.in_features for m in modules):
+        raise ValueError("fused modules need the same input and outputs in multiples of 8")
+    return SimpleNamespace(
+        in_features=first.in_features,
+        out_features=sum(m.out_features for m in modules),
+        bits=first.bits,
+        sym=first.sym,
+        bias=None,
+        name="+".join(str(getattr(m, "name", "?")) for m in modules),
+        qweight=torch.nn.Parameter(torch.cat([m.qweight.data for m in modules], 1), requires_grad=False),
+        scales=torch.nn.Parameter(torch.cat([m.scales.data for m in modules], 1), requires_grad=False),
+        qzeros=torch.nn.Parameter(torch.cat([m.qzeros.data for m in modules], 1), requires_grad=False),
+        g_idx=first.g_idx,
+    )
+
+
+def fused_marlin(modules: Sequence[Any]) -> Any:
+    """One Marlin module (groups of :data:`REGROUP_SIZE`) for channelwise
+    modules that share their input."""
+    return regroup_module(fused_source(modules), REGROUP_SIZE, marlin_class())
 
 
 def marlin_class() -> type:

@@ -100,14 +100,17 @@ class TransformersEngine:
         self.tokenizer: HFPromptTokenizer
         self._device = "?"
         self._kernel = ""
-        # Group size -1 checkpoints with gptq_backend = "marlin": load with the
-        # torch kernel and regroup into Marlin modules (bot/engine/gptq_regroup.py).
+        # Group size -1 checkpoints with gptq_backend = "marlin" on a GPU: load
+        # with the torch kernel, then fuse each layer's products into the row
+        # packing (bot/engine/products.py) or, failing that, regroup every
+        # module into Marlin (bot/engine/gptq_regroup.py).
         self.regroup_channelwise = True
         self._regrouped = 0
-        # Keep the torch-kernel modules beside the regrouped Marlin ones, for
-        # prompts (the batched engine asks for them; if the GPU has room).
-        self.keep_prefill_twins = False
-        self.prefill_twins: list[tuple[Any, Any]] = []
+        # The batched engine also wants a Marlin module per fused product
+        # (decode steps of several rows); one conversation at a time does not.
+        self.fuse_for_batches = False
+        self.layer_products: list[Any] | None = None
+        self._kernel_override = ""
         self.probe_logits: Any = None  # the load check's logits (bot/engine/fidelity.py)
 
     async def start(self) -> None:
@@ -124,8 +127,6 @@ class TransformersEngine:
             info["gptq kernel"] = self._kernel
             if self._regrouped:
                 info["gptq kernel"] += " (group size -1 regrouped into groups of 128)"
-            if self.prefill_twins:
-                info["gptq kernel"] += "; prompts: TorchLinear"
         return info
 
     # -- loading ---------------------------------------------------------
@@ -144,7 +145,7 @@ class TransformersEngine:
         self.model = self._load_model()
         self.model.eval()
         self._device = str(getattr(self.model, "device", "?"))
-        self._kernel = _gptq_kernel(self.model)
+        self._kernel = self._kernel_override or _gptq_kernel(self.model)
         self.check()
         log.info(
             "loaded %s on %s (%s) in %.1f s",
@@ -164,15 +165,28 @@ class TransformersEngine:
             kwargs["quantization_config"] = quant
         model = AutoModelForCausalLM.from_pretrained(self.config.id, **kwargs)
         if regroup:
-            from bot.engine.gptq_regroup import REGROUP_SIZE, marlin_class, regroup_model
-
-            pairs = regroup_model(model, REGROUP_SIZE, marlin_class())
-            self._regrouped = len(pairs)
-            if self.keep_prefill_twins and _gpu_room_left() >= TWIN_ROOM:
-                self.prefill_twins = pairs
-            del pairs
-            _empty_cuda_cache()
+            self._channelwise_on_gpu(model)
         return model
+
+    def _channelwise_on_gpu(self, model: Any) -> None:
+        """Channelwise GPTQ loaded with the torch kernel: fused row-layout
+        products (and fused Marlin for batches), or every module regrouped
+        into Marlin where the row kernels cannot be built or the layers are
+        not Llama-shaped."""
+        from bot.engine import products, rowquant
+        from bot.engine.gptq_regroup import REGROUP_SIZE, fused_marlin, marlin_class, regroup_model
+
+        if products.can_fuse(model) and rowquant.available(model.device):
+            self.layer_products = products.build(model, fused_marlin if self.fuse_for_batches else None)
+            self._kernel_override = (
+                "row kernel (channelwise 4-bit: one row, prompts of "
+                f"{products.PROMPT_MIN_TOKENS}+ tokens)"
+                + (" + MarlinLinear fused (batches; group size -1 regrouped into groups of 128)"
+                   if self.fuse_for_batches else "")
+            )
+        else:
+            self._regrouped = len(regroup_model(model, REGROUP_SIZE, marlin_class()))
+        _empty_cuda_cache()
 
     def check(self) -> None:
         """The load check: one forward of a fixed prompt gives finite logits,
@@ -298,19 +312,6 @@ def _cuda_available() -> bool:
     import torch
 
     return bool(torch.cuda.is_available())
-
-
-# Keep prompt-time twins only if this share of the GPU is still free with
-# them (the rest is the KV cache's): 70B on an H200 leaves ~47 %.
-TWIN_ROOM = 0.3
-
-
-def _gpu_room_left() -> float:
-    import torch
-
-    _empty_cuda_cache()
-    free, total = torch.cuda.mem_get_info()
-    return float(free) / float(total)
 
 
 def _empty_cuda_cache() -> None:

@@ -19,9 +19,10 @@ the GPTQ ``q/k/v/o_proj`` and MLP layers, ``lm_head``), not ``generate()``:
 - the small element-wise work between the GPTQ products (rope, softmax,
   residual + RMSNorm, SiLU x up) is fused by ``torch.compile`` on the GPU;
 - a prompt is prefilled alone, eagerly (its matrix products are large enough
-  to hide the launches), between two decode steps; long prompts go through
-  prompt-time twins of the quantized modules where the loader kept them
-  (``DecodeCore.set_prefill_twins``); while other rows decode, a prompt
+  to hide the launches), between two decode steps; where the loader fused
+  each layer's products (``bot.engine.products``, ``DecodeCore.set_products``)
+  a one-row step goes through the row kernel, several rows through fused
+  Marlin, long prompts through dequantize + cuBLAS; while other rows decode, a prompt
   longer than ``[model] prefill_chunk`` is prefilled a chunk at a time with a
   decode step between chunks (``BatchScheduler``), so it stalls no one;
 - a finished reply's cache row is parked for a follow-up, which then
@@ -51,12 +52,12 @@ One module per concept; what the rest of the project uses is re-exported here:
   check, streams), and :func:`kv_cache_len`.
 """
 
-from bot.engine.batched.core import TWIN_MIN_TOKENS, DecodeCore
+from bot.engine.batched.core import DecodeCore
 from bot.engine.batched.engine import BatchedEngine, kv_cache_len
 from bot.engine.batched.sampler import Sampler
 from bot.engine.batched.scheduler import MSG_NON_FINITE, PREFILL_CHUNK, BatchScheduler
 
 __all__ = [
-    "MSG_NON_FINITE", "PREFILL_CHUNK", "TWIN_MIN_TOKENS", "BatchScheduler", "BatchedEngine", "DecodeCore",
+    "MSG_NON_FINITE", "PREFILL_CHUNK", "BatchScheduler", "BatchedEngine", "DecodeCore",
     "Sampler", "kv_cache_len",
 ]

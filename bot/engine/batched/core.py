@@ -19,12 +19,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from bot.engine.products import PROMPT_MIN_TOKENS, ROW_MAX_ROWS, LayerProducts
 from bot.errors import GenerationError
 
-# Prompts this long or longer are prefilled through the prompt-time twins
-# (GPTQModel's torch kernel: dequantize + cuBLAS). H200, 8 Xwin-70B layers,
-# ms twin / Marlin: 64 tokens 19 / 11, 256: 19 / 13, 512: 22 / 22, 1,000: 33 / 47.
-TWIN_MIN_TOKENS = 512
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 _CTX_BUCKETS = tuple(range(256, 32768 + 1, 256))  # attention reads at most 255 extra positions
 
@@ -128,15 +125,18 @@ class DecodeCore:
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool: Any = None
         self.capture_s = 0.0
-        # Prompt-time twins: id(quantized module) -> the same weights in another
-        # kernel's packing, used for prompts of twin_min_tokens or more.
-        self.prefill_twins: dict[int, Any] = {}
-        self.twin_min_tokens = TWIN_MIN_TOKENS
+        # Fused products per layer (bot/engine/products.py), where the loader
+        # built them; otherwise the model's own modules.
+        self.products: list[LayerProducts] | None = None
+        self.row_max_rows = ROW_MAX_ROWS  # decode steps this small use the row kernel
+        self.prompt_min_tokens = PROMPT_MIN_TOKENS  # prompts this long: dequantize + cuBLAS
 
-    def set_prefill_twins(self, pairs: Sequence[tuple[Any, Any]]) -> None:
-        """(module, twin) pairs (``TransformersEngine.prefill_twins``): long
-        prompts go through the twins, decode steps through the modules."""
-        self.prefill_twins = {id(module): twin for module, twin in pairs}
+    def set_products(self, products: Sequence[LayerProducts] | None) -> None:
+        """Decode and prefill through these fused products (one per layer)."""
+        if products is not None and len(products) != len(self.layers):
+            raise ValueError(f"{len(products)} layers of products for a model of {len(self.layers)}")
+        self.reset_graphs()
+        self.products = list(products) if products is not None else None
 
     def set_compiled_glue(self, on: bool) -> None:
         """Fuse the small element-wise work around the GPTQ products (rope,
@@ -188,12 +188,14 @@ class DecodeCore:
         hd, nkv, g = self.head_dim, self.n_kv, self.group
         if self.glue is not None:
             return self._decode_body_glued(bb, ctx, x, cos, sin, bias, rows, pos)
+        use_row = bb <= self.row_max_rows
         for li, layer in enumerate(self.layers):
             attn = layer.self_attn
             h = self._norm(layer.input_layernorm, x)
-            q = self._rope(attn.q_proj(h).view(bb, self.n_heads, hd), cos, sin)
-            k = self._rope(attn.k_proj(h).view(bb, nkv, hd), cos, sin)
-            v = attn.v_proj(h).view(bb, nkv, hd)
+            q, k, v = self._qkv(li, attn, h, use_row)
+            q = self._rope(q.view(bb, self.n_heads, hd), cos, sin)
+            k = self._rope(k.view(bb, nkv, hd), cos, sin)
+            v = v.view(bb, nkv, hd)
             kc, vc = self.k_cache[li], self.v_cache[li]
             kc[rows, :, pos] = k
             vc[rows, :, pos] = v
@@ -201,10 +203,41 @@ class DecodeCore:
             s = torch.matmul(qg, kc[:bb, :, :ctx].transpose(-1, -2)).float() * self.scale + bias
             p = torch.softmax(s, dim=-1).to(self.dtype)
             o = torch.matmul(p, vc[:bb, :, :ctx]).reshape(bb, self.n_heads * hd)
-            x = x + attn.o_proj(o)
-            x = x + layer.mlp(self._norm(layer.post_attention_layernorm, x))
+            x = x + self._o(li, attn, o, use_row)
+            x = x + self._mlp(li, layer.mlp, self._norm(layer.post_attention_layernorm, x), use_row)
         out: torch.Tensor = self.lm_head(self._norm(self.norm, x))
         return out
+
+    # -- the quantized products: fused (self.products) or the model's modules --
+
+    def _qkv(self, li: int, attn: Any, h: torch.Tensor, row: bool) -> tuple[torch.Tensor, ...]:
+        if self.products is None:
+            return attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        return self.products[li].qkv(h, row)
+
+    def _o(self, li: int, attn: Any, o: torch.Tensor, row: bool) -> torch.Tensor:
+        if self.products is None:
+            out: torch.Tensor = attn.o_proj(o)
+            return out
+        return self.products[li].o(o, row)[0]
+
+    def _gate_up(self, li: int, mlp: Any, h: torch.Tensor, row: bool) -> tuple[torch.Tensor, ...]:
+        if self.products is None:
+            return mlp.gate_proj(h), mlp.up_proj(h)
+        return self.products[li].gate_up(h, row)
+
+    def _down(self, li: int, mlp: Any, a: torch.Tensor, row: bool) -> torch.Tensor:
+        if self.products is None:
+            out: torch.Tensor = mlp.down_proj(a)
+            return out
+        return self.products[li].down(a, row)[0]
+
+    def _mlp(self, li: int, mlp: Any, h: torch.Tensor, row: bool) -> torch.Tensor:
+        if self.products is None:
+            out: torch.Tensor = mlp(h)
+            return out
+        gate, up = self._gate_up(li, mlp, h, row)
+        return self._down(li, mlp, mlp.act_fn(gate) * up, row)
 
     def _decode_body_glued(
         self,
@@ -225,20 +258,20 @@ class DecodeCore:
         zero = torch.zeros_like(x)
         first = self.layers[0].input_layernorm
         x, h = add_norm(x, zero, first.weight, _eps(first))
+        use_row = bb <= self.row_max_rows
         for li, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            q, k = rope_qk(
-                attn.q_proj(h).view(bb, self.n_heads, hd), attn.k_proj(h).view(bb, nkv, hd), cos, sin
-            )
-            v = attn.v_proj(h).view(bb, nkv, hd)
+            q, k, v = self._qkv(li, attn, h, use_row)
+            q, k = rope_qk(q.view(bb, self.n_heads, hd), k.view(bb, nkv, hd), cos, sin)
+            v = v.view(bb, nkv, hd)
             kc, vc = self.k_cache[li], self.v_cache[li]
             kc[rows, :, pos] = k
             vc[rows, :, pos] = v
             s = torch.matmul(q.view(bb, nkv, g, hd), kc[:bb, :, :ctx].transpose(-1, -2))
             o = torch.matmul(probs(s, bias, self.scale), vc[:bb, :, :ctx]).reshape(bb, self.n_heads * hd)
             post = layer.post_attention_layernorm
-            x, h = add_norm(x, attn.o_proj(o), post.weight, _eps(post))
-            m = mlp.down_proj(silu_mul(mlp.gate_proj(h), mlp.up_proj(h)))
+            x, h = add_norm(x, self._o(li, attn, o, use_row), post.weight, _eps(post))
+            m = self._down(li, mlp, silu_mul(*self._gate_up(li, mlp, h, use_row)), use_row)
             nxt = self.layers[li + 1].input_layernorm if li + 1 < len(self.layers) else self.norm
             x, h = add_norm(x, m, nxt.weight, _eps(nxt))
         out: torch.Tensor = self.lm_head(h)
@@ -267,19 +300,15 @@ class DecodeCore:
         mask = None
         if start:  # new token i sees cache positions 0..start+i
             mask = self.ctx_range[:n][None, :] <= (start + self.ctx_range[:m])[:, None]
-        twins = self.prefill_twins if m >= self.twin_min_tokens else {}
-
-        def proj(module: Any, inp: torch.Tensor) -> torch.Tensor:
-            out: torch.Tensor = twins.get(id(module), module)(inp)
-            return out
-
+        use_row = m >= self.prompt_min_tokens  # dequantize + cuBLAS, where products have a row packing
         gqa = nkv != self.n_heads
         for li, layer in enumerate(self.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
-            q = self._rope(proj(attn.q_proj, h).view(1, m, self.n_heads, hd).transpose(1, 2), cos, sin)
-            k = self._rope(proj(attn.k_proj, h).view(1, m, nkv, hd).transpose(1, 2), cos, sin)
-            v = proj(attn.v_proj, h).view(1, m, nkv, hd).transpose(1, 2)
+            q, k, v = self._qkv(li, attn, h, use_row)
+            q = self._rope(q.view(1, m, self.n_heads, hd).transpose(1, 2), cos, sin)
+            k = self._rope(k.view(1, m, nkv, hd).transpose(1, 2), cos, sin)
+            v = v.view(1, m, nkv, hd).transpose(1, 2)
             self.k_cache[li, row, :, start:n] = k[0]
             self.v_cache[li, row, :, start:n] = v[0]
             if mask is None:
@@ -288,13 +317,8 @@ class DecodeCore:
                 kc = self.k_cache[li, row, :, :n][None]
                 vc = self.v_cache[li, row, :, :n][None]
                 o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=gqa)
-            x = x + proj(attn.o_proj, o.transpose(1, 2).reshape(1, m, self.n_heads * hd))
-            h = layer.post_attention_layernorm(x)
-            if twins:
-                mlp = layer.mlp
-                x = x + proj(mlp.down_proj, mlp.act_fn(proj(mlp.gate_proj, h)) * proj(mlp.up_proj, h))
-            else:
-                x = x + layer.mlp(h)
+            x = x + self._o(li, attn, o.transpose(1, 2).reshape(1, m, self.n_heads * hd), use_row)
+            x = x + self._mlp(li, layer.mlp, layer.post_attention_layernorm(x), use_row)
         out: torch.Tensor = self.lm_head(self.norm(x[:, -1]))[0]
         return out
 

@@ -78,13 +78,13 @@ class BatchedEngine:
         from bot.engine.transformers import TransformersEngine
 
         loader = TransformersEngine(self.config)
-        loader.keep_prefill_twins = True
+        loader.fuse_for_batches = True
         loader.load()  # the same loading code path as the one-at-a-time engine
         self.tokenizer = loader.tokenizer
         self._description = loader.describe()
         self._build(loader.model)
         assert self.core is not None
-        self.core.set_prefill_twins(loader.prefill_twins)
+        self.core.set_products(loader.layer_products)
         # compile the glue and capture the one-conversation graph before the first reply
         self.core.warmup([1], [min(256, self.core.scratch - 1)])
         self.verify(loader.probe_logits)

@@ -1,0 +1,206 @@
+"""Channelwise 4-bit GPTQ weights in a row layout, for decode steps of a few rows.
+
+The reference checkpoint is 4-bit GPTQ with one scale and one zero point per
+output column (group size -1). A decode step of one conversation reads every
+weight once and multiplies it by one vector: the speed limit is the memory
+bandwidth, and Marlin (a tensor-core kernel built for batches) reaches about
+half of it at one row (docs/gpu-notes.md). This module keeps a second packing
+of the same weights made for that case, and a CUDA kernel
+(``rowquant.cu``, built at load with torch's extension builder) that reads it:
+
+- **layout**: ``w`` is ``[out, in / 8]`` int32, one output row's inputs
+  contiguous (GPTQ's own ``qweight`` is ``[in / 8, out]``), so one warp reads
+  512 contiguous bytes of one row at a time. Inside a word, slot ``p`` (bits
+  ``4p..4p+3``) holds input ``8c + ORDER[p]``: one mask then pulls two inputs
+  that sit side by side in ``x`` into one half2 (the kernel's comment).
+- **fused**: products that share their input (q, k, v; gate, up) are packed
+  as one matrix, one launch, and split after.
+- **numbers**: ``(q - z) * s`` in half, as GPTQModel's and Marlin's kernels
+  compute the weight, times ``x`` summed in half over 4 products and in float
+  beyond. :func:`reference` is the same arithmetic in torch (the CPU path and
+  the tests' oracle); the load check (bot/engine/fidelity.py) compares the
+  whole model against transformers' forward on the GPU.
+
+:func:`dequantize` turns the packing back into a half ``[out, in]`` matrix for
+prompts, where cuBLAS does the product (compute-bound: the bytes do not matter).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+# Input k0 + ORDER[p] sits in slot p of its word.
+ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+MAX_ROWS = 4  # the kernel's largest batch (one accumulator per row and output)
+ROWS_PER_WARP = 4  # output rows a warp computes (bench/gpu_rowquant.py measures 2, 4, 8)
+_SOURCE = Path(__file__).with_name("rowquant.cu")
+_ext: Any = None
+
+
+@dataclass
+class RowQuant:
+    """One product (or several fused ones sharing an input) in the row layout."""
+
+    w: torch.Tensor  # int32 [out, in / 8]
+    scale: torch.Tensor  # [out], the model's dtype (half for the CUDA kernels)
+    zero: torch.Tensor  # [out], 1024 + the zero point (see the kernel), the scales' dtype
+    splits: tuple[int, ...]  # the fused products' output sizes, in order
+
+    @property
+    def in_features(self) -> int:
+        return int(self.w.shape[1]) * 8
+
+    @property
+    def out_features(self) -> int:
+        return int(self.w.shape[0])
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.w, self.scale, self.zero))
+
+
+def unpack_codes(qweight: torch.Tensor) -> torch.Tensor:
+    """GPTQ's ``[in / 8, out]`` int32 words as the ``[in, out]`` 4-bit codes (uint8)."""
+    shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int32)
+    codes = (qweight[:, None, :] >> shifts[None, :, None]) & 15  # [in/8, 8, out]
+    return codes.reshape(-1, qweight.shape[1]).to(torch.uint8)
+
+
+def _zero_points(module: Any) -> torch.Tensor:
+    """One zero point per output column (GPTQModel's v2 form, as its kernels read it)."""
+    qzeros: torch.Tensor = module.qzeros.data
+    if qzeros.shape[0] != 1:
+        raise ValueError("not a channelwise module: more than one row of zero points")
+    shifts = torch.arange(0, 32, 4, device=qzeros.device, dtype=torch.int32)
+    zeros = (qzeros[0][:, None] >> shifts[None, :]) & 15  # [out/8, 8]
+    return zeros.reshape(-1)[: module.out_features]
+
+
+def _pack_rows(codes: torch.Tensor) -> torch.Tensor:
+    """``[rows, in]`` codes (in the natural input order) as ``[rows, in / 8]``
+    int32 words in :data:`ORDER`."""
+    rows, fin = codes.shape
+    order = torch.tensor(ORDER, device=codes.device)
+    slots = codes.reshape(rows, fin // 8, 8)[:, :, order].to(torch.int64)
+    shifts = torch.arange(0, 32, 4, device=codes.device, dtype=torch.int64)
+    words = (slots << shifts).sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.to(torch.int32)
+
+
+def pack(modules: Sequence[Any], chunk_rows: int = 4096) -> RowQuant:
+    """The channelwise 4-bit GPTQ ``modules`` (GPTQModel's plain layout, zero
+    points in its v2 form; all with the same input) as one fused row-layout product."""
+    if not modules:
+        raise ValueError("nothing to pack")
+    fin = modules[0].in_features
+    ws, scales, zeros = [], [], []
+    for module in modules:
+        if module.in_features != fin:
+            raise ValueError("fused products must share their input size")
+        if int(module.bits) != 4 or fin % 32:
+            raise ValueError("the row layout holds 4-bit weights with in_features a multiple of 32")
+        if getattr(module, "g_idx", None) is not None and bool((module.g_idx != 0).any()):
+            raise ValueError("not a channelwise module: g_idx is not all zero")
+        if module.scales.shape[0] != 1:
+            raise ValueError("not a channelwise module: more than one row of scales")
+        qweight = module.qweight.data
+        for start in range(0, module.out_features, chunk_rows):  # bounded scratch memory
+            cols = qweight[:, start : start + chunk_rows]
+            ws.append(_pack_rows(unpack_codes(cols).t()))
+        scales.append(module.scales.data[0])
+        zeros.append(_zero_points(module).to(module.scales.dtype) + 1024)
+    return RowQuant(
+        w=torch.cat(ws).contiguous(),
+        scale=torch.cat(scales).contiguous(),
+        zero=torch.cat(zeros).contiguous(),
+        splits=tuple(int(m.out_features) for m in modules),
+    )
+
+
+def _codes(rq: RowQuant) -> torch.Tensor:
+    """The ``[out, in]`` codes back in the natural input order."""
+    shifts = torch.arange(0, 32, 4, device=rq.w.device, dtype=torch.int32)
+    slots = (rq.w[:, :, None] >> shifts) & 15  # [out, in/8, 8] in ORDER
+    inverse = torch.argsort(torch.tensor(ORDER, device=rq.w.device))
+    codes: torch.Tensor = slots[:, :, inverse].reshape(rq.w.shape[0], -1)
+    return codes
+
+
+def reference(rq: RowQuant, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The ``[out, in]`` weights in ``dtype`` (default: the scales'), computed
+    as GPTQModel's torch kernel does: ``(q - z) * s`` (q - z exact, one rounding)."""
+    dtype = dtype or rq.scale.dtype
+    codes = _codes(rq).to(dtype)
+    zero = (rq.zero.float() - 1024).to(dtype)
+    return (codes - zero[:, None]) * rq.scale.to(dtype)[:, None]
+
+
+def _kernels() -> Any:
+    global _ext
+    if _ext is None:
+        from torch.utils.cpp_extension import load
+
+        build = Path(os.environ.get("XWIN_KERNEL_DIR") or Path.home() / ".cache" / "xwin-bot" / "kernels")
+        build = build / "rowquant"
+        build.mkdir(parents=True, exist_ok=True)
+        _ext = load(
+            name="xwin_rowquant",
+            sources=[str(_SOURCE)],
+            build_directory=str(build),
+            extra_cuda_cflags=["-O3"],
+            verbose=False,
+        )
+    return _ext
+
+
+def available(device: torch.device) -> bool:
+    """The CUDA kernels built and loaded for ``device`` (False on a CPU)."""
+    if device.type != "cuda":
+        return False
+    try:
+        _kernels()
+    except Exception:
+        log.exception("the row-layout 4-bit kernels could not be built; decode uses the loaded kernel")
+        return False
+    return True
+
+
+def _on_kernels(rq: RowQuant) -> bool:
+    return rq.w.device.type == "cuda" and rq.scale.dtype == torch.float16
+
+
+def gemv(rq: RowQuant, x: torch.Tensor) -> torch.Tensor:
+    """``x [m, in] @ W.T`` for ``m <= MAX_ROWS`` (the CUDA kernel on a GPU)."""
+    if _on_kernels(rq) and x.dtype == torch.float16:
+        out: torch.Tensor = _kernels().gemv(x.contiguous(), rq.w, rq.scale, rq.zero, ROWS_PER_WARP)
+        return out
+    return F.linear(x, reference(rq, rq.scale.dtype).to(x.dtype))
+
+
+def dequantize(rq: RowQuant) -> torch.Tensor:
+    """The weights as a half ``[out, in]`` matrix (for prompts: cuBLAS multiplies)."""
+    if _on_kernels(rq):
+        out: torch.Tensor = _kernels().dequant(rq.w, rq.scale, rq.zero)
+        return out
+    return reference(rq)
+
+
+def linear(rq: RowQuant, x: torch.Tensor) -> torch.Tensor:
+    """``x [..., in]`` times the weights, the outputs of the fused products
+    side by side: the kernel for a few rows, dequantize + matmul beyond."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] <= MAX_ROWS:
+        out = gemv(rq, rows)
+    else:
+        out = F.linear(rows, dequantize(rq).to(x.dtype))
+    return out.reshape(*x.shape[:-1], rq.out_features)
