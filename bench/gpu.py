@@ -15,7 +15,11 @@ Steps, each printed as a row of one table at the end:
 5. one conversation: decode ms/step, tokens/s; TTFT of a 1,000-token prompt;
 6. 1/4/16/32 concurrent conversations through the engine alone, through the
    bot's worker (``Bot.handle`` -> store -> ``Worker`` -> engine), and through
-   plain sequential ``generate()`` (the seed's way), with % of the floor.
+   plain sequential ``generate()`` (the seed's way), with % of the floor and
+   each conversation's longest wait between two tokens (median and max);
+7. with ``--chunk-variants 256,512,0``: the largest batch's burst again,
+   engine only, once per prefill chunk (0: off), to show what chunked
+   prefill does to those waits, ms/token and TTFT.
 
 ``--tiny`` builds a 2-layer random Llama (no GPTQ) and runs every row small,
 so the script cannot rot; tests/test_bench_cpu.py runs it.
@@ -36,7 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +61,7 @@ from bench.gpu_measure import (
     RunResult,
     check_logits,
     check_long_prefill,
+    chunk_variants,
     copy_bandwidth,
     engine_run,
     followup_run,
@@ -91,6 +96,8 @@ class Options:
     no_compile: bool
     group: int = 0
     followup_tokens: int = 0
+    prefill_chunk: int = ModelConfig.prefill_chunk  # [model] prefill_chunk of the engine
+    chunk_variants: list[int] = field(default_factory=list)  # the largest burst again at each (0: off)
 
 
 def parse(argv: list[str] | None) -> Options:
@@ -111,7 +118,20 @@ def parse(argv: list[str] | None) -> Options:
     ap.add_argument("--baseline-max", type=int, default=0, help="sequential generate() runs at most")
     ap.add_argument("--no-compile", action="store_true", help="decode without the torch.compile'd glue")
     ap.add_argument("--out", type=Path, default=None, help="write results.json here")
+    ap.add_argument("--prefill-chunk", type=int, default=ModelConfig.prefill_chunk,
+                    help="[model] prefill_chunk for the engine (default: the config's, %(default)s)")
+    ap.add_argument("--chunk-variants", default="",
+                    help="after the batch runs, the largest batch's burst again at each of these "
+                         "prefill chunks, e.g. 256,512,0 (0: off); default: skipped")
     a = ap.parse_args(argv)
+    if a.prefill_chunk < 1:
+        ap.error("--prefill-chunk must be 1 or more")
+    try:
+        variants = [int(x) for x in a.chunk_variants.split(",") if x.strip()]
+    except ValueError:
+        ap.error(f"--chunk-variants takes whole numbers separated by commas, got {a.chunk_variants!r}")
+    if any(v < 0 for v in variants):
+        ap.error("--chunk-variants: each chunk must be 0 (off) or more")
     tiny = bool(a.tiny)
     default_ckpt = Path(tempfile.gettempdir()) / ("xwin-bench-tiny" if tiny else "xwin-bench-70b")
     if not tiny and Path("/dev/shm").is_dir():
@@ -135,6 +155,8 @@ def parse(argv: list[str] | None) -> Options:
         no_compile=bool(a.no_compile),
         group=a.group,
         followup_tokens=100 if tiny else a.followup_tokens,
+        prefill_chunk=a.prefill_chunk,
+        chunk_variants=variants,
     )
 
 
@@ -177,6 +199,7 @@ async def main_async(opt: Options) -> dict[str, Any]:
         gptq_backend=opt.backend if shape.gptq else "auto",  # type: ignore[arg-type]
         max_batch=max_batch,
         context_length=shape.context,
+        prefill_chunk=opt.prefill_chunk,
     )
     t0 = time.perf_counter()
     loader = TransformersEngine(mcfg)
@@ -195,6 +218,7 @@ async def main_async(opt: Options) -> dict[str, Any]:
     assert core is not None
     core.set_products(loader.layer_products)
     res["cache_len"] = cache_len
+    res["prefill_chunk"] = opt.prefill_chunk
     t0 = time.perf_counter()
     pe, se = check_logits(engine, model, shape.vocab, 48)
     le = check_long_prefill(engine, model, shape.vocab, opt.ttft_tokens)
@@ -235,10 +259,13 @@ async def main_async(opt: Options) -> dict[str, Any]:
     # warm-up at the run's shapes (first-use kernel selection stays out of the numbers)
     await engine_run(engine, worker_prompt_ids(engine, worker_texts(1, words, shape.vocab), settings),
                      replace(settings, max_new_tokens=4))
+    burst: list[list[int]] = []  # the largest batch's prompts
     with tempfile.TemporaryDirectory() as db_dir:
         for n in opt.batches:
             texts = worker_texts(n, words, shape.vocab)
             prompts = worker_prompt_ids(engine, texts, settings)  # the same ids the worker sends
+            if n == max_batch:
+                burst = prompts
             res.setdefault("prompt_len", {})[n] = statistics.mean(len(p) for p in prompts)
             runs["engine"][n] = await engine_run(engine, prompts, settings)
             log(f"engine  n={n}: {runs['engine'][n]}")
@@ -248,6 +275,8 @@ async def main_async(opt: Options) -> dict[str, Any]:
                 log(f"worker n={n} failed: {exc!r}")
                 runs["worker"][n] = RunResult(n, 0, 0.0, 0.0, 0.0, 0.0, {"error": repr(exc)})
             log(f"worker  n={n}: {runs['worker'][n]}")
+    # chunked prefill: the same burst at each chunk, engine only, cold
+    variants = await chunk_variants(engine, burst, settings, opt.chunk_variants)
     await engine.close()
     # where a decode step's time goes: the quantized products alone, and the
     # step with the module's own RMSNorm instead of the fused one
@@ -298,6 +327,7 @@ async def main_async(opt: Options) -> dict[str, Any]:
         }
         for kind, by_n in runs.items()
     }
+    res["chunk_variants"] = {c: {**r.__dict__, "wall_tok_s": r.wall_tok_s} for c, r in variants.items()}
     res["options"] = {k: str(v) for k, v in opt.__dict__.items()}
     one = runs["engine"].get(1)
     res["single_ms_step"] = one.decode_ms_per_token if one else 0.0

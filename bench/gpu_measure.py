@@ -184,6 +184,8 @@ def _summarize(n: int, stats: list[StreamStats], wall: float) -> RunResult:
     ]
     rates = [1.0 / x for x in per_tok if x > 0]
     firsts = sorted(s.first_token_s for s in stats)
+    # each conversation's longest wait between two tokens (a stall behind prefills)
+    gaps = [s.max_gap_s for s in stats if s.new_tokens > 1]
     return RunResult(
         n=n,
         tokens=sum(s.new_tokens for s in stats),
@@ -191,7 +193,11 @@ def _summarize(n: int, stats: list[StreamStats], wall: float) -> RunResult:
         decode_ms_per_token=1e3 * statistics.mean(per_tok) if per_tok else 0.0,
         ttft_s=statistics.median([s.first_token_s for s in stats]) if stats else 0.0,
         decode_tok_s=sum(rates),
-        extra={"ttft_p90_s": firsts[min(len(firsts) - 1, int(0.9 * len(firsts)))] if firsts else 0.0},
+        extra={
+            "ttft_p90_s": firsts[min(len(firsts) - 1, int(0.9 * len(firsts)))] if firsts else 0.0,
+            "gap_p50_s": statistics.median(gaps) if gaps else 0.0,
+            "gap_max_s": max(gaps, default=0.0),
+        },
     )
 
 
@@ -201,12 +207,16 @@ def random_prompt(rng: torch.Generator, length: int, vocab: int) -> list[int]:
 
 
 async def engine_run(
-    engine: BatchedEngine, prompts: list[list[int]], settings: Settings, cold: bool = True
+    engine: BatchedEngine, prompts: list[list[int]], settings: Settings, cold: bool = True,
+    time_graph: bool = True,
 ) -> RunResult:
     """N conversations straight into the engine (text streams, detok included),
-    cold: no prefix of theirs is reused from earlier runs."""
-    if cold and engine.scheduler is not None:
-        engine.scheduler.prefix.clear()
+    cold: no prefix of theirs is reused from earlier runs. With ``time_graph``,
+    also one decode step's GPU time alone at this batch (``graph_step_ms``)."""
+    scheduler = engine.scheduler
+    if cold and scheduler is not None:
+        scheduler.prefix.clear()
+    chunks = scheduler.prefill_chunks if scheduler is not None else 0
 
     async def one(p: list[int]) -> None:
         async for _ in engine.stream(p, settings):
@@ -217,11 +227,34 @@ async def engine_run(
         await asyncio.gather(*(one(p) for p in prompts))
         wall = time.perf_counter() - t0
     res = _summarize(len(prompts), stats, wall)
+    if scheduler is not None:  # prompts' chunks with a decode step after them
+        res.extra["prefill_chunks"] = scheduler.prefill_chunks - chunks
     core = engine.core
-    if core is not None:  # the GPU time of one step alone, at this batch and context
+    if core is not None and time_graph:  # the GPU time of one step alone, at this batch and context
         ctx = len(prompts[0]) + settings.max_new_tokens // 2
         res.extra["graph_step_ms"] = 1e3 * await asyncio.to_thread(time_step, core, len(prompts), ctx)
     return res
+
+
+async def chunk_variants(
+    engine: BatchedEngine, prompts: list[list[int]], settings: Settings, chunks: list[int]
+) -> dict[str, RunResult]:
+    """The same burst (``prompts`` arriving together, cold) once per prefill
+    chunk in ``chunks``, set on the live scheduler (0: off, a chunk longer
+    than any prompt). Keyed by the chunk; the scheduler's own chunk is put back."""
+    scheduler = engine.scheduler
+    assert scheduler is not None
+    own = scheduler.prefill_chunk
+    out: dict[str, RunResult] = {}
+    try:
+        for chunk in chunks:
+            scheduler.prefill_chunk = chunk or scheduler.core.max_len
+            r = await engine_run(engine, prompts, settings, time_graph=False)
+            out[str(chunk)] = r
+            log(f"engine  n={len(prompts)}, prefill chunk {chunk or 'off'}: {r}")
+    finally:
+        scheduler.prefill_chunk = own
+    return out
 
 
 class _BenchSink:
@@ -309,14 +342,20 @@ class _TimingStreamer:
     def __init__(self) -> None:
         self.skipped = False
         self.first = 0.0
+        self.last = 0.0
+        self.max_gap = 0.0
         self.count = 0
 
     def put(self, value: Any) -> None:
         if not self.skipped:
             self.skipped = True
             return
+        now = time.perf_counter()
         if self.count == 0:
-            self.first = time.perf_counter()
+            self.first = now
+        else:
+            self.max_gap = max(self.max_gap, now - self.last)
+        self.last = now
         self.count += int(value.numel())
 
     def end(self) -> None:
@@ -342,7 +381,7 @@ def generate_run(
             torch.cuda.synchronize()
         end = time.perf_counter()
         # the time a conversation waits behind the earlier ones counts in its TTFT
-        stats.append(StreamStats(len(p), streamer.count, streamer.first - t0, end - t0))
+        stats.append(StreamStats(len(p), streamer.count, streamer.first - t0, end - t0, streamer.max_gap))
         del start
     wall = time.perf_counter() - t0
     n = len(prompts)

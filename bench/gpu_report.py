@@ -25,6 +25,37 @@ def _graph_ms(res: dict[str, Any], n: int) -> float:
     return float(run.get("extra", {}).get("graph_step_ms", 0.0))
 
 
+def _ttft(r: dict[str, Any]) -> str:
+    return f"{r['ttft_s'] * 1e3:.0f} ms (p90 {r['extra'].get('ttft_p90_s', 0.0) * 1e3:.0f})"
+
+
+def _gap(r: dict[str, Any]) -> str:
+    """Each conversation's longest wait between two tokens: median (max) over them."""
+    if "gap_p50_s" not in r["extra"]:
+        return "-"
+    return f"{r['extra']['gap_p50_s'] * 1e3:.0f} ms (max {r['extra']['gap_max_s'] * 1e3:.0f})"
+
+
+def _chunk_rows(res: dict[str, Any], opt: RunOptions) -> list[str]:
+    variants = res.get("chunk_variants") or {}
+    if not variants:
+        return []
+    lines = [
+        f"chunked prefill: {max(opt.batches)} prompts arriving together, engine only, cold, "
+        f"once per prefill chunk (the batch runs above: {res.get('prefill_chunk', '-')})",
+        "",
+        "| prefill chunk | wall s | ms/token each | TTFT median (p90) | longest gap median (max) | "
+        "chunks |",
+        "|---|---|---|---|---|---|",
+    ]
+    for chunk, r in variants.items():
+        lines.append(
+            f"| {chunk if chunk != '0' else 'off'} | {r['wall_s']:.2f} | {r['decode_ms_per_token']:.1f} | "
+            f"{_ttft(r)} | {_gap(r)} | {r['extra'].get('prefill_chunks', 0)} |"
+        )
+    return [*lines, ""]
+
+
 def table(res: dict[str, Any], opt: RunOptions) -> str:
     bw = res["copy_bandwidth_gbs"]
     s = res["shape"]
@@ -52,8 +83,8 @@ def table(res: dict[str, Any], opt: RunOptions) -> str:
         f"reused; the thread's first prompt: {res.get('ttft_thread_cold_s', 0.0) * 1e3:.0f} ms) |",
         "",
         "| conversations | path | wall tok/s | decode tok/s | ms/token each | TTFT median (p90) | "
-        "% of floor | worker/engine |",
-        "|---|---|---|---|---|---|---|---|",
+        "longest gap median (max) | % of floor | worker/engine |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     runs = res["runs"]
     for n in opt.batches:
@@ -75,10 +106,10 @@ def table(res: dict[str, Any], opt: RunOptions) -> str:
             pct = 100 * r["decode_tok_s"] / r["floor_tok_s"]
             lines.append(
                 f"| {n} | {label} | {r['wall_tok_s']:.1f} | {r['decode_tok_s']:.1f} | "
-                f"{r['decode_ms_per_token']:.1f} | {r['ttft_s'] * 1e3:.0f} ms "
-                f"(p90 {r['extra'].get('ttft_p90_s', 0.0) * 1e3:.0f}) | {pct:.0f}% | {ratio} |"
+                f"{r['decode_ms_per_token']:.1f} | {_ttft(r)} | {_gap(r)} | {pct:.0f}% | {ratio} |"
             )
     lines.append("")
+    lines += _chunk_rows(res, opt)
     d = res.get("diag", {})
     for n in sorted({min(opt.batches), max(opt.batches)}):
         if f"gemms_ms_{n}" in d:
@@ -91,7 +122,8 @@ def table(res: dict[str, Any], opt: RunOptions) -> str:
     lines.append(
         "floor: N x copy bandwidth / (weight bytes + N x context x KV bytes/token); "
         "decode tok/s: sum over conversations of (tokens-1)/(last-first token time); "
-        "wall tok/s: all new tokens / (first submission -> last token), prefill included"
+        "wall tok/s: all new tokens / (first submission -> last token), prefill included; "
+        "longest gap: each conversation's longest wait between two of its tokens after the first"
     )
     return "\n".join(lines)
 

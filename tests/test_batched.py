@@ -21,6 +21,7 @@ from bot.config import ModelConfig, Secrets
 from bot.engine import make_engine as engine_from_config
 from bot.engine.base import StreamStats
 from bot.engine.batched import BatchedEngine, DecodeCore, Sampler
+from bot.engine.batched.scheduler import Request
 from bot.errors import MODEL_FAILED, GenerationError
 from bot.store import Store
 from bot.types import ConversationKey, Incoming, Settings
@@ -123,8 +124,21 @@ async def test_more_streams_than_rows_wait_their_turn(tiny_model: Any, llama_tok
     # one call per reply; the engine itself keeps only the last (nothing grows per reply)
     assert sorted(s.prompt_tokens for s in finished) == sorted(len(p) for p in ps)
     assert [s.new_tokens for s in finished] == [6, 6, 6]
+    # each reply's longest wait between two of its tokens, within its decode time
+    assert all(0 < s.max_gap_s <= s.total_s - s.first_token_s for s in finished)
     assert engine.last_stats is finished[-1]
     assert not [k for k, v in vars(engine).items() if isinstance(v, (list, dict)) and len(v) >= len(ps)]
+
+
+async def test_a_reply_keeps_its_first_token_time_and_its_longest_wait_between_tokens() -> None:
+    req = Request([1, 5], greedy(5), asyncio.get_running_loop(), asyncio.Queue())
+    for now in (10.0, 10.5, 10.7, 11.6, 11.7):  # the times its tokens were emitted
+        req.token_at(now)
+    assert req.first_token_at == 10.0
+    assert req.max_gap_s == pytest.approx(0.9)  # 10.7 -> 11.6; the first token's wait is TTFT
+    one = Request([1], greedy(1), asyncio.get_running_loop(), asyncio.Queue())
+    one.token_at(3.0)
+    assert (one.first_token_at, one.max_gap_s) == (3.0, 0.0)
 
 
 async def test_closing_the_engine_fails_the_streams_still_waiting_for_a_row(

@@ -17,7 +17,7 @@ def test_bench_tiny_prints_the_table(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(
         [sys.executable, "-m", "bench.gpu", "--tiny", "--checkpoint", str(tmp_path / "ckpt"),
-         "--out", str(out)],
+         "--out", str(out), "--prefill-chunk", "16", "--chunk-variants", "16,0"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=280,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -39,3 +39,22 @@ def test_bench_tiny_prints_the_table(tmp_path: Path) -> None:
     res = json.loads(out.read_text())
     assert res["check_step_rel_err"] < 1e-3
     assert not any(r["extra"].get("errors") for r in res["runs"]["worker"].values())
+    # each conversation's longest wait between two tokens: median and max over them
+    for kind in ("engine", "worker", "generate"):
+        for r in res["runs"][kind].values():
+            assert 0 < r["extra"]["gap_p50_s"] <= r["extra"]["gap_max_s"] <= r["wall_s"], (kind, r)
+    assert res["prefill_chunk"] == 16
+    # the largest burst again, once per chunk (0: off), each a row of its own table
+    variants = res["chunk_variants"]
+    assert set(variants) == {"16", "0"}
+    for chunk, label in (("16", "16"), ("0", "off")):
+        v = variants[chunk]
+        assert v["n"] == 32 and v["tokens"] == 32 * 8
+        assert 0 < v["extra"]["gap_p50_s"] <= v["extra"]["gap_max_s"] <= v["wall_s"]
+        assert 0 < v["ttft_s"] <= v["extra"]["ttft_p90_s"] and v["decode_ms_per_token"] > 0
+        row = re.search(rf"^\| {label} \| ([\d.]+) \| ([\d.]+) \| (\d+) ms \(p90 (\d+)\) \| "
+                        rf"(\d+) ms \(max (\d+)\) \| (\d+) \|", text, re.M)
+        assert row, f"no chunk {label} row in:\n{text[-2000:]}"
+        assert int(row[5]) <= int(row[6]) and int(row[7]) == v["extra"]["prefill_chunks"]
+    # prompts longer than 16 tokens are chunked while others decode; off, never
+    assert variants["16"]["extra"]["prefill_chunks"] > 0 == variants["0"]["extra"]["prefill_chunks"]

@@ -18,6 +18,9 @@ class StreamStats:
     new_tokens: int = 0
     first_token_s: float = 0.0
     total_s: float = 0.0
+    # The longest wait between two consecutive tokens after the first (a
+    # stall, e.g. behind other prompts' prefill); 0 where not measured.
+    max_gap_s: float = 0.0
 
     @property
     def tokens_per_s(self) -> float:

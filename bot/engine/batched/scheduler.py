@@ -56,8 +56,19 @@ class Request:
     position: int = 0  # cache index the next token goes to
     last_token: int = 0
     first_token_at: float = 0.0
+    last_token_at: float = 0.0
+    max_gap_s: float = 0.0  # the longest wait between two consecutive tokens
     tokens: list[int] = field(default_factory=list)  # sampled so far
     reused: int = 0  # prompt tokens whose keys and values came from a parked row
+
+    def token_at(self, now: float) -> None:
+        """A token of this reply was emitted at ``now``: the first one's time,
+        or the wait since the previous one (the longest is kept)."""
+        if self.last_token_at:
+            self.max_gap_s = max(self.max_gap_s, now - self.last_token_at)
+        else:
+            self.first_token_at = now
+        self.last_token_at = now
 
 
 def _deliver(batch: list[tuple[Request, _Item]]) -> None:
@@ -226,7 +237,6 @@ class BatchScheduler:
             self._filling = None
             _post(req, _prefill_error(exc))
             return
-        req.first_token_at = time.perf_counter()
         req.position = n
         self._live.append(req)
         self._emit([(req, tok)])
@@ -268,7 +278,9 @@ class BatchScheduler:
         """Deliver one new token per request; retire finished rows."""
         out: dict[asyncio.AbstractEventLoop, list[tuple[Request, _Item]]] = {}
         done: list[Request] = []
+        now = time.perf_counter()
         for req, tok in pairs:
+            req.token_at(now)
             req.last_token = tok
             req.tokens.append(tok)
             req.generated += 1
@@ -297,6 +309,7 @@ class BatchScheduler:
                     new_tokens=req.generated,
                     first_token_s=req.first_token_at - req.submitted,
                     total_s=now - req.submitted,
+                    max_gap_s=req.max_gap_s,
                 )
             )
 
