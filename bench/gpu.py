@@ -229,7 +229,8 @@ async def main_async(opt: Options) -> dict[str, Any]:
     log(f"check vs transformers forward: prefill rel err {pe:.2e}, decode step {se:.2e}, "
         f"{opt.ttft_tokens}-token prefill {le:.2e}")
     ctxs = sorted(range(opt.prompt_tokens + 1, opt.prompt_tokens + opt.new_tokens + 48, 256))
-    core.warmup(sorted(set(opt.batches) | {1}), ctxs)
+    # every batch bucket a burst ramps through: captures stay out of the timings
+    core.warmup(core.batch_buckets(), ctxs)
     engine._description = loader.describe()
     res["load_check"] = engine.verify(loader.probe_logits)  # the engine's own start-up check
     log(f"load check (batched vs forward, probe prompt): {res['load_check']}")
