@@ -40,9 +40,11 @@ log = logging.getLogger(__name__)
 # Marlin fused 12.7 / 12.7 / 12.8 (bench/gpu_rowquant.py, docs/benchmarks.md).
 ROW_MAX_ROWS = 1
 # Prompts this long or longer are multiplied through dequantize + cuBLAS,
-# shorter ones through ``batch`` (the crossover measured for the torch
-# kernel's dequantize; the row dequantize is faster, so this is conservative).
-PROMPT_MIN_TOKENS = 512
+# shorter ones through ``batch``. H200, 8 layers, ms dequantize + cuBLAS /
+# fused Marlin: 128 tokens 10.6 / 6.9, 256: 12.0 / 12.0, 512: 17.1 / 22.5,
+# 1,000: 28.4 / 44.4, before the next layer's dequantize overlapped this
+# layer's products (bench/gpu_fidelity.py).
+PROMPT_MIN_TOKENS = 256
 # (product, the modules it fuses) for a Llama-style layer
 LAYOUT = (
     ("qkv", "self_attn", ("q_proj", "k_proj", "v_proj")),

@@ -37,7 +37,7 @@ MSG_NON_FINITE = "the model produced invalid numbers (NaN) and this reply was st
 
 # While other rows decode, longer prompts are prefilled this many tokens at a
 # time with a decode step between chunks ([model] prefill_chunk; issue 14).
-# 512 = products.PROMPT_MIN_TOKENS, so full chunks still go through dequantize + cuBLAS.
+# Full chunks (and tails of 256 or more: products.PROMPT_MIN_TOKENS) go through dequantize + cuBLAS.
 PREFILL_CHUNK = 512
 
 
