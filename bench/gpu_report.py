@@ -80,7 +80,9 @@ def table(res: dict[str, Any], opt: RunOptions) -> str:
         f"(generate(): {res['ttft_generate_s'] * 1e3:.0f} ms) |",
         f"| TTFT, follow-up of 20 tokens in a {opt.followup_tokens}-token thread | "
         f"{res.get('ttft_followup_s', 0.0) * 1e3:.0f} ms ({res.get('followup_reused_tokens', 0)} tokens "
-        f"reused; the thread's first prompt: {res.get('ttft_thread_cold_s', 0.0) * 1e3:.0f} ms) |",
+        f"reused; the thread's first prompt: {res.get('ttft_thread_cold_s', 0.0) * 1e3:.0f} ms; "
+        f"the first thread: {res.get('ttft_followup_first_s', 0.0) * 1e3:.0f} / "
+        f"{res.get('ttft_thread_cold_first_s', 0.0) * 1e3:.0f} ms) |",
         "",
         "| conversations | path | wall tok/s | decode tok/s | ms/token each | TTFT median (p90) | "
         "longest gap median (max) | % of floor | worker/engine |",
