@@ -27,8 +27,11 @@ prompts, where cuBLAS does the product (compute-bound: the bytes do not matter).
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,13 +149,25 @@ def reference(rq: RowQuant, dtype: torch.dtype | None = None) -> torch.Tensor:
 
 
 def _kernels() -> Any:
+    """The compiled kernels: built once per source and torch version into
+    ``$XWIN_KERNEL_DIR`` (default ``~/.cache/xwin-bot/kernels``), then
+    imported from there without a build step (a stamp names what was built)."""
     global _ext
     if _ext is None:
-        from torch.utils.cpp_extension import load
-
         build = Path(os.environ.get("XWIN_KERNEL_DIR") or Path.home() / ".cache" / "xwin-bot" / "kernels")
         build = build / "rowquant"
         build.mkdir(parents=True, exist_ok=True)
+        stamp = f"{hashlib.sha256(_SOURCE.read_bytes()).hexdigest()} torch {torch.__version__}"
+        library = build / "xwin_rowquant.so"
+        if library.exists() and (build / "stamp").exists() and (build / "stamp").read_text() == stamp:
+            spec = importlib.util.spec_from_file_location("xwin_rowquant", library)
+            assert spec is not None and spec.loader is not None
+            _ext = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(_ext)
+            return _ext
+        from torch.utils.cpp_extension import load
+
+        t0 = time.perf_counter()
         _ext = load(
             name="xwin_rowquant",
             sources=[str(_SOURCE)],
@@ -160,6 +175,8 @@ def _kernels() -> Any:
             extra_cuda_cflags=["-O3"],
             verbose=False,
         )
+        (build / "stamp").write_text(stamp)
+        log.info("built the row-layout 4-bit kernels in %.0f s (%s)", time.perf_counter() - t0, build)
     return _ext
 
 
