@@ -113,11 +113,14 @@ class PromptWeights:
     overlap. :meth:`layer` returns layer ``li``'s four dense matrices and
     starts layer ``li + 1``'s on the side stream; the caching allocator keeps
     each matrix until the main stream's products that read it are done
-    (``record_stream``). On a CPU it dequantizes in line."""
+    (``record_stream``). On a CPU (``side`` None) it dequantizes in line.
+    ``side`` must be one stream kept for the process: the caching allocator
+    keeps freed blocks per stream, so a new stream per prompt would hoard
+    gigabytes each time."""
 
-    def __init__(self, layers: Sequence[LayerProducts], device: torch.device) -> None:
+    def __init__(self, layers: Sequence[LayerProducts], side: Any) -> None:
         self.layers = layers
-        self.side = torch.cuda.Stream(device) if device.type == "cuda" else None  # type: ignore[no-untyped-call]
+        self.side = side
         self._ahead: dict[int, tuple[dict[str, torch.Tensor], Any]] = {}
 
     def _start(self, li: int) -> None:

@@ -131,6 +131,8 @@ class DecodeCore:
         self.row_max_rows = ROW_MAX_ROWS  # decode steps this small use the row kernel
         self.prompt_min_tokens = PROMPT_MIN_TOKENS  # prompts this long: dequantize + cuBLAS
         self._dense: dict[str, torch.Tensor] = {}  # the layer's dequantized weights, in a long prefill
+        # the stream that dequantizes the next layer's weights (one for good: see PromptWeights)
+        self._side: Any = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None  # type: ignore[no-untyped-call]
 
     def set_products(self, products: Sequence[LayerProducts] | None) -> None:
         """Decode and prefill through these fused products (one per layer)."""
@@ -303,7 +305,7 @@ class DecodeCore:
             mask = self.ctx_range[:n][None, :] <= (start + self.ctx_range[:m])[:, None]
         use_row = m >= self.prompt_min_tokens  # dequantize + cuBLAS, where products have a row packing
         # the dense weights of the next layer are made while this one multiplies
-        ahead = PromptWeights(self.products, self.device) if use_row and self.products else None
+        ahead = PromptWeights(self.products, self._side) if use_row and self.products else None
         gqa = nkv != self.n_heads
         try:
             for li, layer in enumerate(self.layers):
