@@ -94,6 +94,7 @@ class Options:
     baseline_max: int
     out: Path | None
     no_compile: bool
+    no_peers: bool = False
     group: int = 0
     followup_tokens: int = 0
     prefill_chunk: int = ModelConfig.prefill_chunk  # [model] prefill_chunk of the engine
@@ -117,6 +118,8 @@ def parse(argv: list[str] | None) -> Options:
     ap.add_argument("--baseline-tokens", type=int, default=0)
     ap.add_argument("--baseline-max", type=int, default=0, help="sequential generate() runs at most")
     ap.add_argument("--no-compile", action="store_true", help="decode without the torch.compile'd glue")
+    ap.add_argument("--no-peers", action="store_true",
+                    help="skip transformers' generate_batch (the slowest baseline; generate() stays)")
     ap.add_argument("--out", type=Path, default=None, help="write results.json here")
     ap.add_argument("--prefill-chunk", type=int, default=ModelConfig.prefill_chunk,
                     help="[model] prefill_chunk for the engine (default: the config's, %(default)s)")
@@ -153,6 +156,7 @@ def parse(argv: list[str] | None) -> Options:
         baseline_max=a.baseline_max or (32 if tiny else 8),
         out=a.out,
         no_compile=bool(a.no_compile),
+        no_peers=bool(a.no_peers),
         group=a.group,
         followup_tokens=100 if tiny else a.followup_tokens,
         prefill_chunk=a.prefill_chunk,
@@ -295,7 +299,7 @@ async def main_async(opt: Options) -> dict[str, Any]:
         log(f"generate n={n}: {runs['generate'][n]}")
     # transformers' own continuous batching, same checkpoint, same prompt lengths
     # (at the largest batch only: eager, it is slow; ~20 s a call on the CPU)
-    for i, n in enumerate([] if opt.tiny else [0, max(opt.batches)]):
+    for i, n in enumerate([] if opt.tiny or opt.no_peers else [0, max(opt.batches)]):
         prompts = [random_prompt(rng, opt.prompt_tokens, shape.vocab) for _ in range(max(n, 1))]
         try:
             r = generate_batch_run(model, prompts, opt.baseline_tokens * 4 if n else 4)

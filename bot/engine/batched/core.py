@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bot.engine.products import PROMPT_MIN_TOKENS, ROW_MAX_ROWS, LayerProducts, PromptWeights
+from bot.engine.products import PROMPT_MIN_TOKENS, ROW_MAX_ROWS, LayerProducts
 from bot.errors import GenerationError
 
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
@@ -304,13 +304,9 @@ class DecodeCore:
         if start:  # new token i sees cache positions 0..start+i
             mask = self.ctx_range[:n][None, :] <= (start + self.ctx_range[:m])[:, None]
         use_row = m >= self.prompt_min_tokens  # dequantize + cuBLAS, where products have a row packing
-        # the dense weights of the next layer are made while this one multiplies
-        ahead = PromptWeights(self.products, self._side) if use_row and self.products else None
         gqa = nkv != self.n_heads
         try:
             for li, layer in enumerate(self.layers):
-                if ahead is not None:
-                    self._dense = ahead.layer(li)
                 attn = layer.self_attn
                 h = layer.input_layernorm(x)
                 q, k, v = self._qkv(li, attn, h, use_row)
