@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -236,6 +236,54 @@ async def engine_run(
     return res
 
 
+@contextmanager
+def traced(core: DecodeCore) -> Iterator[list[tuple[str, int, float]]]:
+    """Every prefill and decode step the core runs inside the block, as
+    (kind, tokens, seconds), each timed between two synchronizations (so
+    the GPU time of that call alone; the syncs cost a little)."""
+    spans: list[tuple[str, int, float]] = []
+    prefill, step = core.prefill, core.step
+
+    def sync() -> None:
+        if core.device.type == "cuda":
+            torch.cuda.synchronize(core.device)
+
+    def timed_prefill(row: int, ids: Sequence[int], start: int = 0) -> torch.Tensor:
+        sync()
+        t0 = time.perf_counter()
+        out = prefill(row, ids, start)
+        sync()
+        spans.append(("prefill", len(ids) - start, time.perf_counter() - t0))
+        return out
+
+    def timed_step(tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+        sync()
+        t0 = time.perf_counter()
+        out = step(tokens, positions)
+        sync()
+        spans.append(("step", len(tokens), time.perf_counter() - t0))
+        return out
+
+    core.prefill, core.step = timed_prefill, timed_step  # type: ignore[method-assign]
+    try:
+        yield spans
+    finally:
+        del core.prefill, core.step  # the class's methods again
+
+
+def where_time_went(spans: list[tuple[str, int, float]], wall: float) -> dict[str, float]:
+    """The scheduler's time in prefills and steps, and what is left of the wall time."""
+    pre = [s for s in spans if s[0] == "prefill"]
+    steps = [s for s in spans if s[0] == "step"]
+    pre_s = sum(s[2] for s in pre)
+    step_s = sum(s[2] for s in steps)
+    tokens = sum(s[1] for s in pre)
+    return {
+        "prefill_s": pre_s, "prefills": len(pre), "prefill_ms_per_1k_tokens": 1e6 * pre_s / tokens if tokens else 0.0,
+        "step_s": step_s, "steps": len(steps), "other_s": wall - pre_s - step_s,
+    }
+
+
 async def chunk_variants(
     engine: BatchedEngine, prompts: list[list[int]], settings: Settings, chunks: list[int]
 ) -> dict[str, RunResult]:
@@ -249,7 +297,9 @@ async def chunk_variants(
     try:
         for chunk in chunks:
             scheduler.prefill_chunk = chunk or scheduler.core.max_len
-            r = await engine_run(engine, prompts, settings, time_graph=False)
+            with traced(scheduler.core) as spans:
+                r = await engine_run(engine, prompts, settings, time_graph=False)
+            r.extra["where"] = where_time_went(spans, r.wall_s)
             out[str(chunk)] = r
             log(f"engine  n={len(prompts)}, prefill chunk {chunk or 'off'}: {r}")
     finally:

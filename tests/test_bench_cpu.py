@@ -56,5 +56,8 @@ def test_bench_tiny_prints_the_table(tmp_path: Path) -> None:
                         rf"(\d+) ms \(max (\d+)\) \| (\d+) \|", text, re.M)
         assert row, f"no chunk {label} row in:\n{text[-2000:]}"
         assert int(row[5]) <= int(row[6]) and int(row[7]) == v["extra"]["prefill_chunks"]
+        where = v["extra"]["where"]  # the scheduler's time: every prompt prefilled, steps run
+        assert where["prefills"] >= 32 and where["steps"] >= 7
+        assert 0 < where["prefill_s"] + where["step_s"] <= v["wall_s"]
     # prompts longer than 16 tokens are chunked while others decode; off, never
     assert variants["16"]["extra"]["prefill_chunks"] > 0 == variants["0"]["extra"]["prefill_chunks"]
