@@ -237,6 +237,7 @@ async def main_async(opt: Options) -> dict[str, Any]:
     core.warmup(core.batch_buckets(), ctxs)
     engine._description = loader.describe()
     res["load_check"] = engine.verify(loader.probe_logits)  # the engine's own start-up check
+    engine.warm_prompts()  # as the engine's start does
     log(f"load check (batched vs forward, probe prompt): {res['load_check']}")
     res["capture_s"] = time.perf_counter() - t0
     log(f"graphs captured in {core.capture_s:.1f} s (compiled glue: {core.glue is not None})")

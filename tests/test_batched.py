@@ -278,3 +278,31 @@ def test_decode_core_step_matches_forward(tiny_model: Any) -> None:
         step = core.step([7, 9], [len(p), 2])[0]
         ref = tiny_model(torch.tensor([[*p, 7]])).logits[0, -1]
     assert float((step - ref).norm() / ref.norm()) < 1e-4
+
+
+async def test_warm_prompts_leave_no_trace(tiny_model: Any, llama_tok: Any) -> None:
+    """The start-up warm-up of prompt shapes runs prefills (a chunked one
+    too) in the last row and zeroes it: replies afterwards are unchanged."""
+    engine = make_engine(tiny_model, llama_tok)
+    core, scheduler = engine.core, engine.scheduler
+    assert core is not None and scheduler is not None
+    scheduler.prefill_chunk = 16
+    calls: list[tuple[int, int]] = []
+    prefill = core.prefill
+
+    def spy(row: int, ids: Any, start: int = 0) -> torch.Tensor:
+        calls.append((len(ids), start))
+        return prefill(row, ids, start)
+
+    core.prefill = spy  # type: ignore[method-assign]
+    engine.warm_prompts()
+    del core.prefill
+    # (prompt length, start): prompts over the chunk run as a first chunk and the rest
+    assert calls == [(16, 0), (64, 16), (8, 0), (16, 0), (16, 0), (39, 16)]
+    assert not bool(core.k_cache[:, -1].any()) and not bool(core.v_cache[:, -1].any())
+    await engine.start()
+    try:
+        p = prompts()[1]
+        assert await collect(engine.stream_ids(p, greedy(6))) == reference(tiny_model, p, 6)
+    finally:
+        await engine.close()

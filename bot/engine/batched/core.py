@@ -391,6 +391,26 @@ class DecodeCore:
                 for c in contexts:
                     self._graph(*self.buckets(n, c - 1))
 
+    def warm_prompts(self, lengths: Sequence[int], chunk: int) -> int:
+        """Prefill a dummy prompt of each length (and, past ``chunk``, its
+        second chunk as chunked prefill runs it) in the last row, then clear
+        the row: the products' kernels for prompt shapes load and are picked
+        on first use, which cost the first burst after a start ~1.5 s of
+        stalls on the GPU (docs/gpu-notes.md item 20). The prompts run."""
+        row, done = self.max_batch - 1, 0
+        for n in lengths:
+            if not 0 < n < self.scratch:
+                continue
+            ids = [1] * n
+            if n > chunk:
+                self.prefill(row, ids[:chunk])
+                self.prefill(row, ids, start=chunk)
+            else:
+                self.prefill(row, ids)
+            done += 1
+        self.clear(row)
+        return done
+
     @torch.no_grad()
     def clear(self, row: int) -> None:
         """Zero a row's cache: attention multiplies masked positions by 0,

@@ -88,6 +88,13 @@ class BatchedEngine:
         # compile the glue and capture the one-conversation graph before the first reply
         self.core.warmup([1], [min(256, self.core.scratch - 1)])
         self.verify(loader.probe_logits)
+        self.warm_prompts()
+
+    def warm_prompts(self) -> None:
+        """Run prompt shapes once before the first reply (short, long, chunked)."""
+        assert self.core is not None and self.scheduler is not None
+        chunk = self.scheduler.prefill_chunk
+        self.core.warm_prompts([64, chunk // 2, chunk, 2 * chunk + 7], chunk)
 
     def verify(self, reference: Any = None) -> tuple[float, float]:
         """The load check of the batched path (bot/engine/fidelity.py): its
