@@ -154,13 +154,3 @@ def test_the_load_check_catches_a_wrong_batch_kernel(channelwise_checkpoint: Pat
     with pytest.raises(ConfigError, match="decodes wrongly on the batched path"):
         engine.verify()
 
-
-def test_prompt_weights_run_one_layer_ahead(channelwise_checkpoint: Path) -> None:  # noqa: F811
-    _, _, built = fused(channelwise_checkpoint)
-    ahead = products.PromptWeights(built, None)
-    dense = ahead.layer(0)
-    assert set(dense) == set(products.NAMES)
-    assert list(ahead._ahead) == [1]  # layer 1's weights are made while layer 0 multiplies
-    assert torch.equal(dense["gate_up"], rowquant.reference(built[0].gate_up.row))
-    assert torch.equal(ahead.layer(1)["down"], rowquant.reference(built[1].down.row))
-    assert not ahead._ahead

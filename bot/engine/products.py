@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from bot.engine import rowquant
 from bot.engine.rowquant import RowQuant
@@ -42,8 +41,7 @@ ROW_MAX_ROWS = 1
 # Prompts this long or longer are multiplied through dequantize + cuBLAS,
 # shorter ones through ``batch``. H200, 8 layers, ms dequantize + cuBLAS /
 # fused Marlin: 128 tokens 10.6 / 6.9, 256: 12.0 / 12.0, 512: 17.1 / 22.5,
-# 1,000: 28.4 / 44.4, before the next layer's dequantize overlapped this
-# layer's products (bench/gpu_fidelity.py).
+# 1,000: 28.4 / 44.4 (bench/gpu_fidelity.py).
 PROMPT_MIN_TOKENS = 256
 # (product, the modules it fuses) for a Llama-style layer
 LAYOUT = (
@@ -77,19 +75,11 @@ class Product:
     row: RowQuant
     batch: Callable[[torch.Tensor], torch.Tensor] | None  # None: the row packing for everything
 
-    def __call__(
-        self, x: torch.Tensor, use_row: bool, dense: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, ...]:
+    def __call__(self, x: torch.Tensor, use_row: bool) -> tuple[torch.Tensor, ...]:
         """The outputs through the row packing (``use_row``, or when there is
         no batch module) or the batch module; the caller picks by shape
-        (:data:`ROW_MAX_ROWS`, :data:`PROMPT_MIN_TOKENS`). ``dense``: the
-        weights already dequantized (:class:`PromptWeights`)."""
-        if dense is not None:
-            out = F.linear(x, dense.to(x.dtype))
-        elif use_row or self.batch is None:
-            out = rowquant.linear(self.row, x)
-        else:
-            out = self.batch(x)
+        (:data:`ROW_MAX_ROWS`, :data:`PROMPT_MIN_TOKENS`)."""
+        out = rowquant.linear(self.row, x) if use_row or self.batch is None else self.batch(x)
         return torch.split(out, list(self.row.splits), dim=-1)
 
 
@@ -99,53 +89,6 @@ class LayerProducts:
     o: Product
     gate_up: Product
     down: Product
-
-
-NAMES = tuple(name for name, _, _ in LAYOUT)
-
-
-class PromptWeights:
-    """One prompt's weights, dequantized a layer ahead on a side stream.
-
-    A long prompt multiplies through dequantize + cuBLAS: per 70B layer the
-    dequantize reads 0.4 GB and writes 1.7 GB (memory-bound) and the
-    products on 1,000 tokens take 1.7 TFLOP (compute-bound), so the two can
-    overlap. :meth:`layer` returns layer ``li``'s four dense matrices and
-    starts layer ``li + 1``'s on the side stream; the caching allocator keeps
-    each matrix until the main stream's products that read it are done
-    (``record_stream``). On a CPU (``side`` None) it dequantizes in line.
-    ``side`` must be one stream kept for the process: the caching allocator
-    keeps freed blocks per stream, so a new stream per prompt would hoard
-    gigabytes each time."""
-
-    def __init__(self, layers: Sequence[LayerProducts], side: Any) -> None:
-        self.layers = layers
-        self.side = side
-        self._ahead: dict[int, tuple[dict[str, torch.Tensor], Any]] = {}
-
-    def _start(self, li: int) -> None:
-        if li >= len(self.layers) or li in self._ahead:
-            return
-        products = self.layers[li]
-        if self.side is None:
-            self._ahead[li] = ({n: rowquant.dequantize(getattr(products, n).row) for n in NAMES}, None)
-            return
-        with torch.cuda.stream(self.side):
-            dense = {n: rowquant.dequantize(getattr(products, n).row) for n in NAMES}
-            done = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            done.record(self.side)
-        self._ahead[li] = (dense, done)
-
-    def layer(self, li: int) -> dict[str, torch.Tensor]:
-        self._start(li)
-        self._start(li + 1)
-        dense, done = self._ahead.pop(li)
-        if done is not None:
-            main = torch.cuda.current_stream()
-            main.wait_event(done)
-            for tensor in dense.values():
-                tensor.record_stream(main)
-        return dense
 
 
 def can_fuse(model: Any) -> bool:

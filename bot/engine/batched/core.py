@@ -130,9 +130,6 @@ class DecodeCore:
         self.products: list[LayerProducts] | None = None
         self.row_max_rows = ROW_MAX_ROWS  # decode steps this small use the row kernel
         self.prompt_min_tokens = PROMPT_MIN_TOKENS  # prompts this long: dequantize + cuBLAS
-        self._dense: dict[str, torch.Tensor] = {}  # the layer's dequantized weights, in a long prefill
-        # the stream that dequantizes the next layer's weights (one for good: see PromptWeights)
-        self._side: Any = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None  # type: ignore[no-untyped-call]
 
     def set_products(self, products: Sequence[LayerProducts] | None) -> None:
         """Decode and prefill through these fused products (one per layer)."""
@@ -216,24 +213,24 @@ class DecodeCore:
     def _qkv(self, li: int, attn: Any, h: torch.Tensor, row: bool) -> tuple[torch.Tensor, ...]:
         if self.products is None:
             return attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-        return self.products[li].qkv(h, row, self._dense.get("qkv"))
+        return self.products[li].qkv(h, row)
 
     def _o(self, li: int, attn: Any, o: torch.Tensor, row: bool) -> torch.Tensor:
         if self.products is None:
             out: torch.Tensor = attn.o_proj(o)
             return out
-        return self.products[li].o(o, row, self._dense.get("o"))[0]
+        return self.products[li].o(o, row)[0]
 
     def _gate_up(self, li: int, mlp: Any, h: torch.Tensor, row: bool) -> tuple[torch.Tensor, ...]:
         if self.products is None:
             return mlp.gate_proj(h), mlp.up_proj(h)
-        return self.products[li].gate_up(h, row, self._dense.get("gate_up"))
+        return self.products[li].gate_up(h, row)
 
     def _down(self, li: int, mlp: Any, a: torch.Tensor, row: bool) -> torch.Tensor:
         if self.products is None:
             out: torch.Tensor = mlp.down_proj(a)
             return out
-        return self.products[li].down(a, row, self._dense.get("down"))[0]
+        return self.products[li].down(a, row)[0]
 
     def _mlp(self, li: int, mlp: Any, h: torch.Tensor, row: bool) -> torch.Tensor:
         if self.products is None:
@@ -305,26 +302,23 @@ class DecodeCore:
             mask = self.ctx_range[:n][None, :] <= (start + self.ctx_range[:m])[:, None]
         use_row = m >= self.prompt_min_tokens  # dequantize + cuBLAS, where products have a row packing
         gqa = nkv != self.n_heads
-        try:
-            for li, layer in enumerate(self.layers):
-                attn = layer.self_attn
-                h = layer.input_layernorm(x)
-                q, k, v = self._qkv(li, attn, h, use_row)
-                q = self._rope(q.view(1, m, self.n_heads, hd).transpose(1, 2), cos, sin)
-                k = self._rope(k.view(1, m, nkv, hd).transpose(1, 2), cos, sin)
-                v = v.view(1, m, nkv, hd).transpose(1, 2)
-                self.k_cache[li, row, :, start:n] = k[0]
-                self.v_cache[li, row, :, start:n] = v[0]
-                if mask is None:
-                    o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-                else:
-                    kc = self.k_cache[li, row, :, :n][None]
-                    vc = self.v_cache[li, row, :, :n][None]
-                    o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=gqa)
-                x = x + self._o(li, attn, o.transpose(1, 2).reshape(1, m, self.n_heads * hd), use_row)
-                x = x + self._mlp(li, layer.mlp, layer.post_attention_layernorm(x), use_row)
-        finally:
-            self._dense = {}
+        for li, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q, k, v = self._qkv(li, attn, h, use_row)
+            q = self._rope(q.view(1, m, self.n_heads, hd).transpose(1, 2), cos, sin)
+            k = self._rope(k.view(1, m, nkv, hd).transpose(1, 2), cos, sin)
+            v = v.view(1, m, nkv, hd).transpose(1, 2)
+            self.k_cache[li, row, :, start:n] = k[0]
+            self.v_cache[li, row, :, start:n] = v[0]
+            if mask is None:
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            else:
+                kc = self.k_cache[li, row, :, :n][None]
+                vc = self.v_cache[li, row, :, :n][None]
+                o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=gqa)
+            x = x + self._o(li, attn, o.transpose(1, 2).reshape(1, m, self.n_heads * hd), use_row)
+            x = x + self._mlp(li, layer.mlp, layer.post_attention_layernorm(x), use_row)
         out: torch.Tensor = self.lm_head(self.norm(x[:, -1]))[0]
         return out
 
