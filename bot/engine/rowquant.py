@@ -199,7 +199,10 @@ def _on_kernels(rq: RowQuant) -> bool:
 def gemv(rq: RowQuant, x: torch.Tensor) -> torch.Tensor:
     """``x [m, in] @ W.T`` for ``m <= MAX_ROWS`` (the CUDA kernel on a GPU)."""
     if _on_kernels(rq) and x.dtype == torch.float16:
-        out: torch.Tensor = _kernels().gemv(x.contiguous(), rq.w, rq.scale, rq.zero, ROWS_PER_WARP)
+        x = x.contiguous()
+        if x.data_ptr() % 16:  # the kernel reads x 16 bytes at a time
+            x = x.clone()
+        out: torch.Tensor = _kernels().gemv(x, rq.w, rq.scale, rq.zero, ROWS_PER_WARP)
         return out
     return F.linear(x, reference(rq, rq.scale.dtype).to(x.dtype))
 
