@@ -60,6 +60,11 @@ class ModelConfig:
     # conversation's text can enter a reply; but a reused prefix makes the first
     # token come sooner, which someone timing replies could notice (docs/privacy.md).
     prefix_cache: bool = True
+    # Group size -1 GPTQ on a GPU (the reference checkpoint) with gptq_backend
+    # = "marlin": fused products with the project's row-layout kernel for one
+    # reply's steps and long prompts (bot/engine/products.py). false: Marlin
+    # alone, every module regrouped (slower at one reply; an escape hatch).
+    row_kernel: bool = True
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ def test_the_shipped_config_is_the_real_deployment() -> None:
     config = load_config(ROOT / "config.toml")
     assert config.model.id == "TheBloke/Xwin-LM-70B-V0.1-GPTQ"
     assert config.model.prompt_format == "xwin" and config.model.context_length == 4096
+    assert config.model.gptq_backend == "marlin" and config.model.row_kernel  # issue 14's fast path
     g = config.generation
     # The seed article's sampling settings.
     assert (g.temperature, g.top_p, g.repetition_penalty) == (0.1, 0.95, 1.1)
@@ -61,6 +62,7 @@ def test_embedded_sampling_defaults_replace_only_the_seeds_values(tmp_path: Path
         ("[model]\nprompt_format = 'alpaca'\n", r"\[model\] prompt_format: must be one of 'xwin', 'chat_template'"),
         ("[bot]\nmax_queue = 0\n", r"\[bot\] max_queue: must be 1 or more"),
         ("[discord]\nenabled = 'yes'\n", r"\[discord\] enabled: must be true or false"),
+        ("[model]\nrow_kernel = 'off'\n", r"\[model\] row_kernel: must be true or false"),
         ("[slack]\nadmin_users = 'U1'\n", r"\[slack\] admin_users: must be a list of strings"),
         ("[model]\nengine = 'openai'\n", r"\[model\] base_url: required"),
         ("[slack]\nsuggested_prompts = ['a', 'b', 'c', 'd', 'e']\n", r"\[slack\] suggested_prompts: at most 4"),

@@ -151,6 +151,8 @@ def test_the_load_check_catches_a_wrong_batch_kernel(channelwise_checkpoint: Pat
     good = built[0].o.batch
     assert good is not None
     built[0].o.batch = lambda x: -good(x)
-    with pytest.raises(ConfigError, match="decodes wrongly on the batched path"):
+    engine._description = {"gptq kernel": "row kernel (channelwise 4-bit) + MarlinLinear fused"}
+    with pytest.raises(ConfigError, match="decodes wrongly on the batched path") as err:
         engine.verify()
+    assert "set [model] row_kernel = false (Marlin alone)" in str(err.value)  # the nearer fallback
 

@@ -44,6 +44,11 @@ def unusable(model_id: str, kernel: str, backend: str, problem: str) -> ConfigEr
             "(\"float16\" or \"bfloat16\" on a GPU)"
         )
     alternative = "torch" if backend == "marlin" else "marlin"
+    if "row kernel" in kernel:  # fused products: Marlin alone is the nearer fallback
+        return ConfigError(
+            f"model {model_id} {problem} with the GPTQ kernels {kernel}: set [model] "
+            f"row_kernel = false (Marlin alone) or gptq_backend = \"{alternative}\" instead"
+        )
     return ConfigError(
         f"model {model_id} {problem} with the GPTQ kernel {kernel or backend} "
         f"([model] gptq_backend = \"{backend}\"): set gptq_backend = \"{alternative}\" instead"

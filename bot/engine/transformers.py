@@ -176,7 +176,7 @@ class TransformersEngine:
         from bot.engine import products, rowquant
         from bot.engine.gptq_regroup import REGROUP_SIZE, fused_marlin, marlin_class, regroup_model
 
-        if products.can_fuse(model) and rowquant.available(model.device):
+        if self.config.row_kernel and products.can_fuse(model) and rowquant.available(model.device):
             self.layer_products = products.build(model, fused_marlin if self.fuse_for_batches else None)
             self._kernel_override = (
                 "row kernel (channelwise 4-bit: one row, prompts of "
