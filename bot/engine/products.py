@@ -115,7 +115,7 @@ def build(model: Any, batch_module: Callable[[Sequence[Any]], Any] | None) -> li
     :class:`LayerProducts`, and replace the model's modules by views of the
     row packing; the original modules are released layer by layer.
     ``batch_module`` builds the ``batch`` module of a product from the
-    modules it fuses (Marlin, regrouped: ``gptq_regroup.fused_module``)."""
+    modules it fuses (Marlin, regrouped: ``gptq_regroup.fused_marlin``)."""
     out = []
     for layer in model.model.layers:
         made: dict[str, Product] = {}
