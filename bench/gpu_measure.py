@@ -109,10 +109,10 @@ def time_gemms(core: DecodeCore, n: int, reps: int = 10) -> float:
     row = n <= core.row_max_rows
 
     def body() -> None:
-        for li, layer in enumerate(core.layers):
-            at, mlp = layer.self_attn, layer.mlp
-            core._qkv(li, at, x, row), core._o(li, at, x, row)
-            core._gate_up(li, mlp, x, row), core._down(li, mlp, a, row)
+        for li in range(len(core.layers)):
+            for name in ("qkv", "o", "gate_up"):
+                core._proj(li, name, x, row)
+            core._proj(li, "down", a, row)
 
     with torch.no_grad():
         body()

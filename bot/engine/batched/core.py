@@ -19,9 +19,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bot.engine.products import PROMPT_MIN_TOKENS, ROW_MAX_ROWS, LayerProducts
+from bot.engine.products import LAYOUT, PROMPT_MIN_TOKENS, ROW_MAX_ROWS, LayerProducts
 from bot.errors import GenerationError
 
+_MODULES = {name: (parent, attrs) for name, parent, attrs in LAYOUT}  # product -> the model's modules
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 _CTX_BUCKETS = tuple(range(256, 32768 + 1, 256))  # attention reads at most 255 extra positions
 
@@ -190,9 +191,8 @@ class DecodeCore:
             return self._decode_body_glued(bb, ctx, x, cos, sin, bias, rows, pos)
         use_row = bb <= self.row_max_rows
         for li, layer in enumerate(self.layers):
-            attn = layer.self_attn
             h = self._norm(layer.input_layernorm, x)
-            q, k, v = self._qkv(li, attn, h, use_row)
+            q, k, v = self._proj(li, "qkv", h, use_row)
             q = self._rope(q.view(bb, self.n_heads, hd), cos, sin)
             k = self._rope(k.view(bb, nkv, hd), cos, sin)
             v = v.view(bb, nkv, hd)
@@ -203,41 +203,26 @@ class DecodeCore:
             s = torch.matmul(qg, kc[:bb, :, :ctx].transpose(-1, -2)).float() * self.scale + bias
             p = torch.softmax(s, dim=-1).to(self.dtype)
             o = torch.matmul(p, vc[:bb, :, :ctx]).reshape(bb, self.n_heads * hd)
-            x = x + self._o(li, attn, o, use_row)
+            x = x + self._proj(li, "o", o, use_row)[0]
             x = x + self._mlp(li, layer.mlp, self._norm(layer.post_attention_layernorm, x), use_row)
         out: torch.Tensor = self.lm_head(self._norm(self.norm, x))
         return out
 
     # -- the quantized products: fused (self.products) or the model's modules --
 
-    def _qkv(self, li: int, attn: Any, h: torch.Tensor, row: bool) -> tuple[torch.Tensor, ...]:
-        if self.products is None:
-            return attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-        return self.products[li].qkv(h, row)
-
-    def _o(self, li: int, attn: Any, o: torch.Tensor, row: bool) -> torch.Tensor:
-        if self.products is None:
-            out: torch.Tensor = attn.o_proj(o)
-            return out
-        return self.products[li].o(o, row)[0]
-
-    def _gate_up(self, li: int, mlp: Any, h: torch.Tensor, row: bool) -> tuple[torch.Tensor, ...]:
-        if self.products is None:
-            return mlp.gate_proj(h), mlp.up_proj(h)
-        return self.products[li].gate_up(h, row)
-
-    def _down(self, li: int, mlp: Any, a: torch.Tensor, row: bool) -> torch.Tensor:
-        if self.products is None:
-            out: torch.Tensor = mlp.down_proj(a)
-            return out
-        return self.products[li].down(a, row)[0]
+    def _proj(self, li: int, name: str, x: torch.Tensor, row: bool) -> tuple[torch.Tensor, ...]:
+        """Layer ``li``'s product ``name`` (``products.LAYOUT``: qkv, o,
+        gate_up, down), one output per module it covers: the fused product
+        (the row packing where ``row``), or else the model's own modules."""
+        if self.products is not None:
+            return getattr(self.products[li], name)(x, row)  # type: ignore[no-any-return]
+        parent, attrs = _MODULES[name]
+        owner = getattr(self.layers[li], parent)
+        return tuple(getattr(owner, attr)(x) for attr in attrs)
 
     def _mlp(self, li: int, mlp: Any, h: torch.Tensor, row: bool) -> torch.Tensor:
-        if self.products is None:
-            out: torch.Tensor = mlp(h)
-            return out
-        gate, up = self._gate_up(li, mlp, h, row)
-        return self._down(li, mlp, mlp.act_fn(gate) * up, row)
+        gate, up = self._proj(li, "gate_up", h, row)
+        return self._proj(li, "down", mlp.act_fn(gate) * up, row)[0]
 
     def _decode_body_glued(
         self,
@@ -260,8 +245,7 @@ class DecodeCore:
         x, h = add_norm(x, zero, first.weight, _eps(first))
         use_row = bb <= self.row_max_rows
         for li, layer in enumerate(self.layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            q, k, v = self._qkv(li, attn, h, use_row)
+            q, k, v = self._proj(li, "qkv", h, use_row)
             q, k = rope_qk(q.view(bb, self.n_heads, hd), k.view(bb, nkv, hd), cos, sin)
             v = v.view(bb, nkv, hd)
             kc, vc = self.k_cache[li], self.v_cache[li]
@@ -270,8 +254,8 @@ class DecodeCore:
             s = torch.matmul(q.view(bb, nkv, g, hd), kc[:bb, :, :ctx].transpose(-1, -2))
             o = torch.matmul(probs(s, bias, self.scale), vc[:bb, :, :ctx]).reshape(bb, self.n_heads * hd)
             post = layer.post_attention_layernorm
-            x, h = add_norm(x, self._o(li, attn, o, use_row), post.weight, _eps(post))
-            m = self._down(li, mlp, silu_mul(*self._gate_up(li, mlp, h, use_row)), use_row)
+            x, h = add_norm(x, self._proj(li, "o", o, use_row)[0], post.weight, _eps(post))
+            m = self._proj(li, "down", silu_mul(*self._proj(li, "gate_up", h, use_row)), use_row)[0]
             nxt = self.layers[li + 1].input_layernorm if li + 1 < len(self.layers) else self.norm
             x, h = add_norm(x, m, nxt.weight, _eps(nxt))
         out: torch.Tensor = self.lm_head(h)
@@ -303,9 +287,8 @@ class DecodeCore:
         use_row = m >= self.prompt_min_tokens  # dequantize + cuBLAS, where products have a row packing
         gqa = nkv != self.n_heads
         for li, layer in enumerate(self.layers):
-            attn = layer.self_attn
             h = layer.input_layernorm(x)
-            q, k, v = self._qkv(li, attn, h, use_row)
+            q, k, v = self._proj(li, "qkv", h, use_row)
             q = self._rope(q.view(1, m, self.n_heads, hd).transpose(1, 2), cos, sin)
             k = self._rope(k.view(1, m, nkv, hd).transpose(1, 2), cos, sin)
             v = v.view(1, m, nkv, hd).transpose(1, 2)
@@ -317,7 +300,7 @@ class DecodeCore:
                 kc = self.k_cache[li, row, :, :n][None]
                 vc = self.v_cache[li, row, :, :n][None]
                 o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=gqa)
-            x = x + self._o(li, attn, o.transpose(1, 2).reshape(1, m, self.n_heads * hd), use_row)
+            x = x + self._proj(li, "o", o.transpose(1, 2).reshape(1, m, self.n_heads * hd), use_row)[0]
             x = x + self._mlp(li, layer.mlp, layer.post_attention_layernorm(x), use_row)
         out: torch.Tensor = self.lm_head(self.norm(x[:, -1]))[0]
         return out
