@@ -71,10 +71,15 @@ class RowQuant:
         return sum(t.numel() * t.element_size() for t in (self.w, self.scale, self.zero))
 
 
+def _nibbles(words: torch.Tensor) -> torch.Tensor:
+    """int32 words ``[...]`` as their eight 4-bit fields ``[..., 8]``, bits 0-3 first."""
+    shifts = torch.arange(0, 32, 4, device=words.device, dtype=torch.int32)
+    return (words[..., None] >> shifts) & 15
+
+
 def unpack_codes(qweight: torch.Tensor) -> torch.Tensor:
     """GPTQ's ``[in / 8, out]`` int32 words as the ``[in, out]`` 4-bit codes (uint8)."""
-    shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int32)
-    codes = (qweight[:, None, :] >> shifts[None, :, None]) & 15  # [in/8, 8, out]
+    codes = _nibbles(qweight).transpose(1, 2)  # [in/8, 8, out]
     return codes.reshape(-1, qweight.shape[1]).to(torch.uint8)
 
 
@@ -83,9 +88,7 @@ def _zero_points(module: Any) -> torch.Tensor:
     qzeros: torch.Tensor = module.qzeros.data
     if qzeros.shape[0] != 1:
         raise ValueError("not a channelwise module: more than one row of zero points")
-    shifts = torch.arange(0, 32, 4, device=qzeros.device, dtype=torch.int32)
-    zeros = (qzeros[0][:, None] >> shifts[None, :]) & 15  # [out/8, 8]
-    return zeros.reshape(-1)[: module.out_features]
+    return _nibbles(qzeros[0]).reshape(-1)[: module.out_features]
 
 
 def _pack_rows(codes: torch.Tensor) -> torch.Tensor:
@@ -132,8 +135,7 @@ def pack(modules: Sequence[Any], chunk_rows: int = 4096) -> RowQuant:
 
 def _codes(rq: RowQuant) -> torch.Tensor:
     """The ``[out, in]`` codes back in the natural input order."""
-    shifts = torch.arange(0, 32, 4, device=rq.w.device, dtype=torch.int32)
-    slots = (rq.w[:, :, None] >> shifts) & 15  # [out, in/8, 8] in ORDER
+    slots = _nibbles(rq.w)  # [out, in/8, 8] in ORDER
     inverse = torch.argsort(torch.tensor(ORDER, device=rq.w.device))
     codes: torch.Tensor = slots[:, :, inverse].reshape(rq.w.shape[0], -1)
     return codes
