@@ -25,6 +25,7 @@ from bot.config import ModelConfig
 from bot.engine import products, rowquant
 from bot.engine.batched import BatchedEngine
 from bot.engine.gptq_regroup import fused_source, regroup_module
+from bot.engine.transformers import _fused_kernels
 from bot.errors import ConfigError
 from bot.types import Settings
 from tests.test_gptq_regroup import _eager, channelwise_checkpoint, load, quant_modules  # noqa: F401
@@ -151,7 +152,9 @@ def test_the_load_check_catches_a_wrong_batch_kernel(channelwise_checkpoint: Pat
     good = built[0].o.batch
     assert good is not None
     built[0].o.batch = lambda x: -good(x)
-    engine._description = {"gptq kernel": "row kernel (channelwise 4-bit) + MarlinLinear fused"}
+    kernels = _fused_kernels(built)  # what the loader describes a fused model with
+    assert kernels.startswith("row kernel") and "TorchLinear fused" in kernels
+    engine._description = {"gptq kernel": kernels}
     with pytest.raises(ConfigError, match="decodes wrongly on the batched path") as err:
         engine.verify()
     assert "set [model] row_kernel = false (Marlin alone)" in str(err.value)  # the nearer fallback

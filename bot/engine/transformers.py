@@ -110,7 +110,6 @@ class TransformersEngine:
         # (decode steps of several rows); one conversation at a time does not.
         self.fuse_for_batches = False
         self.layer_products: list[Any] | None = None
-        self._kernel_override = ""
         self.probe_logits: Any = None  # the load check's logits (bot/engine/fidelity.py)
 
     async def start(self) -> None:
@@ -145,7 +144,7 @@ class TransformersEngine:
         self.model = self._load_model()
         self.model.eval()
         self._device = str(getattr(self.model, "device", "?"))
-        self._kernel = self._kernel_override or _gptq_kernel(self.model)
+        self._kernel = _fused_kernels(self.layer_products) if self.layer_products else _gptq_kernel(self.model)
         self.check()
         log.info(
             "loaded %s on %s (%s) in %.1f s",
@@ -178,12 +177,6 @@ class TransformersEngine:
 
         if self.config.row_kernel and products.can_fuse(model) and rowquant.available(model.device):
             self.layer_products = products.build(model, fused_marlin if self.fuse_for_batches else None)
-            self._kernel_override = (
-                "row kernel (channelwise 4-bit: one row, prompts of "
-                f"{products.PROMPT_MIN_TOKENS}+ tokens)"
-                + (" + MarlinLinear fused (batches; group size -1 regrouped into groups of 128)"
-                   if self.fuse_for_batches else "")
-            )
         else:
             self._regrouped = len(regroup_model(model, REGROUP_SIZE, marlin_class()))
         _empty_cuda_cache()
@@ -336,6 +329,17 @@ def generation_kwargs(settings: Settings, tokenizer: HFPromptTokenizer) -> dict[
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     return kwargs
+
+
+def _fused_kernels(layer_products: list[Any]) -> str:
+    """What serves a model whose products were fused (bot/engine/products.py)."""
+    from bot.engine.products import PROMPT_MIN_TOKENS
+
+    kernels = f"row kernel (channelwise 4-bit: one row, prompts of {PROMPT_MIN_TOKENS}+ tokens)"
+    batch = layer_products[0].qkv.batch
+    if batch is not None:
+        kernels += f" + {type(batch).__name__} fused (batches; group size -1 regrouped into groups of 128)"
+    return kernels
 
 
 def _gptq_kernel(model: Any) -> str:
