@@ -3,6 +3,7 @@
 #   bench/gpu-call.sh fidelity   # 8-layer proxies: every kernel, both checkpoints
 #   bench/gpu-call.sh full       # the 80-layer benchmark with its baselines
 #   bench/gpu-call.sh rowquant   # the row-layout kernels against Marlin, alone
+#   bench/gpu-call.sh prefill    # a long prompt's prefill: dequantize ahead or in line, profile
 # Run from the repository's root. Expects the wheels in .whl (scripts/gpu-wheels)
 # and, if a previous call brought them back, GPTQModel's compiled kernels as
 # .gpu/kcache/ext.tgz.* and the row kernels as .gpu/kcache/rowquant.tgz (carry
@@ -21,13 +22,15 @@ mkdir -p /tmp/gptq-ext /tmp/xwin-kernels
 if ls $KC/ext.tgz.* >/dev/null 2>&1; then
     cat $KC/ext.tgz.* | tar xz -C /tmp/gptq-ext && echo "kernels restored: $(find /tmp/gptq-ext -name '*.so' | wc -l) libraries"
 fi
-if [ -f $KC/rowquant.tgz ]; then
-    # newer than the sources, or ninja would build them again
+carried_stamp=$( [ -f $KC/rowquant.tgz ] && tar xzOf $KC/rowquant.tgz rowquant/stamp 2>/dev/null )
+if [ "${carried_stamp%% *}" = "$(sha256sum bot/engine/rowquant.cu | cut -d' ' -f1)" ]; then
+    # built from this source: newer than it, or ninja would build them again
     tar xzf $KC/rowquant.tgz -C /tmp/xwin-kernels && find /tmp/xwin-kernels -type f -exec touch {} + \
         && echo "row kernels restored"
 fi
-bring_back_row_kernels() {  # the built row kernels, for the next call (a few hundred KB)
-    if [ ! -f $KC/rowquant.tgz ] && [ -d /tmp/xwin-kernels/rowquant ]; then
+bring_back_row_kernels() {  # the row kernels if built here (new or changed source), for the next call
+    local built=/tmp/xwin-kernels/rowquant
+    if [ -f $built/stamp ] && [ "$(cat $built/stamp)" != "$carried_stamp" ] && [ ! -f "$OUT/rowquant.tgz" ]; then
         tar czf "$OUT/rowquant.tgz" -C /tmp/xwin-kernels rowquant
     fi
 }
@@ -35,6 +38,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 if [ "$MODE" = rowquant ]; then
     timeout "$(left 560)" python3 -m bench.gpu_rowquant --out "$OUT/rowquant.json" "${@:2}" 2>&1 | tee "$OUT/rowquant.log"
     bring_back_row_kernels
+elif [ "$MODE" = prefill ]; then
+    timeout "$(left 560)" python3 -m bench.gpu_prefill --out "$OUT/prefill.json" "${@:2}" 2>&1 | tee "$OUT/prefill.log"
 elif [ "$MODE" = fidelity ]; then
     timeout "$(left 430)" python3 -m bench.gpu_fidelity --layers 8 --out "$OUT/fidelity.json" "${@:2}" 2>&1 | tee "$OUT/fidelity.log"
     if ! ls $KC/ext.tgz.* >/dev/null 2>&1; then

@@ -7,7 +7,9 @@
 //     summed in half2 over one packed word (4 per lane, like Marlin's scaled
 //     weights times x) and in float beyond; one warp shuffle reduction.
 //   rowquant_dequant(w, scale, zero) -> [n, k] half: nn.Linear's layout, for
-//     prompts (cuBLAS does the product).
+//     prompts (cuBLAS does the product); rowquant_dequant_into writes a given
+//     buffer (prompt_weights.py dequantizes the next layer into one while
+//     this layer multiplies).
 //
 // Nibble order in a word: slot p (bits 4p..4p+3) holds input k0 + ORDER[p],
 // ORDER = 0,2,4,6,1,3,5,7, so that one mask pulls slots j and j+4 into the
@@ -129,16 +131,17 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(
 __global__ void dequant_kernel(const uint32_t* __restrict__ w, const half* __restrict__ scale,
                                const half* __restrict__ zero, int4* __restrict__ out, int words_per_row,
                                size_t words) {
-  const size_t idx = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= words) return;
-  const int row = static_cast<int>(idx / words_per_row);
-  const uint32_t word = w[idx];
-  const half2 zero2 = __half2half2(zero[row]);
-  const half2 scale2 = __half2half2(scale[row]);
-  half2 o[4];
+  const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
+  for (size_t idx = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < words; idx += stride) {
+    const int row = static_cast<int>(idx / words_per_row);
+    const uint32_t word = w[idx];
+    const half2 zero2 = __half2half2(zero[row]);
+    const half2 scale2 = __half2half2(scale[row]);
+    half2 o[4];
 #pragma unroll
-  for (int j = 0; j < 4; ++j) o[j] = weights_pair(word, j, zero2, scale2);
-  out[idx] = *reinterpret_cast<int4*>(o);
+    for (int j = 0; j < 4; ++j) o[j] = weights_pair(word, j, zero2, scale2);
+    out[idx] = *reinterpret_cast<int4*>(o);
+  }
 }
 
 template <int M, int R>
@@ -200,23 +203,35 @@ torch::Tensor rowquant_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scal
   return out;
 }
 
-torch::Tensor rowquant_dequant(torch::Tensor w, torch::Tensor scale, torch::Tensor zero) {
+void rowquant_dequant_into(torch::Tensor w, torch::Tensor scale, torch::Tensor zero, torch::Tensor out,
+                           int64_t max_blocks) {
   check_weights(w, scale, zero);
+  TORCH_CHECK(out.is_cuda() && out.scalar_type() == torch::kHalf && out.is_contiguous() && out.dim() == 2 &&
+                  out.size(0) == w.size(0) && out.size(1) == w.size(1) * 8,
+              "out: a contiguous half CUDA matrix [n, k]");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0, "out must be 16-byte aligned");
   const at::cuda::OptionalCUDAGuard guard(w.device());
-  auto out = torch::empty({w.size(0), w.size(1) * 8}, scale.options());
   const size_t words = static_cast<size_t>(w.numel());
   const int threads = 256;
-  const unsigned blocks = static_cast<unsigned>((words + threads - 1) / threads);
-  dequant_kernel<<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  size_t blocks = (words + threads - 1) / threads;
+  if (max_blocks > 0 && blocks > static_cast<size_t>(max_blocks)) blocks = static_cast<size_t>(max_blocks);
+  dequant_kernel<<<static_cast<unsigned>(blocks), threads, 0, at::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const uint32_t*>(w.data_ptr<int32_t>()),
       reinterpret_cast<const half*>(scale.data_ptr<at::Half>()),
       reinterpret_cast<const half*>(zero.data_ptr<at::Half>()), reinterpret_cast<int4*>(out.data_ptr<at::Half>()),
       static_cast<int>(w.size(1)), words);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+torch::Tensor rowquant_dequant(torch::Tensor w, torch::Tensor scale, torch::Tensor zero) {
+  auto out = torch::empty({w.size(0), w.size(1) * 8}, scale.options());
+  rowquant_dequant_into(w, scale, zero, out, 0);
   return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &rowquant_gemv, "x [m<=4, k] times the row-packed 4-bit weights");
   m.def("dequant", &rowquant_dequant, "the row-packed 4-bit weights as a half [n, k] matrix");
+  m.def("dequant_into", &rowquant_dequant_into,
+        "the same into a given half [n, k] matrix, on at most max_blocks blocks (0: one thread a word)");
 }

@@ -209,12 +209,18 @@ def gemv(rq: RowQuant, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, reference(rq, rq.scale.dtype).to(x.dtype))
 
 
-def dequantize(rq: RowQuant) -> torch.Tensor:
-    """The weights as a half ``[out, in]`` matrix (for prompts: cuBLAS multiplies)."""
+def dequantize(rq: RowQuant, out: torch.Tensor | None = None, max_blocks: int = 0) -> torch.Tensor:
+    """The weights as a half ``[out, in]`` matrix (for prompts: cuBLAS
+    multiplies), into ``out`` where given (a reused buffer); on the GPU on at
+    most ``max_blocks`` thread blocks (0: as many as there are words)."""
     if _on_kernels(rq):
-        out: torch.Tensor = _kernels().dequant(rq.w, rq.scale, rq.zero)
+        if out is None:
+            made: torch.Tensor = _kernels().dequant(rq.w, rq.scale, rq.zero)
+            return made
+        _kernels().dequant_into(rq.w, rq.scale, rq.zero, out, max_blocks)
         return out
-    return reference(rq)
+    weights = reference(rq)
+    return weights if out is None else out.copy_(weights)
 
 
 def linear(rq: RowQuant, x: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ thread uses it: the scheduler's.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -20,7 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from bot.engine.products import LAYOUT, PROMPT_MIN_TOKENS, ROW_MAX_ROWS, LayerProducts
+from bot.engine.prompt_weights import PromptWeights
 from bot.errors import GenerationError
+
+log = logging.getLogger(__name__)
 
 _MODULES = {name: (parent, attrs) for name, parent, attrs in LAYOUT}  # product -> the model's modules
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
@@ -131,6 +135,9 @@ class DecodeCore:
         self.products: list[LayerProducts] | None = None
         self.row_max_rows = ROW_MAX_ROWS  # decode steps this small use the row kernel
         self.prompt_min_tokens = PROMPT_MIN_TOKENS  # prompts this long: dequantize + cuBLAS
+        # ... one layer ahead, on a side stream (bot/engine/prompt_weights.py)
+        self.prompt_ahead = True
+        self._ahead: PromptWeights | None = None
 
     def set_products(self, products: Sequence[LayerProducts] | None) -> None:
         """Decode and prefill through these fused products (one per layer)."""
@@ -138,6 +145,7 @@ class DecodeCore:
             raise ValueError(f"{len(products)} layers of products for a model of {len(self.layers)}")
         self.reset_graphs()
         self.products = list(products) if products is not None else None
+        self._ahead = None
 
     def set_compiled_glue(self, on: bool) -> None:
         """Fuse the small element-wise work around the GPTQ products (rope,
@@ -210,19 +218,25 @@ class DecodeCore:
 
     # -- the quantized products: fused (self.products) or the model's modules --
 
-    def _proj(self, li: int, name: str, x: torch.Tensor, row: bool) -> tuple[torch.Tensor, ...]:
+    def _proj(
+        self, li: int, name: str, x: torch.Tensor, row: bool, weights: dict[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, ...]:
         """Layer ``li``'s product ``name`` (``products.LAYOUT``: qkv, o,
         gate_up, down), one output per module it covers: the fused product
-        (the row packing where ``row``), or else the model's own modules."""
+        (the row packing where ``row``; ``weights``: the layer's matrices
+        dequantized ahead), or else the model's own modules."""
         if self.products is not None:
-            return getattr(self.products[li], name)(x, row)  # type: ignore[no-any-return]
+            weight = weights[name] if weights is not None else None
+            return getattr(self.products[li], name)(x, row, weight)  # type: ignore[no-any-return]
         parent, attrs = _MODULES[name]
         owner = getattr(self.layers[li], parent)
         return tuple(getattr(owner, attr)(x) for attr in attrs)
 
-    def _mlp(self, li: int, mlp: Any, h: torch.Tensor, row: bool) -> torch.Tensor:
-        gate, up = self._proj(li, "gate_up", h, row)
-        return self._proj(li, "down", mlp.act_fn(gate) * up, row)[0]
+    def _mlp(
+        self, li: int, mlp: Any, h: torch.Tensor, row: bool, weights: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        gate, up = self._proj(li, "gate_up", h, row, weights)
+        return self._proj(li, "down", mlp.act_fn(gate) * up, row, weights)[0]
 
     def _decode_body_glued(
         self,
@@ -285,25 +299,50 @@ class DecodeCore:
         if start:  # new token i sees cache positions 0..start+i
             mask = self.ctx_range[:n][None, :] <= (start + self.ctx_range[:m])[:, None]
         use_row = m >= self.prompt_min_tokens  # dequantize + cuBLAS, where products have a row packing
+        ahead = self._prompt_weights() if use_row else None
+        layers = ahead.layers() if ahead is not None else None
         gqa = nkv != self.n_heads
-        for li, layer in enumerate(self.layers):
-            h = layer.input_layernorm(x)
-            q, k, v = self._proj(li, "qkv", h, use_row)
-            q = self._rope(q.view(1, m, self.n_heads, hd).transpose(1, 2), cos, sin)
-            k = self._rope(k.view(1, m, nkv, hd).transpose(1, 2), cos, sin)
-            v = v.view(1, m, nkv, hd).transpose(1, 2)
-            self.k_cache[li, row, :, start:n] = k[0]
-            self.v_cache[li, row, :, start:n] = v[0]
-            if mask is None:
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-            else:
-                kc = self.k_cache[li, row, :, :n][None]
-                vc = self.v_cache[li, row, :, :n][None]
-                o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=gqa)
-            x = x + self._proj(li, "o", o.transpose(1, 2).reshape(1, m, self.n_heads * hd), use_row)[0]
-            x = x + self._mlp(li, layer.mlp, layer.post_attention_layernorm(x), use_row)
-        out: torch.Tensor = self.lm_head(self.norm(x[:, -1]))[0]
+        try:
+            for li, layer in enumerate(self.layers):
+                w = next(layers) if layers is not None else None
+                h = self._norm(layer.input_layernorm, x)
+                q, k, v = self._proj(li, "qkv", h, use_row, w)
+                q = self._rope(q.view(1, m, self.n_heads, hd).transpose(1, 2), cos, sin)
+                k = self._rope(k.view(1, m, nkv, hd).transpose(1, 2), cos, sin)
+                v = v.view(1, m, nkv, hd).transpose(1, 2)
+                self.k_cache[li, row, :, start:n] = k[0]
+                self.v_cache[li, row, :, start:n] = v[0]
+                if mask is None:
+                    o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+                else:
+                    kc = self.k_cache[li, row, :, :n][None]
+                    vc = self.v_cache[li, row, :, :n][None]
+                    o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=gqa)
+                o = o.transpose(1, 2).reshape(1, m, self.n_heads * hd)
+                x = x + self._proj(li, "o", o, use_row, w)[0]
+                x = x + self._mlp(li, layer.mlp, self._norm(layer.post_attention_layernorm, x), use_row, w)
+        finally:
+            if layers is not None:
+                layers.close()
+        out: torch.Tensor = self.lm_head(self._norm(self.norm, x[:, -1]))[0]
         return out
+
+    def _prompt_weights(self) -> PromptWeights | None:
+        """The buffers long prompts' layers are dequantized into ahead
+        (bot/engine/prompt_weights.py), made at the first long prompt; None
+        without fused products, with ``prompt_ahead`` off, or where the GPU
+        has no room for them (then each product dequantizes in line)."""
+        if self.products is None or not self.prompt_ahead:
+            return None
+        if self._ahead is None:
+            try:
+                self._ahead = PromptWeights(self.products, self.dtype)
+            except torch.OutOfMemoryError:
+                log.warning("no room for the prompt weights' buffers: prompts dequantize in line")
+                self.prompt_ahead = False
+                return None
+            log.info("prompt weights dequantized one layer ahead (%.1f GB of buffers)", self._ahead.nbytes() / 1e9)
+        return self._ahead
 
     def _graph(self, bb: int, ctx: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         key = (bb, ctx)
