@@ -1,19 +1,17 @@
-"""Where a long prompt's prefill time goes, and the dequantize-ahead against
-dequantizing in line, on the GPU:
+"""Where a long prompt's prefill time goes, on the GPU:
 
     python3 -m bench.gpu_prefill --layers 8 --out prefill.json
 
 1. **Products alone**, 1,000 tokens, ``LAYERS`` distinct layers of Xwin-70B's
    four fused products (bench/gpu_rowquant.py's random channelwise weights):
-   dequantize + cuBLAS in line (what long prompts did), cuBLAS alone on
-   matrices dequantized beforehand (what hiding the dequantize could reach),
-   the dequantize alone, and :class:`~bot.engine.prompt_weights.PromptWeights`
-   (the next layer dequantized on a side stream into two reused buffers) at
-   several grid sizes and stream priorities.
+   dequantize + cuBLAS as prompts run it, cuBLAS alone on matrices
+   dequantized beforehand (what a free dequantize would reach), and the
+   dequantize alone, with 1, 4 and 8 words a thread (``DEQUANT_ITEMS``).
 2. **The whole prefill** of a 1,000-token prompt through ``DecodeCore`` on a
    synthetic checkpoint of ``--layers`` layers (bench/gpu.py's, reference
-   quantization), each variant's logits against transformers' forward, and
-   the profiler's GPU time by kernel for the default variant.
+   quantization): the glue eager or compiled, the dequantize's words a
+   thread, each variant's logits against transformers' forward, and the
+   profiler's GPU time by kernel for the default.
 """
 
 from __future__ import annotations
@@ -36,8 +34,6 @@ import torch.nn.functional as F
 
 from bench.gpu_rowquant import SHAPES, channelwise
 from bot.engine import rowquant
-from bot.engine.products import LayerProducts, Product
-from bot.engine.prompt_weights import NAMES, PromptWeights
 
 LAYERS = 8
 TOKENS = 1000
@@ -64,52 +60,25 @@ def eager_ms(fn: Callable[[], Any], reps: int = 5) -> float:
 
 def products_alone(dev: torch.device) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(1)
-    layers = []
-    for _ in range(LAYERS):
-        made = {name: Product(rowquant.pack([channelwise(fin, n, gen, dev) for n in outs]), None)
-                for name, fin, outs in SHAPES}
-        layers.append(LayerProducts(**made))
+    layers = [{name: rowquant.pack([channelwise(fin, n, gen, dev) for n in outs]) for name, fin, outs in SHAPES}
+              for _ in range(LAYERS)]
     xs = {name: torch.randn(TOKENS, fin, generator=gen).to(dev, torch.float16) for name, fin, _ in SHAPES}
     flops = 2 * TOKENS * LAYERS * sum(fin * sum(outs) for _, fin, outs in SHAPES)
-    res: dict[str, Any] = {"layers": LAYERS, "tokens": TOKENS, "tflop": flops / 1e12}
-
-    def inline() -> None:
-        for layer in layers:
-            for name in NAMES:
-                getattr(layer, name)(xs[name], True)
-
-    res["inline_ms"] = eager_ms(inline)
-    dense = [{name: rowquant.dequantize(getattr(layer, name).row) for name in NAMES} for layer in layers]
-    res["cublas_only_ms"] = eager_ms(lambda dense=dense: [F.linear(xs[n], w[n]) for w in dense for n in NAMES])
+    wbytes = sum(rq.nbytes() + rq.out_features * rq.in_features * 2 for layer in layers for rq in layer.values())
+    res: dict[str, Any] = {"layers": LAYERS, "tokens": TOKENS, "tflop": flops / 1e12,
+                           "dequant_gb": wbytes / 1e9}
+    dense = [{name: rowquant.dequantize(rq) for name, rq in layer.items()} for layer in layers]
+    ms = eager_ms(lambda dense=dense: [F.linear(xs[n], w) for d in dense for n, w in d.items()])
+    res["cublas_only"] = {"ms": ms, "tflops": flops / (ms * 1e-3) / 1e12}
     dense.clear()
     torch.cuda.empty_cache()
-    ahead = PromptWeights(layers, torch.float16)
-    bufs = ahead.buffers[0]
-    res["dequant_only_ms"] = eager_ms(
-        lambda: [rowquant.dequantize(getattr(layer, n).row, out=bufs[n]) for layer in layers for n in NAMES])
-    wbytes = sum(getattr(layers[0], n).row.nbytes() + bufs[n].numel() * 2 for n in NAMES) * LAYERS
-    res["dequant_gbs"] = wbytes / (res["dequant_only_ms"] * 1e-3) / 1e9
-
-    def run_ahead(pw: PromptWeights) -> None:
-        for layer, w in zip(layers, pw.layers(), strict=True):
-            for name in NAMES:
-                getattr(layer, name)(xs[name], True, w[name])
-
-    for blocks in (0, 1056, 264):
-        for prio in (0, -1):
-            pw = PromptWeights(layers, torch.float16, max_blocks=blocks, priority=prio)
-            res[f"ahead_ms_blocks{blocks}_prio{prio}"] = eager_ms(lambda pw=pw: run_ahead(pw))
-            del pw
-            torch.cuda.empty_cache()
-    # the ahead path's numbers are the in-line path's
-    x = xs["gate_up"]
-    want = layers[-1].gate_up(x, True)[0]
-    got: torch.Tensor | None = None
-    for li, w in enumerate(PromptWeights(layers, torch.float16).layers()):
-        if li == LAYERS - 1:
-            got = layers[li].gate_up(x, True, w["gate_up"])[0]
-    assert got is not None
-    res["ahead_equal"] = bool(torch.equal(got, want))
+    for items in (1, 4, 8):
+        rowquant.DEQUANT_ITEMS = items
+        ms = eager_ms(lambda: [rowquant.dequantize(rq) for layer in layers for rq in layer.values()])
+        res[f"dequant_only_items{items}"] = {"ms": ms, "gbs": wbytes / (ms * 1e-3) / 1e9}
+        ms = eager_ms(lambda: [rowquant.linear(rq, xs[n]) for layer in layers for n, rq in layer.items()])
+        res[f"inline_items{items}"] = {"ms": ms}
+    rowquant.DEQUANT_ITEMS = 4
     for k, v in res.items():
         log(f"products alone: {k} = {v}")
     return res
@@ -125,34 +94,33 @@ def whole_prefill(layers: int) -> dict[str, Any]:
     path = Path(f"/dev/shm/xwin-prefill-l{layers}")
     build_checkpoint(path, shape)
     loader = _load(path, "marlin", 2)
-    engine = BatchedEngine.over(loader.model, loader.tokenizer, loader.config, eos_ids=(), max_len=1281,
+    engine = BatchedEngine.over(loader.model, loader.tokenizer, loader.config, eos_ids=(), max_len=2305,
                                 compile_glue=True)
     core = engine.core
-    assert core is not None and loader.layer_products is not None
+    assert core is not None and core.glue is not None
     core.set_products(loader.layer_products)
+    glue = core.glue
     res: dict[str, Any] = {"layers": layers, "kernel": loader.describe().get("gptq kernel", "")}
-    variants: dict[str, tuple[bool, bool, int, int]] = {  # fused norm, ahead, blocks, priority
-        "before (module norms, in line)": (False, False, 0, 0),
-        "fused norms, in line": (True, False, 0, 0),
-        "fused norms, ahead": (True, True, 0, 0),
-        "fused norms, ahead, high priority": (True, True, 0, -1),
-        "fused norms, ahead, 1056 blocks": (True, True, 1056, 0),
-    }
-    for name, (norm, ahead, blocks, prio) in variants.items():
-        core.fused_norm, core.prompt_ahead = norm, ahead
-        core._ahead = PromptWeights(core.products or [], core.dtype, blocks, prio) if ahead else None
+    for name, compiled, items in (("eager glue, 1 word a thread", False, 1),
+                                  ("compiled glue, 1 word a thread", True, 1),
+                                  ("compiled glue, 8 words a thread", True, 8),
+                                  ("compiled glue, 4 words a thread (default)", True, 4)):
+        core.glue, rowquant.DEQUANT_ITEMS = (glue if compiled else None), items
+        t0 = time.perf_counter()
         err = check_long_prefill(engine, loader.model, shape.vocab, TOKENS)
-        ms = 1e3 * time_prefill(engine, TOKENS, shape.vocab)
-        res[name] = {"ms": ms, "err_vs_forward": err}
-        log(f"whole prefill, {name}: {ms:.1f} ms, rel err vs forward {err:.1e}")
-    core.fused_norm, core.prompt_ahead, core._ahead = True, True, None
+        first_s = time.perf_counter() - t0  # compiles the prompt glue the first time
+        row = {"err_vs_forward": err, "first_call_s": first_s}
+        for n in (TOKENS, 512, 2000):
+            row[f"ms_{n}"] = 1e3 * time_prefill(engine, n, shape.vocab)
+        res[name] = row
+        log(f"whole prefill, {name}: {row}")
     ids = list(range(1, TOKENS + 1))
     core.prefill(0, ids)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         core.prefill(0, ids)
         torch.cuda.synchronize()
-    res["profile"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    res["profile"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)
     log("profile of the default variant:\n" + res["profile"])
     return res
 

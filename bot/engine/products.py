@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from bot.engine import rowquant
 from bot.engine.rowquant import RowQuant
@@ -76,19 +75,11 @@ class Product:
     row: RowQuant
     batch: Callable[[torch.Tensor], torch.Tensor] | None  # None: the row packing for everything
 
-    def __call__(
-        self, x: torch.Tensor, use_row: bool, weight: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, ...]:
+    def __call__(self, x: torch.Tensor, use_row: bool) -> tuple[torch.Tensor, ...]:
         """The outputs through the row packing (``use_row``, or when there is
         no batch module) or the batch module; the caller picks by shape
-        (:data:`ROW_MAX_ROWS`, :data:`PROMPT_MIN_TOKENS`). ``weight``: the row
-        packing already dequantized (bot/engine/prompt_weights.py)."""
-        if weight is not None:
-            out = F.linear(x, weight)
-        elif use_row or self.batch is None:
-            out = rowquant.linear(self.row, x)
-        else:
-            out = self.batch(x)
+        (:data:`ROW_MAX_ROWS`, :data:`PROMPT_MIN_TOKENS`)."""
+        out = rowquant.linear(self.row, x) if use_row or self.batch is None else self.batch(x)
         return torch.split(out, list(self.row.splits), dim=-1)
 
 

@@ -6,10 +6,8 @@
 //     row at a time, so a warp reads 512 contiguous bytes; the products are
 //     summed in half2 over one packed word (4 per lane, like Marlin's scaled
 //     weights times x) and in float beyond; one warp shuffle reduction.
-//   rowquant_dequant(w, scale, zero) -> [n, k] half: nn.Linear's layout, for
-//     prompts (cuBLAS does the product); rowquant_dequant_into writes a given
-//     buffer (prompt_weights.py dequantizes the next layer into one while
-//     this layer multiplies).
+//   rowquant_dequant(w, scale, zero, items) -> [n, k] half: nn.Linear's layout, for
+//     prompts (cuBLAS does the product).
 //
 // Nibble order in a word: slot p (bits 4p..4p+3) holds input k0 + ORDER[p],
 // ORDER = 0,2,4,6,1,3,5,7, so that one mask pulls slots j and j+4 into the
@@ -128,18 +126,33 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(
   }
 }
 
-__global__ void dequant_kernel(const uint32_t* __restrict__ w, const half* __restrict__ scale,
-                               const half* __restrict__ zero, int4* __restrict__ out, int words_per_row,
-                               size_t words) {
-  const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
-  for (size_t idx = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < words; idx += stride) {
+// I words per thread, a block's threads side by side in each round (a warp
+// reads 128 and writes 512 contiguous bytes per round), every round's loads
+// issued before the first word is unpacked: with I = 4 a thread keeps 16
+// bytes in flight instead of 4 (bench/gpu_prefill.py measures 1, 4 and 8).
+constexpr int kDequantThreads = 256;
+
+template <int I>
+__global__ void __launch_bounds__(kDequantThreads) dequant_kernel(
+    const uint32_t* __restrict__ w, const half* __restrict__ scale, const half* __restrict__ zero,
+    int4* __restrict__ out, int words_per_row, size_t words) {
+  const size_t base = static_cast<size_t>(blockIdx.x) * kDequantThreads * I + threadIdx.x;
+  uint32_t word[I];
+#pragma unroll
+  for (int i = 0; i < I; ++i) {
+    const size_t idx = base + static_cast<size_t>(i) * kDequantThreads;
+    word[i] = idx < words ? __ldg(w + idx) : 0u;
+  }
+#pragma unroll
+  for (int i = 0; i < I; ++i) {
+    const size_t idx = base + static_cast<size_t>(i) * kDequantThreads;
+    if (idx >= words) return;
     const int row = static_cast<int>(idx / words_per_row);
-    const uint32_t word = w[idx];
     const half2 zero2 = __half2half2(zero[row]);
     const half2 scale2 = __half2half2(scale[row]);
     half2 o[4];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) o[j] = weights_pair(word, j, zero2, scale2);
+    for (int j = 0; j < 4; ++j) o[j] = weights_pair(word[i], j, zero2, scale2);
     out[idx] = *reinterpret_cast<int4*>(o);
   }
 }
@@ -203,35 +216,35 @@ torch::Tensor rowquant_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scal
   return out;
 }
 
-void rowquant_dequant_into(torch::Tensor w, torch::Tensor scale, torch::Tensor zero, torch::Tensor out,
-                           int64_t max_blocks) {
-  check_weights(w, scale, zero);
-  TORCH_CHECK(out.is_cuda() && out.scalar_type() == torch::kHalf && out.is_contiguous() && out.dim() == 2 &&
-                  out.size(0) == w.size(0) && out.size(1) == w.size(1) * 8,
-              "out: a contiguous half CUDA matrix [n, k]");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0, "out must be 16-byte aligned");
-  const at::cuda::OptionalCUDAGuard guard(w.device());
+template <int I>
+void launch_dequant(const torch::Tensor& w, const torch::Tensor& scale, const torch::Tensor& zero,
+                    torch::Tensor& out) {
   const size_t words = static_cast<size_t>(w.numel());
-  const int threads = 256;
-  size_t blocks = (words + threads - 1) / threads;
-  if (max_blocks > 0 && blocks > static_cast<size_t>(max_blocks)) blocks = static_cast<size_t>(max_blocks);
-  dequant_kernel<<<static_cast<unsigned>(blocks), threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  const size_t per_block = static_cast<size_t>(kDequantThreads) * I;
+  const unsigned blocks = static_cast<unsigned>((words + per_block - 1) / per_block);
+  dequant_kernel<I><<<blocks, kDequantThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const uint32_t*>(w.data_ptr<int32_t>()),
       reinterpret_cast<const half*>(scale.data_ptr<at::Half>()),
       reinterpret_cast<const half*>(zero.data_ptr<at::Half>()), reinterpret_cast<int4*>(out.data_ptr<at::Half>()),
       static_cast<int>(w.size(1)), words);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-torch::Tensor rowquant_dequant(torch::Tensor w, torch::Tensor scale, torch::Tensor zero) {
+torch::Tensor rowquant_dequant(torch::Tensor w, torch::Tensor scale, torch::Tensor zero, int64_t items) {
+  check_weights(w, scale, zero);
+  const at::cuda::OptionalCUDAGuard guard(w.device());
   auto out = torch::empty({w.size(0), w.size(1) * 8}, scale.options());
-  rowquant_dequant_into(w, scale, zero, out, 0);
+  if (items == 1) {
+    launch_dequant<1>(w, scale, zero, out);
+  } else if (items == 8) {
+    launch_dequant<8>(w, scale, zero, out);
+  } else {
+    launch_dequant<4>(w, scale, zero, out);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &rowquant_gemv, "x [m<=4, k] times the row-packed 4-bit weights");
   m.def("dequant", &rowquant_dequant, "the row-packed 4-bit weights as a half [n, k] matrix");
-  m.def("dequant_into", &rowquant_dequant_into,
-        "the same into a given half [n, k] matrix, on at most max_blocks blocks (0: one thread a word)");
 }

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 MAX_ROWS = 4  # the kernel's largest batch (one accumulator per row and output)
 ROWS_PER_WARP = 4  # output rows a warp computes (bench/gpu_rowquant.py measures 2, 4, 8)
+DEQUANT_ITEMS = 4  # words a thread of the dequantize unpacks (bench/gpu_prefill.py measures 1, 4, 8)
 _SOURCE = Path(__file__).with_name("rowquant.cu")
 _ext: Any = None
 
@@ -209,18 +210,12 @@ def gemv(rq: RowQuant, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, reference(rq, rq.scale.dtype).to(x.dtype))
 
 
-def dequantize(rq: RowQuant, out: torch.Tensor | None = None, max_blocks: int = 0) -> torch.Tensor:
-    """The weights as a half ``[out, in]`` matrix (for prompts: cuBLAS
-    multiplies), into ``out`` where given (a reused buffer); on the GPU on at
-    most ``max_blocks`` thread blocks (0: as many as there are words)."""
+def dequantize(rq: RowQuant) -> torch.Tensor:
+    """The weights as a half ``[out, in]`` matrix (for prompts: cuBLAS multiplies)."""
     if _on_kernels(rq):
-        if out is None:
-            made: torch.Tensor = _kernels().dequant(rq.w, rq.scale, rq.zero)
-            return made
-        _kernels().dequant_into(rq.w, rq.scale, rq.zero, out, max_blocks)
+        out: torch.Tensor = _kernels().dequant(rq.w, rq.scale, rq.zero, DEQUANT_ITEMS)
         return out
-    weights = reference(rq)
-    return weights if out is None else out.copy_(weights)
+    return reference(rq)
 
 
 def linear(rq: RowQuant, x: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,6 @@ thread uses it: the scheduler's.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -21,10 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from bot.engine.products import LAYOUT, PROMPT_MIN_TOKENS, ROW_MAX_ROWS, LayerProducts
-from bot.engine.prompt_weights import PromptWeights
 from bot.errors import GenerationError
-
-log = logging.getLogger(__name__)
 
 _MODULES = {name: (parent, attrs) for name, parent, attrs in LAYOUT}  # product -> the model's modules
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
@@ -64,6 +60,18 @@ def _glue_add_norm(
 
 def _glue_silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return F.silu(g) * u
+
+
+def _glue_prompt_rope_qk(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prompt's ``q [m, heads, hd]`` and ``k [m, kv_heads, hd]`` (views of
+    the fused product's output) rotated by ``cos``/``sin [m, hd]``, as
+    ``[1, heads, m, hd]`` contiguous (attention's and the cache's layout)."""
+    c, s = cos[:, None, :], sin[:, None, :]
+    q = q * c + _rotate_half(q) * s
+    k = k * c + _rotate_half(k) * s
+    return q.transpose(0, 1).contiguous()[None], k.transpose(0, 1).contiguous()[None]
 
 
 def _eps(norm: Any) -> float:
@@ -135,9 +143,6 @@ class DecodeCore:
         self.products: list[LayerProducts] | None = None
         self.row_max_rows = ROW_MAX_ROWS  # decode steps this small use the row kernel
         self.prompt_min_tokens = PROMPT_MIN_TOKENS  # prompts this long: dequantize + cuBLAS
-        # ... one layer ahead, on a side stream (bot/engine/prompt_weights.py)
-        self.prompt_ahead = True
-        self._ahead: PromptWeights | None = None
 
     def set_products(self, products: Sequence[LayerProducts] | None) -> None:
         """Decode and prefill through these fused products (one per layer)."""
@@ -145,12 +150,12 @@ class DecodeCore:
             raise ValueError(f"{len(products)} layers of products for a model of {len(self.layers)}")
         self.reset_graphs()
         self.products = list(products) if products is not None else None
-        self._ahead = None
 
     def set_compiled_glue(self, on: bool) -> None:
         """Fuse the small element-wise work around the GPTQ products (rope,
         softmax, residual + RMSNorm, SiLU x up) with ``torch.compile``: a
-        decode step is ~30 small kernels a layer otherwise."""
+        decode step is ~30 small kernels a layer otherwise, and a prompt's
+        are slow ones (strided views: 0.39 ms a layer at 1,000 tokens)."""
         self.reset_graphs()
         if not on:
             self.glue = None
@@ -165,6 +170,11 @@ class DecodeCore:
             "silu_mul": _glue_silu_mul,
         }
         self.glue = {k: torch.compile(f, fullgraph=True) for k, f in fns.items()}  # type: ignore[call-overload]
+        # prompts: one compilation for every length (the decode step's are per bucket)
+        prompt_fns = {"prompt_rope_qk": _glue_prompt_rope_qk, "prompt_add_norm": _glue_add_norm,
+                      "prompt_silu_mul": _glue_silu_mul}
+        self.glue.update({k: torch.compile(f, fullgraph=True, dynamic=True)  # type: ignore[call-overload]
+                          for k, f in prompt_fns.items()})
 
     def reset_graphs(self) -> None:
         """Drop the captured graphs and their memory pool (a pool whose graphs
@@ -218,25 +228,19 @@ class DecodeCore:
 
     # -- the quantized products: fused (self.products) or the model's modules --
 
-    def _proj(
-        self, li: int, name: str, x: torch.Tensor, row: bool, weights: dict[str, torch.Tensor] | None = None
-    ) -> tuple[torch.Tensor, ...]:
+    def _proj(self, li: int, name: str, x: torch.Tensor, row: bool) -> tuple[torch.Tensor, ...]:
         """Layer ``li``'s product ``name`` (``products.LAYOUT``: qkv, o,
         gate_up, down), one output per module it covers: the fused product
-        (the row packing where ``row``; ``weights``: the layer's matrices
-        dequantized ahead), or else the model's own modules."""
+        (the row packing where ``row``), or else the model's own modules."""
         if self.products is not None:
-            weight = weights[name] if weights is not None else None
-            return getattr(self.products[li], name)(x, row, weight)  # type: ignore[no-any-return]
+            return getattr(self.products[li], name)(x, row)  # type: ignore[no-any-return]
         parent, attrs = _MODULES[name]
         owner = getattr(self.layers[li], parent)
         return tuple(getattr(owner, attr)(x) for attr in attrs)
 
-    def _mlp(
-        self, li: int, mlp: Any, h: torch.Tensor, row: bool, weights: dict[str, torch.Tensor] | None = None
-    ) -> torch.Tensor:
-        gate, up = self._proj(li, "gate_up", h, row, weights)
-        return self._proj(li, "down", mlp.act_fn(gate) * up, row, weights)[0]
+    def _mlp(self, li: int, mlp: Any, h: torch.Tensor, row: bool) -> torch.Tensor:
+        gate, up = self._proj(li, "gate_up", h, row)
+        return self._proj(li, "down", mlp.act_fn(gate) * up, row)[0]
 
     def _decode_body_glued(
         self,
@@ -293,56 +297,39 @@ class DecodeCore:
         m = n - start
         t = torch.tensor(ids[start:], dtype=torch.long, device=self.device)
         x = self.embed(t)[None]  # [1, m, D]
-        cos = self.cos[start:n][None, None]
-        sin = self.sin[start:n][None, None]
+        cos = self.cos[start:n]
+        sin = self.sin[start:n]
         mask = None
         if start:  # new token i sees cache positions 0..start+i
             mask = self.ctx_range[:n][None, :] <= (start + self.ctx_range[:m])[:, None]
         use_row = m >= self.prompt_min_tokens  # dequantize + cuBLAS, where products have a row packing
-        ahead = self._prompt_weights() if use_row else None
-        layers = ahead.layers() if ahead is not None else None
         gqa = nkv != self.n_heads
-        try:
-            for li, layer in enumerate(self.layers):
-                w = next(layers) if layers is not None else None
-                h = self._norm(layer.input_layernorm, x)
-                q, k, v = self._proj(li, "qkv", h, use_row, w)
-                q = self._rope(q.view(1, m, self.n_heads, hd).transpose(1, 2), cos, sin)
-                k = self._rope(k.view(1, m, nkv, hd).transpose(1, 2), cos, sin)
-                v = v.view(1, m, nkv, hd).transpose(1, 2)
-                self.k_cache[li, row, :, start:n] = k[0]
-                self.v_cache[li, row, :, start:n] = v[0]
-                if mask is None:
-                    o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-                else:
-                    kc = self.k_cache[li, row, :, :n][None]
-                    vc = self.v_cache[li, row, :, :n][None]
-                    o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=gqa)
-                o = o.transpose(1, 2).reshape(1, m, self.n_heads * hd)
-                x = x + self._proj(li, "o", o, use_row, w)[0]
-                x = x + self._mlp(li, layer.mlp, self._norm(layer.post_attention_layernorm, x), use_row, w)
-        finally:
-            if layers is not None:
-                layers.close()
-        out: torch.Tensor = self.lm_head(self._norm(self.norm, x[:, -1]))[0]
+        glue = self.glue or {}
+        rope_qk = glue.get("prompt_rope_qk", _glue_prompt_rope_qk)
+        add_norm = glue.get("prompt_add_norm", _glue_add_norm)
+        silu_mul = glue.get("prompt_silu_mul", _glue_silu_mul)
+        first = self.layers[0].input_layernorm
+        x, h = add_norm(x, torch.zeros_like(x), first.weight, _eps(first))
+        for li, layer in enumerate(self.layers):
+            q, k, v = self._proj(li, "qkv", h, use_row)
+            q, k = rope_qk(q.view(m, self.n_heads, hd), k.view(m, nkv, hd), cos, sin)
+            v = v.view(1, m, nkv, hd).transpose(1, 2)
+            self.k_cache[li, row, :, start:n] = k[0]
+            self.v_cache[li, row, :, start:n] = v[0]
+            if mask is None:
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            else:
+                kc = self.k_cache[li, row, :, :n][None]
+                vc = self.v_cache[li, row, :, :n][None]
+                o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=gqa)
+            o = o.transpose(1, 2).reshape(1, m, self.n_heads * hd)
+            post = layer.post_attention_layernorm
+            x, h = add_norm(x, self._proj(li, "o", o, use_row)[0], post.weight, _eps(post))
+            down = self._proj(li, "down", silu_mul(*self._proj(li, "gate_up", h, use_row)), use_row)[0]
+            nxt = self.layers[li + 1].input_layernorm if li + 1 < len(self.layers) else self.norm
+            x, h = add_norm(x, down, nxt.weight, _eps(nxt))
+        out: torch.Tensor = self.lm_head(h[:, -1])[0]
         return out
-
-    def _prompt_weights(self) -> PromptWeights | None:
-        """The buffers long prompts' layers are dequantized into ahead
-        (bot/engine/prompt_weights.py), made at the first long prompt; None
-        without fused products, with ``prompt_ahead`` off, or where the GPU
-        has no room for them (then each product dequantizes in line)."""
-        if self.products is None or not self.prompt_ahead:
-            return None
-        if self._ahead is None:
-            try:
-                self._ahead = PromptWeights(self.products, self.dtype)
-            except torch.OutOfMemoryError:
-                log.warning("no room for the prompt weights' buffers: prompts dequantize in line")
-                self.prompt_ahead = False
-                return None
-            log.info("prompt weights dequantized one layer ahead (%.1f GB of buffers)", self._ahead.nbytes() / 1e9)
-        return self._ahead
 
     def _graph(self, bb: int, ctx: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         key = (bb, ctx)
