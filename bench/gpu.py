@@ -13,8 +13,9 @@ Steps, each printed as a row of one table at the end:
    ``AutoModelForCausalLM.from_pretrained`` + ``GPTQConfig(backend=...)``);
 4. check the batched decode path against transformers' own forward;
 5. one conversation: decode ms/step, tokens/s; TTFT of a 1,000-token prompt;
-6. 1/4/16/32 concurrent conversations through the engine alone, through the
-   bot's worker (``Bot.handle`` -> store -> ``Worker`` -> engine), and through
+6. 1/4/16/32 concurrent conversations through the engine alone and through the
+   bot's worker (``Bot.handle`` -> store -> ``Worker`` -> engine), alternately
+   ``--pairs`` times each (worker/engine: the median of the pairs' ratios), and through
    plain sequential ``generate()`` (the seed's way), with % of the floor and
    each conversation's longest wait between two tokens (median and max);
 7. with ``--chunk-variants 256,512,0``: the largest batch's burst again,
@@ -68,10 +69,10 @@ from bench.gpu_measure import (
     generate_batch_run,
     generate_run,
     log,
+    paired_runs,
     random_prompt,
     step_breakdown,
     worker_prompt_ids,
-    worker_run,
     worker_texts,
 )
 from bench.gpu_report import table
@@ -99,6 +100,7 @@ class Options:
     followup_tokens: int = 0
     prefill_chunk: int = ModelConfig.prefill_chunk  # [model] prefill_chunk of the engine
     chunk_variants: list[int] = field(default_factory=list)  # the largest burst again at each (0: off)
+    pairs: int = 2  # engine and worker runs per batch, alternating (bench.gpu_measure.paired_runs)
 
 
 def parse(argv: list[str] | None) -> Options:
@@ -126,7 +128,12 @@ def parse(argv: list[str] | None) -> Options:
     ap.add_argument("--chunk-variants", default="",
                     help="after the batch runs, the largest batch's burst again at each of these "
                          "prefill chunks, e.g. 256,512,0 (0: off); default: skipped")
+    ap.add_argument("--pairs", type=int, default=2,
+                    help="engine and worker runs per batch, alternating in ABBA order (E W, W E, ...); "
+                         "worker/engine is the median of the pairs' ratios (default %(default)s)")
     a = ap.parse_args(argv)
+    if a.pairs < 1:
+        ap.error("--pairs must be 1 or more")
     if a.prefill_chunk < 1:
         ap.error("--prefill-chunk must be 1 or more")
     try:
@@ -161,6 +168,7 @@ def parse(argv: list[str] | None) -> Options:
         followup_tokens=100 if tiny else a.followup_tokens,
         prefill_chunk=a.prefill_chunk,
         chunk_variants=variants,
+        pairs=a.pairs,
     )
 
 
@@ -261,6 +269,8 @@ async def main_async(opt: Options) -> dict[str, Any]:
         await followup_run(engine, res, rng, opt.followup_tokens, shape.vocab, settings)
 
     runs: dict[str, dict[int, RunResult]] = {"engine": {}, "worker": {}, "generate": {}, "generate_batch": {}}
+    every: dict[str, dict[int, list[RunResult]]] = {"engine": {}, "worker": {}}  # every paired run
+    ratios: dict[int, dict[str, Any]] = {}  # worker/engine per batch (Pairs.summary)
     words = max(1, opt.prompt_tokens - 45)  # the worker's prompt adds the system prompt
     # warm-up at the run's shapes (first-use kernel selection stays out of the numbers)
     await engine_run(engine, worker_prompt_ids(engine, worker_texts(1, words, shape.vocab), settings),
@@ -273,14 +283,12 @@ async def main_async(opt: Options) -> dict[str, Any]:
             if n == max_batch:
                 burst = prompts
             res.setdefault("prompt_len", {})[n] = statistics.mean(len(p) for p in prompts)
-            runs["engine"][n] = await engine_run(engine, prompts, settings)
-            log(f"engine  n={n}: {runs['engine'][n]}")
-            try:
-                runs["worker"][n] = await worker_run(engine, texts, gen, Path(db_dir), f"n{n}")
-            except Exception as exc:  # keep the other rows
-                log(f"worker n={n} failed: {exc!r}")
-                runs["worker"][n] = RunResult(n, 0, 0.0, 0.0, 0.0, 0.0, {"error": repr(exc)})
-            log(f"worker  n={n}: {runs['worker'][n]}")
+            pairs = await paired_runs(engine, prompts, texts, settings, gen, Path(db_dir), opt.pairs)
+            ratio = ratios[n] = pairs.summary()
+            every["engine"][n], every["worker"][n] = pairs.engine, pairs.worker
+            for kind in ("engine", "worker"):  # the median run of each kind is its row
+                runs[kind][n] = every[kind][n][ratio["reported"][kind]]
+            log(f"worker/engine n={n}: {ratio['ratio']:.3f} (pairs {', '.join(f'{x:.3f}' for x in ratio['pairs'])})")
     # chunked prefill: the same burst at each chunk, engine only, cold
     variants = await chunk_variants(engine, burst, settings, opt.chunk_variants)
     await engine.close()
@@ -325,20 +333,28 @@ async def main_async(opt: Options) -> dict[str, Any]:
     res["runs"] = {
         kind: {
             str(n): {
-                **r.__dict__,
-                "wall_tok_s": r.wall_tok_s,
+                **_run_json(r),
                 "floor_tok_s": floor_tok_s(n),
             }
             for n, r in by_n.items()
         }
         for kind, by_n in runs.items()
     }
-    res["chunk_variants"] = {c: {**r.__dict__, "wall_tok_s": r.wall_tok_s} for c, r in variants.items()}
+    res["pair_runs"] = {  # every run of the pairs, in pair order; "runs" holds each kind's median
+        kind: {str(n): [_run_json(r) for r in rs] for n, rs in by_n.items()}
+        for kind, by_n in every.items()
+    }
+    res["worker_engine"] = {str(n): v for n, v in ratios.items()}
+    res["chunk_variants"] = {c: _run_json(r) for c, r in variants.items()}
     res["options"] = {k: str(v) for k, v in opt.__dict__.items()}
     one = runs["engine"].get(1)
     res["single_ms_step"] = one.decode_ms_per_token if one else 0.0
     res["table"] = table(res, opt)
     return res
+
+
+def _run_json(r: RunResult) -> dict[str, Any]:
+    return {**r.__dict__, "wall_tok_s": r.wall_tok_s}
 
 
 def main(argv: list[str] | None = None) -> int:

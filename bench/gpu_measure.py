@@ -3,7 +3,8 @@
 Device bandwidth (:func:`copy_bandwidth`); one decode step's GPU time and its
 quantized products' share (:func:`time_step`, :func:`time_gemms`,
 :func:`step_breakdown`); N conversations through the batched engine
-(:func:`engine_run`), through the bot's worker (:func:`worker_run`), through
+(:func:`engine_run`), through the bot's worker (:func:`worker_run`), the two
+alternately in pairs (:func:`paired_runs`), through
 sequential ``generate()`` and transformers' ``generate_batch`` (the baselines);
 a follow-up's TTFT with its prefix reused (:func:`followup_run`); and the
 batched path's logits against transformers' forward (:func:`check_logits`,
@@ -387,6 +388,76 @@ async def worker_run(
     result.extra["errors"] = errors
     return result
 
+
+
+@dataclass
+class Pairs:
+    """One batch's engine and worker runs, pair by pair (``engine[i]`` and
+    ``worker[i]`` ran next to each other), and the order each pair ran in."""
+
+    engine: list[RunResult]
+    worker: list[RunResult]
+    order: list[str]  # "EW" or "WE", per pair
+
+    def ratios(self) -> list[float]:
+        """worker_i / engine_i in wall tok/s, pair by pair (0 where the engine made nothing)."""
+        return [w.wall_tok_s / e.wall_tok_s if e.wall_tok_s > 0 else 0.0
+                for e, w in zip(self.engine, self.worker, strict=True)]
+
+    def summary(self) -> dict[str, Any]:
+        """The median pair ratio, every pair's, their range, and which run of
+        each kind is reported (:func:`median_index`)."""
+        ratios = self.ratios()
+        return {
+            "ratio": statistics.median(ratios), "pairs": ratios, "min": min(ratios), "max": max(ratios),
+            "order": self.order,
+            "reported": {"engine": median_index(self.engine), "worker": median_index(self.worker)},
+        }
+
+
+def median_index(runs: list[RunResult]) -> int:
+    """The run at the median wall tok/s (of an even count, the lower middle:
+    a run that happened, never an average of two)."""
+    by_speed = sorted(range(len(runs)), key=lambda i: runs[i].wall_tok_s)
+    return by_speed[(len(runs) - 1) // 2]
+
+
+async def paired_runs(
+    engine: BatchedEngine, prompts: list[list[int]], texts: list[str], settings: Settings,
+    gen: GenerationConfig, db_dir: Path, pairs: int,
+) -> Pairs:
+    """The same burst through the engine alone and through the bot's worker,
+    ``pairs`` times each, alternating in ABBA order (E W, W E, E W, ...): a
+    burst varies between two runs in a row by more than the worker costs, and
+    whatever drifts over the runs (first-use stalls, clocks, the allocator)
+    would always favour the kind that runs second in E W E W; in ABBA each
+    kind runs first equally often, so a steady drift cancels in the median."""
+    out = Pairs([], [], [])
+    n = len(prompts)
+    for i in range(pairs):
+        order = "EW" if i % 2 == 0 else "WE"
+        got: dict[str, RunResult] = {}
+        for kind in order:
+            if kind == "E":
+                got[kind] = await engine_run(engine, prompts, settings)
+            else:
+                got[kind] = await _worker_or_error(engine, texts, gen, db_dir, f"n{n}p{i}")
+            log(f"{'engine' if kind == 'E' else 'worker'}  n={n} pair {i + 1}/{pairs}: {got[kind]}")
+        out.engine.append(got["E"])
+        out.worker.append(got["W"])
+        out.order.append(order)
+    return out
+
+
+async def _worker_or_error(
+    engine: BatchedEngine, texts: list[str], gen: GenerationConfig, db_dir: Path, tag: str
+) -> RunResult:
+    """:func:`worker_run`, or an empty result that carries its error (the other rows are kept)."""
+    try:
+        return await worker_run(engine, texts, gen, db_dir, tag)
+    except Exception as exc:
+        log(f"worker {tag} failed: {exc!r}")
+        return RunResult(len(texts), 0, 0.0, 0.0, 0.0, 0.0, {"error": repr(exc)})
 
 class _TimingStreamer:
     def __init__(self) -> None:

@@ -36,6 +36,21 @@ def _gap(r: dict[str, Any]) -> str:
     return f"{r['extra']['gap_p50_s'] * 1e3:.0f} ms (max {r['extra']['gap_max_s'] * 1e3:.0f})"
 
 
+def _ratio(res: dict[str, Any], key: str) -> str:
+    """worker/engine at one batch: the median of the pairs' ratios and, with
+    more than one pair, their range in brackets."""
+    r = res.get("worker_engine", {}).get(key)
+    if r is None:
+        return ""
+    if len(r["pairs"]) < 2:
+        return f"{r['ratio']:.3f}"
+    return f"{r['ratio']:.3f} ({r['min']:.2f}–{r['max']:.2f})"
+
+
+def _pair_count(res: dict[str, Any]) -> int:
+    return max((len(r["pairs"]) for r in res.get("worker_engine", {}).values()), default=1)
+
+
 def _chunk_rows(res: dict[str, Any], opt: RunOptions) -> list[str]:
     variants = res.get("chunk_variants") or {}
     if not variants:
@@ -94,13 +109,11 @@ def table(res: dict[str, Any], opt: RunOptions) -> str:
     runs = res["runs"]
     for n in opt.batches:
         key = str(n)
-        eng = runs["engine"][key]
         for kind in ("engine", "worker", "generate", "generate_batch"):
             r = runs[kind].get(key)
             if r is None:
                 continue
-            ratio = (f"{r['wall_tok_s'] / eng['wall_tok_s']:.3f}"
-                     if kind == "worker" and eng["wall_tok_s"] > 0 else "")
+            ratio = _ratio(res, key) if kind == "worker" else ""
             label = {"engine": "batched engine", "worker": "bot worker + engine",
                      "generate": "sequential generate()",
                      "generate_batch": "transformers generate_batch"}[kind]
@@ -128,7 +141,10 @@ def table(res: dict[str, Any], opt: RunOptions) -> str:
         "floor: N x copy bandwidth / (weight bytes + N x context x KV bytes/token); "
         "decode tok/s: sum over conversations of (tokens-1)/(last-first token time); "
         "wall tok/s: all new tokens / (first submission -> last token), prefill included; "
-        "longest gap: each conversation's longest wait between two of its tokens after the first"
+        "longest gap: each conversation's longest wait between two of its tokens after the first; "
+        f"engine and worker rows: each one's median run (by wall tok/s) of {_pair_count(res)}, the two "
+        "alternating in ABBA order (E W, W E, ...); "
+        "worker/engine: the median over the pairs of worker wall tok/s / engine wall tok/s (range)"
     )
     return "\n".join(lines)
 

@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,7 +21,7 @@ def test_bench_tiny_prints_the_table(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(
         [sys.executable, "-m", "bench.gpu", "--tiny", "--checkpoint", str(tmp_path / "ckpt"),
-         "--out", str(out), "--prefill-chunk", "16", "--chunk-variants", "16,0"],
+         "--out", str(out), "--prefill-chunk", "16", "--chunk-variants", "16,0", "--pairs", "2"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=280,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -44,6 +48,8 @@ def test_bench_tiny_prints_the_table(tmp_path: Path) -> None:
         for r in res["runs"][kind].values():
             assert 0 < r["extra"]["gap_p50_s"] <= r["extra"]["gap_max_s"] <= r["wall_s"], (kind, r)
     assert res["prefill_chunk"] == 16
+    for n in (1, 4, 16, 32):
+        _assert_pairs(res, text, str(n), 2)
     # the largest burst again, once per chunk (0: off), each a row of its own table
     variants = res["chunk_variants"]
     assert set(variants) == {"16", "0"}
@@ -61,3 +67,26 @@ def test_bench_tiny_prints_the_table(tmp_path: Path) -> None:
         assert 0 < where["prefill_s"] + where["step_s"] <= v["wall_s"]
     # prompts longer than 16 tokens are chunked while others decode; off, never
     assert variants["16"]["extra"]["prefill_chunks"] > 0 == variants["0"]["extra"]["prefill_chunks"]
+
+
+def _assert_pairs(res: dict[str, Any], text: str, n: str, k: int) -> None:
+    """Engine and worker ran k times each at batch n, in ABBA order; each
+    row is its kind's median run; worker/engine is the median of the pairs'
+    ratios, computed here again from the stored runs."""
+    pair_runs, runs, we = res["pair_runs"], res["runs"], res["worker_engine"]
+    eng, wrk = pair_runs["engine"][n], pair_runs["worker"][n]
+    assert len(eng) == len(wrk) == k
+    assert all(r["n"] == int(n) and r["tokens"] == int(n) * 8 for r in eng + wrk)
+    speed = [[r["tokens"] / r["wall_s"] for r in rs] for rs in (eng, wrk)]
+    ratios = [w / e for e, w in zip(*speed, strict=True)]
+    got = we[n]
+    assert got["order"] == ["EW", "WE"][:k]
+    assert got["pairs"] == pytest.approx(ratios, rel=1e-9)
+    assert got["ratio"] == pytest.approx(statistics.median(ratios), rel=1e-9)
+    assert (got["min"], got["max"]) == (min(got["pairs"]), max(got["pairs"]))
+    for kind, rs, sp in (("engine", eng, speed[0]), ("worker", wrk, speed[1])):
+        row = runs[kind][n]
+        assert row["wall_s"] == rs[got["reported"][kind]]["wall_s"]  # one of the runs, not an average
+        assert sorted(sp)[(k - 1) // 2] == sp[got["reported"][kind]]  # the (lower) median by speed
+    shown = f"| {got['ratio']:.3f} ({got['min']:.2f}–{got['max']:.2f}) |"
+    assert re.search(rf"^\| {n} \| bot worker \+ engine .*{re.escape(shown)}$", text, re.M), shown
