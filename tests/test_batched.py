@@ -280,6 +280,27 @@ def test_decode_core_step_matches_forward(tiny_model: Any) -> None:
     assert float((step - ref).norm() / ref.norm()) < 1e-4
 
 
+def test_compiled_prompt_glue_matches_the_forward_at_every_length(tiny_model: Any) -> None:
+    """On the GPU a prompt's glue (rope + layout, residual + RMSNorm, SiLU x
+    up) is compiled, the length dynamic from the second length on: its
+    prefill logits, at several lengths and for a second chunk onto a cached
+    prefix, are the forward's."""
+    compiled = DecodeCore(tiny_model, 2, 200, use_graphs=False, compile_glue=True)
+    assert compiled.glue is not None and "prompt_rope_qk" in compiled.glue
+    gen = torch.Generator().manual_seed(5)
+    with torch.inference_mode():
+        for n in (37, 90):
+            ids = torch.randint(1, VOCAB, (n,), generator=gen).tolist()
+            ref = tiny_model(torch.tensor([ids])).logits[0, -1]
+            got = compiled.prefill(0, ids)
+            assert float((got - ref).norm() / ref.norm()) < 1e-5, n
+        ids = torch.randint(1, VOCAB, (120,), generator=gen).tolist()
+        compiled.prefill(1, ids[:64])
+        got = compiled.prefill(1, ids, start=64)
+        ref = tiny_model(torch.tensor([ids])).logits[0, -1]
+    assert float((got - ref).norm() / ref.norm()) < 1e-5
+
+
 async def test_warm_prompts_leave_no_trace(tiny_model: Any, llama_tok: Any) -> None:
     """The start-up warm-up of prompt shapes runs prefills (a chunked one
     too) in the last row and zeroes it: replies afterwards are unchanged."""

@@ -62,18 +62,6 @@ def _glue_silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return F.silu(g) * u
 
 
-def _glue_prompt_rope_qk(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A prompt's ``q [m, heads, hd]`` and ``k [m, kv_heads, hd]`` (views of
-    the fused product's output) rotated by ``cos``/``sin [m, hd]``, as
-    ``[1, heads, m, hd]`` contiguous (attention's and the cache's layout)."""
-    c, s = cos[:, None, :], sin[:, None, :]
-    q = q * c + _rotate_half(q) * s
-    k = k * c + _rotate_half(k) * s
-    return q.transpose(0, 1).contiguous()[None], k.transpose(0, 1).contiguous()[None]
-
-
 def _eps(norm: Any) -> float:
     eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", None) or 1e-6
     return float(eps)
@@ -170,10 +158,12 @@ class DecodeCore:
             "silu_mul": _glue_silu_mul,
         }
         self.glue = {k: torch.compile(f, fullgraph=True) for k, f in fns.items()}  # type: ignore[call-overload]
-        # prompts: one compilation for every length (the decode step's are per bucket)
-        prompt_fns = {"prompt_rope_qk": _glue_prompt_rope_qk, "prompt_add_norm": _glue_add_norm,
+        # prompts: compiled apart from the steps' (whose shapes are a few
+        # buckets); the second prompt length recompiles them with the length
+        # dynamic (torch's automatic dynamic shapes), for every length after
+        prompt_fns = {"prompt_rope_qk": _glue_rope_qk, "prompt_add_norm": _glue_add_norm,
                       "prompt_silu_mul": _glue_silu_mul}
-        self.glue.update({k: torch.compile(f, fullgraph=True, dynamic=True)  # type: ignore[call-overload]
+        self.glue.update({k: torch.compile(f, fullgraph=True)  # type: ignore[call-overload]
                           for k, f in prompt_fns.items()})
 
     def reset_graphs(self) -> None:
@@ -297,15 +287,15 @@ class DecodeCore:
         m = n - start
         t = torch.tensor(ids[start:], dtype=torch.long, device=self.device)
         x = self.embed(t)[None]  # [1, m, D]
-        cos = self.cos[start:n]
-        sin = self.sin[start:n]
+        cos = self.cos[start:n][:, None]  # [m, 1, hd]
+        sin = self.sin[start:n][:, None]
         mask = None
         if start:  # new token i sees cache positions 0..start+i
             mask = self.ctx_range[:n][None, :] <= (start + self.ctx_range[:m])[:, None]
         use_row = m >= self.prompt_min_tokens  # dequantize + cuBLAS, where products have a row packing
         gqa = nkv != self.n_heads
         glue = self.glue or {}
-        rope_qk = glue.get("prompt_rope_qk", _glue_prompt_rope_qk)
+        rope_qk = glue.get("prompt_rope_qk", _glue_rope_qk)
         add_norm = glue.get("prompt_add_norm", _glue_add_norm)
         silu_mul = glue.get("prompt_silu_mul", _glue_silu_mul)
         first = self.layers[0].input_layernorm
@@ -313,6 +303,7 @@ class DecodeCore:
         for li, layer in enumerate(self.layers):
             q, k, v = self._proj(li, "qkv", h, use_row)
             q, k = rope_qk(q.view(m, self.n_heads, hd), k.view(m, nkv, hd), cos, sin)
+            q, k = q.transpose(0, 1)[None], k.transpose(0, 1)[None]  # [1, heads, m, hd] views
             v = v.view(1, m, nkv, hd).transpose(1, 2)
             self.k_cache[li, row, :, start:n] = k[0]
             self.v_cache[li, row, :, start:n] = v[0]
