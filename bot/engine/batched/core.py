@@ -294,12 +294,22 @@ class DecodeCore:
             mask = self.ctx_range[:n][None, :] <= (start + self.ctx_range[:m])[:, None]
         use_row = m >= self.prompt_min_tokens  # dequantize + cuBLAS, where products have a row packing
         gqa = nkv != self.n_heads
-        glue = self.glue or {}
+        # The compiled glue where the GPU's work is long (the dequantizing
+        # prompts); a short prompt is bound by the CPU's launches, and with
+        # the compiled glue a 21-token follow-up at 80 layers took 137 ms
+        # (docs/gpu-notes.md item 21).
+        glue = self.glue if self.glue is not None and use_row else {}
         rope_qk = glue.get("prompt_rope_qk", _glue_rope_qk)
-        add_norm = glue.get("prompt_add_norm", _glue_add_norm)
         silu_mul = glue.get("prompt_silu_mul", _glue_silu_mul)
-        first = self.layers[0].input_layernorm
-        x, h = add_norm(x, torch.zeros_like(x), first.weight, _eps(first))
+        fused_add_norm = glue.get("prompt_add_norm")
+
+        def add_norm(x: torch.Tensor, y: torch.Tensor, module: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            if fused_add_norm is not None:
+                return fused_add_norm(x, y, module.weight, _eps(module))  # type: ignore[no-any-return]
+            x = x + y
+            return x, self._norm(module, x)
+
+        h = self._norm(self.layers[0].input_layernorm, x)
         for li, layer in enumerate(self.layers):
             q, k, v = self._proj(li, "qkv", h, use_row)
             q, k = rope_qk(q.view(m, self.n_heads, hd), k.view(m, nkv, hd), cos, sin)
@@ -314,11 +324,9 @@ class DecodeCore:
                 vc = self.v_cache[li, row, :, :n][None]
                 o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=gqa)
             o = o.transpose(1, 2).reshape(1, m, self.n_heads * hd)
-            post = layer.post_attention_layernorm
-            x, h = add_norm(x, self._proj(li, "o", o, use_row)[0], post.weight, _eps(post))
+            x, h = add_norm(x, self._proj(li, "o", o, use_row)[0], layer.post_attention_layernorm)
             down = self._proj(li, "down", silu_mul(*self._proj(li, "gate_up", h, use_row)), use_row)[0]
-            nxt = self.layers[li + 1].input_layernorm if li + 1 < len(self.layers) else self.norm
-            x, h = add_norm(x, down, nxt.weight, _eps(nxt))
+            x, h = add_norm(x, down, self.layers[li + 1].input_layernorm if li + 1 < len(self.layers) else self.norm)
         out: torch.Tensor = self.lm_head(h[:, -1])[0]
         return out
 
