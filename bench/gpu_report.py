@@ -90,17 +90,25 @@ def table(res: dict[str, Any], opt: RunOptions) -> str:
         "| metric | value |",
         "|---|---|",
         f"| copy bandwidth (read+write) | {bw:.0f} GB/s |",
-        f"| decode, 1 conversation | {res['single_ms_step']:.1f} ms/step, "
-        f"{1e3 / max(res['single_ms_step'], 1e-9):.1f} tok/s |",
+    ]
+    if res.get("single_ms_step"):  # batch 1 was run
+        lines.append(f"| decode, 1 conversation | {res['single_ms_step']:.1f} ms/step, "
+                     f"{1e3 / res['single_ms_step']:.1f} tok/s |")
+    lines += [
         f"| decode step alone (graph replay), {min(opt.batches)} / {max(opt.batches)} conversations | "
         f"{_graph_ms(res, min(opt.batches)):.2f} / {_graph_ms(res, max(opt.batches)):.2f} ms |",
         f"| TTFT, {opt.ttft_tokens}-token prompt | {res['ttft_s'] * 1e3:.0f} ms "
         f"(generate(): {res['ttft_generate_s'] * 1e3:.0f} ms) |",
-        f"| TTFT, follow-up of 20 tokens in a {opt.followup_tokens}-token thread | "
-        f"{res.get('ttft_followup_s', 0.0) * 1e3:.0f} ms ({res.get('followup_reused_tokens', 0)} tokens "
-        f"reused; the thread's first prompt: {res.get('ttft_thread_cold_s', 0.0) * 1e3:.0f} ms; "
-        f"the first thread: {res.get('ttft_followup_first_s', 0.0) * 1e3:.0f} / "
-        f"{res.get('ttft_thread_cold_first_s', 0.0) * 1e3:.0f} ms) |",
+    ]
+    if "ttft_followup_s" in res:  # --followup-tokens 0 skips it
+        lines.append(
+            f"| TTFT, follow-up of 20 tokens in a {opt.followup_tokens}-token thread | "
+            f"{res['ttft_followup_s'] * 1e3:.0f} ms ({res.get('followup_reused_tokens', 0)} tokens "
+            f"reused; the thread's first prompt: {res.get('ttft_thread_cold_s', 0.0) * 1e3:.0f} ms; "
+            f"the first thread: {res.get('ttft_followup_first_s', 0.0) * 1e3:.0f} / "
+            f"{res.get('ttft_thread_cold_first_s', 0.0) * 1e3:.0f} ms) |"
+        )
+    lines += [
         "",
         "| conversations | path | wall tok/s | decode tok/s | ms/token each | TTFT median (p90) | "
         "longest gap median (max) | % of floor | worker/engine |",
