@@ -3,7 +3,7 @@
 #   bench/gpu-call.sh fidelity   # 8-layer proxies: every kernel, both checkpoints
 #   bench/gpu-call.sh full       # the 80-layer benchmark with its baselines
 #   bench/gpu-call.sh rowquant   # the row-layout kernels against Marlin, alone
-#   bench/gpu-call.sh prefill    # a long prompt's prefill: dequantize ahead or in line, profile
+#   bench/gpu-call.sh prefill    # a long prompt's prefill: products, dequantize, glue variants, profile
 # Run from the repository's root. Expects the wheels in .whl (scripts/gpu-wheels)
 # and, if a previous call brought them back, GPTQModel's compiled kernels as
 # .gpu/kcache/ext.tgz.* and the row kernels as .gpu/kcache/rowquant.tgz (carry

@@ -389,7 +389,6 @@ async def worker_run(
     return result
 
 
-
 @dataclass
 class Pairs:
     """One batch's engine and worker runs, pair by pair (``engine[i]`` and
@@ -458,6 +457,7 @@ async def _worker_or_error(
     except Exception as exc:
         log(f"worker {tag} failed: {exc!r}")
         return RunResult(len(texts), 0, 0.0, 0.0, 0.0, 0.0, {"error": repr(exc)})
+
 
 class _TimingStreamer:
     def __init__(self) -> None:
