@@ -62,6 +62,26 @@ def _glue_silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return F.silu(g) * u
 
 
+# The same glue for prompts, as functions of their own: torch.compile keeps its
+# compilations and its automatic-dynamic state per function (per code object),
+# so the prompts' (the length dynamic) stay apart from the decode step's
+# (static shapes, one per batch bucket, captured into CUDA graphs).
+def _prompt_rope_qk(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _glue_rope_qk(q, k, cos, sin)
+
+
+def _prompt_add_norm(
+    x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _glue_add_norm(x, y, w, eps)
+
+
+def _prompt_silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return _glue_silu_mul(g, u)
+
+
 def _eps(norm: Any) -> float:
     eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", None) or 1e-6
     return float(eps)
@@ -161,8 +181,8 @@ class DecodeCore:
         # prompts: compiled apart from the steps' (whose shapes are a few
         # buckets); the second prompt length recompiles them with the length
         # dynamic (torch's automatic dynamic shapes), for every length after
-        prompt_fns = {"prompt_rope_qk": _glue_rope_qk, "prompt_add_norm": _glue_add_norm,
-                      "prompt_silu_mul": _glue_silu_mul}
+        prompt_fns = {"prompt_rope_qk": _prompt_rope_qk, "prompt_add_norm": _prompt_add_norm,
+                      "prompt_silu_mul": _prompt_silu_mul}
         self.glue.update({k: torch.compile(f, fullgraph=True)  # type: ignore[call-overload]
                           for k, f in prompt_fns.items()})
 
