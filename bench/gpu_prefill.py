@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -32,15 +31,11 @@ os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:False")  # as b
 import torch
 import torch.nn.functional as F
 
-from bench.gpu_rowquant import SHAPES, channelwise
+from bench.gpu_rowquant import SHAPES, channelwise, log
 from bot.engine import rowquant
 
 LAYERS = 8
 TOKENS = 1000
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def eager_ms(fn: Callable[[], Any], reps: int = 5) -> float:
