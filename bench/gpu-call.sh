@@ -34,6 +34,13 @@ bring_back_row_kernels() {  # the row kernels if built here (new or changed sour
         tar czf "$OUT/rowquant.tgz" -C /tmp/xwin-kernels rowquant
     fi
 }
+bring_back_gptq_kernels() {  # GPTQModel's JIT-built kernels (Marlin's: ~245 s to build), when none were carried
+    if ! ls $KC/ext.tgz.* >/dev/null 2>&1 && [ -n "$(find /tmp/gptq-ext -name '*.so' 2>/dev/null)" ] \
+        && ! ls "$OUT"/ext.tgz.* >/dev/null 2>&1; then
+        (cd /tmp/gptq-ext && find . -name '*.so' -exec strip --strip-unneeded {} \; \
+            && tar czf - $(find . -name '*.so')) | split -b 15m - "$OUT/ext.tgz."
+    fi
+}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 if [ "$MODE" = rowquant ]; then
     timeout "$(left 560)" python3 -m bench.gpu_rowquant --out "$OUT/rowquant.json" "${@:2}" 2>&1 | tee "$OUT/rowquant.log"
@@ -42,15 +49,13 @@ elif [ "$MODE" = prefill ]; then
     timeout "$(left 560)" python3 -m bench.gpu_prefill --out "$OUT/prefill.json" "${@:2}" 2>&1 | tee "$OUT/prefill.log"
 elif [ "$MODE" = fidelity ]; then
     timeout "$(left 430)" python3 -m bench.gpu_fidelity --layers 8 --out "$OUT/fidelity.json" "${@:2}" 2>&1 | tee "$OUT/fidelity.log"
-    if ! ls $KC/ext.tgz.* >/dev/null 2>&1; then
-        (cd /tmp/gptq-ext && find . -name '*.so' -exec strip --strip-unneeded {} \; \
-            && tar czf - $(find . -name '*.so')) | split -b 15m - "$OUT/ext.tgz."
-        ls -la "$OUT"
-    fi
+    bring_back_gptq_kernels
     timeout "$(left 575)" python3 -m bench.gpu --layers 8 --batches 1,32 --new-tokens 32 \
         --baseline-max 2 --chunk-variants 512,0 --out "$OUT/smoke.json" 2>&1 | tail -40 | tee "$OUT/smoke.log"
 else
     timeout "$(left 585)" python3 -m bench.gpu --out "$OUT/full.json" "${@:2}" 2>&1 | tee "$OUT/full.log"
 fi
 bring_back_row_kernels
+bring_back_gptq_kernels
+ls -la "$OUT"
 echo "call took $(( $(date +%s) - START )) s"
