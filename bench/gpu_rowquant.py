@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from bot.engine import rowquant
-from bot.engine.gptq_regroup import REGROUP_SIZE, fused_marlin, marlin_class, regroup_module
+from bot.engine.gptq_regroup import fused_marlin
 
 LAYERS = 8
 # name, in, outs (fused products share their input)
@@ -89,33 +89,40 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref).norm() / ref.norm())
 
 
-def bench_shape(name: str, fin: int, outs: tuple[int, ...], dev: torch.device, res: dict[str, Any]) -> None:
+def bench_shape(name: str, fin: int, outs: tuple[int, ...], dev: torch.device, res: dict[str, Any],
+                batches: tuple[int, ...], splits: tuple[int, ...]) -> None:
     gen = torch.Generator().manual_seed(len(name))
     layers = [[channelwise(fin, n, gen, dev) for n in outs] for _ in range(LAYERS)]
     rqs = [rowquant.pack(mods) for mods in layers]
-    marlin = marlin_class()
     marlin_fused = [fused_marlin(mods) for mods in layers]
-    plain_marlin = [[regroup_module(m, REGROUP_SIZE, marlin) for m in mods] for mods in layers]
     nbytes = sum(rq.nbytes() for rq in rqs)
     row: dict[str, Any] = {"in": fin, "outs": outs, "bytes_per_layer": nbytes / LAYERS}
-    for m in (1, 2, 3, 4):
+
+    def timed(fn: Callable[[torch.Tensor], torch.Tensor], every: Callable[[torch.Tensor], Any],
+              x: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+        out = fn(x)
+        torch.cuda.synchronize()
+        ms = graph_ms(lambda: every(x))
+        return {"ms": ms / LAYERS, "gbs": nbytes / (ms * 1e-3) / 1e9, "err": rel_err(out, ref)}
+
+    for m in batches:
         x = torch.randn(m, fin, generator=gen).to(dev, torch.float16)
         ref = F.linear(x.float(), rowquant.reference(rqs[0]).float())
         cell: dict[str, Any] = {}
-        for rpw in (2, 4, 8):
-            rowquant.ROWS_PER_WARP = rpw
-            out = rowquant.gemv(rqs[0], x)
-            ms = graph_ms(lambda x=x: [rowquant.gemv(rq, x) for rq in rqs])
-            cell[f"row{rpw}"] = {"ms": ms / LAYERS, "gbs": nbytes / (ms * 1e-3) / 1e9, "err": rel_err(out, ref)}
-        rowquant.ROWS_PER_WARP = 4
-        out = marlin_fused[0](x)
-        ms = graph_ms(lambda x=x: [mod(x) for mod in marlin_fused])
-        cell["marlin_fused"] = {"ms": ms / LAYERS, "gbs": nbytes / (ms * 1e-3) / 1e9, "err": rel_err(out, ref)}
-        ms = graph_ms(lambda x=x: [[mod(x) for mod in mods] for mods in plain_marlin])
-        cell["marlin"] = {"ms": ms / LAYERS, "gbs": nbytes / (ms * 1e-3) / 1e9}
+        if m <= rowquant.MAX_ROWS:
+            cell["row4"] = timed(lambda x: rowquant.gemv(rqs[0], x),
+                                 lambda x: [rowquant.gemv(rq, x) for rq in rqs], x, ref)
+        if rowquant.mma_fits(rqs[0], m):
+            for sp in splits:
+                for tl in (1, 2):
+                    cell[f"mma_s{sp}_t{tl}"] = timed(
+                        lambda x, sp=sp, tl=tl: rowquant.mma(rqs[0], x, sp, tl),
+                        lambda x, sp=sp, tl=tl: [rowquant.mma(rq, x, sp, tl) for rq in rqs], x, ref)
+        cell["marlin_fused"] = timed(lambda x: marlin_fused[0](x),
+                                     lambda x: [mod(x) for mod in marlin_fused], x, ref)
         row[str(m)] = cell
-        log(f"{name} m={m}: " + ", ".join(f"{k} {v['ms'] * 1e3:.0f} us {v['gbs']:.0f} GB/s" for k, v in cell.items())
-            + f"; err row4 {cell['row4']['err']:.1e} marlin {cell['marlin_fused']['err']:.1e}")
+        log(f"{name} m={m}: " + ", ".join(f"{k} {v['ms'] * 1e3:.0f} us {v['gbs']:.0f} GB/s err {v['err']:.1e}"
+                                        for k, v in cell.items()))
     # prompts: 1,000 tokens
     x = torch.randn(1000, fin, generator=gen).to(dev, torch.float16)
     ref = F.linear(x[:64].float(), rowquant.reference(rqs[0]).float())
@@ -131,7 +138,12 @@ def bench_shape(name: str, fin: int, outs: tuple[int, ...], dev: torch.device, r
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--batches", default="1,2,4,8,16,24,32", help="rows of input to time")
+    ap.add_argument("--splits", default="0,1,2,4,8",
+                    help="the tensor-core kernel's splits of in_features (0: its own choice)")
     opt = ap.parse_args(argv)
+    batches = tuple(int(b) for b in opt.batches.split(","))
+    splits = tuple(int(b) for b in opt.splits.split(","))
     dev = torch.device("cuda:0")
     t0 = time.perf_counter()
     ok = rowquant.available(dev)
@@ -141,10 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     if not ok:
         return 1
     for name, fin, outs in SHAPES:
-        bench_shape(name, fin, outs, dev, res)
+        bench_shape(name, fin, outs, dev, res, batches, splits)
         torch.cuda.empty_cache()  # the shape's matrices are gone with its frame
     # a decode step's products at 80 layers, each way
-    for m in ("1", "2", "4"):
+    for m in map(str, batches):
         step = {k: 80 * sum(res[s][m][k]["ms"] for s, _, _ in SHAPES) for k in res["qkv"][m]}
         res[f"step80_ms_{m}"] = step
         log(f"80 layers' products at {m} row(s): " + ", ".join(f"{k} {v:.2f} ms" for k, v in step.items()))

@@ -17,6 +17,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
+
 namespace {
 
 constexpr int kWarps = 4;
@@ -157,6 +159,192 @@ __global__ void __launch_bounds__(kDequantThreads) dequant_kernel(
   }
 }
 
+// ---------------------------------------------------------------------------
+// rowquant_mma(x [m, k] half, w, scale, zero, splits) -> [m, n] half, m <= 32:
+// tensor cores (mma.sync m16n8k16, f32 sums) on the same row packing, for
+// decode steps of a few rows, where the row kernel's CUDA-core sums grow with
+// every row and Marlin reads its own second copy of the weights.
+//
+// k is cut into splits (as few as shared memory allows); a block stages its
+// split of x (every row) in shared memory once, then walks row groups of 256
+// outputs (blockIdx.x, + gridDim.x, ...: one block per multiprocessor), 8
+// warps each taking two tiles of 16 rows. A lane loads 16 bytes (32 codes) of
+// each of its rows per half-step (the 4 lanes of a row: 64 contiguous bytes),
+// two steps ahead of the one it multiplies.
+//
+// Fragments: mma's A operand wants, for lane (g = lane / 4, c = lane % 4),
+// rows g and g + 8 at the tile's columns 2c, 2c + 1, 2c + 8, 2c + 9. Any
+// bijection between the tile's 16 columns and 16 inputs serves, as long as x
+// (operand B) goes through the same one. Column pair (2c, 2c + 1) of k-tile
+// (h, i, s) is inputs base + 128h + 32c + 8i + 4s + {0, 1} (pair (2c + 8,
+// 2c + 9): + {2, 3}): exactly the half2s that ``code_pair(word, 2s)`` and
+// ``(word, 2s + 1)`` make from word i of the lane's 16 bytes, and for x the
+// 8 contiguous halves base + 128h + 32c + 8i + {0..7} give both k-tiles'
+// (s = 0, 1) B fragments. Shared memory holds x in that fragment order, so a
+// warp's read is one conflict-free 16-byte load per lane.
+//
+// The weight in the product is (q - z), exact in half; each output's sum (in
+// float) is multiplied by its scale at the end. With several splits, each
+// writes float partial sums and ``mma_finish_kernel`` adds them.
+constexpr int kMmaRows = 256;  // a row group: 16 warps of one 16-row tile, or 8 of two
+constexpr int kMmaSmem = 192 * 1024;  // bytes of staged x per block at most
+constexpr int kMmaStep = 256;          // inputs per step
+
+__device__ __forceinline__ uint32_t code_pair(uint32_t word, int j, half2 zero2) {
+  uint32_t bits = and_or(word >> (4 * j), 0x000F000Fu, 0x64006400u);  // 1024 + q in each half
+  half2 v = __hsub2(*reinterpret_cast<half2*>(&bits), zero2);           // q - z, exact
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+__device__ __forceinline__ void mma16816(float* c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+  asm(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+template <int NT, int kMmaTiles>  // tiles of 8 rows of x; 16-row tiles per warp
+__global__ void __launch_bounds__(kMmaRows / kMmaTiles * 2, 1) mma_kernel(
+    const int4* __restrict__ w, const half* __restrict__ scale, const half* __restrict__ zero,
+    const int4* __restrict__ x, half* __restrict__ out, float* __restrict__ part, int n, int k, int m,
+    int span) {
+  using Codes = int4[kMmaTiles][2][2];  // [tile][row g / g + 8][half-step]
+  constexpr int kMmaWarps = kMmaRows / 16 / kMmaTiles;
+  extern __shared__ int4 xs[];  // [step][h][i][NT][32 lanes] 16-byte fragments
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, c = lane & 3;
+  const int chunks = k / 32;  // int4 per weight row
+  const int k0 = blockIdx.y * span;
+  const int steps = min(span, k - k0) / kMmaStep;
+  {  // stage this split of x, every row, in fragment order
+    const int cols = steps * (kMmaStep / 8);  // 16-byte chunks of a row
+    for (int idx = threadIdx.x; idx < NT * 8 * cols; idx += kMmaWarps * 32) {
+      const int row = idx / cols, j = idx % cols;
+      const int st = j / 32, hh = (j / 16) & 1, cc = (j / 4) & 3, ii = j & 3;
+      int4 v = make_int4(0, 0, 0, 0);
+      if (row < m) v = __ldg(x + (static_cast<size_t>(row) * k + k0) / 8 + j);
+      xs[(((st * 2 + hh) * 4 + ii) * NT + row / 8) * 32 + (row % 8) * 4 + cc] = v;
+    }
+  }
+  __syncthreads();
+  const int groups = (n + kMmaRows - 1) / kMmaRows;
+  const int mine = (groups - static_cast<int>(blockIdx.x) + gridDim.x - 1) / gridDim.x;
+  const int total = mine * steps;
+  const int warp_row = (warp * kMmaTiles) * 16 + g;
+
+  auto row_of = [&](int it, int t, int r) {
+    return (blockIdx.x + (it / steps) * gridDim.x) * kMmaRows + warp_row + t * 16 + 8 * r;
+  };
+  auto load = [&](int it, Codes& q) {
+    if (it >= total) return;
+    const int col = k0 / 32 + (it % steps) * 8 + c;
+#pragma unroll
+    for (int t = 0; t < kMmaTiles; ++t)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int4* p = w + static_cast<size_t>(min(row_of(it, t, r), n - 1)) * chunks + col;
+        q[t][r][0] = load_once(p);
+        q[t][r][1] = load_once(p + 4);
+      }
+  };
+
+  float acc[kMmaTiles][NT][4];
+  half2 zero2[kMmaTiles][2];
+  auto work = [&](int it, const Codes& q) {
+    if (it >= total) return;
+    const int st = it % steps;
+    if (st == 0) {
+#pragma unroll
+      for (int t = 0; t < kMmaTiles; ++t) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) zero2[t][r] = __half2half2(zero[min(row_of(it, t, r), n - 1)]);
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[t][j][e] = 0.f;
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        int4 xf[NT];
+#pragma unroll
+        for (int j = 0; j < NT; ++j) xf[j] = xs[(((st * 2 + h) * 4 + i) * NT + j) * 32 + lane];
+        uint32_t a[kMmaTiles][2][4];  // every fragment of this k pair first, then the products
+#pragma unroll
+        for (int t = 0; t < kMmaTiles; ++t) {
+          const uint32_t lo = word_of(q[t][0][h], i), hi = word_of(q[t][1][h], i);
+#pragma unroll
+          for (int sub = 0; sub < 2; ++sub) {
+            a[t][sub][0] = code_pair(lo, 2 * sub, zero2[t][0]);
+            a[t][sub][1] = code_pair(hi, 2 * sub, zero2[t][1]);
+            a[t][sub][2] = code_pair(lo, 2 * sub + 1, zero2[t][0]);
+            a[t][sub][3] = code_pair(hi, 2 * sub + 1, zero2[t][1]);
+          }
+        }
+#pragma unroll
+        for (int sub = 0; sub < 2; ++sub)  // kMmaTiles * NT products between two on one sum
+#pragma unroll
+          for (int t = 0; t < kMmaTiles; ++t)
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+              const uint32_t b0 = static_cast<uint32_t>(sub == 0 ? xf[j].x : xf[j].z);
+              const uint32_t b1 = static_cast<uint32_t>(sub == 0 ? xf[j].y : xf[j].w);
+              mma16816(acc[t][j], a[t][sub][0], a[t][sub][1], a[t][sub][2], a[t][sub][3], b0, b1);
+            }
+      }
+    if (st != steps - 1) return;
+    // acc[t][j]: (row g, x row 8j + 2c), (g, 8j + 2c + 1), (g + 8, 8j + 2c), (g + 8, 8j + 2c + 1)
+#pragma unroll
+    for (int t = 0; t < kMmaTiles; ++t)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = row_of(it, t, r);
+        if (row >= n) continue;
+        const float sc = __half2float(scale[row]);
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          const int xr = 8 * j + 2 * c;
+          const float v0 = acc[t][j][2 * r], v1 = acc[t][j][2 * r + 1];
+          if (gridDim.y == 1) {
+            if (xr < m) out[static_cast<size_t>(xr) * n + row] = __float2half_rn(v0 * sc);
+            if (xr + 1 < m) out[static_cast<size_t>(xr + 1) * n + row] = __float2half_rn(v1 * sc);
+          } else {
+            *reinterpret_cast<float2*>(part + (static_cast<size_t>(blockIdx.y) * n + row) * (NT * 8) + xr) =
+                make_float2(v0, v1);
+          }
+        }
+      }
+  };
+
+  // three buffers: step it multiplies while it + 1 and it + 2 are in flight
+  Codes qa, qb, qc;
+  load(0, qa);
+  load(1, qb);
+  for (int it = 0; it < total; it += 3) {
+    load(it + 2, qc);
+    work(it, qa);
+    load(it + 3, qa);
+    work(it + 1, qb);
+    load(it + 4, qb);
+    work(it + 2, qc);
+  }
+}
+
+// out[r][o] = scale[o] * the sum of the splits' partial sums part[s][o][r]
+__global__ void mma_finish_kernel(const float* __restrict__ part, const half* __restrict__ scale,
+                                  half* __restrict__ out, int n, int m, int np, int splits) {
+  const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= n * m) return;
+  const int r = idx / n, o = idx % n;
+  float v = 0.f;
+  for (int s = 0; s < splits; ++s) v += part[(static_cast<size_t>(s) * n + o) * np + r];
+  out[idx] = __float2half_rn(v * __half2float(scale[o]));
+}
+
 template <int M, int R>
 void launch_gemv(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
                  const torch::Tensor& zero, torch::Tensor& out) {
@@ -192,6 +380,46 @@ void check_weights(const torch::Tensor& w, const torch::Tensor& scale, const tor
               "zero: n halves");
 }
 
+template <int NT, int TILES>
+void launch_mma(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
+                const torch::Tensor& zero, torch::Tensor& out, int splits) {
+  const int n = static_cast<int>(w.size(0)), k = static_cast<int>(w.size(1) * 8), m = static_cast<int>(x.size(0));
+  const int step_bytes = NT * 4096;  // staged x per step of 256 inputs
+  const int steps = k / kMmaStep;
+  const int max_steps = kMmaSmem / step_bytes;
+  if (splits <= 0) splits = (steps + max_steps - 1) / max_steps;  // as few as shared memory allows
+  splits = std::max(1, std::min(splits, steps));
+  const int per_split = std::min(max_steps, (steps + splits - 1) / splits);
+  splits = (steps + per_split - 1) / per_split;
+  const int smem = per_split * step_bytes;
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int groups = (n + kMmaRows - 1) / kMmaRows;
+  const int blocks = std::max(1, std::min(groups, sms / splits));  // one wave: a block per multiprocessor
+  static bool raised = false;  // once per instantiation
+  if (!raised) {
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(mma_kernel<NT, TILES>, cudaFuncAttributeMaxDynamicSharedMemorySize, kMmaSmem));
+    raised = true;
+  }
+  torch::Tensor part;
+  if (splits > 1) part = torch::empty({splits, n, NT * 8}, x.options().dtype(torch::kFloat32));
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  mma_kernel<NT, TILES><<<dim3(blocks, splits), kMmaRows / TILES * 2, smem, stream>>>(
+      reinterpret_cast<const int4*>(w.data_ptr<int32_t>()),
+      reinterpret_cast<const half*>(scale.data_ptr<at::Half>()),
+      reinterpret_cast<const half*>(zero.data_ptr<at::Half>()),
+      reinterpret_cast<const int4*>(x.data_ptr<at::Half>()), reinterpret_cast<half*>(out.data_ptr<at::Half>()),
+      splits > 1 ? part.data_ptr<float>() : nullptr, n, k, m, per_split * kMmaStep);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (splits > 1) {
+    const int total = n * m;
+    mma_finish_kernel<<<(total + 255) / 256, 256, 0, stream>>>(
+        part.data_ptr<float>(), reinterpret_cast<const half*>(scale.data_ptr<at::Half>()),
+        reinterpret_cast<half*>(out.data_ptr<at::Half>()), n, m, NT * 8, splits);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
 }  // namespace
 
 torch::Tensor rowquant_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor zero,
@@ -213,6 +441,37 @@ torch::Tensor rowquant_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scal
     dispatch_rows<4>(m, x, w, scale, zero, out);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+torch::Tensor rowquant_mma(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor zero,
+                           int64_t splits, int64_t tiles) {
+  check_weights(w, scale, zero);
+  TORCH_CHECK(x.is_cuda() && x.scalar_type() == torch::kHalf && x.dim() == 2 && x.is_contiguous(),
+              "x: a contiguous half CUDA matrix [m, k]");
+  TORCH_CHECK(x.size(1) == w.size(1) * 8, "x has ", x.size(1), " columns, the weights ", w.size(1) * 8);
+  TORCH_CHECK(x.size(1) % kMmaStep == 0, "rowquant_mma needs k to be a multiple of ", kMmaStep);
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 32, "rowquant_mma takes 1 to 32 rows, got ", x.size(0));
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned");
+  const at::cuda::OptionalCUDAGuard guard(x.device());
+  auto out = torch::empty({x.size(0), w.size(0)}, x.options());
+  const int s = static_cast<int>(splits);
+  const int nt = static_cast<int>((x.size(0) + 7) / 8);
+  if (tiles == 1) {
+    switch (nt) {
+      case 1: launch_mma<1, 1>(x, w, scale, zero, out, s); break;
+      case 2: launch_mma<2, 1>(x, w, scale, zero, out, s); break;
+      case 3: launch_mma<3, 1>(x, w, scale, zero, out, s); break;
+      default: launch_mma<4, 1>(x, w, scale, zero, out, s); break;
+    }
+  } else {
+    switch (nt) {
+      case 1: launch_mma<1, 2>(x, w, scale, zero, out, s); break;
+      case 2: launch_mma<2, 2>(x, w, scale, zero, out, s); break;
+      case 3: launch_mma<3, 2>(x, w, scale, zero, out, s); break;
+      default: launch_mma<4, 2>(x, w, scale, zero, out, s); break;
+    }
+  }
   return out;
 }
 
@@ -246,5 +505,6 @@ torch::Tensor rowquant_dequant(torch::Tensor w, torch::Tensor scale, torch::Tens
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &rowquant_gemv, "x [m<=4, k] times the row-packed 4-bit weights");
+  m.def("mma", &rowquant_mma, "x [m<=32, k] times the row-packed 4-bit weights, on tensor cores");
   m.def("dequant", &rowquant_dequant, "the row-packed 4-bit weights as a half [n, k] matrix");
 }

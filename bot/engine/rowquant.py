@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 # Input k0 + ORDER[p] sits in slot p of its word.
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 MAX_ROWS = 4  # the kernel's largest batch (one accumulator per row and output)
+MMA_MAX_ROWS = 32  # the tensor-core kernel's largest batch
+MMA_PIECE = 256  # the tensor-core kernel takes in_features in multiples of this
+MMA_SPLITS = 0  # splits of in_features (0: as few as the staged input allows)
+MMA_TILES = 2  # 16-row tiles per warp of the tensor-core kernel (1: 16 warps a block, 2: 8)
 ROWS_PER_WARP = 4  # output rows a warp computes (bench/gpu_rowquant.py measures 2, 4, 8)
 DEQUANT_ITEMS = 4  # words a thread of the dequantize unpacks (bench/gpu_prefill.py measures 1, 4, 8)
 _SOURCE = Path(__file__).with_name("rowquant.cu")
@@ -208,6 +212,26 @@ def gemv(rq: RowQuant, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = _kernels().gemv(x, rq.w, rq.scale, rq.zero, ROWS_PER_WARP)
         return out
     return F.linear(x, reference(rq, rq.scale.dtype).to(x.dtype))
+
+
+def mma_fits(rq: RowQuant, rows: int) -> bool:
+    """The tensor-core kernel takes ``rows`` rows of input for this product."""
+    return 1 <= rows <= MMA_MAX_ROWS and rq.in_features % MMA_PIECE == 0
+
+
+def mma(rq: RowQuant, x: torch.Tensor, splits: int | None = None, tiles: int | None = None) -> torch.Tensor:
+    """``x [m, in] @ W.T`` for ``m <= MMA_MAX_ROWS`` on tensor cores (the CUDA
+    kernel on a GPU; see :func:`mma_fits`): the weights as ``q - z``, exact,
+    each output's float sum times its scale."""
+    if _on_kernels(rq) and x.dtype == torch.float16:
+        x = x.contiguous()
+        if x.data_ptr() % 16:
+            x = x.clone()
+        out: torch.Tensor = _kernels().mma(x, rq.w, rq.scale, rq.zero, MMA_SPLITS if splits is None else splits,
+                                           MMA_TILES if tiles is None else tiles)
+        return out
+    codes = (_codes(rq).float() - (rq.zero.float() - 1024)[:, None])
+    return (F.linear(x.float(), codes) * rq.scale.float()).to(x.dtype)
 
 
 def dequantize(rq: RowQuant) -> torch.Tensor:
