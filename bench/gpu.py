@@ -60,6 +60,7 @@ from bench.gpu_checkpoint import (
 )
 from bench.gpu_measure import (
     RunResult,
+    batch_kernel_steps,
     check_logits,
     check_long_prefill,
     chunk_variants,
@@ -101,6 +102,7 @@ class Options:
     prefill_chunk: int = ModelConfig.prefill_chunk  # [model] prefill_chunk of the engine
     chunk_variants: list[int] = field(default_factory=list)  # the largest burst again at each (0: off)
     pairs: int = 2  # engine and worker runs per batch, alternating (bench.gpu_measure.paired_runs)
+    kernel_steps: bool = True  # the decode step with fused Marlin, then with the tensor-core kernel
 
 
 def parse(argv: list[str] | None) -> Options:
@@ -128,6 +130,8 @@ def parse(argv: list[str] | None) -> Options:
     ap.add_argument("--chunk-variants", default="",
                     help="after the batch runs, the largest batch's burst again at each of these "
                          "prefill chunks, e.g. 256,512,0 (0: off); default: skipped")
+    ap.add_argument("--no-kernel-steps", dest="kernel_steps", action="store_false",
+                    help="skip the decode step timed with fused Marlin and with the tensor-core kernel")
     ap.add_argument("--pairs", type=int, default=2,
                     help="engine and worker runs per batch, alternating in ABBA order (E W, W E, ...); "
                          "worker/engine is the median of the pairs' ratios (default %(default)s)")
@@ -169,6 +173,7 @@ def parse(argv: list[str] | None) -> Options:
         prefill_chunk=a.prefill_chunk,
         chunk_variants=variants,
         pairs=a.pairs,
+        kernel_steps=bool(a.kernel_steps),
     )
 
 
@@ -298,6 +303,11 @@ async def main_async(opt: Options) -> dict[str, Any]:
                           opt.prompt_tokens + opt.new_tokens // 2)
     res["diag"] = diag
     log(f"diagnostics: {diag}")
+    if opt.kernel_steps and core.products and core.products[0].qkv.batch is not None:
+        batches = [n for n in (1, 2, 4, 8, 16, 32) if n <= max_batch]
+        kd = res["batch_kernels"] = batch_kernel_steps(engine, model, shape.vocab, batches,
+                                                       opt.prompt_tokens + opt.new_tokens // 2)
+        log(f"batch kernels (fused Marlin, then the tensor-core kernel): {kd}")
     res["decode_steps"] = engine.scheduler.steps if engine.scheduler else 0
 
     base_settings = replace(settings, max_new_tokens=opt.baseline_tokens)

@@ -152,6 +152,33 @@ def step_breakdown(core: DecodeCore, batches: list[int], ctx: int) -> dict[str, 
     return diag
 
 
+def batch_kernel_steps(engine: BatchedEngine, model: Any, vocab: int, batches: list[int],
+                       ctx: int) -> dict[str, Any]:
+    """The decode step and its quantized products alone at each of ``batches``
+    rows, with the products' batch modules (fused Marlin) and then without
+    them (the row packing's tensor-core kernel, ``[model] batch_kernel =
+    "mma"``), whose logits are checked against transformers' forward. The
+    batch modules are gone after (their memory freed)."""
+    core = engine.core
+    assert core is not None and core.products is not None
+    out: dict[str, Any] = {}
+    for n in batches:
+        out[f"marlin_step_ms_{n}"] = 1e3 * time_step(core, n, ctx)
+        out[f"marlin_gemms_ms_{n}"] = 1e3 * time_gemms(core, n)
+    for layer in core.products:
+        for name in ("qkv", "o", "gate_up", "down"):
+            getattr(layer, name).batch = None
+    core.reset_graphs()
+    if core.device.type == "cuda":
+        torch.cuda.empty_cache()
+        out["freed_gb"] = torch.cuda.mem_get_info()[0] / 1e9
+    out["check_prefill_rel_err"], out["check_step_rel_err"] = check_logits(engine, model, vocab, 24)
+    for n in batches:
+        out[f"mma_step_ms_{n}"] = 1e3 * time_step(core, n, ctx)
+        out[f"mma_gemms_ms_{n}"] = 1e3 * time_gemms(core, n)
+    return out
+
+
 @contextmanager
 def collecting(engine: BatchedEngine) -> Iterator[list[StreamStats]]:
     """The stats of every stream that finishes inside the block, in order

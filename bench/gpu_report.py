@@ -74,6 +74,27 @@ def _chunk_rows(res: dict[str, Any], opt: RunOptions) -> list[str]:
     return [*lines, "(prefill and step times: each call between two synchronizations)", ""]
 
 
+def _batch_kernel_rows(res: dict[str, Any]) -> list[str]:
+    """The decode step with fused Marlin and with the row packing's
+    tensor-core kernel ([model] batch_kernel), where the run timed both."""
+    k = res.get("batch_kernels") or {}
+    batches = sorted(int(key.rsplit("_", 1)[1]) for key in k if key.startswith("mma_step_ms_"))
+    if not batches:
+        return []
+    lines = [
+        f"decode step (graph replay) with each batch kernel; the tensor-core kernel's logits against "
+        f"transformers' forward: prefill {k['check_prefill_rel_err']:.1e}, two-row step "
+        f"{k['check_step_rel_err']:.1e}; free memory without Marlin's copy: {k.get('freed_gb', 0.0):.1f} GB",
+        "",
+        "| rows | fused Marlin: step (products) ms | tensor-core kernel: step (products) ms |",
+        "|---|---|---|",
+    ]
+    for n in batches:
+        lines.append(f"| {n} | {k[f'marlin_step_ms_{n}']:.2f} ({k[f'marlin_gemms_ms_{n}']:.2f}) | "
+                     f"{k[f'mma_step_ms_{n}']:.2f} ({k[f'mma_gemms_ms_{n}']:.2f}) |")
+    return [*lines, "(one row: the row kernel either way)", ""]
+
+
 def table(res: dict[str, Any], opt: RunOptions) -> str:
     bw = res["copy_bandwidth_gbs"]
     s = res["shape"]
@@ -145,6 +166,7 @@ def table(res: dict[str, Any], opt: RunOptions) -> str:
                 f"{d[f'step_module_norm_ms_{n}']:.2f} ms; its GPTQ products alone "
                 f"{d[f'gemms_ms_{n}']:.2f} ms"
             )
+    lines += _batch_kernel_rows(res)
     lines.append(
         "floor: N x copy bandwidth / (weight bytes + N x context x KV bytes/token); "
         "decode tok/s: sum over conversations of (tokens-1)/(last-first token time); "

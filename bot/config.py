@@ -65,6 +65,14 @@ class ModelConfig:
     # reply's steps and long prompts (bot/engine/products.py). false: Marlin
     # alone, every module regrouped (slower at one reply; an escape hatch).
     row_kernel: bool = True
+    # With row_kernel, what multiplies decode steps of 2+ replies and prompts
+    # under 256 tokens (docs/benchmarks.md has the timings): "marlin", fused
+    # Marlin over a second copy of the weights (35 GB more for the 70B model),
+    # fastest from 16 replies up; "mma", the project's tensor-core kernel on
+    # the row packing, no second copy, as fast up to 8 replies, slower beyond;
+    # "auto", marlin where the GPU holds the copy and the whole KV cache
+    # (max_batch x context_length), else mma.
+    batch_kernel: Literal["auto", "marlin", "mma"] = "auto"
 
 
 @dataclass(frozen=True)

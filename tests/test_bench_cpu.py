@@ -90,3 +90,21 @@ def _assert_pairs(res: dict[str, Any], text: str, n: str, k: int) -> None:
         assert sorted(sp)[(k - 1) // 2] == sp[got["reported"][kind]]  # the (lower) median by speed
     shown = f"| {got['ratio']:.3f} ({got['min']:.2f}–{got['max']:.2f}) |"
     assert re.search(rf"^\| {n} \| bot worker \+ engine .*{re.escape(shown)}$", text, re.M), shown
+
+
+def test_the_report_shows_both_batch_kernels() -> None:
+    """The GPU run times the decode step with fused Marlin and with the
+    tensor-core kernel (bench.gpu_measure.batch_kernel_steps); the report puts
+    them side by side, one row per batch, with the latter's check."""
+    from bench.gpu_report import _batch_kernel_rows
+
+    assert _batch_kernel_rows({}) == []
+    k: dict[str, float] = {"check_prefill_rel_err": 4.1e-4, "check_step_rel_err": 4.6e-4, "freed_gb": 137.1}
+    for n, (a, b, c, d) in {1: (1.44, 1.03, 1.45, 1.03), 32: (2.67, 1.77, 3.66, 2.72)}.items():
+        k.update({f"marlin_step_ms_{n}": a, f"marlin_gemms_ms_{n}": b,
+                  f"mma_step_ms_{n}": c, f"mma_gemms_ms_{n}": d})
+    lines = _batch_kernel_rows({"batch_kernels": k})
+    assert "two-row step 4.6e-04" in lines[0] and "137.1 GB" in lines[0]
+    assert "| 1 | 1.44 (1.03) | 1.45 (1.03) |" in lines
+    assert "| 32 | 2.67 (1.77) | 3.66 (2.72) |" in lines
+    assert lines.index("| 1 | 1.44 (1.03) | 1.45 (1.03) |") < lines.index("| 32 | 2.67 (1.77) | 3.66 (2.72) |")

@@ -67,6 +67,26 @@ def test_nibble_order_pairs_neighbouring_inputs() -> None:
         assert (slots[j], slots[j + 4]) == (2 * j, 2 * j + 1)
 
 
+def decode_all(engine: BatchedEngine, prompts: list[list[int]]) -> list[list[int]]:
+    """Greedy ids for every prompt, decoded together (the engine started and closed)."""
+
+    async def run() -> list[list[int]]:
+        await engine.start()
+
+        async def one(p: list[int]) -> list[int]:
+            got: list[int] = []
+            async for chunk in engine.stream_ids(p, GREEDY):
+                got.extend(chunk)
+            return got
+
+        try:
+            return list(await asyncio.gather(*(one(p) for p in prompts)))
+        finally:
+            await engine.close()
+
+    return asyncio.run(run())
+
+
 def fused(path: Path) -> tuple[Any, Any, list[products.LayerProducts]]:
     engine = load(path)
     model = engine.model
@@ -112,24 +132,10 @@ def test_fused_products_decode_like_generate(channelwise_checkpoint: Path) -> No
 
         product.batch = spy
 
-    async def run(group: list[list[int]]) -> list[list[int]]:
-        await engine.start()
-
-        async def one(p: list[int]) -> list[int]:
-            got: list[int] = []
-            async for chunk in engine.stream_ids(p, GREEDY):
-                got.extend(chunk)
-            return got
-
-        try:
-            return list(await asyncio.gather(*(one(p) for p in group)))
-        finally:
-            await engine.close()
-
-    assert asyncio.run(run(prompts)) == want  # two rows: the batch modules
+    assert decode_all(engine, prompts) == want  # two rows: the batch modules
     assert "batch" in used
     used.clear()
-    assert asyncio.run(run(prompts[:1])) == want[:1]  # one row: the row path only
+    assert decode_all(engine, prompts[:1]) == want[:1]  # one row: the row path only
     assert used == ["batch"] * 4  # its 5-token prompt, shorter than 8: the batch modules; decode: rows
     assert max(engine.verify()) < 1e-4  # the load check, with its two-row step
 
@@ -159,3 +165,91 @@ def test_the_load_check_catches_a_wrong_batch_kernel(channelwise_checkpoint: Pat
         engine.verify()
     assert "set [model] row_kernel = false (Marlin alone)" in str(err.value)  # the nearer fallback
 
+
+
+def test_the_tensor_core_paths_arithmetic() -> None:
+    """``rowquant.mma`` (its CPU path here; the kernel's on a GPU, checked by
+    the load check) computes ``(q - z)`` exactly, sums in float and scales
+    each output once: the dequantized weights' product to float rounding."""
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (24, 64), generator=gen, dtype=torch.uint8)
+    zero = torch.randint(0, 16, (24,), generator=gen).float()
+    scale = torch.rand(24, generator=gen) / 10
+    rq = rowquant.RowQuant(w=rowquant._pack_rows(codes), scale=scale, zero=zero + 1024, splits=(24,))
+    x = torch.randn(5, 64, generator=gen)
+    weights = (codes.double() - zero.double()[:, None]) * scale.double()[:, None]
+    torch.testing.assert_close(rowquant.mma(rq, x).double(), x.double() @ weights.t(), rtol=1e-5, atol=1e-6)
+    assert rowquant.mma_fits(rq, 1) and rowquant.mma_fits(rq, rowquant.MMA_MAX_ROWS)
+    assert not rowquant.mma_fits(rq, rowquant.MMA_MAX_ROWS + 1) and not rowquant.mma_fits(rq, 0)
+
+
+def test_without_a_batch_module_batches_use_the_tensor_core_path(
+    channelwise_checkpoint: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    """``batch_kernel = "mma"`` (or "auto" on a GPU too small for Marlin's
+    copy): no batch module; decode steps of several rows and short prompts go
+    through ``rowquant.mma`` on the row packing, and still decode like
+    ``generate()``; a wrong one fails the load check, which says what to set."""
+    loader = load(channelwise_checkpoint)
+    model = loader.model
+    prompts = [[1, 300, 301, 302, 303], [1, 410, 411, 412, 413, 414, 415, 416, 417, 418, 419]]
+    with torch.no_grad():
+        want = [model.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False)[0, len(p):].tolist()
+                for p in prompts]
+    built = products.build(model, None)
+    kernels = _fused_kernels(built)
+    assert "tensor-core kernel (batches)" in kernels
+    rows: list[int] = []
+    real = rowquant.mma
+
+    def spy(rq: rowquant.RowQuant, x: torch.Tensor, *args: Any) -> torch.Tensor:
+        rows.append(x.shape[0])
+        return real(rq, x, *args)
+
+    monkeypatch.setattr(rowquant, "mma", spy)
+    cfg = ModelConfig(id="channelwise", max_batch=4, context_length=256)
+    engine = BatchedEngine.over(model, loader.tokenizer, cfg, eos_ids=(), max_len=257)
+    assert engine.core is not None
+    engine.core.set_products(built)
+
+    assert decode_all(engine, prompts) == want
+    assert {5, 11} <= set(rows) and 2 in rows  # both prompts, and steps of two rows
+    assert max(engine.verify()) < 1e-4
+    monkeypatch.setattr(rowquant, "mma", lambda rq, x, *args: -real(rq, x, *args))
+    engine._description = {"gptq kernel": kernels}
+    with pytest.raises(ConfigError, match="decodes wrongly on the batched path") as err:
+        engine.verify()
+    assert 'set [model] batch_kernel = "marlin"' in str(err.value)
+
+
+def test_batch_kernel_auto_keeps_marlins_copy_only_where_it_fits(
+    channelwise_checkpoint: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    """"auto" builds fused Marlin (a second copy of the weights) only when the
+    GPU's free memory holds it and the KV cache the engine reserves."""
+    from bot.engine.batched.engine import kv_token_bytes
+    from bot.engine.gptq_regroup import REGROUP_SIZE, marlin_copy_bytes
+    from bot.engine.transformers import TransformersEngine
+
+    model = load(channelwise_checkpoint).model
+    mods = products.modules(model)
+    assert len(mods) == 7 * len(model.model.layers)
+    copy = marlin_copy_bytes(mods)
+    codes = sum(m.qweight.numel() * 4 for m in mods)
+    assert copy == codes + sum(-(-m.in_features // REGROUP_SIZE) * m.out_features * 2 for m in mods)
+
+    def decide(kind: str, free: int, reserve: int) -> bool:
+        loader = TransformersEngine(ModelConfig(id="channelwise", batch_kernel=kind))  # type: ignore[arg-type]
+        loader.kv_reserve = lambda model: reserve
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 2 * free))
+        return loader._marlin_copy(model)
+
+    assert decide("auto", copy + 1000, 1000)
+    assert not decide("auto", copy + 999, 1000)
+    assert decide("marlin", 0, 10**12) and not decide("mma", 10**12, 0)
+    # what the engine reserves: every layer's keys and values per position and row
+    cfg = ModelConfig(id="channelwise", max_batch=3, context_length=40)
+    engine = BatchedEngine.over(model, None, cfg, eos_ids=(), max_len=41)  # type: ignore[arg-type]
+    assert engine.core is not None
+    cache = engine.core.k_cache.nbytes + engine.core.v_cache.nbytes
+    assert kv_token_bytes(model) * 3 * 41 == cache

@@ -44,6 +44,11 @@ def unusable(model_id: str, kernel: str, backend: str, problem: str) -> ConfigEr
             "(\"float16\" or \"bfloat16\" on a GPU)"
         )
     alternative = "torch" if backend == "marlin" else "marlin"
+    if "tensor-core" in kernel:  # the row packing alone: its batches through fused Marlin first
+        return ConfigError(
+            f"model {model_id} {problem} with the GPTQ kernels {kernel}: set [model] "
+            f"batch_kernel = \"marlin\" (or row_kernel = false, Marlin alone) instead"
+        )
     if "row kernel" in kernel:  # fused products: Marlin alone is the nearer fallback
         return ConfigError(
             f"model {model_id} {problem} with the GPTQ kernels {kernel}: set [model] "

@@ -12,8 +12,12 @@ two packings of the same weights and picks by the shape of its input:
   against Marlin's 12.7 fused, 16.3 apart) and prompts of
   :data:`PROMPT_MIN_TOKENS` tokens or more (dequantize + cuBLAS: 1.7x
   Marlin's speed at 1,000 tokens);
-- ``batch`` (a Marlin module over the fused weights, regrouped from the same
-  codes): decode steps of more rows and shorter prompts.
+- the batch path, for decode steps of more rows and shorter prompts: a Marlin
+  module over the fused weights (``batch``, regrouped from the same codes: a
+  second copy of the weights), or without it (``[model] batch_kernel``) the
+  row packing's tensor-core kernel (``rowquant.mma``, up to 32 rows; H200,
+  80 layers' products at 2 / 8 / 16 / 32 rows: 13.0 / 13.7 / 18.9 / 26.4 ms
+  against fused Marlin's 12.8 / 13.0 / 15.3 / 18.5).
 
 The model's own modules become views of the row packing
 (:class:`RowQuantLinear`: the same memory), so transformers' forward, the
@@ -76,10 +80,21 @@ class Product:
     batch: Callable[[torch.Tensor], torch.Tensor] | None  # None: the row packing for everything
 
     def __call__(self, x: torch.Tensor, use_row: bool) -> tuple[torch.Tensor, ...]:
-        """The outputs through the row packing (``use_row``, or when there is
-        no batch module) or the batch module; the caller picks by shape
-        (:data:`ROW_MAX_ROWS`, :data:`PROMPT_MIN_TOKENS`)."""
-        out = rowquant.linear(self.row, x) if use_row or self.batch is None else self.batch(x)
+        """The outputs through the row packing's kernel for its case (``use_row``:
+        the row kernel or dequantize + cuBLAS) or the batch path: the batch
+        module, or without one the row packing's tensor-core kernel up to
+        :data:`~bot.engine.rowquant.MMA_MAX_ROWS` rows (dequantize + cuBLAS
+        beyond). The caller picks by shape (:data:`ROW_MAX_ROWS`,
+        :data:`PROMPT_MIN_TOKENS`)."""
+        rows = x.numel() // x.shape[-1]
+        if use_row:
+            out = rowquant.linear(self.row, x)
+        elif self.batch is not None:
+            out = self.batch(x)
+        elif rowquant.mma_fits(self.row, rows):
+            out = rowquant.mma(self.row, x.reshape(rows, x.shape[-1])).reshape(*x.shape[:-1], -1)
+        else:
+            out = rowquant.linear(self.row, x)
         return torch.split(out, list(self.row.splits), dim=-1)
 
 
@@ -110,6 +125,12 @@ def can_fuse(model: Any) -> bool:
     return True
 
 
+def modules(model: Any) -> list[Any]:
+    """Every module the products fuse, layer by layer (see :data:`LAYOUT`)."""
+    return [getattr(getattr(layer, parent), attr)
+            for layer in model.model.layers for _, parent, attrs in LAYOUT for attr in attrs]
+
+
 def build(model: Any, batch_module: Callable[[Sequence[Any]], Any] | None) -> list[LayerProducts]:
     """Fuse every layer's channelwise modules (see :func:`can_fuse`) into
     :class:`LayerProducts`, and replace the model's modules by views of the
@@ -138,5 +159,5 @@ def build(model: Any, batch_module: Callable[[Sequence[Any]], Any] | None) -> li
             del modules
         out.append(LayerProducts(**made))
     log.info("fused %d layers' products (row packing%s)", len(out),
-             " + a batch kernel" if batch_module is not None else "")
+             " + a batch module" if batch_module is not None else " alone: its tensor-core kernel for batches")
     return out

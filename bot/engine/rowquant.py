@@ -47,8 +47,12 @@ ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 MAX_ROWS = 4  # the kernel's largest batch (one accumulator per row and output)
 MMA_MAX_ROWS = 32  # the tensor-core kernel's largest batch
 MMA_PIECE = 256  # the tensor-core kernel takes in_features in multiples of this
-MMA_SPLITS = 0  # splits of in_features (0: as few as the staged input allows)
-MMA_TILES = 2  # 16-row tiles per warp of the tensor-core kernel (1: 16 warps a block, 2: 8)
+# The tensor-core kernel's splits of in_features (0: as few as its staged input
+# allows; more where shared memory needs them) and 16-row tiles per warp (1: 16
+# warps a block, 2: 8). H200, 80 layers' products, ms at 1 / 8 / 32 rows (4, 1):
+# 12.9 / 13.7 / 26.9; (0, 1): 17.5 / 17.3 / 26.4; (4, 2): 13.3 / 14.3 / 28.7.
+MMA_SPLITS = 4
+MMA_TILES = 1
 ROWS_PER_WARP = 4  # output rows a warp computes (bench/gpu_rowquant.py measures 2, 4, 8)
 DEQUANT_ITEMS = 4  # words a thread of the dequantize unpacks (bench/gpu_prefill.py measures 1, 4, 8)
 _SOURCE = Path(__file__).with_name("rowquant.cu")
@@ -215,8 +219,9 @@ def gemv(rq: RowQuant, x: torch.Tensor) -> torch.Tensor:
 
 
 def mma_fits(rq: RowQuant, rows: int) -> bool:
-    """The tensor-core kernel takes ``rows`` rows of input for this product."""
-    return 1 <= rows <= MMA_MAX_ROWS and rq.in_features % MMA_PIECE == 0
+    """:func:`mma` takes ``rows`` rows of input for this product (on a GPU the
+    kernel needs in_features in multiples of :data:`MMA_PIECE`)."""
+    return 1 <= rows <= MMA_MAX_ROWS and (not _on_kernels(rq) or rq.in_features % MMA_PIECE == 0)
 
 
 def mma(rq: RowQuant, x: torch.Tensor, splits: int | None = None, tiles: int | None = None) -> torch.Tensor:

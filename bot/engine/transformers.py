@@ -17,7 +17,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -106,9 +106,14 @@ class TransformersEngine:
         # module into Marlin (bot/engine/gptq_regroup.py).
         self.regroup_channelwise = True
         self._regrouped = 0
-        # The batched engine also wants a Marlin module per fused product
-        # (decode steps of several rows); one conversation at a time does not.
+        # The batched engine also wants a kernel for decode steps of several
+        # rows ([model] batch_kernel: fused Marlin or the row packing's
+        # tensor-core kernel); one conversation at a time does not. With
+        # batch_kernel = "auto", kv_reserve says how much free memory its KV
+        # cache needs (given the loaded model), which decides whether Marlin's
+        # copy of the weights fits beside it.
         self.fuse_for_batches = False
+        self.kv_reserve: Callable[[Any], int] = lambda model: 0
         self.layer_products: list[Any] | None = None
         self.probe_logits: Any = None  # the load check's logits (bot/engine/fidelity.py)
 
@@ -176,10 +181,30 @@ class TransformersEngine:
         from bot.engine.gptq_regroup import REGROUP_SIZE, fused_marlin, marlin_class, regroup_model
 
         if self.config.row_kernel and products.can_fuse(model) and rowquant.available(model.device):
-            self.layer_products = products.build(model, fused_marlin if self.fuse_for_batches else None)
+            marlin = self.fuse_for_batches and self._marlin_copy(model)
+            self.layer_products = products.build(model, fused_marlin if marlin else None)
         else:
             self._regrouped = len(regroup_model(model, REGROUP_SIZE, marlin_class()))
         _empty_cuda_cache()
+
+    def _marlin_copy(self, model: Any) -> bool:
+        """Whether batches get fused Marlin (a second copy of the weights) or
+        the row packing's tensor-core kernel ([model] batch_kernel)."""
+        if self.config.batch_kernel != "auto":
+            return self.config.batch_kernel == "marlin"
+        import torch
+
+        from bot.engine import products
+        from bot.engine.gptq_regroup import marlin_copy_bytes
+
+        copy, kv = marlin_copy_bytes(products.modules(model)), self.kv_reserve(model)
+        free, _ = torch.cuda.mem_get_info(model.device)
+        fits = copy + kv <= free
+        log.info(
+            "batch_kernel auto: %s (Marlin's copy %.1f GB + the KV cache's %.1f GB %s the %.1f GB free)",
+            "marlin" if fits else "mma", copy / 1e9, kv / 1e9, "fit in" if fits else "exceed", free / 1e9,
+        )
+        return fits
 
     def check(self) -> None:
         """The load check: one forward of a fixed prompt gives finite logits,
@@ -339,6 +364,8 @@ def _fused_kernels(layer_products: list[Any]) -> str:
     batch = layer_products[0].qkv.batch
     if batch is not None:
         kernels += f" + {type(batch).__name__} fused (batches; group size -1 regrouped into groups of 128)"
+    else:
+        kernels += " + its tensor-core kernel (batches)"
     return kernels
 
 

@@ -79,6 +79,9 @@ class BatchedEngine:
 
         loader = TransformersEngine(self.config)
         loader.fuse_for_batches = True
+        loader.kv_reserve = lambda model: int(
+            kv_token_bytes(model) * self.max_batch * (self.context_length + 1) / KV_FREE_FRACTION
+        )
         loader.load()  # the same loading code path as the one-at-a-time engine
         self.tokenizer = loader.tokenizer
         self._description = loader.describe()
@@ -190,20 +193,28 @@ class BatchedEngine:
             await ids.aclose()
 
 
-def kv_cache_len(model: Any, max_batch: int, context_length: int, fraction: float = 0.9) -> int:
+# The KV cache takes at most this share of the GPU's free memory.
+KV_FREE_FRACTION = 0.9
+
+
+def kv_token_bytes(model: Any) -> int:
+    """Bytes of keys and values one cache position of one row takes, all layers."""
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return int(2 * cfg.num_hidden_layers * kv * hd * model.model.embed_tokens.weight.element_size())
+
+
+def kv_cache_len(model: Any, max_batch: int, context_length: int, fraction: float = KV_FREE_FRACTION) -> int:
     """Cache positions per row: the context, or less if the GPU's free memory
     cannot hold ``max_batch`` rows of it (plus one scratch position)."""
     want = context_length + 1
     dev = model.model.embed_tokens.weight.device
     if dev.type != "cuda":
         return want
-    cfg = model.config
-    heads = cfg.num_attention_heads
-    kv = getattr(cfg, "num_key_value_heads", None) or heads
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    per_token = 2 * cfg.num_hidden_layers * kv * hd * model.model.embed_tokens.weight.element_size()
     free, _ = torch.cuda.mem_get_info(dev)
-    fit = int(free * fraction) // (int(per_token) * max_batch)
+    fit = int(free * fraction) // (kv_token_bytes(model) * max_batch)
     if fit >= want:
         return want
     return int(max(256, fit // 256 * 256))
