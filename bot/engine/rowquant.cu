@@ -1,11 +1,13 @@
 // Channelwise 4-bit GPTQ weights in a row layout (bot/engine/rowquant.py says
-// what the layout is and why). Two kernels:
+// what the layout is and why). Three kernels:
 //
 //   rowquant_gemv(x [m, k] half, w, scale, zero) -> [m, n] half, m <= 4:
 //     one warp per R output rows, each lane reads 16 bytes (32 weights) of a
 //     row at a time, so a warp reads 512 contiguous bytes; the products are
 //     summed in half2 over one packed word (4 per lane, like Marlin's scaled
 //     weights times x) and in float beyond; one warp shuffle reduction.
+//   rowquant_mma(x [m, k] half, w, scale, zero, splits, tiles) -> [m, n] half,
+//     m <= 32: tensor cores on the same packing (its comment below).
 //   rowquant_dequant(w, scale, zero, items) -> [n, k] half: nn.Linear's layout, for
 //     prompts (cuBLAS does the product).
 //
@@ -334,15 +336,30 @@ __global__ void __launch_bounds__(kMmaRows / kMmaTiles * 2, 1) mma_kernel(
   }
 }
 
-// out[r][o] = scale[o] * the sum of the splits' partial sums part[s][o][r]
-__global__ void mma_finish_kernel(const float* __restrict__ part, const half* __restrict__ scale,
-                                  half* __restrict__ out, int n, int m, int np, int splits) {
-  const int idx = blockIdx.x * blockDim.x + threadIdx.x;
-  if (idx >= n * m) return;
-  const int r = idx / n, o = idx % n;
-  float v = 0.f;
-  for (int s = 0; s < splits; ++s) v += part[(static_cast<size_t>(s) * n + o) * np + r];
-  out[idx] = __float2half_rn(v * __half2float(scale[o]));
+// out[r][o] = scale[o] * the sum of the splits' partial sums part[s][o][r]:
+// a block takes 32 outputs, reads their np partial sums each as one
+// contiguous run (every thread busy, whatever np) and writes along o
+// (contiguous) through a shared-memory tile.
+constexpr int kFinishOutputs = 32;
+
+__global__ void __launch_bounds__(256) mma_finish_kernel(const float* __restrict__ part,
+                                                         const half* __restrict__ scale, half* __restrict__ out,
+                                                         int n, int m, int np, int splits) {
+  __shared__ float tile[kFinishOutputs][kFinishOutputs + 1];
+  const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
+  const int o0 = blockIdx.x * kFinishOutputs;
+  for (int idx = threadIdx.x; idx < kFinishOutputs * np; idx += 256) {
+    const int oo = idx / np, r = idx % np, o = o0 + oo;
+    float v = 0.f;
+    if (o < n)
+      for (int s = 0; s < splits; ++s) v += part[(static_cast<size_t>(s) * n + o0) * np + idx];
+    tile[oo][r] = v;
+  }
+  __syncthreads();
+  const int o = o0 + tx;
+  if (o >= n) return;
+  const float sc = __half2float(scale[o]);
+  for (int r = ty; r < m; r += 8) out[static_cast<size_t>(r) * n + o] = __float2half_rn(tile[tx][r] * sc);
 }
 
 template <int M, int R>
@@ -412,8 +429,7 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& w, const torch::Ten
       splits > 1 ? part.data_ptr<float>() : nullptr, n, k, m, per_split * kMmaStep);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (splits > 1) {
-    const int total = n * m;
-    mma_finish_kernel<<<(total + 255) / 256, 256, 0, stream>>>(
+    mma_finish_kernel<<<(n + kFinishOutputs - 1) / kFinishOutputs, 256, 0, stream>>>(
         part.data_ptr<float>(), reinterpret_cast<const half*>(scale.data_ptr<at::Half>()),
         reinterpret_cast<half*>(out.data_ptr<at::Half>()), n, m, NT * 8, splits);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

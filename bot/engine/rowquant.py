@@ -23,6 +23,10 @@ of the same weights made for that case, and a CUDA kernel
 
 :func:`dequantize` turns the packing back into a half ``[out, in]`` matrix for
 prompts, where cuBLAS does the product (compute-bound: the bytes do not matter).
+:func:`mma` multiplies up to 32 rows on tensor cores, reading the same
+packing: decode steps of several conversations without a second copy of the
+weights (``[model] batch_kernel``; the ``(q - z)`` codes exact in half, the sums
+in float, each output scaled once).
 """
 
 from __future__ import annotations
@@ -49,8 +53,10 @@ MMA_MAX_ROWS = 32  # the tensor-core kernel's largest batch
 MMA_PIECE = 256  # the tensor-core kernel takes in_features in multiples of this
 # The tensor-core kernel's splits of in_features (0: as few as its staged input
 # allows; more where shared memory needs them) and 16-row tiles per warp (1: 16
-# warps a block, 2: 8). H200, 80 layers' products, ms at 1 / 8 / 32 rows (4, 1):
-# 12.9 / 13.7 / 26.9; (0, 1): 17.5 / 17.3 / 26.4; (4, 2): 13.3 / 14.3 / 28.7.
+# warps a block, 2: 8). H200, 80 layers' products (bench/gpu_rowquant.py), ms at
+# 2 / 8 / 16 / 32 rows, (4, 1): 13.1 / 13.2 / 17.4 / 21.7; (4, 2): 13.5 / 13.7 /
+# 18.4 / 23.2; fused Marlin 12.8 / 12.9 / 14.7 / 18.3. Fewest splits (0, 1):
+# 17.3 / 17.3 at 2 / 8 rows (the small products got too few blocks).
 MMA_SPLITS = 4
 MMA_TILES = 1
 ROWS_PER_WARP = 4  # output rows a warp computes (bench/gpu_rowquant.py measures 2, 4, 8)
