@@ -158,7 +158,8 @@ def batch_kernel_steps(engine: BatchedEngine, model: Any, vocab: int, batches: l
     rows, with the products' batch modules (fused Marlin) and then without
     them (the row packing's tensor-core kernel, ``[model] batch_kernel =
     "mma"``), whose logits are checked against transformers' forward. The
-    batch modules are gone after (their memory freed)."""
+    products keep no batch modules after; the GPU's free memory then is
+    recorded (``free_gb_after``)."""
     core = engine.core
     assert core is not None and core.products is not None
     out: dict[str, Any] = {}
@@ -171,7 +172,7 @@ def batch_kernel_steps(engine: BatchedEngine, model: Any, vocab: int, batches: l
     core.reset_graphs()
     if core.device.type == "cuda":
         torch.cuda.empty_cache()
-        out["freed_gb"] = torch.cuda.mem_get_info()[0] / 1e9
+        out["free_gb_after"] = torch.cuda.mem_get_info()[0] / 1e9
     out["check_prefill_rel_err"], out["check_step_rel_err"] = check_logits(engine, model, vocab, 24)
     for n in batches:
         out[f"mma_step_ms_{n}"] = 1e3 * time_step(core, n, ctx)

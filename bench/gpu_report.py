@@ -84,7 +84,7 @@ def _batch_kernel_rows(res: dict[str, Any]) -> list[str]:
     lines = [
         f"decode step (graph replay) with each batch kernel; the tensor-core kernel's logits against "
         f"transformers' forward: prefill {k['check_prefill_rel_err']:.1e}, two-row step "
-        f"{k['check_step_rel_err']:.1e}; free memory without Marlin's copy: {k.get('freed_gb', 0.0):.1f} GB",
+        f"{k['check_step_rel_err']:.1e}; GPU memory free after: {k.get('free_gb_after', 0.0):.1f} GB",
         "",
         "| rows | fused Marlin: step (products) ms | tensor-core kernel: step (products) ms |",
         "|---|---|---|",

@@ -1,15 +1,16 @@
 """The row-layout 4-bit kernels (bot/engine/rowquant.py) against Marlin, on
 Xwin-70B's product shapes, on the GPU:
 
-    python3 -m bench.gpu_rowquant --out rowquant.json
+    python3 -m bench.gpu_rowquant --out rowquant.json [--batches 1,2,8,32] [--splits 0,4]
 
-For each shape (q/k/v fused, o, gate/up fused, down) and each batch of 1 to
-4 rows: the time of ``LAYERS`` distinct matrices in one CUDA graph (distinct
-so that the 60 MB L2 cannot hold them), for the row kernel with 2, 4 and 8
-rows per warp, for Marlin regrouped from the same weights fused as the row
-kernel is, and for Marlin unfused (the engine today: 7 products a layer);
-the bytes read per second; the error of each against the float32 product of
-the same dequantized weights. Then prompts: 1,000 tokens through dequantize
+For each shape (q/k/v fused, o, gate/up fused, down) and each batch of rows:
+the time of ``LAYERS`` distinct matrices in one CUDA graph (distinct so that
+the 60 MB L2 cannot hold them) for the row kernel (up to 4 rows), for the
+tensor-core kernel at each of ``--splits`` and both warp layouts (up to 32
+rows), and for fused Marlin regrouped from the same weights (the engine's
+batch kernel where its copy fits); the bytes read per second; the error of
+each against the float32 product of the same dequantized weights; and the
+80 layers' products per batch. Then prompts: 1,000 tokens through dequantize
 + cuBLAS against fused Marlin.
 """
 

@@ -99,7 +99,7 @@ def test_the_report_shows_both_batch_kernels() -> None:
     from bench.gpu_report import _batch_kernel_rows
 
     assert _batch_kernel_rows({}) == []
-    k: dict[str, float] = {"check_prefill_rel_err": 4.1e-4, "check_step_rel_err": 4.6e-4, "freed_gb": 137.1}
+    k: dict[str, float] = {"check_prefill_rel_err": 4.1e-4, "check_step_rel_err": 4.6e-4, "free_gb_after": 137.1}
     for n, (a, b, c, d) in {1: (1.44, 1.03, 1.45, 1.03), 32: (2.67, 1.77, 3.66, 2.72)}.items():
         k.update({f"marlin_step_ms_{n}": a, f"marlin_gemms_ms_{n}": b,
                   f"mma_step_ms_{n}": c, f"mma_gemms_ms_{n}": d})
