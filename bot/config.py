@@ -70,7 +70,7 @@ class ModelConfig:
     # Marlin over a second copy of the weights (35 GB more for the 70B model),
     # fastest from 16 replies up; "mma", the project's tensor-core kernel on
     # the row packing, no second copy, within 2-7 % of Marlin up to 8 replies,
-    # 15-20 % slower at 16-32, and past 32 rows a dequantize each step (slow);
+    # 14-18 % slower at 16-32, and past 32 rows a dequantize each step (slow);
     # "auto", marlin where the GPU holds the copy and the whole KV cache
     # (max_batch x context_length), else mma.
     batch_kernel: Literal["auto", "marlin", "mma"] = "auto"
