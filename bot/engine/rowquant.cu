@@ -167,12 +167,13 @@ __global__ void __launch_bounds__(kDequantThreads) dequant_kernel(
 // decode steps of a few rows, where the row kernel's CUDA-core sums grow with
 // every row and Marlin reads its own second copy of the weights.
 //
-// k is cut into splits (as few as shared memory allows); a block stages its
-// split of x (every row) in shared memory once, then walks row groups of 256
-// outputs (blockIdx.x, + gridDim.x, ...: one block per multiprocessor), 8
-// warps each taking two tiles of 16 rows. A lane loads 16 bytes (32 codes) of
-// each of its rows per half-step (the 4 lanes of a row: 64 contiguous bytes),
-// two steps ahead of the one it multiplies.
+// k is cut into splits (the caller's number, raised where shared memory needs
+// more); a block stages its split of x (every row) in shared memory once,
+// then walks row groups of 256 outputs (blockIdx.x, + gridDim.x, ...: one
+// block per multiprocessor), 16 warps of one 16-row tile each (TILES = 1) or
+// 8 of two. A lane loads 16 bytes (32 codes) of each of its rows per
+// half-step (the 4 lanes of a row: 64 contiguous bytes), two steps ahead of
+// the one it multiplies.
 //
 // Fragments: mma's A operand wants, for lane (g = lane / 4, c = lane % 4),
 // rows g and g + 8 at the tile's columns 2c, 2c + 1, 2c + 8, 2c + 9. Any
