@@ -29,7 +29,7 @@ from bot.engine.base import StreamStats
 from bot.engine.batched import BatchedEngine, DecodeCore
 from bot.engine.fidelity import forward_logits, relative_error
 from bot.engine.transformers import generation_kwargs
-from bot.types import ConversationKey, Incoming, Settings
+from bot.types import ConversationKey, Incoming, QuietSink, Settings
 
 
 def log(msg: str) -> None:
@@ -336,22 +336,11 @@ async def chunk_variants(
     return out
 
 
-class _BenchSink:
-    update_interval = 1.0
-
+class _BenchSink(QuietSink):
     def __init__(self) -> None:
         self.done = asyncio.Event()
         self.text = ""
         self.error = ""
-
-    async def queued(self, position: int) -> None:
-        return None
-
-    async def started(self) -> None:
-        return None
-
-    async def update(self, text_so_far: str) -> None:
-        return None
 
     async def finish(self, text: str) -> None:
         self.text = text

@@ -136,6 +136,29 @@ class ReplySink(Protocol):
     async def fail(self, user_message: str) -> None: ...
 
 
+class QuietSink:
+    """A :class:`ReplySink` that shows no progress (nobody is watching the
+    reply come): ``queued``, ``started`` and ``update`` do nothing; a
+    subclass says what ``finish`` and ``fail`` do."""
+
+    update_interval = 1.0
+
+    async def queued(self, position: int) -> None:
+        return None
+
+    async def started(self) -> None:
+        return None
+
+    async def update(self, text_so_far: str) -> None:
+        return None
+
+    async def finish(self, text: str) -> None:
+        raise NotImplementedError
+
+    async def fail(self, user_message: str) -> None:
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
 class ReplyInfo:
     """A finished reply as stored: what the buttons under it carry."""

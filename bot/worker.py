@@ -27,7 +27,7 @@ from bot.errors import BotError, GenerationError
 from bot.metrics import Metrics
 from bot.prompt import TRUNCATION_NOTICE, PromptBuilder
 from bot.store import PENDING, FinishReason, Job, JobState, Store
-from bot.types import ButtonSink, ReplyInfo, ReplySink, Settings, Turn
+from bot.types import ButtonSink, QuietSink, ReplyInfo, ReplySink, Settings, Turn
 
 log = logging.getLogger(__name__)
 
@@ -413,22 +413,11 @@ class _Reply:
             await _safe(self.sink.update(self.text))
 
 
-class _LogSink:
+class _LogSink(QuietSink):
     """For a job whose asker is gone: the reply is stored and logged."""
-
-    update_interval = 1.0
 
     def __init__(self, job_id: int) -> None:
         self.job_id = job_id
-
-    async def queued(self, position: int) -> None:
-        return None
-
-    async def started(self) -> None:
-        return None
-
-    async def update(self, text_so_far: str) -> None:
-        return None
 
     async def finish(self, text: str) -> None:
         log.info("job %d answered with no one to send it to (%d chars stored)", self.job_id, len(text))
