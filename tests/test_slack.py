@@ -1084,6 +1084,32 @@ async def test_continue_as_text_in_a_panel_extends_the_reply_in_place_then_refus
     assert "press the Continue button" in in_channel["text"] and len(engine.calls) == 2
 
 
+async def test_regenerate_in_a_panel_streams_the_new_reply(start_env: Starter) -> None:
+    """Regenerate under a panel reply writes the new one as the panel writes
+    replies: a native stream, not a posted message edited in place."""
+    engine = FakeEngine(replies=["Red.", "Blue, " + " ".join(f"w{i}" for i in range(30))], piece_chars=8,
+                        delay=0.01)
+    env = await start_env(engine, stream_interval=0.05)
+    thread = "3300.000001"
+    await post_event(env, panel_message("name a colour", ts="3300.000002", thread_ts=thread))
+    await wait_panel_reply(env, thread, "Red.")
+    [ts] = [t for t, m in env.fake.messages.items() if m["thread_ts"] == thread]
+    await poll(lambda: "xwin_regenerate" in env.fake.buttons(ts), what="the Regenerate button")
+    starts = len(env.fake.calls_to("chat.startStream"))
+
+    answer = await press(env, "xwin_regenerate", env.fake.buttons(ts)["xwin_regenerate"], ts=ts, thread=thread,
+                         channel="D1")
+    assert answer == "Writing a new reply…"
+    second = escape(engine.replies[1])
+    texts = await wait_panel_reply(env, thread, second)
+    assert texts == ["Red.", second]
+    assert len(env.fake.calls_to("chat.startStream")) == starts + 1
+    [start] = [c.params for c in env.fake.calls_to("chat.startStream")][starts:]
+    assert (start["channel"], start["thread_ts"], start["recipient_user_id"]) == ("D1", thread, "U1")
+    assert "chat.postMessage" not in [c.method for c in env.fake.calls]
+    assert "Red." not in engine.calls[1].prompt_text
+
+
 async def test_xwin_continue_in_a_dm_extends_the_reply_in_place(start_env: Starter) -> None:
     engine = FakeEngine(replies=[CUT, ", and its end."])
     env = await start_env(engine, generation=GenerationConfig(max_new_tokens=len(CUT)))

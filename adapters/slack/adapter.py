@@ -489,7 +489,11 @@ class SlackAdapter:
             make_sink = self._continuing(channel, thread, str(message.get("ts") or ""))
             return (await self._bot.continue_reply(press, make_sink)).text
 
+        in_panel = is_dm and bool(key.thread)  # an assistant panel thread: the new reply streams
+
         def new_reply(shown: str) -> tuple[ReplySink, dict[str, str]]:
+            if in_panel:
+                return self._panel_sink(channel, thread, user, team), {"panel": "1", "user": user, "team": team}
             return self._sink(channel, thread), {"channel": channel, "thread_ts": thread}
 
         return (await self._bot.regenerate(press, new_reply)).text
