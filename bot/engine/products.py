@@ -16,8 +16,8 @@ two packings of the same weights and picks by the shape of its input:
   module over the fused weights (``batch``, regrouped from the same codes: a
   second copy of the weights), or without it (``[model] batch_kernel``) the
   row packing's tensor-core kernel (``rowquant.mma``, up to 32 rows; H200,
-  80 layers' products at 2 / 8 / 16 / 32 rows: 13.0 / 13.7 / 18.9 / 26.4 ms
-  against fused Marlin's 12.8 / 13.0 / 15.3 / 18.5).
+  80 layers' products at 2 / 8 / 16 / 32 rows: 13.1 / 13.2 / 17.4 / 21.7 ms
+  against fused Marlin's 12.8 / 12.9 / 14.7 / 18.3).
 
 The model's own modules become views of the row packing
 (:class:`RowQuantLinear`: the same memory), so transformers' forward, the
