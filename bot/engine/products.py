@@ -112,14 +112,11 @@ def can_fuse(model: Any) -> bool:
     if getattr(model, "dtype", None) != torch.float16:
         return False
     try:
-        for layer in model.model.layers:
-            for _, parent, attrs in LAYOUT:
-                for attr in attrs:
-                    module = getattr(getattr(layer, parent), attr)
-                    if getattr(module, "bias", None) is not None or getattr(module, "bits", 0) != 4:
-                        return False
-                    if module.qzeros.shape[0] != 1 or module.in_features % 32 or module.out_features % 8:
-                        return False
+        for module in modules(model):
+            if getattr(module, "bias", None) is not None or getattr(module, "bits", 0) != 4:
+                return False
+            if module.qzeros.shape[0] != 1 or module.in_features % 32 or module.out_features % 8:
+                return False
     except AttributeError:
         return False
     return True

@@ -213,13 +213,16 @@ def _on_kernels(rq: RowQuant) -> bool:
     return rq.w.device.type == "cuda" and rq.scale.dtype == torch.float16
 
 
+def _aligned(x: torch.Tensor) -> torch.Tensor:
+    """``x`` contiguous and 16-byte aligned: the kernels read it 16 bytes at a time."""
+    x = x.contiguous()
+    return x.clone() if x.data_ptr() % 16 else x
+
+
 def gemv(rq: RowQuant, x: torch.Tensor) -> torch.Tensor:
     """``x [m, in] @ W.T`` for ``m <= MAX_ROWS`` (the CUDA kernel on a GPU)."""
     if _on_kernels(rq) and x.dtype == torch.float16:
-        x = x.contiguous()
-        if x.data_ptr() % 16:  # the kernel reads x 16 bytes at a time
-            x = x.clone()
-        out: torch.Tensor = _kernels().gemv(x, rq.w, rq.scale, rq.zero, ROWS_PER_WARP)
+        out: torch.Tensor = _kernels().gemv(_aligned(x), rq.w, rq.scale, rq.zero, ROWS_PER_WARP)
         return out
     return F.linear(x, reference(rq, rq.scale.dtype).to(x.dtype))
 
@@ -235,10 +238,8 @@ def mma(rq: RowQuant, x: torch.Tensor, splits: int | None = None, tiles: int | N
     kernel on a GPU; see :func:`mma_fits`): the weights as ``q - z``, exact,
     each output's float sum times its scale."""
     if _on_kernels(rq) and x.dtype == torch.float16:
-        x = x.contiguous()
-        if x.data_ptr() % 16:
-            x = x.clone()
-        out: torch.Tensor = _kernels().mma(x, rq.w, rq.scale, rq.zero, MMA_SPLITS if splits is None else splits,
+        out: torch.Tensor = _kernels().mma(_aligned(x), rq.w, rq.scale, rq.zero,
+                                           MMA_SPLITS if splits is None else splits,
                                            MMA_TILES if tiles is None else tiles)
         return out
     codes = (_codes(rq).float() - (rq.zero.float() - 1024)[:, None])
