@@ -253,3 +253,18 @@ def test_batch_kernel_auto_keeps_marlins_copy_only_where_it_fits(
     assert engine.core is not None
     cache = engine.core.k_cache.nbytes + engine.core.v_cache.nbytes
     assert kv_token_bytes(model) * 3 * 41 == cache
+
+
+def test_the_kernel_stamp_and_the_package_cover_every_local_include() -> None:
+    """A changed header rebuilds the kernels (the stamp hashes every source
+    file) and an installed package carries it (package data)."""
+    import re
+    import tomllib
+
+    names = {path.name for path in rowquant._SOURCES}
+    for path in rowquant._SOURCES:
+        assert path.exists(), path
+        includes = set(re.findall(r'^#include "([^"]+)"', path.read_text(), flags=re.M))
+        assert includes <= names, f"{path.name} includes {includes - names}, which the stamp does not hash"
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert names <= set(pyproject["tool"]["setuptools"]["package-data"]["bot.engine"])

@@ -62,6 +62,7 @@ MMA_TILES = 1
 ROWS_PER_WARP = 4  # output rows a warp computes (bench/gpu_rowquant.py measures 2, 4, 8)
 DEQUANT_ITEMS = 4  # words a thread of the dequantize unpacks (bench/gpu_prefill.py measures 1, 4, 8)
 _SOURCE = Path(__file__).with_name("rowquant.cu")
+_SOURCES = (_SOURCE, _SOURCE.with_name("rowquant_kernels.cuh"))  # the glue and the device code it includes
 _ext: Any = None
 
 
@@ -174,7 +175,8 @@ def _kernels() -> Any:
         build = Path(os.environ.get("XWIN_KERNEL_DIR") or Path.home() / ".cache" / "xwin-bot" / "kernels")
         build = build / "rowquant"
         build.mkdir(parents=True, exist_ok=True)
-        stamp = f"{hashlib.sha256(_SOURCE.read_bytes()).hexdigest()} torch {torch.__version__}"
+        source_hash = hashlib.sha256(b"".join(path.read_bytes() for path in _SOURCES)).hexdigest()
+        stamp = f"{source_hash} torch {torch.__version__}"
         library = build / "xwin_rowquant.so"
         if library.exists() and (build / "stamp").exists() and (build / "stamp").read_text() == stamp:
             spec = importlib.util.spec_from_file_location("xwin_rowquant", library)
@@ -182,6 +184,8 @@ def _kernels() -> Any:
             _ext = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(_ext)
             return _ext
+        for stale in (*build.glob("*.o"), *build.glob("*.so")):  # ninja may not see a changed header
+            stale.unlink()
         from torch.utils.cpp_extension import load
 
         t0 = time.perf_counter()
