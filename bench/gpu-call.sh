@@ -4,6 +4,7 @@
 #   bench/gpu-call.sh full       # the 80-layer benchmark with its baselines
 #   bench/gpu-call.sh rowquant   # the row-layout kernels against Marlin, alone
 #   bench/gpu-call.sh prefill    # a long prompt's prefill: products, dequantize, glue variants, profile
+#   bench/gpu-call.sh probe      # the row kernels without torch (bench/rowquant_probe.cu): seconds to build
 # Run from the repository's root. Expects the wheels in .whl (scripts/gpu-wheels)
 # and, if a previous call brought them back, GPTQModel's compiled kernels as
 # .gpu/kcache/ext.tgz.* and the row kernels as .gpu/kcache/rowquant.tgz (carry
@@ -13,6 +14,14 @@ MODE=${1:-fidelity}
 START=$(date +%s)
 left() { echo $(( ${1} - ($(date +%s) - START) )); }
 KC=.gpu/kcache
+if [ "$MODE" = probe ]; then  # needs nothing but nvcc: no wheels, no kernels carried
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Xptxas -v -o /tmp/probe bench/rowquant_probe.cu \
+        > "$OUT/probe-build.log" 2>&1 || { tail -30 "$OUT/probe-build.log"; exit 1; }
+    echo "built in $(( $(date +%s) - START )) s"
+    timeout "$(left 580)" /tmp/probe "${@:2}" 2>&1 | tee "$OUT/probe.log"
+    exit "${PIPESTATUS[0]}"
+fi
 export PYTHONUNBUFFERED=1 GPTQMODEL_TORCH_EXTENSIONS_DIR=/tmp/gptq-ext TOKENIZERS_PARALLELISM=false \
     XWIN_KERNEL_DIR=/tmp/xwin-kernels
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -23,7 +32,7 @@ if ls $KC/ext.tgz.* >/dev/null 2>&1; then
     cat $KC/ext.tgz.* | tar xz -C /tmp/gptq-ext && echo "kernels restored: $(find /tmp/gptq-ext -name '*.so' | wc -l) libraries"
 fi
 carried_stamp=$( [ -f $KC/rowquant.tgz ] && tar xzOf $KC/rowquant.tgz rowquant/stamp 2>/dev/null )
-if [ "${carried_stamp%% *}" = "$(sha256sum bot/engine/rowquant.cu | cut -d' ' -f1)" ]; then
+if [ "${carried_stamp%% *}" = "$(cat bot/engine/rowquant.cu bot/engine/rowquant_kernels.cuh | sha256sum | cut -d' ' -f1)" ]; then
     # built from this source: newer than it, or ninja would build them again
     tar xzf $KC/rowquant.tgz -C /tmp/xwin-kernels && find /tmp/xwin-kernels -type f -exec touch {} + \
         && echo "row kernels restored"
