@@ -7,7 +7,7 @@
 //     summed in half2 over one packed word (4 per lane, like Marlin's scaled
 //     weights times x) and in float beyond; one warp shuffle reduction.
 //   rowquant_mma(x [m, k] half, w, scale, zero, splits, tiles) -> [m, n] half,
-//     m <= 32: tensor cores on the same packing (its comment below).
+//     m <= 32: tensor cores on the same packing (mma_kernel's comment in rowquant_kernels.cuh).
 //   rowquant_dequant(w, scale, zero, items) -> [n, k] half: nn.Linear's layout, for
 //     prompts (cuBLAS does the product).
 //
