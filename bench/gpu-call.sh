@@ -4,7 +4,8 @@
 #   bench/gpu-call.sh full       # the 80-layer benchmark with its baselines
 #   bench/gpu-call.sh rowquant   # the row-layout kernels against Marlin, alone
 #   bench/gpu-call.sh prefill    # a long prompt's prefill: products, dequantize, glue variants, profile
-#   bench/gpu-call.sh probe      # the row kernels without torch (bench/rowquant_probe.cu): seconds to build
+#   bench/gpu-call.sh probe      # the row kernels without torch (bench/rowquant_probe.cu): seconds to build;
+#                                # "probe profile": each kernel once under Nsight Compute (ncu)
 # Run from the repository's root. Expects the wheels in .whl (scripts/gpu-wheels)
 # and, if a previous call brought them back, GPTQModel's compiled kernels as
 # .gpu/kcache/ext.tgz.* and the row kernels as .gpu/kcache/rowquant.tgz (carry
@@ -19,6 +20,12 @@ if [ "$MODE" = probe ]; then  # needs nothing but nvcc: no wheels, no kernels ca
     nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Xptxas -v -o /tmp/probe bench/rowquant_probe.cu \
         > "$OUT/probe-build.log" 2>&1 || { tail -30 "$OUT/probe-build.log"; exit 1; }
     echo "built in $(( $(date +%s) - START )) s"
+    if [ "${2:-}" = profile ]; then  # Nsight Compute's counters (the Firecracker machines have them)
+        NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu | head -1)
+        timeout "$(left 580)" "$NCU" --clock-control none --set full -k regex:'gemv|loads|mma' /tmp/probe profile > "$OUT/probe-ncu.txt" 2>&1
+        rc=$?; grep -E "^  [A-Za-z_].*Context|Duration|DRAM Throughput|Compute \(SM\) Throughput|Issue Slots Busy|No Eligible|Achieved Occupancy|Registers Per" "$OUT/probe-ncu.txt" | head -200
+        exit $rc
+    fi
     timeout "$(left 580)" /tmp/probe "${@:2}" 2>&1 | tee "$OUT/probe.log"
     exit "${PIPESTATUS[0]}"
 fi

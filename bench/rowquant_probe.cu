@@ -4,6 +4,7 @@
 //
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o probe bench/rowquant_probe.cu
 //   ./probe [reps]
+//   ncu --clock-control none --set full ./probe profile   # each kernel once a shape
 //
 // For the 70B model's four products (8 distinct copies each, so that L2 holds
 // none of them between uses) it checks every kernel against a plain float
@@ -16,6 +17,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "../bot/engine/rowquant_kernels.cuh"
@@ -464,7 +466,8 @@ float max_abs(const std::vector<float>& v) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const int reps = argc > 1 ? std::atoi(argv[1]) : 20;
+  const bool profile = argc > 1 && std::string(argv[1]) == "profile";
+  const int reps = argc > 1 && !profile ? std::atoi(argv[1]) : 20;
   cudaDeviceProp prop{};
   CHECK(cudaGetDeviceProperties(&prop, 0));
   g_sms = prop.multiProcessorCount;
@@ -493,6 +496,17 @@ int main(int argc, char** argv) {
   CHECK(cudaMalloc(&g_part, static_cast<size_t>(32) * max_n * kMaxRows * sizeof(float)));
   fill_x<<<1024, 256>>>(x, static_cast<size_t>(kMaxRows) * max_k, 99);
   CHECK(cudaDeviceSynchronize());
+  if (profile) {  // for a profiler: each kernel once a shape, at the row counts the engine gives it
+    for (const Weights& wt : ws) {
+      run(kGemv, wt.layer[0], wt.shape, x, out, 1);
+      run(kLoads, wt.layer[0], wt.shape, x, out, 1);
+      run(kMma, wt.layer[0], wt.shape, x, out, 8);
+      run(kMma, wt.layer[0], wt.shape, x, out, 32);
+    }
+    CHECK(cudaDeviceSynchronize());
+    std::printf("profiled\n");
+    return 0;
+  }
 
   // correctness: every kernel, every shape, several row counts, against the float reference
   const int check_rows[] = {1, 2, 3, 4, 5, 8, 9, 16, 17, 24, 31, 32};
