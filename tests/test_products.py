@@ -14,6 +14,8 @@ and bench/gpu_fidelity.py measure them).
 from __future__ import annotations
 
 import asyncio
+import re
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -258,9 +260,6 @@ def test_batch_kernel_auto_keeps_marlins_copy_only_where_it_fits(
 def test_the_kernel_stamp_and_the_package_cover_every_local_include() -> None:
     """A changed header rebuilds the kernels (the stamp hashes every source
     file) and an installed package carries it (package data)."""
-    import re
-    import tomllib
-
     names = {path.name for path in rowquant._SOURCES}
     for path in rowquant._SOURCES:
         assert path.exists(), path
