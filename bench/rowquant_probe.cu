@@ -37,9 +37,9 @@ namespace {
 // Under trial, not in the engine: wg_kernel, the product on Hopper's
 // warpgroup instructions (wgmma.mma_async m64nNk16, N = 8 * NT rows of x,
 // sm_90a). mma.sync at 32 rows looked bound by its own issue rate
-// (docs/gpu-notes.md, item 24): four m16n8k16 and their B loads per 16 inputs
-// per warp, where one wgmma takes a warpgroup's 64 outputs times every row of
-// x, B straight from shared memory.
+// (docs/gpu-notes.md, item 24; the profiler later said not, item 28): four
+// m16n8k16 and their B loads per 16 inputs per warp, where one wgmma takes a
+// warpgroup's 64 outputs times every row of x, B straight from shared memory.
 //
 // A (the weights) comes from registers, in exactly mma.sync's A fragment
 // layout per warp (warp w of the group: outputs 16w..16w+15), so the lanes
@@ -408,7 +408,6 @@ struct Weights {
 
 int g_sms = 0;
 float* g_part = nullptr;  // partial sums of the splits
-
 
 // ---------------------------------------------------------------------------
 
