@@ -412,8 +412,8 @@ float* g_part = nullptr;  // partial sums of the splits
 // ---------------------------------------------------------------------------
 
 // The engine's kernels (gemv: rows a warp x stages), the trial and the floor.
-enum Kernel { kGemv, kGemv3, kMma, kWg, kLoads };
-const char* kKernelNames[] = {"gemv4x2", "gemv4x3", "mma", "wg4x3", "loads4x2"};
+enum Kernel { kGemv, kGemv3, kMma, kMmaAuto, kWg, kLoads };
+const char* kKernelNames[] = {"gemv4x2", "gemv4x3", "mma", "mma-auto", "wg4x3", "loads4x2"};
 
 template <int M, int S>
 void run_gemv_rows(const Layer& l, const Shape& s, const half* x, half* out) {
@@ -440,9 +440,9 @@ void run(Kernel kern, const Layer& l, const Shape& s, const half* x, half* out, 
   } else if (kern == kLoads) {
     loads_kernel<4, 2><<<(s.n + kWarps * 4 - 1) / (kWarps * 4), kWarps * 32>>>(w, out, s.n, s.k / 32);
     e = cudaGetLastError();
-  } else if (kern == kMma) {
+  } else if (kern == kMma || kern == kMmaAuto) {
     const int4* xv = reinterpret_cast<const int4*>(x);
-    const KPlan pl = mma_plan(s.n, s.k, nt, g_sms, 4);  // the engine's MMA_SPLITS
+    const KPlan pl = mma_plan(s.n, s.k, nt, g_sms, kern == kMma ? 4 : 0);  // 4 splits, or the plan's choice
     if (nt == 1) e = mma_launch<1, 1>(pl, w, l.scale, l.zero, xv, out, g_part, s.n, s.k, m, nullptr);
     else if (nt == 2) e = mma_launch<2, 1>(pl, w, l.scale, l.zero, xv, out, g_part, s.n, s.k, m, nullptr);
     else if (nt == 3) e = mma_launch<3, 1>(pl, w, l.scale, l.zero, xv, out, g_part, s.n, s.k, m, nullptr);
@@ -509,8 +509,11 @@ int main(int argc, char** argv) {
 
   // correctness: every kernel, every shape, several row counts, against the float reference
   const int check_rows[] = {1, 2, 3, 4, 5, 8, 9, 16, 17, 24, 31, 32};
-  const Kernel kernels[] = {kGemv, kGemv3, kMma, kWg};
-  const Kernel timed[] = {kGemv, kGemv3, kMma, kWg, kLoads};
+  const Kernel kernels[] = {kGemv, kGemv3, kMma, kMmaAuto, kWg};
+  const Kernel timed[] = {kGemv, kGemv3, kMma, kMmaAuto, kWg, kLoads};
+  for (const Shape& s : kShapes)
+    for (int nt = 1; nt <= 4; ++nt)
+      std::printf("plan %-7s rows %2d-%2d: %d splits\n", s.name, 8 * nt - 7, 8 * nt, mma_plan(s.n, s.k, nt, g_sms, 0).splits);
   for (const Weights& wt : ws) {
     const Shape& s = wt.shape;
     for (int m : check_rows) {

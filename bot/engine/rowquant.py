@@ -51,13 +51,15 @@ ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 MAX_ROWS = 4  # the kernel's largest batch (one accumulator per row and output)
 MMA_MAX_ROWS = 32  # the tensor-core kernel's largest batch
 MMA_PIECE = 256  # the tensor-core kernel takes in_features in multiples of this
-# The tensor-core kernel's splits of in_features (0: as few as its staged input
-# allows; more where shared memory needs them) and 16-row tiles per warp (1: 16
-# warps a block, 2: 8). H200, 80 layers' products (bench/gpu_rowquant.py), ms at
-# 2 / 8 / 16 / 32 rows, (4, 1): 13.1 / 13.2 / 17.4 / 21.7; (4, 2): 13.5 / 13.7 /
-# 18.4 / 23.2; fused Marlin 12.8 / 12.9 / 14.7 / 18.3. Fewest splits (0, 1):
-# 17.3 / 17.3 at 2 / 8 rows (the small products got too few blocks).
-MMA_SPLITS = 4
+# The tensor-core kernel's splits of in_features (a count, raised where shared
+# memory needs more; or 0: per product, the count whose busiest block has the
+# least to read, rowquant_kernels.cuh's mma_plan) and 16-row tiles per warp (1:
+# 16 warps a block, 2: 8). H200, 80 layers' products, ms at 2 / 8 / 16 / 32
+# rows: 0 splits (3 for q/k/v, 4 for o and gate/up, 4-16 for down) 13.2 / 13.2 /
+# 15.1 / 20.1 against 4 splits' 13.6 / 13.5 / 17.5 / 21.8 (bench/rowquant_probe.cu,
+# one run); 4 splits with 2 tiles 13.5 / 13.7 / 18.4 / 23.2 and fused Marlin
+# 12.8 / 12.9 / 14.7 / 18.3 (bench/gpu_rowquant.py).
+MMA_SPLITS = 0
 MMA_TILES = 1
 ROWS_PER_WARP = 4  # output rows a warp computes (bench/gpu_rowquant.py measures 2, 4, 8)
 DEQUANT_ITEMS = 4  # words a thread of the dequantize unpacks (bench/gpu_prefill.py measures 1, 4, 8)

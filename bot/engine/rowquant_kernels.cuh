@@ -162,8 +162,8 @@ __global__ void __launch_bounds__(kDequantThreads) dequant_kernel(
 // decode steps of a few rows, where the row kernel's CUDA-core sums grow with
 // every row and Marlin reads its own second copy of the weights.
 //
-// k is cut into splits (the caller's number, raised where shared memory needs
-// more); a block stages its split of x (every row) in shared memory once,
+// k is cut into splits (mma_plan: the caller's number, raised where shared
+// memory needs more, or its own choice); a block stages its split of x (every row) in shared memory once,
 // then walks row groups of 256 outputs (blockIdx.x, + gridDim.x, ...: one
 // block per multiprocessor), 16 warps of one 16-row tile each (TILES = 1) or
 // 8 of two. A lane loads 16 bytes (32 codes) of each of its rows per
@@ -366,18 +366,35 @@ struct KPlan {
   int splits, span, blocks, smem;
 };
 
-// mma_kernel: the caller's splits (0: as few as shared memory allows), raised
-// where shared memory needs more; one block per multiprocessor.
+// mma_kernel: the caller's splits, raised where shared memory needs more, or
+// (splits <= 0) the count whose busiest block has the least to read: each
+// block takes ceil(groups / blocks) row groups of `per` steps, one block per
+// multiprocessor and split, 1 % more a split for the partial sums it writes
+// and the finish step reads. One block per multiprocessor.
 inline KPlan mma_plan(int n, int k, int nt, int sms, int splits) {
   const int step_bytes = nt * 4096;  // staged x per step of 256 inputs
   const int steps = k / kMmaStep;
   const int max_steps = kMmaSmem / step_bytes;
-  if (splits <= 0) splits = (steps + max_steps - 1) / max_steps;
-  splits = std::max(1, std::min(splits, steps));
-  const int per_split = std::min(max_steps, (steps + splits - 1) / splits);
-  splits = (steps + per_split - 1) / per_split;
   const int groups = (n + kMmaRows - 1) / kMmaRows;
-  return KPlan{splits, per_split * kMmaStep, std::max(1, std::min(groups, sms / splits)), per_split * step_bytes};
+  auto plan = [&](int per) {
+    const int used = (steps + per - 1) / per;
+    return KPlan{used, per * kMmaStep, std::max(1, std::min(groups, sms / used)), per * step_bytes};
+  };
+  if (splits > 0) {
+    splits = std::min(splits, steps);
+    return plan(std::min(max_steps, (steps + splits - 1) / splits));
+  }
+  KPlan best = plan(std::min(max_steps, steps));
+  double best_cost = 0;
+  for (int per = std::min(max_steps, steps); per >= 1; --per) {
+    const KPlan p = plan(per);
+    const double cost = static_cast<double>((groups + p.blocks - 1) / p.blocks) * per * (1.0 + 0.01 * (p.splits - 1));
+    if (best_cost == 0 || cost < best_cost) {
+      best = p;
+      best_cost = cost;
+    }
+  }
+  return best;
 }
 
 // The splits' partial sums (part [splits][n][stride]) into out, where there are several.
