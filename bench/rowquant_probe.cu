@@ -111,28 +111,12 @@ __device__ __forceinline__ void wg_mma(float (&d)[4 * NT], const uint32_t (&a)[4
 }
 
 // The split count whose busiest block has the least to read, 2 % more a
-// split for the partial sums; one block per multiprocessor, `budget` bytes
-// of shared memory for x.
+// split for the partial sums; `budget` bytes of shared memory for x, a block
+// takes WG row groups at once.
 inline KPlan wg_plan(int n, int k, int nt, int wgs, int sms, int budget) {
-  const int steps = k / kMmaStep;
   const int step_bytes = nt * 4096;  // staged x per step of 256 inputs
-  const int max_steps = budget / step_bytes;
   const int groups = (n + kWgRows - 1) / kWgRows;
-  KPlan best{0, 0, 0, 0};
-  double best_cost = 0;
-  for (int s = 1; s <= steps; ++s) {
-    const int per = (steps + s - 1) / s;
-    if (per > max_steps) continue;
-    const int used = (steps + per - 1) / per;
-    if (used != s) continue;
-    const int blocks = std::max(1, std::min((groups + wgs - 1) / wgs, sms / s));
-    const double cost = static_cast<double>((groups + blocks - 1) / blocks) * per * (1.0 + 0.02 * (s - 1));
-    if (best.splits == 0 || cost < best_cost) {
-      best = KPlan{s, per * kMmaStep, blocks, per * step_bytes};
-      best_cost = cost;
-    }
-  }
-  return best;
+  return split_plan(k / kMmaStep, budget / step_bytes, step_bytes, groups, (groups + wgs - 1) / wgs, sms, 0, 0.02);
 }
 
 constexpr int kSmemMax = 227 * 1024;  // dynamic shared memory a block may have (H100/H200)

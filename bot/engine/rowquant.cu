@@ -19,8 +19,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_fp16.h>
 
-#include <algorithm>
-
 #include "rowquant_kernels.cuh"
 
 namespace {
@@ -69,7 +67,8 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& w, const torch::Ten
   torch::Tensor part;
   if (pl.splits > 1) part = torch::empty({pl.splits, n, NT * 8}, x.options().dtype(torch::kFloat32));
   C10_CUDA_CHECK((mma_launch<NT, TILES>(
-      pl, reinterpret_cast<const int4*>(w.data_ptr<int32_t>()), reinterpret_cast<const half*>(scale.data_ptr<at::Half>()),
+      pl, reinterpret_cast<const int4*>(w.data_ptr<int32_t>()),
+      reinterpret_cast<const half*>(scale.data_ptr<at::Half>()),
       reinterpret_cast<const half*>(zero.data_ptr<at::Half>()), reinterpret_cast<const int4*>(x.data_ptr<at::Half>()),
       reinterpret_cast<half*>(out.data_ptr<at::Half>()), pl.splits > 1 ? part.data_ptr<float>() : nullptr, n, k, m,
       at::cuda::getCurrentCUDAStream())));

@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 
 namespace {
 
@@ -163,8 +164,8 @@ __global__ void __launch_bounds__(kDequantThreads) dequant_kernel(
 // every row and Marlin reads its own second copy of the weights.
 //
 // k is cut into splits (mma_plan: the caller's number, raised where shared
-// memory needs more, or its own choice); a block stages its split of x (every row) in shared memory once,
-// then walks row groups of 256 outputs (blockIdx.x, + gridDim.x, ...: one
+// memory needs more, or its own choice); a block stages its split of x
+// (every row) in shared memory once, then walks row groups of 256 outputs (blockIdx.x, + gridDim.x, ...: one
 // block per multiprocessor), 16 warps of one 16-row tile each (TILES = 1) or
 // 8 of two. A lane loads 16 bytes (32 codes) of each of its rows per
 // half-step (the 4 lanes of a row: 64 contiguous bytes), two steps ahead of
@@ -366,35 +367,42 @@ struct KPlan {
   int splits, span, blocks, smem;
 };
 
-// mma_kernel: the caller's splits, raised where shared memory needs more, or
-// (splits <= 0) the count whose busiest block has the least to read: each
-// block takes ceil(groups / blocks) row groups of `per` steps, one block per
-// multiprocessor and split, 1 % more a split for the partial sums it writes
-// and the finish step reads. One block per multiprocessor.
-inline KPlan mma_plan(int n, int k, int nt, int sms, int splits) {
-  const int step_bytes = nt * 4096;  // staged x per step of 256 inputs
-  const int steps = k / kMmaStep;
-  const int max_steps = kMmaSmem / step_bytes;
-  const int groups = (n + kMmaRows - 1) / kMmaRows;
+// How to cut k (`steps` of 256 inputs, `step_bytes` of staged x each, at most
+// `max_steps` a split) for `units` units of work (row groups), one block per
+// multiprocessor and split, at most `max_blocks` blocks a split: the caller's
+// splits, raised where max_steps needs more, or (splits <= 0) the count whose
+// busiest block has the least to read (ceil(units / blocks) units of `per`
+// steps), `split_cost` more a split for the partial sums it writes and the
+// finish step reads.
+inline KPlan split_plan(int steps, int max_steps, int step_bytes, int units, int max_blocks, int sms, int splits,
+                        double split_cost) {
   auto plan = [&](int per) {
     const int used = (steps + per - 1) / per;
-    return KPlan{used, per * kMmaStep, std::max(1, std::min(groups, sms / used)), per * step_bytes};
+    return KPlan{used, per * kMmaStep, std::max(1, std::min(max_blocks, sms / used)), per * step_bytes};
   };
   if (splits > 0) {
     splits = std::min(splits, steps);
     return plan(std::min(max_steps, (steps + splits - 1) / splits));
   }
-  KPlan best = plan(std::min(max_steps, steps));
-  double best_cost = 0;
-  for (int per = std::min(max_steps, steps); per >= 1; --per) {
+  KPlan best{};
+  double best_cost = std::numeric_limits<double>::infinity();
+  for (int per = std::min(max_steps, steps); per >= 1; --per) {  // ties: fewer splits
     const KPlan p = plan(per);
-    const double cost = static_cast<double>((groups + p.blocks - 1) / p.blocks) * per * (1.0 + 0.01 * (p.splits - 1));
-    if (best_cost == 0 || cost < best_cost) {
+    const int rounds = (units + p.blocks - 1) / p.blocks;
+    const double cost = rounds * per * (1.0 + split_cost * (p.splits - 1));
+    if (cost < best_cost) {
       best = p;
       best_cost = cost;
     }
   }
   return best;
+}
+
+// mma_kernel's plan: row groups of kMmaRows, kMmaSmem of staged x, 1 % a split.
+inline KPlan mma_plan(int n, int k, int nt, int sms, int splits) {
+  const int step_bytes = nt * 4096;  // staged x per step of 256 inputs
+  const int groups = (n + kMmaRows - 1) / kMmaRows;
+  return split_plan(k / kMmaStep, kMmaSmem / step_bytes, step_bytes, groups, groups, sms, splits, 0.01);
 }
 
 // The splits' partial sums (part [splits][n][stride]) into out, where there are several.
