@@ -39,7 +39,7 @@ if ls $KC/ext.tgz.* >/dev/null 2>&1; then
     cat $KC/ext.tgz.* | tar xz -C /tmp/gptq-ext && echo "kernels restored: $(find /tmp/gptq-ext -name '*.so' | wc -l) libraries"
 fi
 carried_stamp=$( [ -f $KC/rowquant.tgz ] && tar xzOf $KC/rowquant.tgz rowquant/stamp 2>/dev/null )
-if [ "${carried_stamp%% *}" = "$(cat bot/engine/rowquant.cu bot/engine/rowquant_kernels.cuh | sha256sum | cut -d' ' -f1)" ]; then
+if [ "${carried_stamp%% *}" = "$(python3 -c 'from bot.engine import rowquant; print(rowquant.source_hash())')" ]; then
     # built from this source: newer than it, or ninja would build them again
     tar xzf $KC/rowquant.tgz -C /tmp/xwin-kernels && find /tmp/xwin-kernels -type f -exec touch {} + \
         && echo "row kernels restored"

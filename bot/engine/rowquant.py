@@ -168,6 +168,12 @@ def reference(rq: RowQuant, dtype: torch.dtype | None = None) -> torch.Tensor:
     return (codes - zero[:, None]) * rq.scale.to(dtype)[:, None]
 
 
+def source_hash() -> str:
+    """The kernels' sources, hashed: what the build stamp names (bench/gpu-call.sh
+    compares a carried build's stamp against it)."""
+    return hashlib.sha256(b"".join(path.read_bytes() for path in _SOURCES)).hexdigest()
+
+
 def _kernels() -> Any:
     """The compiled kernels: built once per source and torch version into
     ``$XWIN_KERNEL_DIR`` (default ``~/.cache/xwin-bot/kernels``), then
@@ -177,8 +183,7 @@ def _kernels() -> Any:
         build = Path(os.environ.get("XWIN_KERNEL_DIR") or Path.home() / ".cache" / "xwin-bot" / "kernels")
         build = build / "rowquant"
         build.mkdir(parents=True, exist_ok=True)
-        source_hash = hashlib.sha256(b"".join(path.read_bytes() for path in _SOURCES)).hexdigest()
-        stamp = f"{source_hash} torch {torch.__version__}"
+        stamp = f"{source_hash()} torch {torch.__version__}"
         library = build / "xwin_rowquant.so"
         if library.exists() and (build / "stamp").exists() and (build / "stamp").read_text() == stamp:
             spec = importlib.util.spec_from_file_location("xwin_rowquant", library)
