@@ -191,7 +191,9 @@ def _kernels() -> Any:
             _ext = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(_ext)
             return _ext
-        for stale in (*build.glob("*.o"), *build.glob("*.so")):  # ninja may not see a changed header
+        # Not built from these sources (the stamp compares contents; ninja compares times, and
+        # a kernel folder shared by checkouts or carried between machines can be newer): rebuild.
+        for stale in (*build.glob("*.o"), *build.glob("*.so")):
             stale.unlink()
         from torch.utils.cpp_extension import load
 
