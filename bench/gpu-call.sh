@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine (docs/benchmarks.md says how it is sent):
-#   bench/gpu-call.sh fidelity   # 8-layer proxies: every kernel, both checkpoints
+#   bench/gpu-call.sh fidelity   # 8-layer proxies: every kernel, both checkpoints (args: bench.gpu_fidelity's;
+#                                # SMOKE=0: without the 8-layer benchmark after it)
 #   bench/gpu-call.sh full       # the 80-layer benchmark with its baselines
 #   bench/gpu-call.sh rowquant   # the row-layout kernels against Marlin, alone
 #   bench/gpu-call.sh prefill    # a long prompt's prefill: products, dequantize, glue variants, profile
@@ -66,7 +67,7 @@ elif [ "$MODE" = prefill ]; then
 elif [ "$MODE" = fidelity ]; then
     timeout "$(left 430)" python3 -m bench.gpu_fidelity --layers 8 --out "$OUT/fidelity.json" "${@:2}" 2>&1 | tee "$OUT/fidelity.log"
     bring_back_gptq_kernels
-    timeout "$(left 575)" python3 -m bench.gpu --layers 8 --batches 1,32 --new-tokens 32 \
+    [ "${SMOKE:-1}" = 0 ] || timeout "$(left 575)" python3 -m bench.gpu --layers 8 --batches 1,32 --new-tokens 32 \
         --baseline-max 2 --chunk-variants 512,0 --out "$OUT/smoke.json" 2>&1 | tail -40 | tee "$OUT/smoke.log"
 else
     timeout "$(left 585)" python3 -m bench.gpu --out "$OUT/full.json" "${@:2}" 2>&1 | tee "$OUT/full.log"

@@ -33,7 +33,15 @@ os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:False")
 import torch
 
 from bench.gpu_checkpoint import XWIN_70B, build_checkpoint
-from bench.gpu_measure import check_logits, check_long_prefill, log, random_prompt, time_gemms, time_step
+from bench.gpu_measure import (
+    check_logits,
+    check_long_prefill,
+    log,
+    profile_step,
+    random_prompt,
+    time_gemms,
+    time_step,
+)
 from bot.config import ModelConfig
 from bot.engine.batched import BatchedEngine
 from bot.engine.fidelity import relative_error
@@ -41,11 +49,12 @@ from bot.engine.transformers import TransformersEngine
 from bot.errors import ConfigError
 
 
-def _load(path: Path, backend: str, max_batch: int) -> TransformersEngine:
+def _load(path: Path, backend: str, max_batch: int, batch_kernel: str = "auto") -> TransformersEngine:
     raw = backend == "marlin-raw"
     cfg = ModelConfig(id=str(path), device_map="cuda:0", dtype="float16",
                       gptq_backend="marlin" if raw else backend,  # type: ignore[arg-type]
-                      max_batch=max_batch, context_length=4096)
+                      max_batch=max_batch, context_length=4096,
+                      batch_kernel=batch_kernel)  # type: ignore[arg-type]
     loader = TransformersEngine(cfg)
     loader.regroup_channelwise = not raw
     loader.fuse_for_batches = True
@@ -83,11 +92,12 @@ def time_prefill(engine: BatchedEngine, n: int, vocab: int) -> float:
     return sorted(times)[1]
 
 
-def one(path: Path, backend: str, ref_ids: list[int], ref: torch.Tensor, vocab: int) -> dict[str, Any]:
-    row: dict[str, Any] = {"backend": backend}
+def one(path: Path, backend: str, ref_ids: list[int], ref: torch.Tensor, vocab: int,
+        profile: bool = False, batch_kernel: str = "auto") -> dict[str, Any]:
+    row: dict[str, Any] = {"backend": backend, "batch_kernel": batch_kernel}
     t0 = time.perf_counter()
     try:
-        loader = _load(path, backend, 32)
+        loader = _load(path, backend, 32, batch_kernel)
     except ConfigError as exc:
         row["refused"] = str(exc)
         return row
@@ -119,6 +129,9 @@ def one(path: Path, backend: str, ref_ids: list[int], ref: torch.Tensor, vocab: 
         row["step_ms_2"] = 1e3 * time_step(core, 2, 1100)
         row["step_ms_32"] = 1e3 * time_step(core, 32, 1100)
         row["gemms_ms_1"] = 1e3 * time_gemms(core, 1)
+        if profile:
+            row["profile_step_1"] = profile_step(core, 1, 1100)
+            print(row["profile_step_1"], flush=True)
         row["prefill_1000_ms"] = 1e3 * time_prefill(engine, 1000, vocab)
         for n in (64, 128, 256, 512, 1000):
             row[f"prefill_ms_{n}"] = 1e3 * time_prefill(engine, n, vocab)
@@ -139,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backends", default="marlin,marlin-raw,torch,triton,exllama_v2")
     ap.add_argument("--groups", default="-1,128")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--batch-kernel", default="auto", choices=["auto", "marlin", "mma"],
+                    help="[model] batch_kernel for every backend (mma: no Marlin build where none is needed)")
+    ap.add_argument("--profile-step", action="store_true",
+                    help="also the one-row decode step's GPU time by kernel (torch's profiler)")
     a = ap.parse_args(argv)
     results: list[dict[str, Any]] = []
     for group in [int(g) for g in a.groups.split(",")]:
@@ -150,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         for backend in a.backends.split(","):
             if group > 0 and backend == "marlin-raw":
                 continue
-            row = one(path, backend, ref_ids, ref, shape.vocab)
+            row = one(path, backend, ref_ids, ref, shape.vocab, a.profile_step, a.batch_kernel)
             row["group"] = group
             log(json.dumps(row, default=str))
             results.append(row)

@@ -96,6 +96,17 @@ def time_step(core: DecodeCore, n: int, ctx: int, reps: int = 20) -> float:
     return times[len(times) // 2]
 
 
+def profile_step(core: DecodeCore, n: int, ctx: int, reps: int = 10) -> str:
+    """GPU time by kernel over ``reps`` decode steps of ``n`` rows (as
+    :func:`time_step` runs them), torch's profiler table: where a step's time
+    outside the products goes."""
+    time_step(core, n, ctx, reps=1)  # captured and warm
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        time_step(core, n, ctx, reps=reps)
+    table: str = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90)
+    return table
+
+
 def time_gemms(core: DecodeCore, n: int, reps: int = 10) -> float:
     """Median seconds of the quantized matrix products of one decode step
     alone (graph-captured; 7 per layer, or 4 where the core has fused

@@ -8,10 +8,11 @@
 //
 // For the 70B model's four products (8 distinct copies each, so that L2 holds
 // none of them between uses) it checks every kernel against a plain float
-// reference at 1..32 rows of x; times the 80 layers' products per kernel and
-// row count, with the row kernel's loads alone as the floor of its access
-// pattern; and times each product a second time right after itself, its
-// weights then in L2 as far as they fit (docs/gpu-notes.md, items 27-28).
+// reference at 1..32 rows of x (the row kernels also with outliers of 8,000
+// in x); times the 80 layers' products per kernel and row count, with the row
+// kernel's loads alone as the floor of its access pattern; and times each
+// product a second time right after itself, its weights then in L2 as far as
+// they fit (docs/gpu-notes.md, items 27-30).
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -348,6 +349,15 @@ __global__ void fill_x(half* x, size_t count, uint64_t seed) {
     x[i] = __float2half((mix(seed + i) & 0xFFFF) / 32768.f - 1.f);
 }
 
+// x with outliers of magnitude 8,000, eight inputs in a row every 4,096 (a
+// word's worth): the row kernels' half sums of a word must not overflow
+// (unscaled, 4 x 15 x 8,000 would), while the outputs stay within half.
+__global__ void fill_x_outliers(half* x, size_t count, uint64_t seed) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < count;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x)
+    if (i % 4096 < 8) x[i] = __float2half((mix(seed + i) & 1) ? 8000.f : -8000.f);
+}
+
 // out[r][o] = scale[o] * sum_k x[r][k] (q[o][k] - z[o]) in float: one block per output.
 __global__ void reference_kernel(const uint32_t* w, const half* scale, const half* zero, const half* x, float* out,
                                  int n, int k, int m) {
@@ -396,29 +406,36 @@ float* g_part = nullptr;  // partial sums of the splits
 // ---------------------------------------------------------------------------
 
 // The engine's kernels (gemv: rows a warp x stages), the trial and the floor.
-enum Kernel { kGemv, kGemv3, kMma, kMmaAuto, kWg, kLoads };
-const char* kKernelNames[] = {"gemv4x2", "gemv4x3", "mma", "mma-auto", "wg4x3", "loads4x2"};
+// gemv4x2: the engine's row kernel (rows a warp x stages; W = kGemvWords
+// words a half sum, the scale applied to the float sums); -scaled: the scale
+// on every pair as before item 30 (docs/gpu-notes.md), the same run's
+// baseline; -w1 / -w4: one or four words a half sum.
+enum Kernel { kGemv, kGemvScaled, kGemvW1, kGemvW4, kGemv3, kMma, kMmaAuto, kWg, kLoads };
+const char* kKernelNames[] = {"gemv4x2",  "gemv4x2-scaled", "gemv4x2-w1", "gemv4x2-w4", "gemv4x3",
+                              "mma",      "mma-auto",       "wg4x3",      "loads4x2"};
 
-template <int M, int S>
-void run_gemv_rows(const Layer& l, const Shape& s, const half* x, half* out) {
-  gemv_kernel<M, 4, S><<<(s.n + kWarps * 4 - 1) / (kWarps * 4), kWarps * 32>>>(
-      reinterpret_cast<const int4*>(l.w), l.scale, l.zero, reinterpret_cast<const int4*>(x), out, s.n, s.k / 32);
-}
+bool is_gemv(Kernel k) { return k <= kGemv3; }
 
-template <int S>
+template <int S, bool LATE = true, int W = kGemvWords>
 void run_gemv(const Layer& l, const Shape& s, const half* x, half* out, int m) {
-  if (m == 1) run_gemv_rows<1, S>(l, s, x, out);
-  else if (m == 2) run_gemv_rows<2, S>(l, s, x, out);
-  else if (m == 3) run_gemv_rows<3, S>(l, s, x, out);
-  else run_gemv_rows<4, S>(l, s, x, out);
+  const dim3 grid((s.n + kWarps * 4 - 1) / (kWarps * 4)), block(kWarps * 32);
+  const int4* w = reinterpret_cast<const int4*>(l.w);
+  const int4* xv = reinterpret_cast<const int4*>(x);
+  if (m == 1) gemv_kernel<1, 4, S, LATE, W><<<grid, block>>>(w, l.scale, l.zero, xv, out, s.n, s.k / 32);
+  else if (m == 2) gemv_kernel<2, 4, S, LATE, W><<<grid, block>>>(w, l.scale, l.zero, xv, out, s.n, s.k / 32);
+  else if (m == 3) gemv_kernel<3, 4, S, LATE, W><<<grid, block>>>(w, l.scale, l.zero, xv, out, s.n, s.k / 32);
+  else gemv_kernel<4, 4, S, LATE, W><<<grid, block>>>(w, l.scale, l.zero, xv, out, s.n, s.k / 32);
 }
 
 void run(Kernel kern, const Layer& l, const Shape& s, const half* x, half* out, int m) {
   const int nt = (m + 7) / 8;
   const int4* w = reinterpret_cast<const int4*>(l.w);
   cudaError_t e = cudaSuccess;
-  if (kern == kGemv || kern == kGemv3) {
+  if (is_gemv(kern)) {
     if (kern == kGemv) run_gemv<2>(l, s, x, out, m);
+    else if (kern == kGemvScaled) run_gemv<2, false, 1>(l, s, x, out, m);
+    else if (kern == kGemvW1) run_gemv<2, true, 1>(l, s, x, out, m);
+    else if (kern == kGemvW4) run_gemv<2, true, 4>(l, s, x, out, m);
     else run_gemv<3>(l, s, x, out, m);
     e = cudaGetLastError();
   } else if (kern == kLoads) {
@@ -482,6 +499,7 @@ int main(int argc, char** argv) {
   if (profile) {  // for a profiler: each kernel once a shape, at the row counts the engine gives it
     for (const Weights& wt : ws) {
       run(kGemv, wt.layer[0], wt.shape, x, out, 1);
+      run(kGemvScaled, wt.layer[0], wt.shape, x, out, 1);
       run(kLoads, wt.layer[0], wt.shape, x, out, 1);
       run(kMma, wt.layer[0], wt.shape, x, out, 8);
       run(kMma, wt.layer[0], wt.shape, x, out, 32);
@@ -493,22 +511,29 @@ int main(int argc, char** argv) {
 
   // correctness: every kernel, every shape, several row counts, against the float reference
   const int check_rows[] = {1, 2, 3, 4, 5, 8, 9, 16, 17, 24, 31, 32};
-  const Kernel kernels[] = {kGemv, kGemv3, kMma, kMmaAuto, kWg};
-  const Kernel timed[] = {kGemv, kGemv3, kMma, kMmaAuto, kWg, kLoads};
+  const Kernel kernels[] = {kGemv, kGemvScaled, kGemvW1, kGemvW4, kGemv3, kMma, kMmaAuto, kWg};
+  const Kernel timed[] = {kGemv, kGemvScaled, kGemvW1, kGemvW4, kGemv3, kMma, kMmaAuto, kWg, kLoads};
   for (const Shape& s : kShapes)
     for (int nt = 1; nt <= 4; ++nt)
       std::printf("plan %-7s rows %2d-%2d: %d splits\n", s.name, 8 * nt - 7, 8 * nt, mma_plan(s.n, s.k, nt, g_sms, 0).splits);
+  half* x_big;  // x with outliers
+  CHECK(cudaMalloc(&x_big, static_cast<size_t>(kMaxRows) * max_k * sizeof(half)));
+  CHECK(cudaMemcpy(x_big, x, static_cast<size_t>(kMaxRows) * max_k * sizeof(half), cudaMemcpyDeviceToDevice));
+  fill_x_outliers<<<1024, 256>>>(x_big, static_cast<size_t>(kMaxRows) * max_k, 7);
   for (const Weights& wt : ws) {
     const Shape& s = wt.shape;
+    for (int big = 0; big < 2; ++big)
     for (int m : check_rows) {
-      reference_kernel<<<s.n, 256>>>(wt.layer[0].w, wt.layer[0].scale, wt.layer[0].zero, x, ref, s.n, s.k, m);
+      if (big && m > 4) continue;  // outliers: the row kernels
+      const half* xin = big ? x_big : x;
+      reference_kernel<<<s.n, 256>>>(wt.layer[0].w, wt.layer[0].scale, wt.layer[0].zero, xin, ref, s.n, s.k, m);
       std::vector<float> r(static_cast<size_t>(m) * s.n);
       CHECK(cudaMemcpy(r.data(), ref, r.size() * 4, cudaMemcpyDeviceToHost));
       const float scale = max_abs(r);
       for (Kernel kern : kernels) {
-        if ((kern == kGemv || kern == kGemv3) && m > 4) continue;
+        if ((is_gemv(kern) && m > 4) || (big && !is_gemv(kern))) continue;
         CHECK(cudaMemset(out, 0xFF, static_cast<size_t>(m) * s.n * sizeof(half)));  // NaN: unwritten shows
-        run(kern, wt.layer[0], s, x, out, m);
+        run(kern, wt.layer[0], s, xin, out, m);
         CHECK(cudaDeviceSynchronize());
         std::vector<half> o(static_cast<size_t>(m) * s.n);
         CHECK(cudaMemcpy(o.data(), out, o.size() * sizeof(half), cudaMemcpyDeviceToHost));
@@ -517,7 +542,7 @@ int main(int argc, char** argv) {
           const float d = std::fabs(__half2float(o[i]) - r[i]);
           err = std::isnan(d) ? INFINITY : std::fmax(err, d);
         }
-        std::printf("check %-7s rows %2d %-4s rel.err %.2e%s\n", s.name, m, kKernelNames[kern], err / scale,
+        std::printf("check %-7s rows %2d%s %-4s rel.err %.2e%s\n", s.name, m, big ? " outliers" : "", kKernelNames[kern], err / scale,
                     err / scale < 2e-3f ? "" : "  WRONG");
       }
     }
@@ -530,7 +555,7 @@ int main(int argc, char** argv) {
   const int time_rows[] = {1, 2, 4, 8, 16, 24, 32};
   for (int m : time_rows) {
     for (Kernel kern : timed) {
-      if (((kern == kGemv || kern == kGemv3) && m > 4) || (kern == kLoads && m > 1)) continue;
+      if ((is_gemv(kern) && m > 4) || (kern == kLoads && m > 1)) continue;
       double total_us = 0;
       std::printf("time rows %2d %-4s", m, kKernelNames[kern]);
       for (const Weights& wt : ws) {

@@ -3,9 +3,10 @@
 //
 //   rowquant_gemv(x [m, k] half, w, scale, zero) -> [m, n] half, m <= 4:
 //     one warp per R output rows, each lane reads 16 bytes (32 weights) of a
-//     row at a time, so a warp reads 512 contiguous bytes; the products are
-//     summed in half2 over one packed word (4 per lane, like Marlin's scaled
-//     weights times x) and in float beyond; one warp shuffle reduction.
+//     row at a time, so a warp reads 512 contiguous bytes; the products of
+//     (q - z) / 128 and x are summed in half2 over two packed words (8 per
+//     half) and in float beyond, each output scaled once; one warp shuffle
+//     reduction (gemv_kernel's comment in rowquant_kernels.cuh).
 //   rowquant_mma(x [m, k] half, w, scale, zero, splits, tiles) -> [m, n] half,
 //     m <= 32: tensor cores on the same packing (mma_kernel's comment in rowquant_kernels.cuh).
 //   rowquant_dequant(w, scale, zero, items) -> [n, k] half: nn.Linear's layout, for

@@ -15,11 +15,14 @@ of the same weights made for that case, and a CUDA kernel
   that sit side by side in ``x`` into one half2 (the kernel's comment).
 - **fused**: products that share their input (q, k, v; gate, up) are packed
   as one matrix, one launch, and split after.
-- **numbers**: ``(q - z) * s`` in half, as GPTQModel's and Marlin's kernels
-  compute the weight, times ``x`` summed in half over 4 products and in float
-  beyond. :func:`reference` is the same arithmetic in torch (the CPU path and
-  the tests' oracle); the load check (bot/engine/fidelity.py) compares the
-  whole model against transformers' forward on the GPU.
+- **numbers**: ``(q - z) / 128`` (exact in half) times ``x``, summed in half
+  over 8 products (at most 0.94 times the largest ``|x|``: no overflow) and in
+  float beyond, each output times ``128 s`` once; before, ``(q - z) * s`` in
+  half, as GPTQModel's and Marlin's kernels compute the weight, times ``x``
+  (docs/gpu-notes.md, item 30). :func:`reference` is GPTQModel's weight in
+  torch (the CPU path and the tests' oracle); the load check
+  (bot/engine/fidelity.py) compares the whole model against transformers'
+  forward on the GPU.
 
 :func:`dequantize` turns the packing back into a half ``[out, in]`` matrix for
 prompts, where cuBLAS does the product (compute-bound: the bytes do not matter).

@@ -26,10 +26,10 @@ __device__ __forceinline__ int4 load_once(const int4* p) {
   return r;
 }
 
-// Slots j and j+4 of a word as half2 (q_j - z, q_j+4 - z) * s.
-__device__ __forceinline__ half2 weights_pair(uint32_t word, int j, half2 zero2, half2 scale2) {
+// Slots j and j+4 of a word as half2 (q_j - z, q_j+4 - z), exact in half.
+__device__ __forceinline__ half2 codes_pair(uint32_t word, int j, half2 zero2) {
   uint32_t bits = and_or(word >> (4 * j), 0x000F000Fu, 0x64006400u);  // 1024 + q in each half
-  return __hmul2(__hsub2(*reinterpret_cast<half2*>(&bits), zero2), scale2);
+  return __hsub2(*reinterpret_cast<half2*>(&bits), zero2);
 }
 
 __device__ __forceinline__ uint32_t word_of(const int4& v, int i) {
@@ -41,10 +41,37 @@ __device__ __forceinline__ uint32_t word_of(const int4& v, int i) {
 // item 28): more registers, fewer warps, and no more bytes a second.
 constexpr int kGemvStages = 2;
 
-template <int M, int R, int S = kGemvStages>
+// Words whose products one half sum takes in the row kernel (docs/gpu-notes.md, item 30).
+constexpr int kGemvWords = 2;
+
+// The row kernel's weights: slots j and j+4 of a word as (q - z) / 2^D in each
+// half, exact, from the same two instructions as codes_pair: the codes land
+// in the mantissa of 2^(10 - D) (ulp 2^-D), and zero2_down holds
+// (1024 + z) / 2^D.
+template <int D>
+__device__ __forceinline__ half2 codes_pair_down(uint32_t word, int j, half2 zero2_down) {
+  constexpr uint32_t kExp = static_cast<uint32_t>(25 - D) << 10;  // the half 2^(10 - D)
+  uint32_t bits = and_or(word >> (4 * j), 0x000F000Fu, kExp | (kExp << 16));
+  return __hsub2(*reinterpret_cast<half2*>(&bits), zero2_down);
+}
+
+// out[m][row] for M rows of x (1-4), a warp R rows of weights, the products of
+// W words (4 W per half) summed in half2 and then added in float.
+//
+// LATE (the engine's): the weights are (q - z) / 2^D with 2^D = 64 W, so a
+// half sum of 4 W products is at most 4 W x 15 / (64 W) = 0.94 times the
+// largest |x|: it cannot overflow for any finite half x. The row's scale
+// (times 2^D) is applied once, to the float sum. Two FMA-pipe operations a
+// pair (hsub2, hfma2) and one conversion per W words, where the kernel was
+// bound by that pipe (item 28). Not LATE (W = 1 only): (q - z) * s before each
+// pair meets x, as before; the probe keeps it as the same run's baseline.
+template <int M, int R, int S = kGemvStages, bool LATE = true, int W = kGemvWords>
 __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(
     const int4* __restrict__ w, const half* __restrict__ scale, const half* __restrict__ zero,
     const int4* __restrict__ x, half* __restrict__ out, int n, int chunks) {
+  static_assert(W == 1 || W == 2 || W == 4, "a chunk holds 4 words");
+  static_assert(LATE || W == 1, "scaled pairs: one word a half sum");
+  constexpr int kDown = W == 1 ? 6 : W == 2 ? 7 : 8;  // 2^kDown = 64 W
   const int lane = threadIdx.x & 31;
   const int row0 = (blockIdx.x * kWarps + (threadIdx.x >> 5)) * R;
   if (row0 >= n) return;
@@ -54,8 +81,12 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(
   for (int r = 0; r < R; ++r) {
     const int row = min(row0 + r, n - 1);
     wr[r] = w + static_cast<size_t>(row) * chunks;
-    zero2[r] = __half2half2(zero[row]);
-    scale2[r] = __half2half2(scale[row]);
+    zero2[r] = __half2half2(zero[row]);  // 1024 + z
+    if constexpr (LATE) {
+      zero2[r] = __hmul2(zero2[r], __float2half2_rn(1.f / (1 << kDown)));  // exact: a power of two
+    } else {
+      scale2[r] = __half2half2(scale[row]);
+    }
   }
   float acc[R][M];
 #pragma unroll
@@ -83,21 +114,32 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(
         for (int r = 0; r < R; ++r) q[(t + S - 1) % S][r] = load_once(wr[r] + ahead);
       }
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        int4 xv[M];
+      for (int i0 = 0; i0 < 4; i0 += W) {
+        int4 xv[W][M];
 #pragma unroll
-        for (int m = 0; m < M; ++m) xv[m] = __ldg(x + (static_cast<size_t>(m) * chunks + c) * 4 + i);
+        for (int i = 0; i < W; ++i)
+#pragma unroll
+          for (int m = 0; m < M; ++m) xv[i][m] = __ldg(x + (static_cast<size_t>(m) * chunks + c) * 4 + i0 + i);
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-          const uint32_t word = word_of(q[t][r], i);
           half2 part[M];
 #pragma unroll
           for (int m = 0; m < M; ++m) part[m] = __float2half2_rn(0.f);
 #pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            const half2 wv = weights_pair(word, j, zero2[r], scale2[r]);
+          for (int i = 0; i < W; ++i) {
+            const uint32_t word = word_of(q[t][r], i0 + i);
 #pragma unroll
-            for (int m = 0; m < M; ++m) part[m] = __hfma2(wv, reinterpret_cast<const half2*>(&xv[m])[j], part[m]);
+            for (int j = 0; j < 4; ++j) {
+              half2 wv;
+              if constexpr (LATE) {
+                wv = codes_pair_down<kDown>(word, j, zero2[r]);
+              } else {
+                wv = __hmul2(codes_pair(word, j, zero2[r]), scale2[r]);
+              }
+#pragma unroll
+              for (int m = 0; m < M; ++m)
+                part[m] = __hfma2(wv, reinterpret_cast<const half2*>(&xv[i][m])[j], part[m]);
+            }
           }
 #pragma unroll
           for (int m = 0; m < M; ++m) {
@@ -120,9 +162,11 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(
   if (lane == 0) {
 #pragma unroll
     for (int r = 0; r < R; ++r)
-      if (row0 + r < n)
+      if (row0 + r < n) {
+        const float s = LATE ? __half2float(scale[row0 + r]) * (1 << kDown) : 1.f;
 #pragma unroll
-        for (int m = 0; m < M; ++m) out[static_cast<size_t>(m) * n + row0 + r] = __float2half_rn(acc[r][m]);
+        for (int m = 0; m < M; ++m) out[static_cast<size_t>(m) * n + row0 + r] = __float2half_rn(acc[r][m] * s);
+      }
   }
 }
 
@@ -152,7 +196,7 @@ __global__ void __launch_bounds__(kDequantThreads) dequant_kernel(
     const half2 scale2 = __half2half2(scale[row]);
     half2 o[4];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) o[j] = weights_pair(word[i], j, zero2, scale2);
+    for (int j = 0; j < 4; ++j) o[j] = __hmul2(codes_pair(word[i], j, zero2), scale2);
     out[idx] = *reinterpret_cast<int4*>(o);
   }
 }
@@ -190,8 +234,7 @@ constexpr int kMmaSmem = 192 * 1024;  // bytes of staged x per block at most
 constexpr int kMmaStep = 256;          // inputs per step
 
 __device__ __forceinline__ uint32_t code_pair(uint32_t word, int j, half2 zero2) {
-  uint32_t bits = and_or(word >> (4 * j), 0x000F000Fu, 0x64006400u);  // 1024 + q in each half
-  half2 v = __hsub2(*reinterpret_cast<half2*>(&bits), zero2);           // q - z, exact
+  half2 v = codes_pair(word, j, zero2);  // q - z, exact
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
