@@ -103,6 +103,7 @@ class Options:
     chunk_variants: list[int] = field(default_factory=list)  # the largest burst again at each (0: off)
     pairs: int = 2  # engine and worker runs per batch, alternating (bench.gpu_measure.paired_runs)
     kernel_steps: bool = True  # the decode step with fused Marlin, then with the tensor-core kernel
+    batch_kernel: str = "auto"  # [model] batch_kernel of the engine
 
 
 def parse(argv: list[str] | None) -> Options:
@@ -132,6 +133,8 @@ def parse(argv: list[str] | None) -> Options:
                          "prefill chunks, e.g. 256,512,0 (0: off); default: skipped")
     ap.add_argument("--no-kernel-steps", dest="kernel_steps", action="store_false",
                     help="skip the decode step timed with fused Marlin and with the tensor-core kernel")
+    ap.add_argument("--batch-kernel", default="auto", choices=["auto", "marlin", "mma"],
+                    help="[model] batch_kernel for the engine (default %(default)s; mma: no fused Marlin)")
     ap.add_argument("--pairs", type=int, default=2,
                     help="engine and worker runs per batch, alternating in ABBA order (E W, W E, ...); "
                          "worker/engine is the median of the pairs' ratios (default %(default)s)")
@@ -174,6 +177,7 @@ def parse(argv: list[str] | None) -> Options:
         chunk_variants=variants,
         pairs=a.pairs,
         kernel_steps=bool(a.kernel_steps),
+        batch_kernel=a.batch_kernel,
     )
 
 
@@ -217,6 +221,7 @@ async def main_async(opt: Options) -> dict[str, Any]:
         max_batch=max_batch,
         context_length=shape.context,
         prefill_chunk=opt.prefill_chunk,
+        batch_kernel=opt.batch_kernel,  # type: ignore[arg-type]
     )
     t0 = time.perf_counter()
     loader = TransformersEngine(mcfg)
@@ -225,6 +230,7 @@ async def main_async(opt: Options) -> dict[str, Any]:
     res["load_s"] = time.perf_counter() - t0
     model, tok = loader.model, loader.tokenizer
     res["kernel"] = loader.describe().get("gptq kernel", "")
+    res["batch_kernel"] = opt.batch_kernel
     log(f"loaded in {res['load_s']:.1f} s, kernel {res['kernel'] or '-'}")
 
     cache_len = 256 * math.ceil((ctx_needed + 1) / 256) + 1
