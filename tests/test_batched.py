@@ -280,6 +280,37 @@ def test_decode_core_step_matches_forward(tiny_model: Any) -> None:
     assert float((step - ref).norm() / ref.norm()) < 1e-4
 
 
+def test_compiled_decode_glue_matches_the_forward(tiny_model: Any) -> None:
+    """On the GPU a decode step's glue is compiled, rope and the two cache
+    writes in one function that writes into the whole caches in place: at
+    one row and at two its logits are the forward's, and it leaves the
+    caches exactly as the eager step does."""
+    compiled = DecodeCore(tiny_model, 2, 65, use_graphs=False, compile_glue=True)
+    eager = DecodeCore(tiny_model, 2, 65, use_graphs=False)
+    assert compiled.glue is not None and "rope_store" in compiled.glue
+    p = prompts()[1]
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).norm() / b.norm())
+
+    with torch.inference_mode():
+        for core in (compiled, eager):
+            core.prefill(1, [1, 2])
+            core.prefill(0, p)
+        one = compiled.step([7], [len(p)])[0]
+        two = compiled.step([8, 9], [len(p) + 1, 2])
+        eager.step([7], [len(p)])
+        eager.step([8, 9], [len(p) + 1, 2])
+        ref_one = tiny_model(torch.tensor([[*p, 7]])).logits[0, -1]
+        ref_two = tiny_model(torch.tensor([[*p, 7, 8]])).logits[0, -1]
+        ref_other = tiny_model(torch.tensor([[1, 2, 9]])).logits[0, -1]
+    assert rel(one, ref_one) < 1e-4
+    assert rel(two[0], ref_two) < 1e-4 and rel(two[1], ref_other) < 1e-4
+    assert torch.allclose(compiled.k_cache, eager.k_cache, atol=1e-6)
+    assert torch.allclose(compiled.v_cache, eager.v_cache, atol=1e-6)
+    assert float(compiled.k_cache[:, 0, :, len(p) + 1].abs().sum()) > 0  # the step's own key was written
+
+
 def test_compiled_prompt_glue_matches_the_forward_at_every_length(tiny_model: Any) -> None:
     """On the GPU a prompt's glue (rope + layout, residual + RMSNorm, SiLU x
     up) is compiled, the length dynamic from the second length on: its
