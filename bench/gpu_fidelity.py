@@ -41,10 +41,10 @@ from bench.gpu_measure import (
     random_prompt,
     time_gemms,
     time_step,
+    time_step_unfused_rope,
 )
 from bot.config import ModelConfig
 from bot.engine.batched import BatchedEngine
-from bot.engine.batched.core import _glue_rope_qk
 from bot.engine.fidelity import relative_error
 from bot.engine.transformers import TransformersEngine
 from bot.errors import ConfigError
@@ -76,22 +76,6 @@ def reference_logits(path: Path, vocab: int) -> tuple[list[int], torch.Tensor]:
     del loader
     _free()
     return ids, ref
-
-
-def unfused_rope_store(rope_qk: Any) -> Any:
-    """The decode step's rope and cache writes as they were before
-    ``_glue_rope_store``: rope compiled alone, k and v written by two eager
-    index writes (the same-run baseline of that fusion)."""
-
-    def store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-              k_cache: torch.Tensor, v_cache: torch.Tensor, layer: torch.Tensor, rows: torch.Tensor,
-              pos: torch.Tensor) -> torch.Tensor:
-        q, k = rope_qk(q, k, cos, sin)
-        k_cache[layer, rows, :, pos] = k
-        v_cache[layer, rows, :, pos] = v
-        return q  # type: ignore[no-any-return]
-
-    return store
 
 
 def time_prefill(engine: BatchedEngine, n: int, vocab: int) -> float:
@@ -146,15 +130,8 @@ def one(path: Path, backend: str, ref_ids: list[int], ref: torch.Tensor, vocab: 
         row["step_ms_2"] = 1e3 * time_step(core, 2, 1100)
         row["step_ms_32"] = 1e3 * time_step(core, 32, 1100)
         row["gemms_ms_1"] = 1e3 * time_gemms(core, 1)
-        if core.glue is not None:  # the same steps with rope compiled alone and the cache writes eager
-            fused = core.glue["rope_store"]
-            core.glue["rope_store"] = unfused_rope_store(torch.compile(_glue_rope_qk, fullgraph=True))
-            core.reset_graphs()
-            row["unfused_step_ms_1"] = 1e3 * time_step(core, 1, 1100)
-            row["unfused_step_ms_32"] = 1e3 * time_step(core, 32, 1100)
-            core.glue["rope_store"] = fused
-            core.reset_graphs()
-            row["fused_step_ms_1"] = 1e3 * time_step(core, 1, 1100)
+        for n in (1, 32):  # the same step with rope compiled alone and the cache writes eager
+            row[f"unfused_rope_step_ms_{n}"] = 1e3 * time_step_unfused_rope(core, n, 1100)
         if profile:
             row["profile_step_1"] = profile_step(core, 1, 1100)
             print(row["profile_step_1"], flush=True)

@@ -27,6 +27,7 @@ import torch
 from bot.config import BotConfig, Config, GenerationConfig
 from bot.engine.base import StreamStats
 from bot.engine.batched import BatchedEngine, DecodeCore
+from bot.engine.batched.core import _glue_rope_qk
 from bot.engine.fidelity import forward_logits, relative_error
 from bot.engine.transformers import generation_kwargs
 from bot.types import ConversationKey, Incoming, QuietSink, Settings
@@ -144,15 +145,47 @@ def time_gemms(core: DecodeCore, n: int, reps: int = 10) -> float:
     return times[len(times) // 2]
 
 
+def unfused_rope_store(rope_qk: Any) -> Any:
+    """The decode step's rope and cache writes as they were before
+    ``_glue_rope_store``: rope compiled alone, k and v written by two eager
+    index writes (the same-run baseline of that fusion)."""
+
+    def store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              k_cache: torch.Tensor, v_cache: torch.Tensor, layer: torch.Tensor, rows: torch.Tensor,
+              pos: torch.Tensor) -> torch.Tensor:
+        q, k = rope_qk(q, k, cos, sin)
+        k_cache[layer, rows, :, pos] = k
+        v_cache[layer, rows, :, pos] = v
+        return q  # type: ignore[no-any-return]
+
+    return store
+
+
+def time_step_unfused_rope(core: DecodeCore, n: int, ctx: int) -> float:
+    """:func:`time_step` with :func:`unfused_rope_store` in the compiled
+    glue's place (0.0 without compiled glue); the core is left as found."""
+    if core.glue is None:
+        return 0.0
+    fused = core.glue["rope_store"]
+    core.glue["rope_store"] = unfused_rope_store(torch.compile(_glue_rope_qk, fullgraph=True))
+    core.reset_graphs()
+    try:
+        return time_step(core, n, ctx)
+    finally:
+        core.glue["rope_store"] = fused
+        core.reset_graphs()
+
+
 def step_breakdown(core: DecodeCore, batches: list[int], ctx: int) -> dict[str, float]:
     """Where a decode step's time goes, at each of ``batches`` rows: the step
-    as run, without the compiled glue, also with the module's own RMSNorm, and
-    the quantized products alone (ms). Leaves the core as it found it."""
+    as run, with rope and the cache writes unfused, without the compiled glue,
+    also with the module's own RMSNorm, and the quantized products alone (ms). Leaves the core as it found it."""
     diag: dict[str, float] = {}
     glued = core.glue is not None
     for n in batches:
         diag[f"gemms_ms_{n}"] = 1e3 * time_gemms(core, n)
         diag[f"step_ms_{n}"] = 1e3 * time_step(core, n, ctx)
+        diag[f"step_unfused_rope_ms_{n}"] = 1e3 * time_step_unfused_rope(core, n, ctx)
         core.set_compiled_glue(False)
         diag[f"step_plain_ms_{n}"] = 1e3 * time_step(core, n, ctx)  # fused RMSNorm only
         core.fused_norm = False

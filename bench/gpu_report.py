@@ -161,7 +161,8 @@ def table(res: dict[str, Any], opt: RunOptions) -> str:
     for n in sorted({min(opt.batches), max(opt.batches)}):
         if f"gemms_ms_{n}" in d:
             lines.append(
-                f"step at {n}: {d[f'step_ms_{n}']:.2f} ms as run; without compiled glue "
+                f"step at {n}: {d[f'step_ms_{n}']:.2f} ms as run; rope and the cache writes unfused "
+                f"{d.get(f'step_unfused_rope_ms_{n}', 0.0):.2f} ms; without compiled glue "
                 f"{d[f'step_plain_ms_{n}']:.2f} ms; also with the module's RMSNorm "
                 f"{d[f'step_module_norm_ms_{n}']:.2f} ms; its GPTQ products alone "
                 f"{d[f'gemms_ms_{n}']:.2f} ms"
