@@ -94,7 +94,7 @@ def time_prefill(engine: BatchedEngine, n: int, vocab: int) -> float:
 
 
 def one(path: Path, backend: str, ref_ids: list[int], ref: torch.Tensor, vocab: int,
-        profile: bool = False, batch_kernel: str = "auto") -> dict[str, Any]:
+        profile: bool = False, batch_kernel: str = "auto", sweep: bool = True) -> dict[str, Any]:
     row: dict[str, Any] = {"backend": backend, "batch_kernel": batch_kernel}
     t0 = time.perf_counter()
     try:
@@ -136,7 +136,7 @@ def one(path: Path, backend: str, ref_ids: list[int], ref: torch.Tensor, vocab: 
             row["profile_step_1"] = profile_step(core, 1, 1100)
             print(row["profile_step_1"], flush=True)
         row["prefill_1000_ms"] = 1e3 * time_prefill(engine, 1000, vocab)
-        for n in (64, 128, 256, 512, 1000):
+        for n in (64, 128, 256, 512, 1000) if sweep else ():
             row[f"prefill_ms_{n}"] = 1e3 * time_prefill(engine, n, vocab)
             if core.products:  # the crossover: dequantize + cuBLAS against the batch kernel
                 saved, core.prompt_min_tokens = core.prompt_min_tokens, 1
@@ -157,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--batch-kernel", default="auto", choices=["auto", "marlin", "mma"],
                     help="[model] batch_kernel for every backend (mma: no Marlin build where none is needed)")
+    ap.add_argument("--no-sweep", dest="sweep", action="store_false",
+                    help="skip the prefill crossover sweep (64-1,000 tokens, three ways each)")
     ap.add_argument("--profile-step", action="store_true",
                     help="also the one-row decode step's GPU time by kernel (torch's profiler)")
     a = ap.parse_args(argv)
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         for backend in a.backends.split(","):
             if group > 0 and backend == "marlin-raw":
                 continue
-            row = one(path, backend, ref_ids, ref, shape.vocab, a.profile_step, a.batch_kernel)
+            row = one(path, backend, ref_ids, ref, shape.vocab, a.profile_step, a.batch_kernel, a.sweep)
             row["group"] = group
             log(json.dumps(row, default=str))
             results.append(row)
