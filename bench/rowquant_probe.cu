@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -409,22 +410,24 @@ float* g_part = nullptr;  // partial sums of the splits
 // gemv4x2: the engine's row kernel (rows a warp x stages; W = kGemvWords
 // words a half sum, the scale applied to the float sums); -scaled: the scale
 // on every pair as before item 30 (docs/gpu-notes.md), the same run's
-// baseline; -w1 / -w4: one or four words a half sum.
-enum Kernel { kGemv, kGemvScaled, kGemvW1, kGemvW4, kGemv3, kMma, kMmaAuto, kWg, kLoads };
-const char* kKernelNames[] = {"gemv4x2",  "gemv4x2-scaled", "gemv4x2-w1", "gemv4x2-w4", "gemv4x3",
-                              "mma",      "mma-auto",       "wg4x3",      "loads4x2"};
+// baseline; -w1 / -w4: one or four words a half sum; gemv4x3, gemv2x2,
+// gemv8x2: the engine's arithmetic with another ring depth or rows a warp
+// (their outputs must equal gemv4x2's bit for bit).
+enum Kernel { kGemv, kGemvScaled, kGemvW1, kGemvW4, kGemv3, kGemv2, kGemv8, kMma, kMmaAuto, kWg, kLoads };
+const char* kKernelNames[] = {"gemv4x2", "gemv4x2-scaled", "gemv4x2-w1", "gemv4x2-w4", "gemv4x3", "gemv2x2",
+                              "gemv8x2", "mma",            "mma-auto",   "wg4x3",      "loads4x2"};
 
-bool is_gemv(Kernel k) { return k <= kGemv3; }
+bool is_gemv(Kernel k) { return k <= kGemv8; }
 
-template <int S, bool LATE = true, int W = kGemvWords>
+template <int S, bool LATE = true, int W = kGemvWords, int R = 4>
 void run_gemv(const Layer& l, const Shape& s, const half* x, half* out, int m) {
-  const dim3 grid((s.n + kWarps * 4 - 1) / (kWarps * 4)), block(kWarps * 32);
+  const dim3 grid((s.n + kWarps * R - 1) / (kWarps * R)), block(kWarps * 32);
   const int4* w = reinterpret_cast<const int4*>(l.w);
   const int4* xv = reinterpret_cast<const int4*>(x);
-  if (m == 1) gemv_kernel<1, 4, S, LATE, W><<<grid, block>>>(w, l.scale, l.zero, xv, out, s.n, s.k / 32);
-  else if (m == 2) gemv_kernel<2, 4, S, LATE, W><<<grid, block>>>(w, l.scale, l.zero, xv, out, s.n, s.k / 32);
-  else if (m == 3) gemv_kernel<3, 4, S, LATE, W><<<grid, block>>>(w, l.scale, l.zero, xv, out, s.n, s.k / 32);
-  else gemv_kernel<4, 4, S, LATE, W><<<grid, block>>>(w, l.scale, l.zero, xv, out, s.n, s.k / 32);
+  if (m == 1) gemv_kernel<1, R, S, LATE, W><<<grid, block>>>(w, l.scale, l.zero, xv, out, s.n, s.k / 32);
+  else if (m == 2) gemv_kernel<2, R, S, LATE, W><<<grid, block>>>(w, l.scale, l.zero, xv, out, s.n, s.k / 32);
+  else if (m == 3) gemv_kernel<3, R, S, LATE, W><<<grid, block>>>(w, l.scale, l.zero, xv, out, s.n, s.k / 32);
+  else gemv_kernel<4, R, S, LATE, W><<<grid, block>>>(w, l.scale, l.zero, xv, out, s.n, s.k / 32);
 }
 
 void run(Kernel kern, const Layer& l, const Shape& s, const half* x, half* out, int m) {
@@ -436,6 +439,8 @@ void run(Kernel kern, const Layer& l, const Shape& s, const half* x, half* out, 
     else if (kern == kGemvScaled) run_gemv<2, false, 1>(l, s, x, out, m);
     else if (kern == kGemvW1) run_gemv<2, true, 1>(l, s, x, out, m);
     else if (kern == kGemvW4) run_gemv<2, true, 4>(l, s, x, out, m);
+    else if (kern == kGemv2) run_gemv<2, true, kGemvWords, 2>(l, s, x, out, m);
+    else if (kern == kGemv8) run_gemv<2, true, kGemvWords, 8>(l, s, x, out, m);
     else run_gemv<3>(l, s, x, out, m);
     e = cudaGetLastError();
   } else if (kern == kLoads) {
@@ -511,8 +516,8 @@ int main(int argc, char** argv) {
 
   // correctness: every kernel, every shape, several row counts, against the float reference
   const int check_rows[] = {1, 2, 3, 4, 5, 8, 9, 16, 17, 24, 31, 32};
-  const Kernel kernels[] = {kGemv, kGemvScaled, kGemvW1, kGemvW4, kGemv3, kMma, kMmaAuto, kWg};
-  const Kernel timed[] = {kGemv, kGemvScaled, kGemvW1, kGemvW4, kGemv3, kMma, kMmaAuto, kWg, kLoads};
+  const Kernel kernels[] = {kGemv, kGemvScaled, kGemvW1, kGemvW4, kGemv3, kGemv2, kGemv8, kMma, kMmaAuto, kWg};
+  const Kernel timed[] = {kGemv, kGemvScaled, kGemvW1, kGemvW4, kGemv3, kGemv2, kGemv8, kMma, kMmaAuto, kWg, kLoads};
   for (const Shape& s : kShapes)
     for (int nt = 1; nt <= 4; ++nt)
       std::printf("plan %-7s rows %2d-%2d: %d splits\n", s.name, 8 * nt - 7, 8 * nt, mma_plan(s.n, s.k, nt, g_sms, 0).splits);
@@ -530,6 +535,7 @@ int main(int argc, char** argv) {
       std::vector<float> r(static_cast<size_t>(m) * s.n);
       CHECK(cudaMemcpy(r.data(), ref, r.size() * 4, cudaMemcpyDeviceToHost));
       const float scale = max_abs(r);
+      std::vector<half> engine_out;
       for (Kernel kern : kernels) {
         if ((is_gemv(kern) && m > 4) || (big && !is_gemv(kern))) continue;
         CHECK(cudaMemset(out, 0xFF, static_cast<size_t>(m) * s.n * sizeof(half)));  // NaN: unwritten shows
@@ -542,8 +548,13 @@ int main(int argc, char** argv) {
           const float d = std::fabs(__half2float(o[i]) - r[i]);
           err = std::isnan(d) ? INFINITY : std::fmax(err, d);
         }
-        std::printf("check %-7s rows %2d%s %-4s rel.err %.2e%s\n", s.name, m, big ? " outliers" : "", kKernelNames[kern], err / scale,
-                    err / scale < 2e-3f ? "" : "  WRONG");
+        bool differs = false;  // the engine's arithmetic, scheduled otherwise: the same bits
+        if (kern == kGemv) engine_out = o;
+        if (kern == kGemv3 || kern == kGemv2 || kern == kGemv8)
+          differs = std::memcmp(o.data(), engine_out.data(), o.size() * sizeof(half)) != 0;
+        std::printf("check %-7s rows %2d%s %-4s rel.err %.2e%s%s\n", s.name, m, big ? " outliers" : "",
+                    kKernelNames[kern], err / scale, err / scale < 2e-3f ? "" : "  WRONG",
+                    differs ? "  NOT BITWISE gemv4x2's" : "");
       }
     }
   }
