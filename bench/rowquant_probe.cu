@@ -218,10 +218,10 @@ __global__ void __launch_bounds__(WG * 128, 1) wg_kernel(
         const uint32_t lo = word_of(q[0][h], i), hi = word_of(q[1][h], i);
 #pragma unroll
         for (int s = 0; s < 2; ++s) {
-          a[2 * i + s][0] = code_pair(lo, 2 * s, zero2[0]);
-          a[2 * i + s][1] = code_pair(hi, 2 * s, zero2[1]);
-          a[2 * i + s][2] = code_pair(lo, 2 * s + 1, zero2[0]);
-          a[2 * i + s][3] = code_pair(hi, 2 * s + 1, zero2[1]);
+          a[2 * i + s][0] = codes_bits(lo, 2 * s, zero2[0]);
+          a[2 * i + s][1] = codes_bits(hi, 2 * s, zero2[1]);
+          a[2 * i + s][2] = codes_bits(lo, 2 * s + 1, zero2[0]);
+          a[2 * i + s][3] = codes_bits(hi, 2 * s + 1, zero2[1]);
         }
       }
       wg_fence();

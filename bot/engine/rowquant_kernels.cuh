@@ -26,9 +26,14 @@ __device__ __forceinline__ int4 load_once(const int4* p) {
   return r;
 }
 
-// Slots j and j+4 of a word as half2 (q_j - z, q_j+4 - z), exact in half.
+// Slots j and j+4 of a word as half2 ((q_j - z) / 2^D, (q_j+4 - z) / 2^D),
+// exact in half: a mask and an or put each code in the mantissa of 2^(10 - D)
+// (ulp 2^-D), from which zero2 = (1024 + z) / 2^D is subtracted. D = 0 gives
+// q - z (the zero as stored, 1024 + z); the row kernel takes D > 0.
+template <int D = 0>
 __device__ __forceinline__ half2 codes_pair(uint32_t word, int j, half2 zero2) {
-  uint32_t bits = and_or(word >> (4 * j), 0x000F000Fu, 0x64006400u);  // 1024 + q in each half
+  constexpr uint32_t kExp = static_cast<uint32_t>(25 - D) << 10;  // the half 2^(10 - D): 0x6400 = 1024 at D = 0
+  uint32_t bits = and_or(word >> (4 * j), 0x000F000Fu, kExp | (kExp << 16));
   return __hsub2(*reinterpret_cast<half2*>(&bits), zero2);
 }
 
@@ -44,23 +49,13 @@ constexpr int kGemvStages = 2;
 // Words whose products one half sum takes in the row kernel (docs/gpu-notes.md, item 30).
 constexpr int kGemvWords = 2;
 
-// The row kernel's weights: slots j and j+4 of a word as (q - z) / 2^D in each
-// half, exact, from the same two instructions as codes_pair: the codes land
-// in the mantissa of 2^(10 - D) (ulp 2^-D), and zero2_down holds
-// (1024 + z) / 2^D.
-template <int D>
-__device__ __forceinline__ half2 codes_pair_down(uint32_t word, int j, half2 zero2_down) {
-  constexpr uint32_t kExp = static_cast<uint32_t>(25 - D) << 10;  // the half 2^(10 - D)
-  uint32_t bits = and_or(word >> (4 * j), 0x000F000Fu, kExp | (kExp << 16));
-  return __hsub2(*reinterpret_cast<half2*>(&bits), zero2_down);
-}
-
 // out[m][row] for M rows of x (1-4), a warp R rows of weights, the products of
 // W words (4 W per half) summed in half2 and then added in float.
 //
-// LATE (the engine's): the weights are (q - z) / 2^D with 2^D = 64 W, so a
-// half sum of 4 W products is at most 4 W x 15 / (64 W) = 0.94 times the
-// largest |x|: it cannot overflow for any finite half x. The row's scale
+// LATE (the engine's): the weights are (q - z) / 2^D (codes_pair<D>, the zero
+// scaled to match) with 2^D = 64 W, so a half sum of 4 W products is at most
+// 4 W x 15 / (64 W) = 0.94 times the largest |x|: it cannot overflow for any
+// finite half x. The row's scale
 // (times 2^D) is applied once, to the float sum. Two FMA-pipe operations a
 // pair (hsub2, hfma2) and one conversion per W words, where the kernel was
 // bound by that pipe (item 28). Not LATE (W = 1 only): (q - z) * s before each
@@ -132,7 +127,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(
             for (int j = 0; j < 4; ++j) {
               half2 wv;
               if constexpr (LATE) {
-                wv = codes_pair_down<kDown>(word, j, zero2[r]);
+                wv = codes_pair<kDown>(word, j, zero2[r]);
               } else {
                 wv = __hmul2(codes_pair(word, j, zero2[r]), scale2[r]);
               }
@@ -220,7 +215,7 @@ __global__ void __launch_bounds__(kDequantThreads) dequant_kernel(
 // bijection between the tile's 16 columns and 16 inputs serves, as long as x
 // (operand B) goes through the same one. Column pair (2c, 2c + 1) of k-tile
 // (h, i, s) is inputs base + 128h + 32c + 8i + 4s + {0, 1} (pair (2c + 8,
-// 2c + 9): + {2, 3}): exactly the half2s that ``code_pair(word, 2s)`` and
+// 2c + 9): + {2, 3}): exactly the half2s that ``codes_bits(word, 2s)`` and
 // ``(word, 2s + 1)`` make from word i of the lane's 16 bytes, and for x the
 // 8 contiguous halves base + 128h + 32c + 8i + {0..7} give both k-tiles'
 // (s = 0, 1) B fragments. Shared memory holds x in that fragment order, so a
@@ -233,8 +228,8 @@ constexpr int kMmaRows = 256;  // a row group: 16 warps of one 16-row tile, or 8
 constexpr int kMmaSmem = 192 * 1024;  // bytes of staged x per block at most
 constexpr int kMmaStep = 256;          // inputs per step
 
-__device__ __forceinline__ uint32_t code_pair(uint32_t word, int j, half2 zero2) {
-  half2 v = codes_pair(word, j, zero2);  // q - z, exact
+__device__ __forceinline__ uint32_t codes_bits(uint32_t word, int j, half2 zero2) {
+  half2 v = codes_pair(word, j, zero2);  // q - z, exact, as a register operand
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
@@ -321,10 +316,10 @@ __global__ void __launch_bounds__(kMmaRows / kMmaTiles * 2, 1) mma_kernel(
           const uint32_t lo = word_of(q[t][0][h], i), hi = word_of(q[t][1][h], i);
 #pragma unroll
           for (int sub = 0; sub < 2; ++sub) {
-            a[t][sub][0] = code_pair(lo, 2 * sub, zero2[t][0]);
-            a[t][sub][1] = code_pair(hi, 2 * sub, zero2[t][1]);
-            a[t][sub][2] = code_pair(lo, 2 * sub + 1, zero2[t][0]);
-            a[t][sub][3] = code_pair(hi, 2 * sub + 1, zero2[t][1]);
+            a[t][sub][0] = codes_bits(lo, 2 * sub, zero2[t][0]);
+            a[t][sub][1] = codes_bits(hi, 2 * sub, zero2[t][1]);
+            a[t][sub][2] = codes_bits(lo, 2 * sub + 1, zero2[t][0]);
+            a[t][sub][3] = codes_bits(hi, 2 * sub + 1, zero2[t][1]);
           }
         }
 #pragma unroll
