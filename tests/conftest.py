@@ -42,6 +42,13 @@ def make_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
     return parse_config(raw, base_dir=tmp_path)
 
 
+@pytest.fixture(params=[False, True], ids=["read-each-step", "lookahead"])
+def lookahead(request: pytest.FixtureRequest) -> bool:
+    """The batched scheduler both ways: reading each step before queuing the
+    next (the CPU's default), and queuing one step ahead (the GPU's)."""
+    return bool(request.param)
+
+
 @pytest.fixture
 def config(tmp_path: Path) -> Config:
     return make_config(tmp_path)

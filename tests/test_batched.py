@@ -61,9 +61,9 @@ def reference(model: Any, prompt: list[int], n: int) -> list[int]:
     return [int(t) for t in out[0, len(prompt):]]
 
 
-def make_engine(model: Any, llama_tok: Any, max_batch: int = 4) -> BatchedEngine:
+def make_engine(model: Any, llama_tok: Any, max_batch: int = 4, lookahead: bool = False) -> BatchedEngine:
     cfg = ModelConfig(id="tiny", max_batch=max_batch, context_length=128)
-    return BatchedEngine.over(model, llama_tok, cfg, eos_ids=(), max_len=129)
+    return BatchedEngine.over(model, llama_tok, cfg, eos_ids=(), max_len=129, lookahead=lookahead)
 
 
 async def collect(it: AsyncGenerator[list[int], None], limit: int | None = None) -> list[int]:
@@ -80,8 +80,8 @@ def prompts() -> list[list[int]]:
     return [[1, *torch.randint(3, VOCAB, (k,), generator=g).tolist()] for k in (7, 19, 12)]
 
 
-async def test_concurrent_streams_match_generate(tiny_model: Any, llama_tok: Any) -> None:
-    engine = make_engine(tiny_model, llama_tok)
+async def test_concurrent_streams_match_generate(tiny_model: Any, llama_tok: Any, lookahead: bool) -> None:
+    engine = make_engine(tiny_model, llama_tok, lookahead=lookahead)
     await engine.start()
     try:
         ps = prompts()
@@ -93,8 +93,10 @@ async def test_concurrent_streams_match_generate(tiny_model: Any, llama_tok: Any
     assert engine.last_stats is not None and engine.last_stats.new_tokens == 10
 
 
-async def test_closing_a_stream_frees_its_row_and_others_go_on(tiny_model: Any, llama_tok: Any) -> None:
-    engine = make_engine(tiny_model, llama_tok, max_batch=2)
+async def test_closing_a_stream_frees_its_row_and_others_go_on(
+    tiny_model: Any, llama_tok: Any, lookahead: bool
+) -> None:
+    engine = make_engine(tiny_model, llama_tok, max_batch=2, lookahead=lookahead)
     await engine.start()
     try:
         a, b, c = prompts()
@@ -110,8 +112,8 @@ async def test_closing_a_stream_frees_its_row_and_others_go_on(tiny_model: Any, 
     assert got_c == reference(tiny_model, c, 12)
 
 
-async def test_more_streams_than_rows_wait_their_turn(tiny_model: Any, llama_tok: Any) -> None:
-    engine = make_engine(tiny_model, llama_tok, max_batch=2)
+async def test_more_streams_than_rows_wait_their_turn(tiny_model: Any, llama_tok: Any, lookahead: bool) -> None:
+    engine = make_engine(tiny_model, llama_tok, max_batch=2, lookahead=lookahead)
     finished: list[StreamStats] = []
     engine.on_finish = finished.append  # the benchmark's hook
     await engine.start()
@@ -180,17 +182,50 @@ async def test_closing_the_engine_fails_the_streams_still_waiting_for_a_row(
         await engine.close()
 
 
-async def test_eos_ends_the_stream_and_is_not_sent(tiny_model: Any, llama_tok: Any) -> None:
+async def test_eos_ends_the_stream_and_is_not_sent(tiny_model: Any, llama_tok: Any, lookahead: bool) -> None:
     p = prompts()[0]
     ref = reference(tiny_model, p, 8)
     cfg = ModelConfig(id="tiny", max_batch=2, context_length=128)
-    engine = BatchedEngine.over(tiny_model, llama_tok, cfg, eos_ids=(ref[3],), max_len=129)
+    engine = BatchedEngine.over(tiny_model, llama_tok, cfg, eos_ids=(ref[3],), max_len=129, lookahead=lookahead)
     await engine.start()
     try:
         got = await collect(engine.stream_ids(p, greedy(8)))
     finally:
         await engine.close()
     assert got == ref[: ref.index(ref[3])]
+
+
+async def test_rows_ending_mid_batch_leave_the_others_and_their_follow_ups_exact(
+    tiny_model: Any, llama_tok: Any, lookahead: bool
+) -> None:
+    """Three rows decode; one meets its end of sequence mid-way while the
+    others go on (with lookahead, a step of all three is queued by then:
+    its token for the ended row is dropped, and rows move only after it is
+    read). Every reply is generate()'s cut at the end token, and a follow-up
+    on the ended reply's parked row is generate()'s too."""
+    g = torch.Generator().manual_seed(4)
+    ps = [[1, *torch.randint(3, VOCAB, (k,), generator=g).tolist()] for k in (39, 19, 12)]  # the first parkable
+    refs = [reference(tiny_model, p, 14) for p in ps]
+    # an end token that cuts row 0's reply after a few tokens and no other reply
+    eos = next(t for t in refs[0][3:10] if t not in refs[1] and t not in refs[2] and t not in refs[0][:3])
+    cut = refs[0][: refs[0].index(eos)]
+    cfg = ModelConfig(id="tiny", max_batch=4, context_length=128)
+    engine = BatchedEngine.over(tiny_model, llama_tok, cfg, eos_ids=(eos,), max_len=129, lookahead=lookahead)
+    await engine.start()
+    try:
+        got = await asyncio.wait_for(
+            asyncio.gather(*(collect(engine.stream_ids(p, greedy(14))) for p in ps)), timeout=60
+        )
+        follow = [*ps[0], *cut, 5, 6, 7]
+        again = await collect(engine.stream_ids(follow, greedy(6)))
+    finally:
+        await engine.close()
+    assert got == [cut, refs[1], refs[2]]
+    ref_again = reference(tiny_model, follow, 6)
+    assert again == (ref_again[: ref_again.index(eos)] if eos in ref_again else ref_again)
+    scheduler = engine.scheduler
+    assert scheduler is not None and scheduler.prefix.reused_tokens == len(ps[0]) + len(cut)
+    assert (scheduler.steps_ahead > 0) == lookahead
 
 
 async def test_prompt_too_long_fails_cleanly(tiny_model: Any, llama_tok: Any) -> None:

@@ -32,12 +32,12 @@ Event = tuple[str, int, int, int]  # ("prefill", row, start, end) or ("step", ro
 
 
 def recorded(
-    model: Any, tokenizer: Any, max_batch: int = 4, gate: threading.Event | None = None
+    model: Any, tokenizer: Any, max_batch: int = 4, gate: threading.Event | None = None, lookahead: bool = False
 ) -> tuple[BatchedEngine, list[Event]]:
     """An engine whose DecodeCore logs every prefill call and decode step, in
     order; with ``gate``, the first prefill waits for it."""
     cfg = ModelConfig(id="tiny", max_batch=max_batch, context_length=128, prefill_chunk=CHUNK)
-    engine = BatchedEngine.over(model, tokenizer, cfg, eos_ids=(), max_len=129)
+    engine = BatchedEngine.over(model, tokenizer, cfg, eos_ids=(), max_len=129, lookahead=lookahead)
     core = engine.core
     assert core is not None
     events: list[Event] = []
@@ -49,7 +49,7 @@ def recorded(
             assert gate.wait(timeout=30)
         return real_prefill(row, ids, start=start)
 
-    def step(tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+    def step(tokens: Sequence[int] | torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
         events.append(("step", len(tokens), 0, 0))
         return real_step(tokens, positions)
 
@@ -78,9 +78,9 @@ async def failure(engine: BatchedEngine, ids: list[int]) -> BaseException | None
 
 
 async def test_long_prompt_is_chunked_between_decode_steps_and_matches_generate(
-    tiny_model: Any, llama_tok: Any  # noqa: F811
+    tiny_model: Any, llama_tok: Any, lookahead: bool  # noqa: F811
 ) -> None:
-    engine, events = recorded(tiny_model, llama_tok, max_batch=3)
+    engine, events = recorded(tiny_model, llama_tok, max_batch=3, lookahead=lookahead)
     short, brief, long = prompt(11, 8), prompt(16, 8), prompt(12, 90)
     await engine.start()
     try:
@@ -138,7 +138,7 @@ async def test_chunked_follow_up_reuses_the_prefix_and_matches_generate(
 
 
 async def test_nan_in_one_chunk_fails_that_reply_only(
-    llama_tok: Any, caplog: pytest.LogCaptureFixture
+    llama_tok: Any, caplog: pytest.LogCaptureFixture, lookahead: bool
 ) -> None:
     model = tiny_llama(VOCAB)  # its own: poisoned below
     short = prompt(11, 8)
@@ -150,7 +150,7 @@ async def test_nan_in_one_chunk_fails_that_reply_only(
     saved = model.model.embed_tokens.weight[poison].clone()
     with torch.no_grad():
         model.model.embed_tokens.weight[poison] = float("nan")
-    engine, events = recorded(model, llama_tok)
+    engine, events = recorded(model, llama_tok, lookahead=lookahead)
     caplog.set_level(logging.ERROR, logger="bot.engine.batched")
     await engine.start()
     try:

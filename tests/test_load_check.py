@@ -85,7 +85,7 @@ def test_batched_engine_refuses_non_finite_logits(llama_tok: Any) -> None:
 
 
 async def test_non_finite_logits_while_serving_fail_only_that_reply(
-    llama_tok: Any, caplog: pytest.LogCaptureFixture
+    llama_tok: Any, caplog: pytest.LogCaptureFixture, lookahead: bool
 ) -> None:
     model = tiny_llama()
     greedy = Settings(0.0, 1.0, 0, 1.0, 6, "")
@@ -98,7 +98,7 @@ async def test_non_finite_logits_while_serving_fail_only_that_reply(
     with torch.no_grad():
         model.model.embed_tokens.weight[first] = float("nan")
     cfg = ModelConfig(id="tiny", max_batch=4, context_length=128)
-    engine = BatchedEngine.over(model, llama_tok, cfg, eos_ids=(), max_len=129)
+    engine = BatchedEngine.over(model, llama_tok, cfg, eos_ids=(), max_len=129, lookahead=lookahead)
     await engine.start()
     try:
         async def run(ids: list[int]) -> tuple[list[int], BaseException | None]:

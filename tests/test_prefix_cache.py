@@ -26,15 +26,17 @@ def prompt(seed: int, n: int) -> list[int]:
     return [1, *torch.randint(3, VOCAB, (n - 1,), generator=g).tolist()]
 
 
-async def started(model: Any, tokenizer: Any, max_batch: int) -> BatchedEngine:
+async def started(model: Any, tokenizer: Any, max_batch: int, lookahead: bool = False) -> BatchedEngine:
     cfg = ModelConfig(id="tiny", max_batch=max_batch, context_length=128)
-    engine = BatchedEngine.over(model, tokenizer, cfg, eos_ids=(), max_len=129)
+    engine = BatchedEngine.over(model, tokenizer, cfg, eos_ids=(), max_len=129, lookahead=lookahead)
     await engine.start()
     return engine
 
 
-async def test_follow_up_reuses_the_thread_and_matches_generate(tiny_model: Any, llama_tok: Any) -> None:  # noqa: F811
-    engine = await started(tiny_model, llama_tok, max_batch=2)
+async def test_follow_up_reuses_the_thread_and_matches_generate(
+    tiny_model: Any, llama_tok: Any, lookahead: bool  # noqa: F811
+) -> None:
+    engine = await started(tiny_model, llama_tok, max_batch=2, lookahead=lookahead)
     try:
         first = prompt(5, 40)
         reply = await collect(engine.stream_ids(first, greedy(8)))
@@ -57,11 +59,13 @@ async def test_follow_up_reuses_the_thread_and_matches_generate(tiny_model: Any,
         await engine.close()
 
 
-async def test_parked_row_moves_to_the_next_live_row(tiny_model: Any, llama_tok: Any) -> None:  # noqa: F811
+async def test_parked_row_moves_to_the_next_live_row(
+    tiny_model: Any, llama_tok: Any, lookahead: bool  # noqa: F811
+) -> None:
     """A finished reply is parked in a top row; two other conversations take
     rows 0 and 1; the follow-up, admitted into row 2, gets its prefix copied
     there from the parked row while the others decode."""
-    engine = await started(tiny_model, llama_tok, max_batch=4)
+    engine = await started(tiny_model, llama_tok, max_batch=4, lookahead=lookahead)
     try:
         first = prompt(8, 34)
         reply = await collect(engine.stream_ids(first, greedy(6)))
@@ -102,11 +106,13 @@ async def test_another_conversation_sharing_only_a_prefix_never_sees_the_rest(
     assert prefix.hits == 1 and prefix.reused_tokens == shared
 
 
-async def test_a_reply_is_parked_before_its_stream_ends(tiny_model: Any, llama_tok: Any) -> None:  # noqa: F811
+async def test_a_reply_is_parked_before_its_stream_ends(
+    tiny_model: Any, llama_tok: Any, lookahead: bool  # noqa: F811
+) -> None:
     """When the stream has ended the row is parked (or not) already: a caller
     that then clears the cache (the benchmark before a cold measurement)
     cannot be overtaken by the decode thread parking it afterwards."""
-    engine = await started(tiny_model, llama_tok, max_batch=2)
+    engine = await started(tiny_model, llama_tok, max_batch=2, lookahead=lookahead)
     prefix = engine.scheduler.prefix  # type: ignore[union-attr]
     real_park = prefix.park
 

@@ -403,15 +403,19 @@ class DecodeCore:
         return bb, ctx
 
     @torch.no_grad()
-    def step(self, tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+    def step(self, tokens: Sequence[int] | torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
         """Logits ``[n, vocab]`` for rows 0..n-1 given each row's last token
-        and its position (the cache index the token is written to)."""
+        and its position (the cache index the token is written to). The
+        tokens may be a tensor on the device (the sampler's output: the step
+        is queued without the CPU reading them)."""
         n = len(tokens)
         bb, ctx = self.buckets(n, max(positions))
         pad = bb - n
-        tok = torch.tensor(list(tokens) + [0] * pad, dtype=torch.long)
+        if isinstance(tokens, torch.Tensor):
+            self.tokens[:n].copy_(tokens)  # padded rows keep earlier (valid) ids
+        else:
+            self.tokens[:bb].copy_(torch.tensor(list(tokens) + [0] * pad, dtype=torch.long), non_blocking=True)
         pos = torch.tensor(list(positions) + [self.scratch] * pad, dtype=torch.long)
-        self.tokens[:bb].copy_(tok, non_blocking=True)
         self.positions[:bb].copy_(pos, non_blocking=True)
         if self.use_graphs:
             graph, out = self._graph(bb, ctx)

@@ -36,6 +36,7 @@ class BatchedEngine:
         max_len: int | None = None,
         use_graphs: bool | None = None,
         compile_glue: bool | None = None,
+        lookahead: bool | None = None,
     ) -> None:
         self.config = config
         self.context_length = config.context_length
@@ -50,6 +51,7 @@ class BatchedEngine:
         self._max_len = max_len
         self._use_graphs = use_graphs
         self._compile_glue = compile_glue
+        self._lookahead = lookahead  # the scheduler's (None: on the GPU)
         self._description: dict[str, str] = {}
         # Called on the decode thread with each finished stream's stats (the
         # benchmark collects them here); must be quick and must not raise.
@@ -66,9 +68,11 @@ class BatchedEngine:
         max_len: int | None = None,
         use_graphs: bool | None = None,
         compile_glue: bool | None = None,
+        lookahead: bool | None = None,
     ) -> BatchedEngine:
         engine = cls(
-            config, eos_ids=eos_ids, max_len=max_len, use_graphs=use_graphs, compile_glue=compile_glue
+            config, eos_ids=eos_ids, max_len=max_len, use_graphs=use_graphs, compile_glue=compile_glue,
+            lookahead=lookahead,
         )
         engine.tokenizer = tokenizer
         engine._build(model)
@@ -126,7 +130,7 @@ class BatchedEngine:
             eos = [self.tokenizer.eos_id]
         self.scheduler = BatchScheduler(
             self.core, eos, on_finish=self._record, prefill_chunk=self.config.prefill_chunk,
-            prefix_cache=self.config.prefix_cache,
+            prefix_cache=self.config.prefix_cache, lookahead=self._lookahead,
         )
         # The prompt builder must not make prompts the cache cannot hold.
         self.context_length = min(self.context_length, self.core.scratch - 1)

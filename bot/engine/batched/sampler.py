@@ -27,9 +27,15 @@ class Sampler:
         if src != dst:
             self.seen[dst] = self.seen[src]
 
-    @torch.no_grad()
     def sample(self, logits: torch.Tensor, settings: Sequence[Settings], row0: int = 0) -> list[int]:
         """Next token of rows ``row0..row0+n-1`` from their logits ``[n, vocab]``."""
+        out: list[int] = self.sample_ids(logits, settings, row0).tolist()
+        return out
+
+    @torch.no_grad()
+    def sample_ids(self, logits: torch.Tensor, settings: Sequence[Settings], row0: int = 0) -> torch.Tensor:
+        """:meth:`sample`'s tokens left on the device (``[n]`` int64): the
+        next step can take them as its input before the CPU reads them."""
         n = logits.shape[0]
         seen = self.seen[row0 : row0 + n]
         x = logits.float()
@@ -61,5 +67,4 @@ class Sampler:
             is_greedy = torch.tensor([v <= 1e-5 for v in temps]).to(self.device, non_blocking=True)
             nxt = torch.where(is_greedy, greedy, sampled)
         seen[torch.arange(n, device=self.device), nxt] = True
-        out: list[int] = nxt.tolist()
-        return out
+        return nxt

@@ -8,7 +8,8 @@ stream's asyncio queue, on the stream's own event loop (``_post``,
 ``_deliver``). While rows decode, prompts are prefilled a chunk at a time
 between decode steps (``prefill_chunk``). Finished rows are compacted and
 parked for a follow-up (``bot.engine.prefix_cache``); a row whose logits are
-not finite fails alone.
+not finite fails alone. On the GPU the next step is queued before the CPU
+reads this one's tokens (``lookahead``: :meth:`BatchScheduler._step`).
 """
 
 from __future__ import annotations
@@ -71,6 +72,24 @@ class Request:
         self.last_token_at = now
 
 
+@dataclass
+class _Launched:
+    """A decode step queued on the device and not yet read: its rows, their
+    sampled tokens on the device (the next step's input) and the same tokens
+    with each row's finite flag, copied to the host once ``ready`` is done."""
+
+    live: list[Request]
+    ids: torch.Tensor
+    host: torch.Tensor  # [2, n] int64: tokens, finite (0 / 1)
+    ready: torch.cuda.Event | None  # None on the CPU: the copy is done already
+
+    def read(self) -> list[tuple[Request, int, bool]]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        toks, finite = self.host.tolist()
+        return [(req, tok, bool(ok)) for req, tok, ok in zip(self.live, toks, finite, strict=True)]
+
+
 def _deliver(batch: list[tuple[Request, _Item]]) -> None:
     for req, item in batch:
         req.out.put_nowait(item)
@@ -99,6 +118,14 @@ class BatchScheduler:
     decoding, the rest of a prompt is prefilled at once (nobody to wait).
     Shorter prompts arriving together share that budget: a turn stops
     admitting once ``prefill_chunk`` prompt tokens are prefilled.
+
+    Lookahead (``lookahead``, on by default on the GPU): while nothing waits
+    to be admitted and no row can reach its token limit, step N+1 is queued
+    with step N's sampled tokens still on the device, before the CPU reads
+    them: the CPU's work between steps (reading, streaming, the next step's
+    inputs) runs while the GPU computes instead of the GPU idling through
+    it. A row that ends at step N (EOS, cancelled, NaN) drops its token of
+    step N+1; rows move only after step N+1 is read.
     """
 
     def __init__(
@@ -108,6 +135,7 @@ class BatchScheduler:
         on_finish: Callable[[StreamStats], None] | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
         prefix_cache: bool = True,
+        lookahead: bool | None = None,
     ) -> None:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be 1 or more, got {prefill_chunk}")
@@ -127,7 +155,20 @@ class BatchScheduler:
         self._thread: threading.Thread | None = None
         self._stop = False
         self.steps = 0
-        self.step_s = 0.0
+        self.steps_ahead = 0  # steps queued before the one before them was read
+        self.lookahead = core.device.type == "cuda" if lookahead is None else lookahead
+        self._ahead: _Launched | None = None  # a step queued and not read yet
+        # Each step's tokens and finite flags come back here (page-locked on
+        # the GPU, so that the copy is asynchronous); two, as a step is
+        # queued while the one before it is read.
+        cuda = core.device.type == "cuda"
+        self._host = [torch.zeros((2, core.max_batch), dtype=torch.long, pin_memory=cuda) for _ in range(2)]
+        self._ready = [torch.cuda.Event() for _ in range(2)] if cuda else None  # type: ignore[no-untyped-call]
+        self._launches = 0
+        # Items for the streams and finished rows, held until the rows are
+        # retired (_flush): a stream sees its end only once its row is parked.
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[Request, _Item]]] = {}
+        self._done: list[tuple[Request, bool]] = []  # (request, park its row)
 
     def start(self) -> None:
         if self._thread is None:
@@ -150,10 +191,11 @@ class BatchScheduler:
     def _run(self) -> None:
         while not self._stop:
             try:
-                if self._filling is not None:
-                    self._prefill_chunk()
-                else:
-                    self._admit(block=not self._live)
+                if self._ahead is None:  # with a step queued, it is read first
+                    if self._filling is not None:
+                        self._prefill_chunk()
+                    else:
+                        self._admit(block=not self._live)
                 if self._live:
                     self._step()
             except BaseException as exc:  # fail every live stream, keep serving
@@ -169,6 +211,9 @@ class BatchScheduler:
                 _post(req, closed)
 
     def _fail_all(self, err: GenerationError) -> None:
+        self._ahead = None
+        self._done.clear()
+        self._outbox.clear()
         for req in self._live:
             _post(req, err)
         self._live.clear()
@@ -239,7 +284,8 @@ class BatchScheduler:
             return
         req.position = n
         self._live.append(req)
-        self._emit([(req, tok)])
+        self._take([(req, tok, True)])
+        self._flush()
 
     def _fail_prefill(self, req: Request, row: int, tokens: int) -> None:
         log.error("non-finite logits after %d tokens of a prompt of %d; the reply is failed",
@@ -274,12 +320,18 @@ class BatchScheduler:
             log.debug("prompt of %d tokens: %d reused from a parked row", len(req.ids), hit[1])
         return hit[1] if hit is not None else 0
 
-    def _emit(self, pairs: list[tuple[Request, int]]) -> None:
-        """Deliver one new token per request; retire finished rows."""
-        out: dict[asyncio.AbstractEventLoop, list[tuple[Request, _Item]]] = {}
-        done: list[Request] = []
+    def _take(self, results: list[tuple[Request, int, bool]]) -> None:
+        """One new token per request (with its logits' finite flag): queued
+        for its stream; finished and failed rows are noted for :meth:`_flush`."""
         now = time.perf_counter()
-        for req, tok in pairs:
+        for req, tok, finite in results:
+            if not finite:  # nothing sampled from NaN reaches a reply
+                log.error("non-finite logits at position %d (%d rows); the reply is failed",
+                          req.position, len(self._live))
+                self._out(req, GenerationError(MSG_NON_FINITE))
+                self._finished_stats(req)
+                self._done.append((req, False))
+                continue
             req.token_at(now)
             req.last_token = tok
             req.tokens.append(tok)
@@ -288,17 +340,28 @@ class BatchScheduler:
             if not finished and tok in self.eos:
                 finished = True
             else:
-                out.setdefault(req.loop, []).append((req, [tok]))
+                self._out(req, [tok])
                 if req.generated >= req.settings.max_new_tokens or req.position >= self.core.scratch:
                     finished = True
             if finished:
-                out.setdefault(req.loop, []).append((req, None))
-                done.append(req)
+                self._out(req, None)
+                self._done.append((req, True))
                 self._finished_stats(req)
-        for req in done:  # parked before the stream sees its end
-            self._retire(req)
-        for loop, batch in out.items():
+
+    def _out(self, req: Request, item: _Item) -> None:
+        self._outbox.setdefault(req.loop, []).append((req, item))
+
+    def _flush(self) -> None:
+        """Retire the rows :meth:`_take` saw finish (a failed one's cache
+        zeroed, not parked), then hand the items to their streams."""
+        for req, park in self._done:
+            if not park:
+                self.core.clear(self._live.index(req))
+            self._retire(req, park)
+        self._done.clear()
+        for loop, batch in self._outbox.items():
             loop.call_soon_threadsafe(_deliver, batch)
+        self._outbox.clear()
 
     def _finished_stats(self, req: Request) -> None:
         if self.on_finish is not None:
@@ -332,31 +395,62 @@ class BatchScheduler:
             self._live[row] = moved
         self._live.pop()
 
+    def _launch(self, live: list[Request], tokens: list[int] | torch.Tensor, positions: list[int]) -> _Launched:
+        """Queue a decode step of ``live`` and its sampling; nothing waits for the GPU."""
+        logits = self.core.step(tokens, positions)
+        ids = self.sampler.sample_ids(logits, [r.settings for r in live])
+        k = self._launches % 2
+        self._launches += 1
+        host = self._host[k][:, : len(live)]
+        host[0].copy_(ids, non_blocking=True)
+        host[1].copy_(torch.isfinite(logits).all(dim=-1).long(), non_blocking=True)
+        ready = None
+        if self._ready is not None:
+            ready = self._ready[k]
+            ready.record()
+        return _Launched(live, ids, host, ready)
+
+    def _may_look_ahead(self, live: list[Request]) -> bool:
+        """Whether the step after ``live``'s current one can be queued before
+        it is read: nothing waits to be admitted or filled, and no row can
+        reach its token limit or the cache's end at the current step."""
+        return (
+            self.lookahead and self._filling is None and self._inbox.empty()
+            and all(
+                not r.cancelled and r.generated + 1 < r.settings.max_new_tokens and r.position + 1 < self.core.scratch
+                for r in live
+            )
+        )
+
     def _step(self) -> None:
-        for req in [r for r in self._live if r.cancelled]:
-            _post(req, None)
-            self._retire(req)
-        if not self._live:
-            return
-        t0 = time.perf_counter()
-        live = list(self._live)
-        logits = self.core.step([r.last_token for r in live], [r.position for r in live])
-        finite = torch.isfinite(logits).all(dim=-1)
-        toks = self.sampler.sample(logits, [r.settings for r in live])
+        launched, self._ahead = self._ahead, None
+        if launched is None:
+            for req in [r for r in self._live if r.cancelled]:
+                _post(req, None)
+                self._retire(req)
+            if not self._live:
+                return
+            live = list(self._live)
+            launched = self._launch(live, [r.last_token for r in live], [r.position for r in live])
+        live = launched.live
+        ahead = None
+        if self._may_look_ahead(live):
+            ahead = self._launch(live, launched.ids, [r.position + 1 for r in live])
+            self.steps_ahead += 1
+        results = launched.read()
         self.steps += 1
-        self.step_s += time.perf_counter() - t0
         for r in live:
             r.position += 1
-        pairs = list(zip(live, toks, strict=True))
-        ok: list[bool] = finite.tolist()
-        if not all(ok):  # nothing sampled from NaN reaches a reply
-            for req, good in zip(live, ok, strict=True):
-                if not good:
-                    log.error("non-finite logits at position %d (%d rows); the reply is failed",
-                              req.position, len(live))
-                    _post(req, GenerationError(MSG_NON_FINITE))
-                    self._finished_stats(req)
-                    self.core.clear(self._live.index(req))
-                    self._retire(req, park=False)
-            pairs = [p for p, good in zip(pairs, ok, strict=True) if good]
-        self._emit(pairs)
+        self._take(results)
+        if ahead is not None and self._done:
+            # Rows end at this step, and the next one is queued with them: read
+            # it before any row moves, its tokens kept for the rows that go on.
+            ended = {id(req) for req, _ in self._done}
+            results = [res for res in ahead.read() if id(res[0]) not in ended]
+            self.steps += 1
+            for req, _, _ in results:
+                req.position += 1
+            self._take(results)
+            ahead = None
+        self._ahead = ahead
+        self._flush()
