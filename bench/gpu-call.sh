@@ -7,15 +7,23 @@
 #   bench/gpu-call.sh prefill    # a long prompt's prefill: products, dequantize, glue variants, profile
 #   bench/gpu-call.sh probe      # the row kernels without torch (bench/rowquant_probe.cu): seconds to build;
 #                                # "probe profile": each kernel once under Nsight Compute (ncu)
+#   bench/gpu-call.sh attn-probe # the decode attention kernels without torch (bench/attention_probe.cu)
 # Run from the repository's root. Expects the wheels in .whl (scripts/gpu-wheels)
 # and, if a previous call brought them back, GPTQModel's compiled kernels as
-# .gpu/kcache/ext.tgz.* and the row kernels as .gpu/kcache/rowquant.tgz (carry
-# both folders).
+# .gpu/kcache/ext.tgz.* and the project's own as .gpu/kcache/rowquant.tgz and
+# attention.tgz (carry both folders).
 set -uo pipefail
 MODE=${1:-fidelity}
 START=$(date +%s)
 left() { echo $(( ${1} - ($(date +%s) - START) )); }
 KC=.gpu/kcache
+if [ "$MODE" = attn-probe ]; then  # needs nothing but nvcc
+    nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Xptxas -v -o /tmp/attn bench/attention_probe.cu \
+        > "$OUT/attn-build.log" 2>&1 || { tail -30 "$OUT/attn-build.log"; exit 1; }
+    echo "built in $(( $(date +%s) - START )) s"
+    timeout "$(left 580)" /tmp/attn "${@:2}" 2>&1 | tee "$OUT/attn.log"
+    exit "${PIPESTATUS[0]}"
+fi
 if [ "$MODE" = probe ]; then  # needs nothing but nvcc: no wheels, no kernels carried
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Xptxas -v -o /tmp/probe bench/rowquant_probe.cu \
@@ -39,17 +47,25 @@ mkdir -p /tmp/gptq-ext /tmp/xwin-kernels
 if ls $KC/ext.tgz.* >/dev/null 2>&1; then
     cat $KC/ext.tgz.* | tar xz -C /tmp/gptq-ext && echo "kernels restored: $(find /tmp/gptq-ext -name '*.so' | wc -l) libraries"
 fi
-carried_stamp=$( [ -f $KC/rowquant.tgz ] && tar xzOf $KC/rowquant.tgz rowquant/stamp 2>/dev/null )
-if [ "${carried_stamp%% *}" = "$(python3 -c 'from bot.engine import rowquant; print(rowquant.source_hash())')" ]; then
-    # built from this source: newer than it, or ninja would build them again
-    tar xzf $KC/rowquant.tgz -C /tmp/xwin-kernels && find /tmp/xwin-kernels -type f -exec touch {} + \
-        && echo "row kernels restored"
-fi
-bring_back_row_kernels() {  # the row kernels if built here (new or changed source), for the next call
-    local built=/tmp/xwin-kernels/rowquant
-    if [ -f $built/stamp ] && [ "$(cat $built/stamp)" != "$carried_stamp" ] && [ ! -f "$OUT/rowquant.tgz" ]; then
-        tar czf "$OUT/rowquant.tgz" -C /tmp/xwin-kernels rowquant
-    fi
+# The project's own kernels (bot/engine/cuda_ext.py: rowquant, attention), each
+# carried as .gpu/kcache/<name>.tgz; a build whose stamp does not name the
+# current sources is rebuilt by the engine itself.
+declare -A carried_stamp
+for t in $KC/*.tgz; do
+    [ -e "$t" ] || continue
+    name=$(basename "$t" .tgz)
+    tar xzf "$t" -C /tmp/xwin-kernels && carried_stamp[$name]=$(cat "/tmp/xwin-kernels/$name/stamp" 2>/dev/null) \
+        && echo "$name kernels restored"
+done
+bring_back_own_kernels() {  # each of the project's kernels built here (new or changed source), for the next call
+    local built name
+    for built in /tmp/xwin-kernels/*/; do
+        name=$(basename "$built")
+        if [ -f "$built/stamp" ] && [ "$(cat "$built/stamp")" != "${carried_stamp[$name]:-}" ] \
+            && [ ! -f "$OUT/$name.tgz" ]; then
+            tar czf "$OUT/$name.tgz" -C /tmp/xwin-kernels "$name"
+        fi
+    done
 }
 bring_back_gptq_kernels() {  # GPTQModel's JIT-built kernels (Marlin's: ~245 s to build), when none were carried
     if ! ls $KC/ext.tgz.* >/dev/null 2>&1 && [ -n "$(find /tmp/gptq-ext -name '*.so' 2>/dev/null)" ] \
@@ -61,18 +77,18 @@ bring_back_gptq_kernels() {  # GPTQModel's JIT-built kernels (Marlin's: ~245 s t
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 if [ "$MODE" = rowquant ]; then
     timeout "$(left 560)" python3 -m bench.gpu_rowquant --out "$OUT/rowquant.json" "${@:2}" 2>&1 | tee "$OUT/rowquant.log"
-    bring_back_row_kernels
+    bring_back_own_kernels
 elif [ "$MODE" = prefill ]; then
     timeout "$(left 560)" python3 -m bench.gpu_prefill --out "$OUT/prefill.json" "${@:2}" 2>&1 | tee "$OUT/prefill.log"
 elif [ "$MODE" = fidelity ]; then
-    timeout "$(left 430)" python3 -m bench.gpu_fidelity --layers 8 --out "$OUT/fidelity.json" "${@:2}" 2>&1 | tee "$OUT/fidelity.log"
+    timeout "$(left "$([ "${SMOKE:-1}" = 0 ] && echo 575 || echo 430)")" python3 -m bench.gpu_fidelity --layers 8 --out "$OUT/fidelity.json" "${@:2}" 2>&1 | tee "$OUT/fidelity.log"
     bring_back_gptq_kernels
     [ "${SMOKE:-1}" = 0 ] || timeout "$(left 575)" python3 -m bench.gpu --layers 8 --batches 1,32 --new-tokens 32 \
         --baseline-max 2 --chunk-variants 512,0 --out "$OUT/smoke.json" 2>&1 | tail -40 | tee "$OUT/smoke.log"
 else
     timeout "$(left 585)" python3 -m bench.gpu --out "$OUT/full.json" "${@:2}" 2>&1 | tee "$OUT/full.log"
 fi
-bring_back_row_kernels
+bring_back_own_kernels
 bring_back_gptq_kernels
 ls -la "$OUT"
 echo "call took $(( $(date +%s) - START )) s"

@@ -70,6 +70,7 @@ from bench.gpu_measure import (
     generate_batch_run,
     generate_run,
     log,
+    lookahead_pairs,
     paired_runs,
     random_prompt,
     step_breakdown,
@@ -302,6 +303,11 @@ async def main_async(opt: Options) -> dict[str, Any]:
             log(f"worker/engine n={n}: {ratio['ratio']:.3f} (pairs {', '.join(f'{x:.3f}' for x in ratio['pairs'])})")
     # chunked prefill: the same burst at each chunk, engine only, cold
     variants = await chunk_variants(engine, burst, settings, opt.chunk_variants)
+    # one conversation with the scheduler's lookahead off and on, alternating (its same-run baseline)
+    if 1 in opt.batches:
+        one = worker_prompt_ids(engine, worker_texts(1, words, shape.vocab), settings)
+        res["lookahead"] = await lookahead_pairs(engine, one, settings)
+        log(f"lookahead off / on, one conversation, decode tok/s: {res['lookahead']}")
     await engine.close()
     # where a decode step's time goes: the quantized products alone, and the
     # step with the module's own RMSNorm instead of the fused one

@@ -34,6 +34,7 @@ import torch
 
 from bench.gpu_checkpoint import XWIN_70B, build_checkpoint
 from bench.gpu_measure import (
+    check_attention_kernel,
     check_logits,
     check_long_prefill,
     log,
@@ -41,6 +42,7 @@ from bench.gpu_measure import (
     random_prompt,
     time_gemms,
     time_step,
+    time_step_attention,
     time_step_unfused_rope,
 )
 from bot.config import ModelConfig
@@ -132,6 +134,14 @@ def one(path: Path, backend: str, ref_ids: list[int], ref: torch.Tensor, vocab: 
         row["gemms_ms_1"] = 1e3 * time_gemms(core, 1)
         for n in (1, 32):  # the same step with rope compiled alone and the cache writes eager
             row[f"unfused_rope_step_ms_{n}"] = 1e3 * time_step_unfused_rope(core, n, 1100)
+        row["attention_kernel_err"] = check_attention_kernel(core)
+        for n in (1, 32):  # the same step with the decode attention kernels, then in torch's matmuls
+            row[f"attention_kernel_step_ms_{n}"] = 1e3 * time_step_attention(core, n, 1100, True)
+            row[f"matmul_attention_step_ms_{n}"] = 1e3 * time_step_attention(core, n, 1100, False)
+        if core.set_attention_kernel(True):  # the engine's step with the kernels against the forward
+            row["attention_kernel_load_check"] = engine.verify(loader.probe_logits)
+            row["attention_kernel_own_step_err"] = check_logits(engine, model, vocab, 48)[1]
+            core.set_attention_kernel(False)
         if profile:
             row["profile_step_1"] = profile_step(core, 1, 1100)
             print(row["profile_step_1"], flush=True)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from bot.config import BotConfig, Config, GenerationConfig
+from bot.engine import attention
 from bot.engine.base import StreamStats
 from bot.engine.batched import BatchedEngine, DecodeCore
 from bot.engine.batched.core import _glue_rope_qk
@@ -176,16 +177,57 @@ def time_step_unfused_rope(core: DecodeCore, n: int, ctx: int) -> float:
         core.reset_graphs()
 
 
+def time_step_attention(core: DecodeCore, n: int, ctx: int, kernel: bool) -> float:
+    """:func:`time_step` with the attention in the decode attention kernels
+    (``kernel``) or in torch's matmuls and softmax (0.0 where the kernels do
+    not take this model); the core is left as found. (:func:`time_step` puts
+    every row at the scratch position: both forms read the whole bucket.)"""
+    own = core.attention_kernel
+    try:
+        if core.set_attention_kernel(kernel) != kernel:
+            return 0.0
+        return time_step(core, n, ctx)
+    finally:
+        core.set_attention_kernel(own)
+
+
+def check_attention_kernel(core: DecodeCore, rows: Sequence[int] = (1, 2, 32), ctx: int = 1280) -> float:
+    """The decode attention kernels against their torch form in float, on
+    random caches of this model's shape, rows at assorted positions (0, the
+    bucket's last, random): the largest error relative to the largest output
+    (0.0 where the kernels do not take this model)."""
+    if not attention.supports(core.device, core.dtype, core.head_dim, core.group):
+        return 0.0
+    g = torch.Generator(device=core.device).manual_seed(11)
+    worst = 0.0
+    for n in rows:
+        shape = (n, core.n_kv, ctx + 1, core.head_dim)
+        kc = torch.randn(shape, generator=g, device=core.device, dtype=core.dtype)
+        vc = torch.randn(shape, generator=g, device=core.device, dtype=core.dtype)
+        q = 2 * torch.randn((n, core.n_heads, core.head_dim), generator=g, device=core.device, dtype=core.dtype)
+        pos = torch.randint(0, ctx, (n,), generator=g, device=core.device)
+        pos[0] = 0
+        if n > 1:
+            pos[1] = ctx - 1
+        got = attention.decode(q, kc, vc, pos, ctx, core.scale).float()
+        want = attention.reference(q.float(), kc.float(), vc.float(), pos, ctx, core.scale)
+        worst = max(worst, float((got - want).abs().max() / want.abs().max()))
+    return worst
+
+
 def step_breakdown(core: DecodeCore, batches: list[int], ctx: int) -> dict[str, float]:
     """Where a decode step's time goes, at each of ``batches`` rows: the step
-    as run, with rope and the cache writes unfused, without the compiled glue,
-    also with the module's own RMSNorm, and the quantized products alone (ms). Leaves the core as it found it."""
+    as run, with rope and the cache writes unfused, with the attention in
+    the decode attention kernels and in torch's matmuls, without the compiled glue, also with the module's own
+    RMSNorm, and the quantized products alone (ms). Leaves the core as it found it."""
     diag: dict[str, float] = {}
     glued = core.glue is not None
     for n in batches:
         diag[f"gemms_ms_{n}"] = 1e3 * time_gemms(core, n)
         diag[f"step_ms_{n}"] = 1e3 * time_step(core, n, ctx)
         diag[f"step_unfused_rope_ms_{n}"] = 1e3 * time_step_unfused_rope(core, n, ctx)
+        diag[f"step_attention_kernel_ms_{n}"] = 1e3 * time_step_attention(core, n, ctx, True)
+        diag[f"step_matmul_attention_ms_{n}"] = 1e3 * time_step_attention(core, n, ctx, False)
         core.set_compiled_glue(False)
         diag[f"step_plain_ms_{n}"] = 1e3 * time_step(core, n, ctx)  # fused RMSNorm only
         core.fused_norm = False
@@ -309,6 +351,27 @@ async def engine_run(
     return res
 
 
+async def lookahead_pairs(
+    engine: BatchedEngine, prompts: list[list[int]], settings: Settings, pairs: int = 2
+) -> dict[str, list[float]]:
+    """The same conversations (cold) with the scheduler's lookahead off and
+    on, alternating (off, on, off, on...): each run's decode tok/s, by
+    setting. The scheduler's own setting is put back."""
+    scheduler = engine.scheduler
+    assert scheduler is not None
+    own = scheduler.lookahead
+    out: dict[str, list[float]] = {"off": [], "on": []}
+    try:
+        for _ in range(pairs):
+            for key in ("off", "on"):
+                scheduler.lookahead = key == "on"
+                r = await engine_run(engine, prompts, settings, time_graph=False)
+                out[key].append(r.decode_tok_s)
+    finally:
+        scheduler.lookahead = own
+    return out
+
+
 @contextmanager
 def traced(core: DecodeCore) -> Iterator[list[tuple[str, int, float]]]:
     """Every prefill and decode step the core runs inside the block, as
@@ -329,7 +392,7 @@ def traced(core: DecodeCore) -> Iterator[list[tuple[str, int, float]]]:
         spans.append(("prefill", len(ids) - start, time.perf_counter() - t0))
         return out
 
-    def timed_step(tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+    def timed_step(tokens: Sequence[int] | torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
         sync()
         t0 = time.perf_counter()
         out = step(tokens, positions)

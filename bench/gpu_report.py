@@ -157,12 +157,20 @@ def table(res: dict[str, Any], opt: RunOptions) -> str:
             )
     lines.append("")
     lines += _chunk_rows(res, opt)
+    if la := res.get("lookahead"):
+        lines.append(
+            "one conversation, decode tok/s, the scheduler reading each step before queuing the next / "
+            "queuing one step ahead (alternating runs): "
+            + ", ".join(f"{x:.1f}" for x in la["off"]) + " / " + ", ".join(f"{x:.1f}" for x in la["on"])
+        )
     d = res.get("diag", {})
     for n in sorted({min(opt.batches), max(opt.batches)}):
         if f"gemms_ms_{n}" in d:
             lines.append(
                 f"step at {n}: {d[f'step_ms_{n}']:.2f} ms as run; rope and the cache writes unfused "
-                f"{d.get(f'step_unfused_rope_ms_{n}', 0.0):.2f} ms; without compiled glue "
+                f"{d.get(f'step_unfused_rope_ms_{n}', 0.0):.2f} ms; attention in the decode attention kernels / "
+                f"torch's matmuls {d.get(f'step_attention_kernel_ms_{n}', 0.0):.2f} / "
+                f"{d.get(f'step_matmul_attention_ms_{n}', 0.0):.2f} ms; without compiled glue "
                 f"{d[f'step_plain_ms_{n}']:.2f} ms; also with the module's RMSNorm "
                 f"{d[f'step_module_norm_ms_{n}']:.2f} ms; its GPTQ products alone "
                 f"{d[f'gemms_ms_{n}']:.2f} ms"

@@ -34,11 +34,7 @@ in float, each output scaled once).
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import logging
-import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +42,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from bot.engine import cuda_ext
 
 log = logging.getLogger(__name__)
 
@@ -172,44 +170,15 @@ def reference(rq: RowQuant, dtype: torch.dtype | None = None) -> torch.Tensor:
 
 
 def source_hash() -> str:
-    """The kernels' sources, hashed: what the build stamp names (bench/gpu-call.sh
-    compares a carried build's stamp against it)."""
-    return hashlib.sha256(b"".join(path.read_bytes() for path in _SOURCES)).hexdigest()
+    """The kernels' sources, hashed: what the build stamp names."""
+    return cuda_ext.source_hash(_SOURCES)
 
 
 def _kernels() -> Any:
-    """The compiled kernels: built once per source and torch version into
-    ``$XWIN_KERNEL_DIR`` (default ``~/.cache/xwin-bot/kernels``), then
-    imported from there without a build step (a stamp names what was built)."""
+    """The compiled kernels (bot/engine/cuda_ext.py: built once per source and torch version)."""
     global _ext
     if _ext is None:
-        build = Path(os.environ.get("XWIN_KERNEL_DIR") or Path.home() / ".cache" / "xwin-bot" / "kernels")
-        build = build / "rowquant"
-        build.mkdir(parents=True, exist_ok=True)
-        stamp = f"{source_hash()} torch {torch.__version__}"
-        library = build / "xwin_rowquant.so"
-        if library.exists() and (build / "stamp").exists() and (build / "stamp").read_text() == stamp:
-            spec = importlib.util.spec_from_file_location("xwin_rowquant", library)
-            assert spec is not None and spec.loader is not None
-            _ext = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(_ext)
-            return _ext
-        # Not built from these sources (the stamp compares contents; ninja compares times, and
-        # a kernel folder shared by checkouts or carried between machines can be newer): rebuild.
-        for stale in (*build.glob("*.o"), *build.glob("*.so")):
-            stale.unlink()
-        from torch.utils.cpp_extension import load
-
-        t0 = time.perf_counter()
-        _ext = load(
-            name="xwin_rowquant",
-            sources=[str(_SOURCE)],
-            build_directory=str(build),
-            extra_cuda_cflags=["-O3"],
-            verbose=False,
-        )
-        (build / "stamp").write_text(stamp)
-        log.info("built the row-layout 4-bit kernels in %.0f s (%s)", time.perf_counter() - t0, build)
+        _ext = cuda_ext.load("rowquant", _SOURCE, _SOURCES, "row-layout 4-bit kernels")
     return _ext
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from bot.engine import attention
 from bot.engine.products import LAYOUT, PROMPT_MIN_TOKENS, ROW_MAX_ROWS, LayerProducts
 from bot.errors import GenerationError
 
@@ -168,6 +169,17 @@ class DecodeCore:
         self.products: list[LayerProducts] | None = None
         self.row_max_rows = ROW_MAX_ROWS  # decode steps this small use the row kernel
         self.prompt_min_tokens = PROMPT_MIN_TOKENS  # prompts this long: dequantize + cuBLAS
+        # A decode step's attention in bot/engine/attention.py's kernels: off until
+        # measured faster than torch's matmuls in the engine (docs/gpu-notes.md, item 34).
+        self.attention_kernel = False
+
+    def set_attention_kernel(self, on: bool) -> bool:
+        """Decode steps' attention in the kernels of bot/engine/attention.py
+        (where they take this model), or in torch's matmuls and softmax.
+        Returns whether the kernels are now used."""
+        self.reset_graphs()
+        self.attention_kernel = on and attention.supports(self.device, self.dtype, self.head_dim, self.group)
+        return self.attention_kernel
 
     def set_products(self, products: Sequence[LayerProducts] | None) -> None:
         """Decode and prefill through these fused products (one per layer)."""
@@ -228,10 +240,12 @@ class DecodeCore:
         x = self.embed(tokens)  # [bb, D]
         cos = self.cos[pos][:, None, :]
         sin = self.sin[pos][:, None, :]
-        visible = self.ctx_range[:ctx][None, :] <= pos[:, None]
-        bias = torch.zeros(visible.shape, dtype=torch.float32, device=self.device)
-        bias = bias.masked_fill(~visible, float("-inf"))[:, None, None, :]
-        hd, nkv, g = self.head_dim, self.n_kv, self.group
+        bias = None
+        if not self.attention_kernel:
+            visible = self.ctx_range[:ctx][None, :] <= pos[:, None]
+            bias = torch.zeros(visible.shape, dtype=torch.float32, device=self.device)
+            bias = bias.masked_fill(~visible, float("-inf"))[:, None, None, :]
+        hd, nkv = self.head_dim, self.n_kv
         if self.glue is not None:
             return self._decode_body_glued(bb, ctx, x, cos, sin, bias, rows, pos)
         use_row = bb <= self.row_max_rows
@@ -244,14 +258,27 @@ class DecodeCore:
             kc, vc = self.k_cache[li], self.v_cache[li]
             kc[rows, :, pos] = k
             vc[rows, :, pos] = v
-            qg = q.view(bb, nkv, g, hd)
-            s = torch.matmul(qg, kc[:bb, :, :ctx].transpose(-1, -2)).float() * self.scale + bias
-            p = torch.softmax(s, dim=-1).to(self.dtype)
-            o = torch.matmul(p, vc[:bb, :, :ctx]).reshape(bb, self.n_heads * hd)
+            o = self._attend(li, q, pos, ctx, bias, _glue_probs)
             x = x + self._proj(li, "o", o, use_row)[0]
             x = x + self._mlp(li, layer.mlp, self._norm(layer.post_attention_layernorm, x), use_row)
         out: torch.Tensor = self.lm_head(self._norm(self.norm, x))
         return out
+
+    def _attend(
+        self, li: int, q: torch.Tensor, pos: torch.Tensor, ctx: int, bias: torch.Tensor | None,
+        probs: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor],
+    ) -> torch.Tensor:
+        """Layer ``li``'s attention for the step's queries ``q [bb, heads,
+        head_dim]`` over cache positions ``0..pos`` of each row (at most
+        ``ctx``): the decode attention kernels, or q.kᵀ, ``probs`` (softmax
+        with the mask ``bias``) and p.v in torch."""
+        kc, vc = self.k_cache[li], self.v_cache[li]
+        if self.attention_kernel:
+            return attention.decode(q, kc, vc, pos, ctx, self.scale)
+        assert bias is not None
+        bb, hd = q.shape[0], self.head_dim
+        s = torch.matmul(q.view(bb, self.n_kv, self.group, hd), kc[:bb, :, :ctx].transpose(-1, -2))
+        return torch.matmul(probs(s, bias, self.scale), vc[:bb, :, :ctx]).reshape(bb, self.n_heads * hd)
 
     # -- the quantized products: fused (self.products) or the model's modules --
 
@@ -276,7 +303,7 @@ class DecodeCore:
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        bias: torch.Tensor,
+        bias: torch.Tensor | None,
         rows: torch.Tensor,
         pos: torch.Tensor,
     ) -> torch.Tensor:
@@ -284,7 +311,7 @@ class DecodeCore:
         rope_store, probs, add_norm, silu_mul = (
             self.glue["rope_store"], self.glue["probs"], self.glue["add_norm"], self.glue["silu_mul"]
         )
-        hd, nkv, g = self.head_dim, self.n_kv, self.group
+        hd, nkv = self.head_dim, self.n_kv
         zero = torch.zeros_like(x)
         first = self.layers[0].input_layernorm
         x, h = add_norm(x, zero, first.weight, _eps(first))
@@ -293,9 +320,7 @@ class DecodeCore:
             q, k, v = self._proj(li, "qkv", h, use_row)
             q = rope_store(q.view(bb, self.n_heads, hd), k.view(bb, nkv, hd), v.view(bb, nkv, hd), cos, sin,
                            self.k_cache, self.v_cache, self.layer_ids[li], rows, pos)
-            kc, vc = self.k_cache[li], self.v_cache[li]
-            s = torch.matmul(q.view(bb, nkv, g, hd), kc[:bb, :, :ctx].transpose(-1, -2))
-            o = torch.matmul(probs(s, bias, self.scale), vc[:bb, :, :ctx]).reshape(bb, self.n_heads * hd)
+            o = self._attend(li, q, pos, ctx, bias, probs)
             post = layer.post_attention_layernorm
             x, h = add_norm(x, self._proj(li, "o", o, use_row)[0], post.weight, _eps(post))
             m = self._proj(li, "down", silu_mul(*self._proj(li, "gate_up", h, use_row)), use_row)[0]

@@ -1,0 +1,60 @@
+"""The project's own CUDA kernels, built at load by torch's extension builder.
+
+Each extension (the row-layout 4-bit products, bot/engine/rowquant.py; the
+decode attention, bot/engine/attention.py) is built once per source and torch
+version into ``$XWIN_KERNEL_DIR/<name>`` (default ``~/.cache/xwin-bot/kernels``)
+and imported from there afterwards without a build step: a stamp file names
+the sources' hash and torch's version that the library was built from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def source_hash(sources: Sequence[Path]) -> str:
+    """The sources' contents, hashed: what a build's stamp names."""
+    return hashlib.sha256(b"".join(path.read_bytes() for path in sources)).hexdigest()
+
+
+def kernel_dir() -> Path:
+    return Path(os.environ.get("XWIN_KERNEL_DIR") or Path.home() / ".cache" / "xwin-bot" / "kernels")
+
+
+def load(name: str, main: Path, sources: Sequence[Path], what: str) -> Any:
+    """The extension ``xwin_<name>`` compiled from ``main`` (which includes
+    the rest of ``sources``): imported if built from these sources, else built."""
+    build = kernel_dir() / name
+    build.mkdir(parents=True, exist_ok=True)
+    stamp = f"{source_hash(sources)} torch {torch.__version__}"
+    library = build / f"xwin_{name}.so"
+    if library.exists() and (build / "stamp").exists() and (build / "stamp").read_text() == stamp:
+        spec = importlib.util.spec_from_file_location(f"xwin_{name}", library)
+        assert spec is not None and spec.loader is not None
+        ext = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(ext)
+        return ext
+    # Not built from these sources (the stamp compares contents; ninja compares times, and
+    # a kernel folder shared by checkouts or carried between machines can be newer): rebuild.
+    for stale in (*build.glob("*.o"), *build.glob("*.so")):
+        stale.unlink()
+    from torch.utils.cpp_extension import load as build_extension
+
+    t0 = time.perf_counter()
+    ext = build_extension(
+        name=f"xwin_{name}", sources=[str(main)], build_directory=str(build), extra_cuda_cflags=["-O3"], verbose=False
+    )
+    (build / "stamp").write_text(stamp)
+    log.info("built the %s in %.0f s (%s)", what, time.perf_counter() - t0, build)
+    return ext
