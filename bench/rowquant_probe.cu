@@ -23,15 +23,7 @@
 #include <vector>
 
 #include "../bot/engine/rowquant_kernels.cuh"
-
-#define CHECK(call)                                                                        \
-  do {                                                                                     \
-    const cudaError_t e_ = (call);                                                         \
-    if (e_ != cudaSuccess) {                                                               \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                        \
-    }                                                                                      \
-  } while (0)
+#include "cuda_check.h"
 
 namespace {
 
@@ -407,27 +399,30 @@ float* g_part = nullptr;  // partial sums of the splits
 // ---------------------------------------------------------------------------
 
 // The engine's kernels (gemv: rows a warp x stages), the trial and the floor.
-// gemv4x2: the engine's row kernel (rows a warp x stages; W = kGemvWords
+// gemv4x2: the engine's row kernel (rows a warp x stages; gemv_words(m)
 // words a half sum, the scale applied to the float sums); -scaled: the scale
 // on every pair as before item 30 (docs/gpu-notes.md), the same run's
-// baseline; -w1 / -w4: one or four words a half sum; gemv4x3, gemv2x2,
-// gemv8x2: the engine's arithmetic with another ring depth or rows a warp
-// (their outputs must equal gemv4x2's bit for bit).
-enum Kernel { kGemv, kGemvScaled, kGemvW1, kGemvW4, kGemv3, kGemv2, kGemv8, kMma, kMmaAuto, kWg, kLoads };
-const char* kKernelNames[] = {"gemv4x2", "gemv4x2-scaled", "gemv4x2-w1", "gemv4x2-w4", "gemv4x3", "gemv2x2",
-                              "gemv8x2", "mma",            "mma-auto",   "wg4x3",      "loads4x2"};
+// baseline; -w1 / -w2 / -w4: one, two or four words a half sum at every m;
+// gemv4x3, gemv2x2, gemv8x2: the engine's arithmetic with another ring depth
+// or rows a warp (their outputs must equal gemv4x2's bit for bit).
+enum Kernel { kGemv, kGemvScaled, kGemvW1, kGemvW2, kGemvW4, kGemv3, kGemv2, kGemv8, kMma, kMmaAuto, kWg, kLoads };
+const char* kKernelNames[] = {"gemv4x2",    "gemv4x2-scaled", "gemv4x2-w1", "gemv4x2-w2", "gemv4x2-w4", "gemv4x3",
+                              "gemv2x2",    "gemv8x2",        "mma",        "mma-auto",   "wg4x3",      "loads4x2"};
 
 bool is_gemv(Kernel k) { return k <= kGemv8; }
 
-template <int S, bool LATE = true, int W = kGemvWords, int R = 4>
+// W = 0: the engine's words a half sum for m (gemv_words)
+template <int S, bool LATE = true, int W = 0, int R = 4>
 void run_gemv(const Layer& l, const Shape& s, const half* x, half* out, int m) {
   const dim3 grid((s.n + kWarps * R - 1) / (kWarps * R)), block(kWarps * 32);
   const int4* w = reinterpret_cast<const int4*>(l.w);
   const int4* xv = reinterpret_cast<const int4*>(x);
-  if (m == 1) gemv_kernel<1, R, S, LATE, W><<<grid, block>>>(w, l.scale, l.zero, xv, out, s.n, s.k / 32);
-  else if (m == 2) gemv_kernel<2, R, S, LATE, W><<<grid, block>>>(w, l.scale, l.zero, xv, out, s.n, s.k / 32);
-  else if (m == 3) gemv_kernel<3, R, S, LATE, W><<<grid, block>>>(w, l.scale, l.zero, xv, out, s.n, s.k / 32);
-  else gemv_kernel<4, R, S, LATE, W><<<grid, block>>>(w, l.scale, l.zero, xv, out, s.n, s.k / 32);
+  constexpr int w1 = W ? W : gemv_words(1), w2 = W ? W : gemv_words(2), w3 = W ? W : gemv_words(3),
+                w4 = W ? W : gemv_words(4);
+  if (m == 1) gemv_kernel<1, R, S, LATE, w1><<<grid, block>>>(w, l.scale, l.zero, xv, out, s.n, s.k / 32);
+  else if (m == 2) gemv_kernel<2, R, S, LATE, w2><<<grid, block>>>(w, l.scale, l.zero, xv, out, s.n, s.k / 32);
+  else if (m == 3) gemv_kernel<3, R, S, LATE, w3><<<grid, block>>>(w, l.scale, l.zero, xv, out, s.n, s.k / 32);
+  else gemv_kernel<4, R, S, LATE, w4><<<grid, block>>>(w, l.scale, l.zero, xv, out, s.n, s.k / 32);
 }
 
 void run(Kernel kern, const Layer& l, const Shape& s, const half* x, half* out, int m) {
@@ -438,9 +433,10 @@ void run(Kernel kern, const Layer& l, const Shape& s, const half* x, half* out, 
     if (kern == kGemv) run_gemv<2>(l, s, x, out, m);
     else if (kern == kGemvScaled) run_gemv<2, false, 1>(l, s, x, out, m);
     else if (kern == kGemvW1) run_gemv<2, true, 1>(l, s, x, out, m);
+    else if (kern == kGemvW2) run_gemv<2, true, 2>(l, s, x, out, m);
     else if (kern == kGemvW4) run_gemv<2, true, 4>(l, s, x, out, m);
-    else if (kern == kGemv2) run_gemv<2, true, kGemvWords, 2>(l, s, x, out, m);
-    else if (kern == kGemv8) run_gemv<2, true, kGemvWords, 8>(l, s, x, out, m);
+    else if (kern == kGemv2) run_gemv<2, true, 0, 2>(l, s, x, out, m);
+    else if (kern == kGemv8) run_gemv<2, true, 0, 8>(l, s, x, out, m);
     else run_gemv<3>(l, s, x, out, m);
     e = cudaGetLastError();
   } else if (kern == kLoads) {
@@ -516,8 +512,8 @@ int main(int argc, char** argv) {
 
   // correctness: every kernel, every shape, several row counts, against the float reference
   const int check_rows[] = {1, 2, 3, 4, 5, 8, 9, 16, 17, 24, 31, 32};
-  const Kernel kernels[] = {kGemv, kGemvScaled, kGemvW1, kGemvW4, kGemv3, kGemv2, kGemv8, kMma, kMmaAuto, kWg};
-  const Kernel timed[] = {kGemv, kGemvScaled, kGemvW1, kGemvW4, kGemv3, kGemv2, kGemv8, kMma, kMmaAuto, kWg, kLoads};
+  const Kernel kernels[] = {kGemv, kGemvScaled, kGemvW1, kGemvW2, kGemvW4, kGemv3, kGemv2, kGemv8, kMma, kMmaAuto, kWg};
+  const Kernel timed[] = {kGemv, kGemvScaled, kGemvW1, kGemvW2, kGemvW4, kGemv3, kGemv2, kGemv8, kMma, kMmaAuto, kWg, kLoads};
   for (const Shape& s : kShapes)
     for (int nt = 1; nt <= 4; ++nt)
       std::printf("plan %-7s rows %2d-%2d: %d splits\n", s.name, 8 * nt - 7, 8 * nt, mma_plan(s.n, s.k, nt, g_sms, 0).splits);

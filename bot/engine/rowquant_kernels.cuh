@@ -46,8 +46,11 @@ __device__ __forceinline__ uint32_t word_of(const int4& v, int i) {
 // item 28): more registers, fewer warps, and no more bytes a second.
 constexpr int kGemvStages = 2;
 
-// Words whose products one half sum takes in the row kernel (docs/gpu-notes.md, item 30).
-constexpr int kGemvWords = 2;
+// Words whose products one half sum takes in the row kernel for m rows of x
+// (docs/gpu-notes.md, items 30 and 32): two. Four at one row measured
+// 0.16-0.19 ms a step faster at 80 layers in the probe (its -w4 variant) and
+// waits for a forward check in the engine before it is taken here.
+constexpr int gemv_words(int /*m*/) { return 2; }
 
 // out[m][row] for M rows of x (1-4), a warp R rows of weights, the products of
 // W words (4 W per half) summed in half2 and then added in float.
@@ -60,7 +63,7 @@ constexpr int kGemvWords = 2;
 // pair (hsub2, hfma2) and one conversion per W words, where the kernel was
 // bound by that pipe (item 28). Not LATE (W = 1 only): (q - z) * s before each
 // pair meets x, as before; the probe keeps it as the same run's baseline.
-template <int M, int R, int S = kGemvStages, bool LATE = true, int W = kGemvWords>
+template <int M, int R, int S = kGemvStages, bool LATE = true, int W = gemv_words(M)>
 __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(
     const int4* __restrict__ w, const half* __restrict__ scale, const half* __restrict__ zero,
     const int4* __restrict__ x, half* __restrict__ out, int n, int chunks) {
