@@ -51,7 +51,7 @@ class BatchedEngine:
         self._max_len = max_len
         self._use_graphs = use_graphs
         self._compile_glue = compile_glue
-        self._lookahead = lookahead  # the scheduler's (None: on the GPU)
+        self._lookahead = lookahead  # the scheduler's (None: off)
         self._description: dict[str, str] = {}
         # Called on the decode thread with each finished stream's stats (the
         # benchmark collects them here); must be quick and must not raise.

@@ -8,8 +8,8 @@ stream's asyncio queue, on the stream's own event loop (``_post``,
 ``_deliver``). While rows decode, prompts are prefilled a chunk at a time
 between decode steps (``prefill_chunk``). Finished rows are compacted and
 parked for a follow-up (``bot.engine.prefix_cache``); a row whose logits are
-not finite fails alone. On the GPU the next step is queued before the CPU
-reads this one's tokens (``lookahead``: :meth:`BatchScheduler._step`).
+not finite fails alone. With ``lookahead`` the next step is queued before the
+CPU reads this one's tokens (:meth:`BatchScheduler._step`).
 """
 
 from __future__ import annotations
@@ -119,7 +119,8 @@ class BatchScheduler:
     Shorter prompts arriving together share that budget: a turn stops
     admitting once ``prefill_chunk`` prompt tokens are prefilled.
 
-    Lookahead (``lookahead``, on by default on the GPU): while nothing waits
+    Lookahead (``lookahead``; off by default until its gain and its tokens
+    are measured on the GPU, docs/gpu-notes.md item 33): while nothing waits
     to be admitted and no row can reach its token limit, step N+1 is queued
     with step N's sampled tokens still on the device, before the CPU reads
     them: the CPU's work between steps (reading, streaming, the next step's
@@ -156,7 +157,7 @@ class BatchScheduler:
         self._stop = False
         self.steps = 0
         self.steps_ahead = 0  # steps queued before the one before them was read
-        self.lookahead = core.device.type == "cuda" if lookahead is None else lookahead
+        self.lookahead = bool(lookahead)
         self._ahead: _Launched | None = None  # a step queued and not read yet
         # Each step's tokens and finite flags come back here (page-locked on
         # the GPU, so that the copy is asynchronous); two, as a step is
