@@ -169,11 +169,6 @@ def reference(rq: RowQuant, dtype: torch.dtype | None = None) -> torch.Tensor:
     return (codes - zero[:, None]) * rq.scale.to(dtype)[:, None]
 
 
-def source_hash() -> str:
-    """The kernels' sources, hashed: what the build stamp names."""
-    return cuda_ext.source_hash(_SOURCES)
-
-
 def _kernels() -> Any:
     """The compiled kernels (bot/engine/cuda_ext.py: built once per source and torch version)."""
     global _ext
