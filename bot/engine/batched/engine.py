@@ -36,7 +36,7 @@ class BatchedEngine:
         max_len: int | None = None,
         use_graphs: bool | None = None,
         compile_glue: bool | None = None,
-        lookahead: bool | None = None,
+        lookahead: bool = False,
     ) -> None:
         self.config = config
         self.context_length = config.context_length
@@ -51,7 +51,7 @@ class BatchedEngine:
         self._max_len = max_len
         self._use_graphs = use_graphs
         self._compile_glue = compile_glue
-        self._lookahead = lookahead  # the scheduler's (None: off)
+        self._lookahead = lookahead  # the scheduler's (BatchScheduler)
         self._description: dict[str, str] = {}
         # Called on the decode thread with each finished stream's stats (the
         # benchmark collects them here); must be quick and must not raise.
@@ -68,7 +68,7 @@ class BatchedEngine:
         max_len: int | None = None,
         use_graphs: bool | None = None,
         compile_glue: bool | None = None,
-        lookahead: bool | None = None,
+        lookahead: bool = False,
     ) -> BatchedEngine:
         engine = cls(
             config, eos_ids=eos_ids, max_len=max_len, use_graphs=use_graphs, compile_glue=compile_glue,

@@ -136,7 +136,7 @@ class BatchScheduler:
         on_finish: Callable[[StreamStats], None] | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
         prefix_cache: bool = True,
-        lookahead: bool | None = None,
+        lookahead: bool = False,
     ) -> None:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be 1 or more, got {prefill_chunk}")
@@ -157,7 +157,7 @@ class BatchScheduler:
         self._stop = False
         self.steps = 0
         self.steps_ahead = 0  # steps queued before the one before them was read
-        self.lookahead = bool(lookahead)
+        self.lookahead = lookahead
         self._ahead: _Launched | None = None  # a step queued and not read yet
         # Each step's tokens and finite flags come back here (page-locked on
         # the GPU, so that the copy is asynchronous); two, as a step is
@@ -423,6 +423,13 @@ class BatchScheduler:
             )
         )
 
+    def _advance(self, results: list[tuple[Request, int, bool]]) -> None:
+        """A step's tokens read: each row's position moves past the token it fed, then :meth:`_take`."""
+        self.steps += 1
+        for req, _, _ in results:
+            req.position += 1
+        self._take(results)
+
     def _step(self) -> None:
         launched, self._ahead = self._ahead, None
         if launched is None:
@@ -438,20 +445,12 @@ class BatchScheduler:
         if self._may_look_ahead(live):
             ahead = self._launch(live, launched.ids, [r.position + 1 for r in live])
             self.steps_ahead += 1
-        results = launched.read()
-        self.steps += 1
-        for r in live:
-            r.position += 1
-        self._take(results)
+        self._advance(launched.read())
         if ahead is not None and self._done:
             # Rows end at this step, and the next one is queued with them: read
             # it before any row moves, its tokens kept for the rows that go on.
             ended = {id(req) for req, _ in self._done}
-            results = [res for res in ahead.read() if id(res[0]) not in ended]
-            self.steps += 1
-            for req, _, _ in results:
-                req.position += 1
-            self._take(results)
+            self._advance([res for res in ahead.read() if id(res[0]) not in ended])
             ahead = None
         self._ahead = ahead
         self._flush()
