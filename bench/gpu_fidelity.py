@@ -138,10 +138,11 @@ def one(path: Path, backend: str, ref_ids: list[int], ref: torch.Tensor, vocab: 
         for n in (1, 32):  # the same step with the decode attention kernels, then in torch's matmuls
             row[f"attention_kernel_step_ms_{n}"] = 1e3 * time_step_attention(core, n, 1100, True)
             row[f"matmul_attention_step_ms_{n}"] = 1e3 * time_step_attention(core, n, 1100, False)
+        own = core.attention_kernel
         if core.set_attention_kernel(True):  # the engine's step with the kernels against the forward
             row["attention_kernel_load_check"] = engine.verify(loader.probe_logits)
             row["attention_kernel_own_step_err"] = check_logits(engine, model, vocab, 48)[1]
-            core.set_attention_kernel(False)
+        core.set_attention_kernel(own)
         if profile:
             row["profile_step_1"] = profile_step(core, 1, 1100)
             print(row["profile_step_1"], flush=True)

@@ -7,15 +7,17 @@ layer, 0.9 ms of a 12 ms step at 80 layers (docs/gpu-notes.md, item 31),
 for a few hundred keys: the launches and the matmuls' small grids, not the
 bytes. :func:`decode` does it in two CUDA kernels (``attention.cu``, built at
 load like the row kernels: bot/engine/cuda_ext.py), split over the keys so
-that a single row's step spreads over the GPU (flash decoding): each warp
-scores up to a few dozen keys of one row and kv head against the query heads
-that share it, keeps a running max and sum, and a second kernel merges the
-splits. Keys past a row's own position are not read at all.
+that a single row's step spreads over the GPU (flash decoding): each block
+scores a split of one row's keys for one kv head, its warps sharing out the
+query heads that read it, keeps a running max and sum, and a second kernel
+merges the splits. Keys past a row's own position are not read at all.
 
-Not on by default (``DecodeCore.attention_kernel``): its first form measured
-14.0 µs a layer at one row of a 1,280-key bucket, slower than the matmuls'
-11.3 (bench/attention_probe.cu; docs/gpu-notes.md, item 34), and the engine
-keeps torch's matmuls until a same-run measurement says otherwise.
+Not on by default (``DecodeCore.attention_kernel``): an earlier form (a
+warp a split, all of a kv head's query heads) measured 14.0 µs a layer at one
+row of a 1,280-key bucket, slower than the matmuls' 11.3
+(bench/attention_probe.cu; docs/gpu-notes.md, item 34); this form has not
+run on a GPU yet, and the engine keeps torch's matmuls until a same-run
+measurement says otherwise.
 
 :func:`reference` is the same attention in torch (the CPU path, and the
 oracle the GPU kernels are compared with in bench/gpu_fidelity.py; the
@@ -68,7 +70,7 @@ def decode(
     against one layer's caches ``[>= rows, kv_heads, max_len, head_dim]``:
     row ``r`` reads its keys and values ``0..pos[r]`` (at most the first
     ``ctx``). Returns ``[rows, heads * head_dim]``. On the GPU the kernels,
-    ``per`` keys a warp (0: their own plan); elsewhere :func:`reference`."""
+    ``per`` keys a block (0: their own plan); elsewhere :func:`reference`."""
     if q.is_cuda and q.dtype == torch.float16 and q.shape[-1] == HEAD_DIM:
         out: torch.Tensor = _kernels().decode_attention(q.contiguous(), k_cache, v_cache, pos, ctx, scale, per)
         return out
