@@ -24,13 +24,13 @@
 
 namespace {
 
-template <int M, int R>
+template <int M, int R, int W = gemv_words(M)>
 void launch_gemv(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
                  const torch::Tensor& zero, torch::Tensor& out) {
   const int n = static_cast<int>(w.size(0));
   const int chunks = static_cast<int>(w.size(1) / 4);
   const int blocks = (n + kWarps * R - 1) / (kWarps * R);
-  gemv_kernel<M, R><<<blocks, kWarps * 32, 0, at::cuda::getCurrentCUDAStream()>>>(
+  gemv_kernel<M, R, kGemvStages, true, W><<<blocks, kWarps * 32, 0, at::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const int4*>(w.data_ptr<int32_t>()),
       reinterpret_cast<const half*>(scale.data_ptr<at::Half>()),
       reinterpret_cast<const half*>(zero.data_ptr<at::Half>()),
@@ -38,11 +38,18 @@ void launch_gemv(const torch::Tensor& x, const torch::Tensor& w, const torch::Te
       reinterpret_cast<half*>(out.data_ptr<at::Half>()), n, chunks);
 }
 
+// one_row_words: words a half sum at one row, 2 or 4 (rowquant.ONE_ROW_WORDS).
 template <int R>
-void dispatch_rows(int m, const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
-                   const torch::Tensor& zero, torch::Tensor& out) {
+void dispatch_rows(int m, int one_row_words, const torch::Tensor& x, const torch::Tensor& w,
+                   const torch::Tensor& scale, const torch::Tensor& zero, torch::Tensor& out) {
   switch (m) {
-    case 1: launch_gemv<1, R>(x, w, scale, zero, out); break;
+    case 1:
+      if (one_row_words == 4) {
+        launch_gemv<1, R, 4>(x, w, scale, zero, out);
+      } else {
+        launch_gemv<1, R, 2>(x, w, scale, zero, out);
+      }
+      break;
     case 2: launch_gemv<2, R>(x, w, scale, zero, out); break;
     case 3: launch_gemv<3, R>(x, w, scale, zero, out); break;
     default: launch_gemv<4, R>(x, w, scale, zero, out); break;
@@ -78,7 +85,8 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& w, const torch::Ten
 }  // namespace
 
 torch::Tensor rowquant_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor zero,
-                            int64_t rows_per_warp) {
+                            int64_t rows_per_warp, int64_t one_row_words) {
+  TORCH_CHECK(one_row_words == 2 || one_row_words == 4, "one_row_words is 2 or 4, got ", one_row_words);
   check_weights(w, scale, zero);
   TORCH_CHECK(x.is_cuda() && x.scalar_type() == torch::kHalf && x.dim() == 2 && x.is_contiguous(),
               "x: a contiguous half CUDA matrix [m, k]");
@@ -89,11 +97,11 @@ torch::Tensor rowquant_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scal
   auto out = torch::empty({x.size(0), w.size(0)}, x.options());
   const int m = static_cast<int>(x.size(0));
   if (rows_per_warp == 2) {
-    dispatch_rows<2>(m, x, w, scale, zero, out);
+    dispatch_rows<2>(m, static_cast<int>(one_row_words), x, w, scale, zero, out);
   } else if (rows_per_warp == 8) {
-    dispatch_rows<8>(m, x, w, scale, zero, out);
+    dispatch_rows<8>(m, static_cast<int>(one_row_words), x, w, scale, zero, out);
   } else {
-    dispatch_rows<4>(m, x, w, scale, zero, out);
+    dispatch_rows<4>(m, static_cast<int>(one_row_words), x, w, scale, zero, out);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

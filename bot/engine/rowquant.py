@@ -63,6 +63,11 @@ MMA_PIECE = 256  # the tensor-core kernel takes in_features in multiples of this
 MMA_SPLITS = 0
 MMA_TILES = 1
 ROWS_PER_WARP = 4  # output rows a warp computes (bench/gpu_rowquant.py measures 2, 4, 8)
+# Words whose products one half sum takes at one row, 2 or 4: 8 layers on the H200,
+# products 0.928 against 0.950 ms a step, load check and a one-row step against
+# the forward unchanged (3.7e-4, 3.6e-4 against 3.5e-4; bench/gpu_fidelity.py,
+# 2026-12-03; docs/gpu-notes.md item 32). More rows keep 2 (the probe: slower).
+ONE_ROW_WORDS = 4
 DEQUANT_ITEMS = 4  # words a thread of the dequantize unpacks (bench/gpu_prefill.py measures 1, 4, 8)
 _SOURCE = Path(__file__).with_name("rowquant.cu")
 _SOURCES = (_SOURCE, _SOURCE.with_name("rowquant_kernels.cuh"))  # the glue and the device code it includes
@@ -202,7 +207,7 @@ def _aligned(x: torch.Tensor) -> torch.Tensor:
 def gemv(rq: RowQuant, x: torch.Tensor) -> torch.Tensor:
     """``x [m, in] @ W.T`` for ``m <= MAX_ROWS`` (the CUDA kernel on a GPU)."""
     if _on_kernels(rq) and x.dtype == torch.float16:
-        out: torch.Tensor = _kernels().gemv(_aligned(x), rq.w, rq.scale, rq.zero, ROWS_PER_WARP)
+        out: torch.Tensor = _kernels().gemv(_aligned(x), rq.w, rq.scale, rq.zero, ROWS_PER_WARP, ONE_ROW_WORDS)
         return out
     return F.linear(x, reference(rq, rq.scale.dtype).to(x.dtype))
 

@@ -48,8 +48,8 @@ constexpr int kGemvStages = 2;
 
 // Words whose products one half sum takes in the row kernel for m rows of x
 // (docs/gpu-notes.md, items 30 and 32): two. Four at one row measured
-// 0.16-0.19 ms a step faster at 80 layers in the probe (its -w4 variant) and
-// waits for a forward check in the engine before it is taken here.
+// 0.16-0.19 ms a step faster at 80 layers in the probe (its -w4 variant); the
+// glue (rowquant.cu) takes 2 or 4 at one row from rowquant.ONE_ROW_WORDS.
 constexpr int gemv_words(int /*m*/) { return 2; }
 
 // out[m][row] for M rows of x (1-4), a warp R rows of weights, the products of
