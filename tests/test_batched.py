@@ -304,6 +304,24 @@ def test_sampler_top_k_one_is_greedy_and_survives_nan() -> None:
     assert 0 <= sampled[2] < 16
 
 
+def test_sampler_draws_each_token_as_often_as_its_probability() -> None:
+    """Temperature 1, no top-k or top-p, no penalty: over many draws of a
+    batch, each token comes up as often as softmax says; a token top-p drops
+    never comes up; a row that turns greedy later is greedy (the settings
+    on the device follow the rows')."""
+    torch.manual_seed(0)
+    s = Sampler(2, 4, torch.device("cpu"))
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 2))
+    free, nucleus = Settings(1.0, 1.0, 0, 1.0, 1, ""), Settings(1.0, 0.7, 0, 1.0, 1, "")
+    draws = torch.stack([s.sample_ids(logits, [free, nucleus]) for _ in range(8000)])
+    freq = torch.bincount(draws[:, 0], minlength=4).float() / len(draws)
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.02), freq
+    nucleus_freq = torch.bincount(draws[:, 1], minlength=4).float() / len(draws)  # 0.5 + 0.3 reach 0.7
+    assert nucleus_freq[2:].sum() == 0 and abs(float(nucleus_freq[0]) - 0.5 / 0.8) < 0.02, nucleus_freq
+    greedy = Settings(0.0, 1.0, 0, 1.0, 1, "")
+    assert all(s.sample(logits, [free, greedy])[1] == 0 for _ in range(50))
+
+
 def test_decode_core_step_matches_forward(tiny_model: Any) -> None:
     core = DecodeCore(tiny_model, 2, 65)
     p = prompts()[1]
