@@ -333,6 +333,41 @@ def test_decode_core_step_matches_forward(tiny_model: Any) -> None:
     assert float((step - ref).norm() / ref.norm()) < 1e-4
 
 
+def test_steps_of_one_row_take_the_attention_kernels_path(tiny_model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the decode attention kernels on (off the GPU their torch form
+    stands in), a one-row step goes through them and a two-row step through
+    torch's matmuls (core.ATTENTION_KERNEL_MAX_ROWS); both give the forward's
+    logits, also with the kernels taking every step."""
+    from bot.engine import attention
+
+    calls: list[int] = []
+    decode = attention.decode
+
+    def counted(q: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(q.shape[0])
+        return decode(q, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "decode", counted)
+    p = prompts()[1]
+    with torch.inference_mode():
+        ref_one = tiny_model(torch.tensor([[*p, 7]])).logits[0, -1]
+        ref_two = tiny_model(torch.tensor([[*p, 7, 8]])).logits[0, -1]
+        ref_other = tiny_model(torch.tensor([[1, 2, 9]])).logits[0, -1]
+    for max_rows, kernel_rows in ((1, [1]), (2, [1, 2])):
+        core = DecodeCore(tiny_model, 2, 65)
+        assert not core.attention_kernel  # not built off the GPU
+        core.attention_kernel, core.attention_max_rows = True, max_rows
+        calls.clear()
+        with torch.inference_mode():
+            core.prefill(1, [1, 2])
+            core.prefill(0, p)
+            one = core.step([7], [len(p)])[0]
+            two = core.step([8, 9], [len(p) + 1, 2])
+        assert sorted(set(calls)) == kernel_rows and len(calls) == 2 * len(kernel_rows)  # a call a layer
+        for got, want in ((one, ref_one), (two[0], ref_two), (two[1], ref_other)):
+            assert float((got - want).norm() / want.norm()) < 1e-4
+
+
 def test_compiled_decode_glue_matches_the_forward(tiny_model: Any) -> None:
     """On the GPU a decode step's glue is compiled, rope and the two cache
     writes in one function that writes into the whole caches in place: at

@@ -12,12 +12,11 @@ scores a split of one row's keys for one kv head, its warps sharing out the
 query heads that read it, keeps a running max and sum, and a second kernel
 merges the splits. Keys past a row's own position are not read at all.
 
-Not on by default (``DecodeCore.attention_kernel``): an earlier form (a
-warp a split, all of a kv head's query heads) measured 14.0 µs a layer at one
-row of a 1,280-key bucket, slower than the matmuls' 11.3
-(bench/attention_probe.cu; docs/gpu-notes.md, item 34); this form has not
-run on a GPU yet, and the engine keeps torch's matmuls until a same-run
-measurement says otherwise.
+On for steps of one row (``core.ATTENTION_KERNEL_MAX_ROWS``): on the H200,
+8 layers at ~1,100 positions, the step took 1.263 ms with them against 1.283
+with torch's matmuls at one row, but 2.895 against 2.863 at 32 rows
+(bench/gpu_fidelity.py, 2026-12-03; docs/gpu-notes.md, item 34). An earlier
+form (a warp a split) had measured slower than the matmuls even at one row.
 
 :func:`reference` is the same attention in torch (the CPU path, and the
 oracle the GPU kernels are compared with in bench/gpu_fidelity.py; the

@@ -24,6 +24,11 @@ from bot.engine.products import LAYOUT, PROMPT_MIN_TOKENS, ROW_MAX_ROWS, LayerPr
 from bot.errors import GenerationError
 
 _MODULES = {name: (parent, attrs) for name, parent, attrs in LAYOUT}  # product -> the model's modules
+# Decode steps of at most this many rows take their attention in
+# bot/engine/attention.py's kernels, larger ones in torch's matmuls: 8 layers
+# on the H200 at ~1,100 positions, a step 1.263 against 1.283 ms at one row,
+# 2.895 against 2.863 at 32 (docs/gpu-notes.md, item 34).
+ATTENTION_KERNEL_MAX_ROWS = 1
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 _CTX_BUCKETS = tuple(range(256, 32768 + 1, 256))  # attention reads at most 255 extra positions
 
@@ -169,17 +174,24 @@ class DecodeCore:
         self.products: list[LayerProducts] | None = None
         self.row_max_rows = ROW_MAX_ROWS  # decode steps this small use the row kernel
         self.prompt_min_tokens = PROMPT_MIN_TOKENS  # prompts this long: dequantize + cuBLAS
-        # A decode step's attention in bot/engine/attention.py's kernels: off until
-        # measured faster than torch's matmuls in the engine (docs/gpu-notes.md, item 34).
+        # Small decode steps' attention in bot/engine/attention.py's kernels,
+        # where they take this model (on a GPU; the first start builds them).
         self.attention_kernel = False
+        self.attention_max_rows = ATTENTION_KERNEL_MAX_ROWS
+        self.set_attention_kernel(True)
 
-    def set_attention_kernel(self, on: bool) -> bool:
-        """Decode steps' attention in the kernels of bot/engine/attention.py
-        (where they take this model), or in torch's matmuls and softmax.
-        Returns whether the kernels are now used."""
+    def set_attention_kernel(self, on: bool, max_rows: int = ATTENTION_KERNEL_MAX_ROWS) -> bool:
+        """Attention of decode steps of at most ``max_rows`` rows in the
+        kernels of bot/engine/attention.py (where they take this model), or
+        of every step in torch's matmuls and softmax. Returns whether the
+        kernels are now used."""
         self.reset_graphs()
         self.attention_kernel = on and attention.supports(self.device, self.dtype, self.head_dim, self.group)
+        self.attention_max_rows = max_rows
         return self.attention_kernel
+
+    def _attention_kernel_takes(self, bb: int) -> bool:
+        return self.attention_kernel and bb <= self.attention_max_rows
 
     def set_products(self, products: Sequence[LayerProducts] | None) -> None:
         """Decode and prefill through these fused products (one per layer)."""
@@ -241,13 +253,14 @@ class DecodeCore:
         cos = self.cos[pos][:, None, :]
         sin = self.sin[pos][:, None, :]
         bias = None
-        if not self.attention_kernel:
+        kernel = self._attention_kernel_takes(bb)
+        if not kernel:
             visible = self.ctx_range[:ctx][None, :] <= pos[:, None]
             bias = torch.zeros(visible.shape, dtype=torch.float32, device=self.device)
             bias = bias.masked_fill(~visible, float("-inf"))[:, None, None, :]
         hd, nkv = self.head_dim, self.n_kv
         if self.glue is not None:
-            return self._decode_body_glued(bb, ctx, x, cos, sin, bias, rows, pos)
+            return self._decode_body_glued(bb, ctx, x, cos, sin, bias, rows, pos, kernel)
         use_row = bb <= self.row_max_rows
         for li, layer in enumerate(self.layers):
             h = self._norm(layer.input_layernorm, x)
@@ -258,7 +271,7 @@ class DecodeCore:
             kc, vc = self.k_cache[li], self.v_cache[li]
             kc[rows, :, pos] = k
             vc[rows, :, pos] = v
-            o = self._attend(li, q, pos, ctx, bias, _glue_probs)
+            o = self._attend(li, q, pos, ctx, bias, _glue_probs, kernel)
             x = x + self._proj(li, "o", o, use_row)[0]
             x = x + self._mlp(li, layer.mlp, self._norm(layer.post_attention_layernorm, x), use_row)
         out: torch.Tensor = self.lm_head(self._norm(self.norm, x))
@@ -266,14 +279,14 @@ class DecodeCore:
 
     def _attend(
         self, li: int, q: torch.Tensor, pos: torch.Tensor, ctx: int, bias: torch.Tensor | None,
-        probs: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor],
+        probs: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor], kernel: bool,
     ) -> torch.Tensor:
         """Layer ``li``'s attention for the step's queries ``q [bb, heads,
         head_dim]`` over cache positions ``0..pos`` of each row (at most
         ``ctx``): the decode attention kernels, or q.kᵀ, ``probs`` (softmax
         with the mask ``bias``) and p.v in torch."""
         kc, vc = self.k_cache[li], self.v_cache[li]
-        if self.attention_kernel:
+        if kernel:
             return attention.decode(q, kc, vc, pos, ctx, self.scale)
         assert bias is not None
         bb, hd = q.shape[0], self.head_dim
@@ -306,6 +319,7 @@ class DecodeCore:
         bias: torch.Tensor | None,
         rows: torch.Tensor,
         pos: torch.Tensor,
+        kernel: bool,
     ) -> torch.Tensor:
         assert self.glue is not None
         rope_store, probs, add_norm, silu_mul = (
@@ -320,7 +334,7 @@ class DecodeCore:
             q, k, v = self._proj(li, "qkv", h, use_row)
             q = rope_store(q.view(bb, self.n_heads, hd), k.view(bb, nkv, hd), v.view(bb, nkv, hd), cos, sin,
                            self.k_cache, self.v_cache, self.layer_ids[li], rows, pos)
-            o = self._attend(li, q, pos, ctx, bias, probs)
+            o = self._attend(li, q, pos, ctx, bias, probs, kernel)
             post = layer.post_attention_layernorm
             x, h = add_norm(x, self._proj(li, "o", o, use_row)[0], post.weight, _eps(post))
             m = self._proj(li, "down", silu_mul(*self._proj(li, "gate_up", h, use_row)), use_row)[0]
