@@ -17,6 +17,7 @@ without the regrouping (the load check must refuse it on group size -1).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import json
 import math
@@ -37,7 +38,9 @@ from bench.gpu_measure import (
     check_attention_kernel,
     check_logits,
     check_long_prefill,
+    engine_run,
     log,
+    lookahead_pairs,
     profile_step,
     random_prompt,
     time_gemms,
@@ -45,7 +48,8 @@ from bench.gpu_measure import (
     time_step_attention,
     time_step_unfused_rope,
 )
-from bot.config import ModelConfig
+from bot.config import GenerationConfig, ModelConfig, settings_from_generation
+from bot.engine import rowquant
 from bot.engine.batched import BatchedEngine
 from bot.engine.fidelity import relative_error
 from bot.engine.transformers import TransformersEngine
@@ -134,15 +138,20 @@ def one(path: Path, backend: str, ref_ids: list[int], ref: torch.Tensor, vocab: 
         row["gemms_ms_1"] = 1e3 * time_gemms(core, 1)
         for n in (1, 32):  # the same step with rope compiled alone and the cache writes eager
             row[f"unfused_rope_step_ms_{n}"] = 1e3 * time_step_unfused_rope(core, n, 1100)
+        if core.products:  # words a half sum at one row (rowquant.ONE_ROW_WORDS): 4 against the forward
+            row.update(one_row_words(engine, model, vocab, loader.probe_logits))
+        row["lookahead"] = asyncio.run(lookahead(engine, vocab))
+        log(json.dumps(row, default=str))  # so far: the attention kernels below are new to the card
         row["attention_kernel_err"] = check_attention_kernel(core)
         for n in (1, 32):  # the same step with the decode attention kernels, then in torch's matmuls
             row[f"attention_kernel_step_ms_{n}"] = 1e3 * time_step_attention(core, n, 1100, True)
             row[f"matmul_attention_step_ms_{n}"] = 1e3 * time_step_attention(core, n, 1100, False)
-        own = core.attention_kernel
-        if core.set_attention_kernel(True):  # the engine's step with the kernels against the forward
+        own = core.attention_kernel, core.attention_max_rows
+        if core.set_attention_kernel(True, core.max_batch):  # steps of any size with the kernels, against the forward
             row["attention_kernel_load_check"] = engine.verify(loader.probe_logits)
             row["attention_kernel_own_step_err"] = check_logits(engine, model, vocab, 48)[1]
-        core.set_attention_kernel(own)
+            row["attention_kernel_one_row_err"] = check_logits(engine, model, vocab, 48, rows=1)[1]
+        core.set_attention_kernel(*own)
         if profile:
             row["profile_step_1"] = profile_step(core, 1, 1100)
             print(row["profile_step_1"], flush=True)
@@ -158,6 +167,44 @@ def one(path: Path, backend: str, ref_ids: list[int], ref: torch.Tensor, vocab: 
     del engine, core, model, loader
     _free()
     return row
+
+
+async def lookahead(engine: BatchedEngine, vocab: int) -> dict[str, Any]:
+    """One conversation (a 1,000-token prompt, 128 tokens) with the
+    scheduler's lookahead off and on, alternating, and whether it changed
+    the greedy reply (bench.gpu_measure.lookahead_pairs)."""
+    prompt = random_prompt(torch.Generator().manual_seed(3), 1000, vocab)
+    settings = settings_from_generation(GenerationConfig(max_new_tokens=128))
+    await engine.start()
+    try:
+        await engine_run(engine, [prompt], settings, time_graph=False)  # captures out of the pairs
+        return await lookahead_pairs(engine, [prompt], settings)
+    finally:
+        await engine.close()
+
+
+def one_row_words(engine: BatchedEngine, model: Any, vocab: int, probe: Any) -> dict[str, Any]:
+    """The one-row step and its products with 2 and 4 words a half sum in the
+    row kernel, and 4's load check and one-row step against the forward."""
+    core = engine.core
+    assert core is not None
+    own, out = rowquant.ONE_ROW_WORDS, {}
+    try:
+        for words in (2, 4, 2, 4):  # alternating: a drift of the card's clocks shows
+            rowquant.ONE_ROW_WORDS = words
+            core.reset_graphs()
+            out.setdefault(f"words{words}_step_ms_1", []).append(1e3 * time_step(core, 1, 1100))
+            out.setdefault(f"words{words}_gemms_ms_1", []).append(1e3 * time_gemms(core, 1))
+        try:
+            out["words4_load_check"] = engine.verify(probe)
+        except ConfigError as exc:
+            out["words4_refused"] = str(exc)
+        out["words4_one_row_err"] = check_logits(engine, model, vocab, 48, rows=1)
+    finally:
+        rowquant.ONE_ROW_WORDS = own
+        core.reset_graphs()
+    out["words2_one_row_err"] = check_logits(engine, model, vocab, 48, rows=1)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

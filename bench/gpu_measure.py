@@ -179,16 +179,17 @@ def time_step_unfused_rope(core: DecodeCore, n: int, ctx: int) -> float:
 
 def time_step_attention(core: DecodeCore, n: int, ctx: int, kernel: bool) -> float:
     """:func:`time_step` with the attention in the decode attention kernels
-    (``kernel``) or in torch's matmuls and softmax (0.0 where the kernels do
-    not take this model); the core is left as found. (:func:`time_step` puts
-    every row at the scratch position: both forms read the whole bucket.)"""
-    own = core.attention_kernel
+    (``kernel``, at any number of rows) or in torch's matmuls and softmax
+    (0.0 where the kernels do not take this model); the core is left as
+    found. (:func:`time_step` puts every row at the scratch position: both
+    forms read the whole bucket.)"""
+    own = core.attention_kernel, core.attention_max_rows
     try:
-        if core.set_attention_kernel(kernel) != kernel:
+        if core.set_attention_kernel(kernel, core.max_batch) != kernel:
             return 0.0
         return time_step(core, n, ctx)
     finally:
-        core.set_attention_kernel(own)
+        core.set_attention_kernel(*own)
 
 
 def check_attention_kernel(core: DecodeCore, rows: Sequence[int] = (1, 2, 32), ctx: int = 1280) -> float:
@@ -353,22 +354,32 @@ async def engine_run(
 
 async def lookahead_pairs(
     engine: BatchedEngine, prompts: list[list[int]], settings: Settings, pairs: int = 2
-) -> dict[str, list[float]]:
+) -> dict[str, Any]:
     """The same conversations (cold) with the scheduler's lookahead off and
     on, alternating (off, on, off, on...): each run's decode tok/s, by
-    setting. The scheduler's own setting is put back."""
+    setting; then the first prompt's greedy reply both ways (``same_ids``:
+    whether lookahead changed a token). The scheduler's own setting is put
+    back."""
     scheduler = engine.scheduler
     assert scheduler is not None
     own = scheduler.lookahead
-    out: dict[str, list[float]] = {"off": [], "on": []}
+    out: dict[str, Any] = {"off": [], "on": []}
+    replies: dict[str, list[int]] = {}
     try:
         for _ in range(pairs):
             for key in ("off", "on"):
                 scheduler.lookahead = key == "on"
                 r = await engine_run(engine, prompts, settings, time_graph=False)
                 out[key].append(r.decode_tok_s)
+        for key in ("off", "on"):
+            scheduler.lookahead = key == "on"
+            scheduler.prefix.clear()
+            replies[key] = [t async for chunk in engine.stream_ids(prompts[0], replace(settings, temperature=0.0))
+                            for t in chunk]
     finally:
         scheduler.lookahead = own
+    out["same_ids"] = replies["off"] == replies["on"]
+    out["steps_ahead"] = scheduler.steps_ahead
     return out
 
 
@@ -664,24 +675,26 @@ def generate_batch_run(model: Any, prompts: list[list[int]], new_tokens: int) ->
     return RunResult(len(prompts), tokens, wall, 0.0, 0.0, tokens / wall if wall > 0 else 0.0)
 
 
-def check_logits(engine: BatchedEngine, model: Any, vocab: int, length: int) -> tuple[float, float]:
+def check_logits(engine: BatchedEngine, model: Any, vocab: int, length: int,
+                 rows: int = 2) -> tuple[float, float]:
     """Relative error of the batched path's logits against transformers'
-    forward: after a prefill, and after one graph-replayed decode step of two rows."""
+    forward: after a prefill, and after one graph-replayed decode step of
+    ``rows`` rows (1 or 2)."""
     core = engine.core
     assert core is not None
     rng = torch.Generator().manual_seed(1)
-    pa = random_prompt(rng, length, vocab)
-    pb = random_prompt(rng, length // 2, vocab)
-    nxt = [300, 301]
+    prompts = [random_prompt(rng, length, vocab), random_prompt(rng, length // 2, vocab)][:rows]
+    nxt = [300, 301][:rows]
     with torch.inference_mode():
-        la = core.prefill(0, pa)
-        core.prefill(1, pb)
-        step = core.step(nxt, [len(pa), len(pb)]).float()
-        ref_a = model(torch.tensor([[*pa, nxt[0]]], device=model.device)).logits[0].float()
-        ref_b = model(torch.tensor([[*pb, nxt[1]]], device=model.device)).logits[0].float()
+        first = core.prefill(0, prompts[0])
+        for row in range(1, rows):
+            core.prefill(row, prompts[row])
+        step = core.step(nxt, [len(p) for p in prompts]).float()
+        refs = [model(torch.tensor([[*p, t]], device=model.device)).logits[0].float()
+                for p, t in zip(prompts, nxt, strict=True)]
 
-    prefill_err = relative_error(la.float(), ref_a[-2])
-    step_err = max(relative_error(step[0], ref_a[-1]), relative_error(step[1], ref_b[-1]))
+    prefill_err = relative_error(first.float(), refs[0][-2])
+    step_err = max(relative_error(step[r], refs[r][-1]) for r in range(rows))
     return prefill_err, step_err
 
 

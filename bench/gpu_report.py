@@ -162,6 +162,7 @@ def table(res: dict[str, Any], opt: RunOptions) -> str:
             "one conversation, decode tok/s, the scheduler reading each step before queuing the next / "
             "queuing one step ahead (alternating runs): "
             + ", ".join(f"{x:.1f}" for x in la["off"]) + " / " + ", ".join(f"{x:.1f}" for x in la["on"])
+            + f"; greedy reply the same both ways: {la.get('same_ids')}"
         )
     d = res.get("diag", {})
     for n in sorted({min(opt.batches), max(opt.batches)}):

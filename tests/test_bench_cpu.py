@@ -42,6 +42,10 @@ def test_bench_tiny_prints_the_table(tmp_path: Path) -> None:
             assert all(float(x) > 0 for x in row.groups())
     res = json.loads(out.read_text())
     assert res["check_step_rel_err"] < 1e-3
+    # one conversation both ways: the lookahead queued steps ahead and changed no greedy token
+    la = res["lookahead"]
+    assert len(la["off"]) == len(la["on"]) == 2 and min(la["off"] + la["on"]) > 0
+    assert la["same_ids"] is True and la["steps_ahead"] > 0
     assert not any(r["extra"].get("errors") for r in res["runs"]["worker"].values())
     # each conversation's longest wait between two tokens: median and max over them
     for kind in ("engine", "worker", "generate"):
