@@ -162,14 +162,6 @@ class DecodeCore:
         self.sin = sin[0].to(self.dtype).contiguous()
         self.tokens = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.positions = torch.full((max_batch,), self.scratch, dtype=torch.long, device=self.device)
-        # A step's tokens and positions go up through pinned buffers, two used
-        # in turn (each reused only once its copy has run): a copy from
-        # pageable memory may wait for the GPU to finish what is queued, which
-        # would undo the scheduler's lookahead.
-        on_gpu = self.device.type == "cuda"
-        self._staging = [torch.zeros((2, max_batch), dtype=torch.long, pin_memory=on_gpu) for _ in range(2)]
-        self._staged: list[Any] = [None, None]  # each buffer's copy event (CUDA)
-        self._stagings = 0
         self.rows = torch.arange(max_batch, device=self.device)
         # each layer's index as a tensor of its own (the compiled rope_store's argument)
         self.layer_ids = [torch.full((1,), i, dtype=torch.long, device=self.device) for i in range(n_layers)]
@@ -457,35 +449,18 @@ class DecodeCore:
         is queued without the CPU reading them)."""
         n = len(tokens)
         bb, ctx = self.buckets(n, max(positions))
-        self._stage(tokens, positions, bb)
+        pad = bb - n
+        if isinstance(tokens, torch.Tensor):
+            self.tokens[:n].copy_(tokens)  # padded rows keep earlier (valid) ids
+        else:
+            self.tokens[:bb].copy_(torch.tensor(list(tokens) + [0] * pad, dtype=torch.long), non_blocking=True)
+        pos = torch.tensor(list(positions) + [self.scratch] * pad, dtype=torch.long)
+        self.positions[:bb].copy_(pos, non_blocking=True)
         if self.use_graphs:
             graph, out = self._graph(bb, ctx)
             graph.replay()
             return out[:n]
         return self._decode_body(bb, ctx)[:n]
-
-    def _stage(self, tokens: Sequence[int] | torch.Tensor, positions: Sequence[int], bb: int) -> None:
-        """Rows 0..bb-1's tokens and positions into the step's inputs (padded
-        rows: token 0, or the earlier ids where the tokens are on the device,
-        and the scratch position)."""
-        n = len(tokens)
-        k = self._stagings % 2
-        self._stagings += 1
-        if self._staged[k] is not None:
-            self._staged[k].synchronize()  # that buffer's copy has run (two steps ago: long done)
-        host = self._staging[k]
-        host[1, :n] = torch.tensor(list(positions), dtype=torch.long)
-        host[1, n:bb] = self.scratch
-        self.positions[:bb].copy_(host[1, :bb], non_blocking=True)
-        if isinstance(tokens, torch.Tensor):
-            self.tokens[:n].copy_(tokens)  # padded rows keep earlier (valid) ids
-        else:
-            host[0, :n] = torch.tensor(list(tokens), dtype=torch.long)
-            host[0, n:bb] = 0
-            self.tokens[:bb].copy_(host[0, :bb], non_blocking=True)
-        if self.device.type == "cuda":
-            event = self._staged[k] = self._staged[k] or torch.cuda.Event()  # type: ignore[no-untyped-call]
-            event.record()
 
     def warmup(self, batches: Sequence[int], contexts: Sequence[int]) -> None:
         """Capture the graphs for these batch sizes and context lengths now."""

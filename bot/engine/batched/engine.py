@@ -36,7 +36,7 @@ class BatchedEngine:
         max_len: int | None = None,
         use_graphs: bool | None = None,
         compile_glue: bool | None = None,
-        lookahead: bool = True,
+        lookahead: bool = False,
     ) -> None:
         self.config = config
         self.context_length = config.context_length
@@ -68,7 +68,7 @@ class BatchedEngine:
         max_len: int | None = None,
         use_graphs: bool | None = None,
         compile_glue: bool | None = None,
-        lookahead: bool = True,
+        lookahead: bool = False,
     ) -> BatchedEngine:
         engine = cls(
             config, eos_ids=eos_ids, max_len=max_len, use_graphs=use_graphs, compile_glue=compile_glue,
