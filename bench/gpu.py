@@ -72,8 +72,10 @@ from bench.gpu_measure import (
     log,
     lookahead_pairs,
     paired_runs,
+    profile_conversation,
     random_prompt,
     step_breakdown,
+    time_sampler,
     worker_prompt_ids,
     worker_texts,
 )
@@ -308,12 +310,28 @@ async def main_async(opt: Options) -> dict[str, Any]:
         one = worker_prompt_ids(engine, worker_texts(1, words, shape.vocab), settings)
         res["lookahead"] = await lookahead_pairs(engine, one, settings)
         log(f"lookahead off / on, one conversation, decode tok/s: {res['lookahead']}")
+        # the same conversation greedy (argmax only) against sampled, alternating: the sampler's share of a token
+        greedy = replace(settings, temperature=0.0)
+        for key, s in (("sampled", settings), ("greedy", greedy)) * 2:
+            r = await engine_run(engine, one, s, time_graph=False)
+            res.setdefault("greedy_pairs", {}).setdefault(key, []).append(r.decode_tok_s)
+        log(f"one conversation sampled / greedy, decode tok/s: {res['greedy_pairs']}")
+        prof = res["profile_one"] = await profile_conversation(engine, one[0], replace(settings, max_new_tokens=32))
+        log(f"one conversation under the profiler: {prof['decode_ms_per_token']:.2f} ms a token, "
+            f"GPU busy {prof['gpu_busy_ms_per_token']:.2f} ms a token\n{prof['table']}")
     await engine.close()
     # where a decode step's time goes: the quantized products alone, and the
     # step with the module's own RMSNorm instead of the fused one
     diag = step_breakdown(core, sorted({min(opt.batches), max(opt.batches)}),
                           opt.prompt_tokens + opt.new_tokens // 2)
     res["diag"] = diag
+    # the sampler alone: GPU time of one call and its time as the CPU sees it (ms), 1 and the largest batch
+    res["sampler_ms"] = {
+        f"{key}_{n}": [1e3 * t for t in time_sampler(core, n, s)]
+        for key, s in (("sampled", settings), ("greedy", replace(settings, temperature=0.0)))
+        for n in sorted({1, max(opt.batches)})
+    }
+    log(f"sampler (GPU / as the CPU sees it, ms): {res['sampler_ms']}")
     log(f"diagnostics: {diag}")
     if opt.kernel_steps and core.products and core.products[0].qkv.batch is not None:
         batches = [n for n in (1, 2, 4, 8, 16, 32) if n <= max_batch]

@@ -29,6 +29,7 @@ from bot.engine import attention
 from bot.engine.base import StreamStats
 from bot.engine.batched import BatchedEngine, DecodeCore
 from bot.engine.batched.core import _glue_rope_qk
+from bot.engine.batched.sampler import Sampler
 from bot.engine.fidelity import forward_logits, relative_error
 from bot.engine.transformers import generation_kwargs
 from bot.types import ConversationKey, Incoming, QuietSink, Settings
@@ -107,6 +108,31 @@ def profile_step(core: DecodeCore, n: int, ctx: int, reps: int = 10) -> str:
         time_step(core, n, ctx, reps=reps)
     table: str = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90)
     return table
+
+
+async def profile_conversation(engine: BatchedEngine, prompt: list[int], settings: Settings) -> dict[str, Any]:
+    """One conversation through the engine under torch's profiler (its
+    scheduler thread included): the decode time a token against the GPU's
+    busy time a token (the sum of every kernel's and copy's own time), and
+    the table of kernels by GPU time. Busy time well below the time a token
+    means the GPU waits for the CPU; close to it, the work is on the GPU.
+    (The CPU's own ops run in the scheduler's thread, which the profiler does
+    not record: on the CPU the table is near empty.)"""
+    on_gpu = engine.core is not None and engine.core.device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if on_gpu:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        r = await engine_run(engine, [prompt], settings, time_graph=False)
+    events = prof.key_averages()
+    busy_us = sum(float(getattr(e, "self_device_time_total", 0.0)) for e in events) if on_gpu else 0.0
+    steps = max(1, r.tokens - 1)
+    return {
+        "decode_ms_per_token": r.decode_ms_per_token,
+        "gpu_busy_ms_per_token": busy_us / 1e3 / steps,
+        "table": events.table(sort_by="self_device_time_total" if on_gpu else "self_cpu_time_total",
+                              row_limit=25, max_name_column_width=70),
+    }
 
 
 def time_gemms(core: DecodeCore, n: int, reps: int = 10) -> float:
@@ -190,6 +216,38 @@ def time_step_attention(core: DecodeCore, n: int, ctx: int, kernel: bool) -> flo
         return time_step(core, n, ctx)
     finally:
         core.set_attention_kernel(*own)
+
+
+def time_sampler(core: DecodeCore, n: int, settings: Settings, reps: int = 20) -> tuple[float, float]:
+    """One ``Sampler.sample_ids`` call for ``n`` rows of random logits with
+    these settings, in a sampler of its own: (median GPU seconds between two
+    events around the call, median seconds until it is done as the CPU sees
+    it, launches included). On the CPU both are the call's time."""
+    sampler = Sampler(n, core.vocab, core.device)
+    g = torch.Generator(device=core.device).manual_seed(5)
+    logits = 4 * torch.randn((n, core.vocab), generator=g, device=core.device, dtype=core.dtype)
+    every = [settings] * n
+    gpu: list[float] = []
+    wall: list[float] = []
+    for i in range(reps + 3):
+        if core.device.type == "cuda":
+            torch.cuda.synchronize(core.device)
+            e0 = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            e1 = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            t0 = time.perf_counter()
+            e0.record()
+            sampler.sample_ids(logits, every)
+            e1.record()
+            e1.synchronize()
+            dt_wall, dt_gpu = time.perf_counter() - t0, float(e0.elapsed_time(e1)) / 1e3
+        else:
+            t0 = time.perf_counter()
+            sampler.sample_ids(logits, every)
+            dt_wall = dt_gpu = time.perf_counter() - t0
+        if i >= 3:
+            gpu.append(dt_gpu)
+            wall.append(dt_wall)
+    return statistics.median(gpu), statistics.median(wall)
 
 
 def check_attention_kernel(core: DecodeCore, rows: Sequence[int] = (1, 2, 32), ctx: int = 1280) -> float:

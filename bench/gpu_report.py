@@ -164,6 +164,21 @@ def table(res: dict[str, Any], opt: RunOptions) -> str:
             + ", ".join(f"{x:.1f}" for x in la["off"]) + " / " + ", ".join(f"{x:.1f}" for x in la["on"])
             + f"; greedy reply the same both ways: {la.get('same_ids')}"
         )
+    if gp := res.get("greedy_pairs"):
+        lines.append(
+            "one conversation, decode tok/s, sampled (the settings above) / greedy (alternating runs): "
+            + ", ".join(f"{x:.1f}" for x in gp["sampled"]) + " / " + ", ".join(f"{x:.1f}" for x in gp["greedy"])
+        )
+    if pr := res.get("profile_one"):
+        lines.append(
+            f"one conversation of 32 tokens under torch's profiler: {pr['decode_ms_per_token']:.2f} ms a token, "
+            f"the GPU busy {pr['gpu_busy_ms_per_token']:.2f} ms of it (every kernel's and copy's own time)"
+        )
+    if sm := res.get("sampler_ms"):
+        lines.append(
+            "the sampler alone, ms a call (GPU / until done as the CPU sees it): "
+            + "; ".join(f"{k.replace('_', ' at ')} rows {g:.3f} / {w:.3f}" for k, (g, w) in sm.items())
+        )
     d = res.get("diag", {})
     for n in sorted({min(opt.batches), max(opt.batches)}):
         if f"gemms_ms_{n}" in d:
