@@ -65,6 +65,7 @@ from bench.gpu_measure import (
     check_long_prefill,
     chunk_variants,
     copy_bandwidth,
+    cpu_split,
     engine_run,
     followup_run,
     generate_batch_run,
@@ -316,6 +317,11 @@ async def main_async(opt: Options) -> dict[str, Any]:
             r = await engine_run(engine, one, s, time_graph=False)
             res.setdefault("greedy_pairs", {}).setdefault(key, []).append(r.decode_tok_s)
         log(f"one conversation sampled / greedy, decode tok/s: {res['greedy_pairs']}")
+        for key in ("off", "on"):  # the scheduler thread's time split, lookahead off and on
+            engine.scheduler.lookahead = key == "on"
+            res.setdefault("cpu_split", {})[key] = await cpu_split(engine, one[0], settings)
+        engine.scheduler.lookahead = False
+        log(f"one conversation, the scheduler's time a call (ms), lookahead off / on: {res['cpu_split']}")
         prof = res["profile_one"] = await profile_conversation(engine, one[0], replace(settings, max_new_tokens=32))
         log(f"one conversation under the profiler: {prof['decode_ms_per_token']:.2f} ms a token, "
             f"GPU busy {prof['gpu_busy_ms_per_token']:.2f} ms a token\n{prof['table']}")

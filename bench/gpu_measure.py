@@ -30,6 +30,7 @@ from bot.engine.base import StreamStats
 from bot.engine.batched import BatchedEngine, DecodeCore
 from bot.engine.batched.core import _glue_rope_qk
 from bot.engine.batched.sampler import Sampler
+from bot.engine.batched.scheduler import _Launched
 from bot.engine.fidelity import forward_logits, relative_error
 from bot.engine.transformers import generation_kwargs
 from bot.types import ConversationKey, Incoming, QuietSink, Settings
@@ -108,6 +109,41 @@ def profile_step(core: DecodeCore, n: int, ctx: int, reps: int = 10) -> str:
         time_step(core, n, ctx, reps=reps)
     table: str = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90)
     return table
+
+
+async def cpu_split(engine: BatchedEngine, prompt: list[int], settings: Settings) -> dict[str, float]:
+    """One conversation with the scheduler thread's time split, nothing
+    synchronized that the engine does not: the median ms a call of
+    ``DecodeCore.step`` (the inputs' copies and the graph's launch),
+    ``Sampler.sample_ids`` (its launches) and a queued step's read (the wait
+    for its tokens), and the decode time a token. A launch that took about a
+    step would mean the launch itself waits for the GPU."""
+    scheduler, core = engine.scheduler, engine.core
+    assert scheduler is not None and core is not None
+    spans: dict[str, list[float]] = {"step": [], "sample": [], "read": []}
+
+    def timed(key: str, fn: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spans[key].append(time.perf_counter() - t0)
+        return wrapper
+
+    read = _Launched.read
+    setattr(core, "step", timed("step", core.step))  # noqa: B010 (instance attributes over the methods)
+    setattr(scheduler.sampler, "sample_ids", timed("sample", scheduler.sampler.sample_ids))  # noqa: B010
+    setattr(_Launched, "read", timed("read", read))  # noqa: B010
+    try:
+        r = await engine_run(engine, [prompt], settings, time_graph=False)
+    finally:
+        delattr(core, "step")
+        delattr(scheduler.sampler, "sample_ids")
+        setattr(_Launched, "read", read)  # noqa: B010
+    out = {f"{key}_ms": 1e3 * statistics.median(v) for key, v in spans.items() if v}
+    out["decode_ms_per_token"] = r.decode_ms_per_token
+    return out
 
 
 async def profile_conversation(engine: BatchedEngine, prompt: list[int], settings: Settings) -> dict[str, Any]:

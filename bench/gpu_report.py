@@ -169,6 +169,15 @@ def table(res: dict[str, Any], opt: RunOptions) -> str:
             "one conversation, decode tok/s, sampled (the settings above) / greedy (alternating runs): "
             + ", ".join(f"{x:.1f}" for x in gp["sampled"]) + " / " + ", ".join(f"{x:.1f}" for x in gp["greedy"])
         )
+    if cs := res.get("cpu_split"):
+        lines.append(
+            "one conversation, the scheduler thread's ms a call (median), lookahead off / on: "
+            + "; ".join(
+                f"{part} {cs['off'].get(part + '_ms', 0.0):.3f} / {cs['on'].get(part + '_ms', 0.0):.3f}"
+                for part in ("step", "sample", "read")
+            )
+            + f"; a token {cs['off']['decode_ms_per_token']:.2f} / {cs['on']['decode_ms_per_token']:.2f}"
+        )
     if pr := res.get("profile_one"):
         lines.append(
             f"one conversation of 32 tokens under torch's profiler: {pr['decode_ms_per_token']:.2f} ms a token, "

@@ -47,6 +47,10 @@ def test_bench_tiny_prints_the_table(tmp_path: Path) -> None:
     assert len(la["off"]) == len(la["on"]) == 2 and min(la["off"] + la["on"]) > 0
     assert la["same_ids"] is True and la["steps_ahead"] > 0
     assert len(res["greedy_pairs"]["sampled"]) == len(res["greedy_pairs"]["greedy"]) == 2
+    for split in res["cpu_split"].values():  # every part of the scheduler's loop ran and was timed
+        assert {"step_ms", "sample_ms", "read_ms", "decode_ms_per_token"} <= set(split)
+        assert all(v > 0 for v in split.values())
+    assert re.search(r"the scheduler thread's ms a call \(median\), lookahead off / on: step [\d.]+ / [\d.]+", text)
     prof = res["profile_one"]  # on the CPU no GPU time (the profiler sees the GPU's kernels from every thread)
     assert prof["decode_ms_per_token"] > 0 and prof["gpu_busy_ms_per_token"] == 0
     assert re.search(r"under torch's profiler: [\d.]+ ms a token, the GPU busy 0.00 ms", text)
