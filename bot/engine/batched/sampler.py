@@ -92,7 +92,8 @@ class Sampler:
             probs[:, 0] = probs[:, 0].clamp_min(1e-30)  # never an all-zero row (NaN logits)
             # One draw from each row's probs: argmax of p / q, q ~ Exp(1), as
             # torch.multinomial draws one sample, without its two .item()
-            # checks (each a wait for the GPU, which undid the lookahead).
+            # checks: each waits for the GPU, so no step could be queued
+            # behind a sampled one.
             q = torch.empty_like(probs).exponential_().clamp_min_(torch.finfo(torch.float32).tiny)
             sampled = order.gather(-1, torch.argmax(probs / q, dim=-1, keepdim=True))[:, 0]
             nxt = torch.where(rp.greedy, greedy, sampled)
