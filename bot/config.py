@@ -74,6 +74,11 @@ class ModelConfig:
     # "auto", marlin where the GPU holds the copy and the whole KV cache
     # (max_batch x context_length), else mma.
     batch_kernel: Literal["auto", "marlin", "mma"] = "auto"
+    # One reply's decode steps take their attention in the project's CUDA
+    # kernels (bot/engine/attention.cu, built at the first start; faster than
+    # torch's matmuls at one reply, docs/benchmarks.md), larger steps in
+    # torch's. false: torch's for every step (if the start-up check refuses them).
+    attention_kernel: bool = True
 
 
 @dataclass(frozen=True)

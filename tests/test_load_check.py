@@ -84,6 +84,44 @@ def test_batched_engine_refuses_non_finite_logits(llama_tok: Any) -> None:
         engine.verify()
 
 
+def test_wrong_decode_attention_kernels_are_named_and_can_be_turned_off(
+    llama_tok: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The load check with the decode attention kernels on: healthy kernels
+    pass; kernels that give wrong attention are refused with one sentence
+    that names them and the setting that turns them off, and with that
+    setting the same engine starts (torch's attention). Off the GPU their
+    torch form stands in for them, corrupted here."""
+    from bot.engine import attention
+
+    monkeypatch.setattr(attention, "supports", lambda *args: True)
+    model = tiny_llama()
+    cfg = ModelConfig(id="tiny-attention", max_batch=2, context_length=128)
+    engine = BatchedEngine.over(model, llama_tok, cfg, eos_ids=(), max_len=129)
+    assert engine.core is not None and engine.core.attention_kernel
+    assert max(engine.verify()) < 1e-4
+    decode = attention.decode
+    monkeypatch.setattr(attention, "decode", lambda q, *args: decode(q, *args) + 0.5)
+    with pytest.raises(ConfigError) as err:
+        engine.verify()
+    assert str(err.value) == (
+        "model tiny-attention decodes wrongly with the decode attention kernels (bot/engine/attention.cu) "
+        "and correctly without them: set [model] attention_kernel = false instead"
+    )
+    off = BatchedEngine.over(model, llama_tok, replace(cfg, attention_kernel=False), eos_ids=(), max_len=129)
+    assert off.core is not None and not off.core.attention_kernel
+    assert max(off.verify()) < 1e-4
+    # a batched path wrong with the kernels and without them is not blamed on them
+    from bot.engine.fidelity import forward_logits, probe_ids
+
+    wrong = -forward_logits(model, probe_ids(llama_tok))
+    monkeypatch.setattr(attention, "decode", decode)
+    for e in (BatchedEngine.over(model, llama_tok, cfg, eos_ids=(), max_len=129), off):
+        with pytest.raises(ConfigError, match="model tiny-attention decodes wrongly on the batched path") as err:
+            e.verify(wrong)
+        assert "attention_kernel" not in str(err.value)
+
+
 async def test_non_finite_logits_while_serving_fail_only_that_reply(
     llama_tok: Any, caplog: pytest.LogCaptureFixture, lookahead: bool
 ) -> None:

@@ -124,6 +124,7 @@ class DecodeCore:
         use_graphs: bool | None = None,
         fused_norm: bool = True,
         compile_glue: bool = False,
+        attention_kernel: bool = True,
     ) -> None:
         inner = model.model
         cfg = model.config
@@ -178,7 +179,7 @@ class DecodeCore:
         # where they take this model (on a GPU; the first start builds them).
         self.attention_kernel = False
         self.attention_max_rows = ATTENTION_KERNEL_MAX_ROWS
-        self.set_attention_kernel(True)
+        self.set_attention_kernel(attention_kernel)
 
     def set_attention_kernel(self, on: bool, max_rows: int = ATTENTION_KERNEL_MAX_ROWS) -> bool:
         """Attention of decode steps of at most ``max_rows`` rows in the

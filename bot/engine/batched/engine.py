@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ from bot.engine.base import PromptTokenizer, StreamStats
 from bot.engine.batched.core import DecodeCore
 from bot.engine.batched.scheduler import BatchScheduler, Request
 from bot.engine.detok import IncrementalDecoder
-from bot.errors import GenerationError
+from bot.errors import ConfigError, GenerationError
 from bot.types import Settings, Turn
 
 
@@ -107,7 +108,9 @@ class BatchedEngine:
         """The load check of the batched path (bot/engine/fidelity.py): its
         prefill and graph-replayed decode step against transformers' forward
         (``reference``: the forward's logits of the probe prompt, computed
-        here when not given). Raises ConfigError; returns the two errors."""
+        here when not given). Raises ConfigError; returns the two errors. A
+        failure with the decode attention kernels on is checked again without
+        them, so that the sentence names the part at fault."""
         from bot.engine.fidelity import check_decode_path, check_forward, probe_ids
 
         assert self.core is not None
@@ -115,7 +118,18 @@ class BatchedEngine:
         kernel = self._description.get("gptq kernel", "")
         if reference is None:
             reference = check_forward(self.model, ids, self.config.id, kernel, self.config.gptq_backend)
-        return check_decode_path(self.core, ids, reference, self.config.id, kernel, self.config.gptq_backend)
+        check = partial(check_decode_path, self.core, ids, reference, self.config.id, kernel, self.config.gptq_backend)
+        try:
+            return check()
+        except ConfigError:
+            if not self.core.attention_kernel:
+                raise
+            self.core.set_attention_kernel(False)  # the same check with torch's attention
+            check()  # fails too: the products' fault, said as check_decode_path says it
+        raise ConfigError(
+            f"model {self.config.id} decodes wrongly with the decode attention kernels "
+            "(bot/engine/attention.cu) and correctly without them: set [model] attention_kernel = false instead"
+        )
 
     def _build(self, model: Any) -> None:
         self.model = model
@@ -123,7 +137,8 @@ class BatchedEngine:
         on_gpu = model.model.embed_tokens.weight.device.type == "cuda"
         glue = on_gpu if self._compile_glue is None else self._compile_glue
         self.core = DecodeCore(
-            model, self.max_batch, cache_len, use_graphs=self._use_graphs, compile_glue=glue
+            model, self.max_batch, cache_len, use_graphs=self._use_graphs, compile_glue=glue,
+            attention_kernel=self.config.attention_kernel,
         )
         eos = list(self._eos_ids) if self._eos_ids is not None else []
         if self._eos_ids is None and self.tokenizer.eos_id is not None:
