@@ -65,15 +65,13 @@ from bench.gpu_measure import (
     check_long_prefill,
     chunk_variants,
     copy_bandwidth,
-    cpu_split,
     engine_run,
     followup_run,
     generate_batch_run,
     generate_run,
     log,
-    lookahead_pairs,
+    one_conversation_diagnostics,
     paired_runs,
-    profile_conversation,
     random_prompt,
     step_breakdown,
     time_sampler,
@@ -306,25 +304,10 @@ async def main_async(opt: Options) -> dict[str, Any]:
             log(f"worker/engine n={n}: {ratio['ratio']:.3f} (pairs {', '.join(f'{x:.3f}' for x in ratio['pairs'])})")
     # chunked prefill: the same burst at each chunk, engine only, cold
     variants = await chunk_variants(engine, burst, settings, opt.chunk_variants)
-    # one conversation with the scheduler's lookahead off and on, alternating (its same-run baseline)
+    # one conversation: lookahead, sampling, the scheduler thread and the profiler (its time beyond the step)
     if 1 in opt.batches:
         one = worker_prompt_ids(engine, worker_texts(1, words, shape.vocab), settings)
-        res["lookahead"] = await lookahead_pairs(engine, one, settings)
-        log(f"lookahead off / on, one conversation, decode tok/s: {res['lookahead']}")
-        # the same conversation greedy (argmax only) against sampled, alternating: the sampler's share of a token
-        greedy = replace(settings, temperature=0.0)
-        for key, s in (("sampled", settings), ("greedy", greedy)) * 2:
-            r = await engine_run(engine, one, s, time_graph=False)
-            res.setdefault("greedy_pairs", {}).setdefault(key, []).append(r.decode_tok_s)
-        log(f"one conversation sampled / greedy, decode tok/s: {res['greedy_pairs']}")
-        for key in ("off", "on"):  # the scheduler thread's time split, lookahead off and on
-            engine.scheduler.lookahead = key == "on"
-            res.setdefault("cpu_split", {})[key] = await cpu_split(engine, one[0], settings)
-        engine.scheduler.lookahead = False
-        log(f"one conversation, the scheduler's time a call (ms), lookahead off / on: {res['cpu_split']}")
-        prof = res["profile_one"] = await profile_conversation(engine, one[0], replace(settings, max_new_tokens=32))
-        log(f"one conversation under the profiler: {prof['decode_ms_per_token']:.2f} ms a token, "
-            f"GPU busy {prof['gpu_busy_ms_per_token']:.2f} ms a token\n{prof['table']}")
+        res.update(await one_conversation_diagnostics(engine, one, settings))
     await engine.close()
     # where a decode step's time goes: the quantized products alone, and the
     # step with the module's own RMSNorm instead of the fused one

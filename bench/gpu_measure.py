@@ -146,6 +146,45 @@ async def cpu_split(engine: BatchedEngine, prompt: list[int], settings: Settings
     return out
 
 
+async def one_conversation_diagnostics(
+    engine: BatchedEngine, prompts: list[list[int]], settings: Settings
+) -> dict[str, Any]:
+    """Where one conversation's time a token goes beyond the graph step
+    (``prompts``: that one conversation's, as the worker sends it): lookahead
+    off and on (:func:`lookahead_pairs`), sampled against greedy
+    (alternating), the scheduler thread's time split both ways
+    (:func:`cpu_split`) and 32 tokens under torch's profiler
+    (:func:`profile_conversation`). A part that fails is logged and left out:
+    the run's other figures stand."""
+    scheduler = engine.scheduler
+    assert scheduler is not None
+    own = scheduler.lookahead
+    out: dict[str, Any] = {"lookahead": await lookahead_pairs(engine, prompts, settings)}
+    log(f"lookahead off / on, one conversation, decode tok/s: {out['lookahead']}")
+    pairs: dict[str, list[float]] = {"sampled": [], "greedy": []}
+    for key, s in (("sampled", settings), ("greedy", replace(settings, temperature=0.0))) * 2:
+        pairs[key].append((await engine_run(engine, prompts, s, time_graph=False)).decode_tok_s)
+    out["greedy_pairs"] = pairs
+    log(f"one conversation sampled / greedy, decode tok/s: {pairs}")
+    try:
+        split = {}
+        for key in ("off", "on"):
+            scheduler.lookahead = key == "on"
+            split[key] = await cpu_split(engine, prompts[0], settings)
+        out["cpu_split"] = split
+        log(f"one conversation, the scheduler's time a call (ms), lookahead off / on: {split}")
+        prof = out["profile_one"] = await profile_conversation(
+            engine, prompts[0], replace(settings, max_new_tokens=32)
+        )
+        log(f"one conversation under the profiler: {prof['decode_ms_per_token']:.2f} ms a token, "
+            f"GPU busy {prof['gpu_busy_ms_per_token']:.2f} ms a token\n{prof['table']}")
+    except Exception as exc:  # diagnostics only: the run goes on without them
+        log(f"one conversation's diagnostics stopped: {exc!r}")
+    finally:
+        scheduler.lookahead = own
+    return out
+
+
 async def profile_conversation(engine: BatchedEngine, prompt: list[int], settings: Settings) -> dict[str, Any]:
     """One conversation through the engine under torch's profiler (its
     scheduler thread included): the decode time a token against the GPU's
