@@ -185,7 +185,8 @@ async def lookahead(engine: BatchedEngine, vocab: int) -> dict[str, Any]:
 
 def one_row_words(engine: BatchedEngine, model: Any, vocab: int, probe: Any) -> dict[str, Any]:
     """The one-row step and its products with 2 and 4 words a half sum in the
-    row kernel, and 4's load check and one-row step against the forward."""
+    row kernel (alternating), and each one's load check and one-row step
+    against the forward. The module's own setting is put back."""
     core = engine.core
     assert core is not None
     own, out = rowquant.ONE_ROW_WORDS, {}
@@ -195,15 +196,17 @@ def one_row_words(engine: BatchedEngine, model: Any, vocab: int, probe: Any) -> 
             core.reset_graphs()
             out.setdefault(f"words{words}_step_ms_1", []).append(1e3 * time_step(core, 1, 1100))
             out.setdefault(f"words{words}_gemms_ms_1", []).append(1e3 * time_gemms(core, 1))
-        try:
-            out["words4_load_check"] = engine.verify(probe)
-        except ConfigError as exc:
-            out["words4_refused"] = str(exc)
-        out["words4_one_row_err"] = check_logits(engine, model, vocab, 48, rows=1)
+        for words in (2, 4):
+            rowquant.ONE_ROW_WORDS = words
+            core.reset_graphs()
+            try:
+                out[f"words{words}_load_check"] = engine.verify(probe)
+            except ConfigError as exc:
+                out[f"words{words}_refused"] = str(exc)
+            out[f"words{words}_one_row_err"] = check_logits(engine, model, vocab, 48, rows=1)
     finally:
         rowquant.ONE_ROW_WORDS = own
         core.reset_graphs()
-    out["words2_one_row_err"] = check_logits(engine, model, vocab, 48, rows=1)
     return out
 
 
