@@ -186,13 +186,13 @@ async def one_conversation_diagnostics(
 
 
 async def profile_conversation(engine: BatchedEngine, prompt: list[int], settings: Settings) -> dict[str, Any]:
-    """One conversation through the engine under torch's profiler (its
-    scheduler thread included): the decode time a token against the GPU's
-    busy time a token (the sum of every kernel's and copy's own time), and
+    """One conversation through the engine under torch's profiler: the
+    decode time a token against the GPU's busy time a token (the sum of
+    every kernel's and copy's own time, whichever thread launched them), and
     the table of kernels by GPU time. Busy time well below the time a token
     means the GPU waits for the CPU; close to it, the work is on the GPU.
-    (The CPU's own ops run in the scheduler's thread, which the profiler does
-    not record: on the CPU the table is near empty.)"""
+    (The scheduler thread's CPU ops are not recorded, :func:`cpu_split` times
+    them: on the CPU the table is near empty.)"""
     on_gpu = engine.core is not None and engine.core.device.type == "cuda"
     activities = [torch.profiler.ProfilerActivity.CPU]
     if on_gpu:
