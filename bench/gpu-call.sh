@@ -75,6 +75,13 @@ bring_back_gptq_kernels() {  # GPTQModel's JIT-built kernels (Marlin's: ~245 s t
     fi
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+# The card's clocks, power and throttle reasons every 200 ms while the benchmark
+# runs ($OUT/clocks.csv; the bench's log lines carry the time of day): whether a
+# busier GPU (the lookahead) runs its steps slower.
+nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active \
+    --format=csv -lms 200 > "$OUT/clocks.csv" 2>&1 &
+CLOCKS=$!
+trap 'kill $CLOCKS 2>/dev/null' EXIT
 if [ "$MODE" = rowquant ]; then
     timeout "$(left 560)" python3 -m bench.gpu_rowquant --out "$OUT/rowquant.json" "${@:2}" 2>&1 | tee "$OUT/rowquant.log"
     bring_back_own_kernels
