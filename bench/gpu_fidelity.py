@@ -35,6 +35,7 @@ import torch
 
 from bench.gpu_checkpoint import XWIN_70B, build_checkpoint
 from bench.gpu_measure import (
+    attention_kernels,
     check_attention_kernel,
     check_logits,
     check_long_prefill,
@@ -146,12 +147,11 @@ def one(path: Path, backend: str, ref_ids: list[int], ref: torch.Tensor, vocab: 
         for n in (1, 32):  # the same step with the decode attention kernels, then in torch's matmuls
             row[f"attention_kernel_step_ms_{n}"] = 1e3 * time_step_attention(core, n, 1100, True)
             row[f"matmul_attention_step_ms_{n}"] = 1e3 * time_step_attention(core, n, 1100, False)
-        own = core.attention_kernel, core.attention_max_rows
-        if core.set_attention_kernel(True, core.max_batch):  # steps of any size with the kernels, against the forward
-            row["attention_kernel_load_check"] = engine.verify(loader.probe_logits)
-            row["attention_kernel_own_step_err"] = check_logits(engine, model, vocab, 48)[1]
-            row["attention_kernel_one_row_err"] = check_logits(engine, model, vocab, 48, rows=1)[1]
-        core.set_attention_kernel(*own)
+        with attention_kernels(core, True) as used:  # steps of any size with the kernels, against the forward
+            if used:
+                row["attention_kernel_load_check"] = engine.verify(loader.probe_logits)
+                row["attention_kernel_own_step_err"] = check_logits(engine, model, vocab, 48)[1]
+                row["attention_kernel_one_row_err"] = check_logits(engine, model, vocab, 48, rows=1)[1]
         if profile:
             row["profile_step_1"] = profile_step(core, 1, 1100)
             print(row["profile_step_1"], flush=True)

@@ -278,19 +278,26 @@ def time_step_unfused_rope(core: DecodeCore, n: int, ctx: int) -> float:
         core.reset_graphs()
 
 
-def time_step_attention(core: DecodeCore, n: int, ctx: int, kernel: bool) -> float:
-    """:func:`time_step` with the attention in the decode attention kernels
-    (``kernel``, at any number of rows) or in torch's matmuls and softmax
-    (0.0 where the kernels do not take this model); the core is left as
-    found. (:func:`time_step` puts every row at the scratch position: both
-    forms read the whole bucket.)"""
+@contextmanager
+def attention_kernels(core: DecodeCore, on: bool) -> Iterator[bool]:
+    """Inside the block, every decode step's attention in the decode attention
+    kernels (``on``, at any number of rows) or in torch's matmuls and
+    softmax; yields whether the kernels are used (False where they do not
+    take this model). The core's own setting is put back."""
     own = core.attention_kernel, core.attention_max_rows
     try:
-        if core.set_attention_kernel(kernel, core.max_batch) != kernel:
-            return 0.0
-        return time_step(core, n, ctx)
+        yield core.set_attention_kernel(on, core.max_batch)
     finally:
         core.set_attention_kernel(*own)
+
+
+def time_step_attention(core: DecodeCore, n: int, ctx: int, kernel: bool) -> float:
+    """:func:`time_step` with the attention in the decode attention kernels
+    (``kernel``) or in torch's matmuls (:func:`attention_kernels`; 0.0 where
+    the kernels do not take this model). (:func:`time_step` puts every row at
+    the scratch position: both forms read the whole bucket.)"""
+    with attention_kernels(core, kernel) as used:
+        return time_step(core, n, ctx) if used == kernel else 0.0
 
 
 def time_sampler(core: DecodeCore, n: int, settings: Settings, reps: int = 20) -> tuple[float, float]:
