@@ -38,7 +38,7 @@ class Sampler:
     def admit(self, row: int, prompt: Sequence[int]) -> None:
         self.seen[row].zero_()
         idx = torch.tensor([i for i in prompt if 0 <= i < self.vocab], dtype=torch.long)
-        self.seen[row, idx.to(self.device)] = True
+        self.seen[row].index_fill_(0, idx.to(self.device, non_blocking=True), True)
 
     def move(self, src: int, dst: int) -> None:
         if src != dst:
@@ -97,5 +97,9 @@ class Sampler:
             q = torch.empty_like(probs).exponential_().clamp_min_(torch.finfo(torch.float32).tiny)
             sampled = order.gather(-1, torch.argmax(probs / q, dim=-1, keepdim=True))[:, 0]
             nxt = torch.where(rp.greedy, greedy, sampled)
-        seen[torch.arange(n, device=self.device), nxt] = True
+        # A scalar scattered, not ``seen[rows, nxt] = True``: torch makes that
+        # True a CPU tensor and copies it to the GPU with a wait for the
+        # stream, so every call would wait for the step it samples
+        # (docs/gpu-notes.md, item 35).
+        seen.scatter_(1, nxt[:, None], True)
         return nxt
