@@ -79,6 +79,11 @@ class ModelConfig:
     # torch's matmuls at one reply, docs/benchmarks.md), larger steps in
     # torch's. false: torch's for every step (if the start-up check refuses them).
     attention_kernel: bool = True
+    # The compiled decode step's residual add + RMSNorm in the project's CUDA
+    # kernel (bot/engine/norm.cu, built at the first start; ~2 % faster a
+    # token at one reply, docs/benchmarks.md). false: the compiled glue's
+    # (if the start-up check refuses the kernel).
+    norm_kernel: bool = True
 
 
 @dataclass(frozen=True)

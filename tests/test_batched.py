@@ -368,6 +368,39 @@ def test_steps_of_one_row_take_the_attention_kernels_path(tiny_model: Any, monke
             assert float((got - want).norm() / want.norm()) < 1e-4
 
 
+def test_compiled_steps_take_the_residual_norm_kernels_path(tiny_model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the residual add + RMSNorm kernel on (off the GPU its torch form
+    stands in), every compiled decode step calls it twice a layer and once
+    before the head, at one row and at two, and gives the forward's logits."""
+    from bot.engine import norm
+
+    calls: list[int] = []
+    add_rms_norm = norm.add_rms_norm
+
+    def counted(x: torch.Tensor, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(x.shape[0])
+        return add_rms_norm(x, *args)
+
+    monkeypatch.setattr(norm, "add_rms_norm", counted)
+    core = DecodeCore(tiny_model, 2, 65, use_graphs=False, compile_glue=True)
+    assert not core.norm_kernel  # not built off the GPU
+    core.norm_kernel = True
+    p = prompts()[1]
+    layers = len(core.layers)
+    with torch.inference_mode():
+        core.prefill(1, [1, 2])
+        core.prefill(0, p)
+        assert calls == []  # prompts keep their own glue
+        one = core.step([7], [len(p)])[0]
+        two = core.step([8, 9], [len(p) + 1, 2])
+        ref_one = tiny_model(torch.tensor([[*p, 7]])).logits[0, -1]
+        ref_two = tiny_model(torch.tensor([[*p, 7, 8]])).logits[0, -1]
+        ref_other = tiny_model(torch.tensor([[1, 2, 9]])).logits[0, -1]
+    assert calls == [1] * (2 * layers + 1) + [2] * (2 * layers + 1)
+    for got, want in ((one, ref_one), (two[0], ref_two), (two[1], ref_other)):
+        assert float((got - want).norm() / want.norm()) < 1e-4
+
+
 def test_compiled_decode_glue_matches_the_forward(tiny_model: Any) -> None:
     """On the GPU a decode step's glue is compiled, rope and the two cache
     writes in one function that writes into the whole caches in place: at

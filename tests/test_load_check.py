@@ -122,6 +122,41 @@ def test_wrong_decode_attention_kernels_are_named_and_can_be_turned_off(
         assert "attention_kernel" not in str(err.value)
 
 
+def test_a_wrong_residual_norm_kernel_is_named_alone_and_can_be_turned_off(
+    llama_tok: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With both step kernels on (off the GPU their torch forms stand in) and
+    only the residual add + RMSNorm one wrong, the load check names that one
+    and its setting, not the attention kernels; with that setting the same
+    model starts, the attention kernels still on."""
+    from bot.engine import attention, norm
+
+    monkeypatch.setattr(attention, "supports", lambda *args: True)
+    monkeypatch.setattr(norm, "supports", lambda *args: True)
+    model = tiny_llama()
+    cfg = ModelConfig(id="tiny-norm", max_batch=2, context_length=128)
+    engine = BatchedEngine.over(model, llama_tok, cfg, eos_ids=(), max_len=129, compile_glue=True)
+    assert engine.core is not None and engine.core.norm_kernel and engine.core.attention_kernel
+    assert max(engine.verify()) < 1e-4
+    add_rms_norm = norm.add_rms_norm
+
+    def wrong(*args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        s, h = add_rms_norm(*args)
+        return s, 2 * h
+
+    monkeypatch.setattr(norm, "add_rms_norm", wrong)
+    with pytest.raises(ConfigError) as err:
+        engine.verify()
+    assert str(err.value) == (
+        "model tiny-norm decodes wrongly with the residual add + RMSNorm kernel (bot/engine/norm.cu) "
+        "and correctly without it: set [model] norm_kernel = false instead"
+    )
+    off = BatchedEngine.over(model, llama_tok, replace(cfg, norm_kernel=False), eos_ids=(), max_len=129,
+                             compile_glue=True)
+    assert off.core is not None and not off.core.norm_kernel and off.core.attention_kernel
+    assert max(off.verify()) < 1e-4
+
+
 async def test_non_finite_logits_while_serving_fail_only_that_reply(
     llama_tok: Any, caplog: pytest.LogCaptureFixture, lookahead: bool
 ) -> None:

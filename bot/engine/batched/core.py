@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from bot.engine import attention
+from bot.engine import norm as residual_norm
 from bot.engine.products import LAYOUT, PROMPT_MIN_TOKENS, ROW_MAX_ROWS, LayerProducts
 from bot.errors import GenerationError
 
@@ -73,10 +74,7 @@ def _glue_probs(s: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tens
 def _glue_add_norm(
     x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    x = x + y
-    xf = x.float()
-    h = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return x, w * h.to(x.dtype)
+    return residual_norm.reference(x, y, w, eps)
 
 
 def _glue_silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -125,6 +123,7 @@ class DecodeCore:
         fused_norm: bool = True,
         compile_glue: bool = False,
         attention_kernel: bool = True,
+        norm_kernel: bool = True,
     ) -> None:
         inner = model.model
         cfg = model.config
@@ -180,6 +179,10 @@ class DecodeCore:
         self.attention_kernel = False
         self.attention_max_rows = ATTENTION_KERNEL_MAX_ROWS
         self.set_attention_kernel(attention_kernel)
+        # The compiled step's residual add + RMSNorm in bot/engine/norm.py's
+        # kernel, where it takes this model (on a GPU; the first start builds it).
+        self.norm_kernel = False
+        self.set_norm_kernel(norm_kernel)
 
     def set_attention_kernel(self, on: bool, max_rows: int = ATTENTION_KERNEL_MAX_ROWS) -> bool:
         """Attention of decode steps of at most ``max_rows`` rows in the
@@ -190,6 +193,15 @@ class DecodeCore:
         self.attention_kernel = on and attention.supports(self.device, self.dtype, self.head_dim, self.group)
         self.attention_max_rows = max_rows
         return self.attention_kernel
+
+    def set_norm_kernel(self, on: bool) -> bool:
+        """The compiled decode step's residual add + RMSNorm in the kernel of
+        bot/engine/norm.py (where it takes this model), or in the compiled
+        glue. Returns whether the kernel is now used."""
+        self.reset_graphs()
+        hidden = int(self.embed.weight.shape[-1])
+        self.norm_kernel = on and residual_norm.supports(self.device, self.dtype, hidden)
+        return self.norm_kernel
 
     def _attention_kernel_takes(self, bb: int) -> bool:
         return self.attention_kernel and bb <= self.attention_max_rows
@@ -326,6 +338,8 @@ class DecodeCore:
         rope_store, probs, add_norm, silu_mul = (
             self.glue["rope_store"], self.glue["probs"], self.glue["add_norm"], self.glue["silu_mul"]
         )
+        if self.norm_kernel:
+            add_norm = residual_norm.add_rms_norm
         hd, nkv = self.head_dim, self.n_kv
         zero = torch.zeros_like(x)
         first = self.layers[0].input_layernorm

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -18,6 +19,27 @@ from bot.engine.batched.scheduler import BatchScheduler, Request
 from bot.engine.detok import IncrementalDecoder
 from bot.errors import ConfigError, GenerationError
 from bot.types import Settings, Turn
+
+
+@dataclass(frozen=True)
+class _StepKernel:
+    """One of the decode step's own kernels, as the load check names it."""
+
+    what: str
+    source: str
+    setting: str  # its [model] setting
+    plural: bool
+    used: Callable[[], bool]
+    turn: Callable[[bool], object]
+
+
+def _step_kernels(core: DecodeCore) -> list[_StepKernel]:
+    return [
+        _StepKernel("the decode attention kernels", "bot/engine/attention.cu", "attention_kernel", True,
+                    lambda: core.attention_kernel, core.set_attention_kernel),
+        _StepKernel("the residual add + RMSNorm kernel", "bot/engine/norm.cu", "norm_kernel", False,
+                    lambda: core.norm_kernel, core.set_norm_kernel),
+    ]
 
 
 class BatchedEngine:
@@ -109,26 +131,42 @@ class BatchedEngine:
         prefill and graph-replayed decode step against transformers' forward
         (``reference``: the forward's logits of the probe prompt, computed
         here when not given). Raises ConfigError; returns the two errors. A
-        failure with the decode attention kernels on is checked again without
-        them, so that the sentence names the part at fault."""
+        failure with the project's step kernels on (attention, residual add +
+        RMSNorm) is checked again without them, then with each alone, so that
+        the sentence names the part at fault and the setting that avoids it."""
         from bot.engine.fidelity import check_decode_path, check_forward, probe_ids
 
         assert self.core is not None
+        core = self.core
         ids = probe_ids(self.tokenizer)
         kernel = self._description.get("gptq kernel", "")
         if reference is None:
             reference = check_forward(self.model, ids, self.config.id, kernel, self.config.gptq_backend)
-        check = partial(check_decode_path, self.core, ids, reference, self.config.id, kernel, self.config.gptq_backend)
+        check = partial(check_decode_path, core, ids, reference, self.config.id, kernel, self.config.gptq_backend)
         try:
             return check()
         except ConfigError:
-            if not self.core.attention_kernel:
+            on = [k for k in _step_kernels(core) if k.used()]
+            if not on:
                 raise
-            self.core.set_attention_kernel(False)  # the same check with torch's attention
-            check()  # fails too: the products' fault, said as check_decode_path says it
+        for k in on:
+            k.turn(False)
+        check()  # fails too: the products' fault, said as check_decode_path says it
+        at_fault = []
+        for k in on:  # correct without them all: which one is wrong alone
+            k.turn(True)
+            try:
+                check()
+            except ConfigError:
+                at_fault.append(k)
+            k.turn(False)
+        at_fault = at_fault or on  # wrong only together
         raise ConfigError(
-            f"model {self.config.id} decodes wrongly with the decode attention kernels "
-            "(bot/engine/attention.cu) and correctly without them: set [model] attention_kernel = false instead"
+            f"model {self.config.id} decodes wrongly with "
+            + " and ".join(f"{k.what} ({k.source})" for k in at_fault)
+            + f" and correctly without {'them' if len(at_fault) > 1 or at_fault[0].plural else 'it'}: set "
+            + " and ".join(f"[model] {k.setting} = false" for k in at_fault)
+            + " instead"
         )
 
     def _build(self, model: Any) -> None:
@@ -138,7 +176,7 @@ class BatchedEngine:
         glue = on_gpu if self._compile_glue is None else self._compile_glue
         self.core = DecodeCore(
             model, self.max_batch, cache_len, use_graphs=self._use_graphs, compile_glue=glue,
-            attention_kernel=self.config.attention_kernel,
+            attention_kernel=self.config.attention_kernel, norm_kernel=self.config.norm_kernel,
         )
         eos = list(self._eos_ids) if self._eos_ids is not None else []
         if self._eos_ids is None and self.tokenizer.eos_id is not None:
