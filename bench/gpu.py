@@ -73,6 +73,7 @@ from bench.gpu_measure import (
     one_conversation_diagnostics,
     paired_runs,
     random_prompt,
+    sampler_waits,
     step_breakdown,
     time_sampler,
     worker_prompt_ids,
@@ -314,13 +315,15 @@ async def main_async(opt: Options) -> dict[str, Any]:
     diag = step_breakdown(core, sorted({min(opt.batches), max(opt.batches)}),
                           opt.prompt_tokens + opt.new_tokens // 2)
     res["diag"] = diag
-    # the sampler alone: GPU time of one call and its time as the CPU sees it (ms), 1 and the largest batch
+    # the sampler alone, launched behind other work: its GPU time and the call's own time on the CPU (ms),
+    # 1 and the largest batch; and which calls wait for the GPU (torch's sync debug mode)
     res["sampler_ms"] = {
         f"{key}_{n}": [1e3 * t for t in time_sampler(core, n, s)]
         for key, s in (("sampled", settings), ("greedy", replace(settings, temperature=0.0)))
         for n in sorted({1, max(opt.batches)})
     }
-    log(f"sampler (GPU / as the CPU sees it, ms): {res['sampler_ms']}")
+    res["sampler_waits"] = sampler_waits(core, settings)
+    log(f"sampler (GPU queued / the call on the CPU, ms): {res['sampler_ms']}; waits: {res['sampler_waits']}")
     log(f"diagnostics: {diag}")
     if opt.kernel_steps and core.products and core.products[0].qkv.batch is not None:
         batches = [n for n in (1, 2, 4, 8, 16, 32) if n <= max_batch]

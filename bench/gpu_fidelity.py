@@ -39,14 +39,17 @@ from bench.gpu_measure import (
     check_attention_kernel,
     check_logits,
     check_long_prefill,
+    check_norm_kernel,
     engine_run,
     log,
     lookahead_pairs,
+    norm_kernel,
     profile_step,
     random_prompt,
     time_gemms,
     time_step,
     time_step_attention,
+    time_step_norm,
     time_step_unfused_rope,
 )
 from bot.config import GenerationConfig, ModelConfig, settings_from_generation
@@ -152,6 +155,13 @@ def one(path: Path, backend: str, ref_ids: list[int], ref: torch.Tensor, vocab: 
                 row["attention_kernel_load_check"] = engine.verify(loader.probe_logits)
                 row["attention_kernel_own_step_err"] = check_logits(engine, model, vocab, 48)[1]
                 row["attention_kernel_one_row_err"] = check_logits(engine, model, vocab, 48, rows=1)[1]
+        row["norm_kernel_err"] = check_norm_kernel(core)
+        for n in (1, 32):  # the same step with the residual add + RMSNorm in its kernel, then in the compiled glue
+            row[f"norm_kernel_step_ms_{n}"] = 1e3 * time_step_norm(core, n, 1100, True)
+            row[f"glue_norm_step_ms_{n}"] = 1e3 * time_step_norm(core, n, 1100, False)
+        with norm_kernel(core, not core.norm_kernel) as used:  # the step the other way, against the forward
+            row["norm_kernel_other_way"] = used
+            row["norm_kernel_other_way_step_err"] = check_logits(engine, model, vocab, 48)[1]
         if profile:
             row["profile_step_1"] = profile_step(core, 1, 1100)
             print(row["profile_step_1"], flush=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,6 +26,7 @@ import torch
 
 from bot.config import BotConfig, Config, GenerationConfig
 from bot.engine import attention
+from bot.engine import norm as residual_norm
 from bot.engine.base import StreamStats
 from bot.engine.batched import BatchedEngine, DecodeCore
 from bot.engine.batched.core import _glue_rope_qk
@@ -300,36 +301,118 @@ def time_step_attention(core: DecodeCore, n: int, ctx: int, kernel: bool) -> flo
         return time_step(core, n, ctx) if used == kernel else 0.0
 
 
+@contextmanager
+def norm_kernel(core: DecodeCore, on: bool) -> Iterator[bool]:
+    """Inside the block, the compiled step's residual add + RMSNorm in
+    bot/engine/norm.py's kernel (``on``) or in the compiled glue; yields
+    whether the kernel is used. The core's own setting is put back."""
+    own = core.norm_kernel
+    try:
+        yield core.set_norm_kernel(on)
+    finally:
+        core.set_norm_kernel(own)
+
+
+def time_step_norm(core: DecodeCore, n: int, ctx: int, kernel: bool) -> float:
+    """:func:`time_step` with the residual add + RMSNorm in its kernel
+    (``kernel``) or in the compiled glue (0.0 where the kernel does not take
+    this model)."""
+    with norm_kernel(core, kernel) as used:
+        return time_step(core, n, ctx) if used == kernel else 0.0
+
+
+def check_norm_kernel(core: DecodeCore, rows: Sequence[int] = (1, 2, 32)) -> float:
+    """The residual add + RMSNorm kernel against its torch form in float (the
+    sum rounded to half first, as both round it), on random rows of this
+    model's width and its first layer's norm weight: the largest error
+    relative to the largest output (0.0 where the kernel does not take this
+    model)."""
+    hidden = int(core.embed.weight.shape[-1])
+    if not residual_norm.supports(core.device, core.dtype, hidden):
+        return 0.0
+    g = torch.Generator(device=core.device).manual_seed(13)
+    w = core.layers[0].input_layernorm.weight.detach()
+    worst = 0.0
+    for n in rows:
+        x = 3 * torch.randn((n, hidden), generator=g, device=core.device, dtype=core.dtype)
+        y = torch.randn((n, hidden), generator=g, device=core.device, dtype=core.dtype)
+        s, h = residual_norm.add_rms_norm(x, y, w, 1e-5)
+        ws, wh = residual_norm.reference((x + y).float(), torch.zeros_like(x, dtype=torch.float32), w.float(), 1e-5)
+        worst = max(worst, float((s.float() - ws).abs().max()), float((h.float() - wh).abs().max() / wh.abs().max()))
+    return worst
+
+
 def time_sampler(core: DecodeCore, n: int, settings: Settings, reps: int = 20) -> tuple[float, float]:
     """One ``Sampler.sample_ids`` call for ``n`` rows of random logits with
-    these settings, in a sampler of its own: (median GPU seconds between two
-    events around the call, median seconds until it is done as the CPU sees
-    it, launches included). On the CPU both are the call's time."""
+    these settings, in a sampler of its own, launched while the GPU is still
+    busy (~1 ms of ``torch.cuda._sleep``), as the scheduler launches it behind
+    a decode step: (median GPU seconds between two events around the call:
+    its kernels back to back, no launch gaps; median seconds the call itself
+    takes on the CPU: its launches, or about the sleep if it waits for the
+    GPU). On the CPU both are the call's time."""
     sampler = Sampler(n, core.vocab, core.device)
     g = torch.Generator(device=core.device).manual_seed(5)
     logits = 4 * torch.randn((n, core.vocab), generator=g, device=core.device, dtype=core.dtype)
     every = [settings] * n
     gpu: list[float] = []
-    wall: list[float] = []
+    cpu: list[float] = []
     for i in range(reps + 3):
         if core.device.type == "cuda":
             torch.cuda.synchronize(core.device)
             e0 = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
             e1 = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-            t0 = time.perf_counter()
+            torch.cuda._sleep(2_000_000)  # type: ignore[no-untyped-call]  # ~1 ms at ~2 GHz
             e0.record()
+            t0 = time.perf_counter()
             sampler.sample_ids(logits, every)
+            dt_cpu = time.perf_counter() - t0
             e1.record()
             e1.synchronize()
-            dt_wall, dt_gpu = time.perf_counter() - t0, float(e0.elapsed_time(e1)) / 1e3
+            dt_gpu = float(e0.elapsed_time(e1)) / 1e3
         else:
             t0 = time.perf_counter()
             sampler.sample_ids(logits, every)
-            dt_wall = dt_gpu = time.perf_counter() - t0
+            dt_cpu = dt_gpu = time.perf_counter() - t0
         if i >= 3:
             gpu.append(dt_gpu)
-            wall.append(dt_wall)
-    return statistics.median(gpu), statistics.median(wall)
+            cpu.append(dt_cpu)
+    return statistics.median(gpu), statistics.median(cpu)
+
+
+def sampler_waits(core: DecodeCore, settings: Settings, n: int = 1) -> dict[str, bool]:
+    """Which of these wait for the GPU, by torch's own account
+    (``torch.cuda.set_sync_debug_mode("error")`` raises on each call that
+    synchronizes): ``Sampler.sample_ids`` sampled and greedy, and for
+    comparison the indexed write ``seen[rows, ids] = True`` it used to make
+    (docs/gpu-notes.md, item 35). Empty on the CPU (no stream to wait for)."""
+    if core.device.type != "cuda":
+        return {}
+    sampler = Sampler(n, core.vocab, core.device)
+    logits = torch.randn((n, core.vocab), device=core.device, dtype=core.dtype)
+    ids = torch.zeros(n, dtype=torch.long, device=core.device)
+    rows = torch.arange(n, device=core.device)
+
+    def indexed_write() -> None:
+        sampler.seen[rows, ids] = True
+
+    calls: dict[str, Callable[[], object]] = {
+        "sampled": lambda: sampler.sample_ids(logits, [settings] * n),
+        "greedy": lambda: sampler.sample_ids(logits, [replace(settings, temperature=0.0)] * n),
+        "indexed_write": indexed_write,
+    }
+    out: dict[str, bool] = {}
+    for key, call in calls.items():
+        call()  # once outside: the rows' settings reach the device (a copy that waits, once)
+        torch.cuda.synchronize(core.device)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            call()
+            out[key] = False
+        except RuntimeError:
+            out[key] = True
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return out
 
 
 def check_attention_kernel(core: DecodeCore, rows: Sequence[int] = (1, 2, 32), ctx: int = 1280) -> float:
@@ -359,8 +442,10 @@ def check_attention_kernel(core: DecodeCore, rows: Sequence[int] = (1, 2, 32), c
 def step_breakdown(core: DecodeCore, batches: list[int], ctx: int) -> dict[str, float]:
     """Where a decode step's time goes, at each of ``batches`` rows: the step
     as run, with rope and the cache writes unfused, with the attention in
-    the decode attention kernels and in torch's matmuls, without the compiled glue, also with the module's own
-    RMSNorm, and the quantized products alone (ms). Leaves the core as it found it."""
+    the decode attention kernels and in torch's matmuls, with the residual
+    add + RMSNorm in its kernel and in the compiled glue, without the
+    compiled glue, also with the module's own RMSNorm, and the quantized
+    products alone (ms). Leaves the core as it found it."""
     diag: dict[str, float] = {}
     glued = core.glue is not None
     for n in batches:
@@ -369,6 +454,8 @@ def step_breakdown(core: DecodeCore, batches: list[int], ctx: int) -> dict[str, 
         diag[f"step_unfused_rope_ms_{n}"] = 1e3 * time_step_unfused_rope(core, n, ctx)
         diag[f"step_attention_kernel_ms_{n}"] = 1e3 * time_step_attention(core, n, ctx, True)
         diag[f"step_matmul_attention_ms_{n}"] = 1e3 * time_step_attention(core, n, ctx, False)
+        diag[f"step_norm_kernel_ms_{n}"] = 1e3 * time_step_norm(core, n, ctx, True)
+        diag[f"step_glue_norm_ms_{n}"] = 1e3 * time_step_norm(core, n, ctx, False)
         core.set_compiled_glue(False)
         diag[f"step_plain_ms_{n}"] = 1e3 * time_step(core, n, ctx)  # fused RMSNorm only
         core.fused_norm = False

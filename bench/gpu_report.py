@@ -185,8 +185,13 @@ def table(res: dict[str, Any], opt: RunOptions) -> str:
         )
     if sm := res.get("sampler_ms"):
         lines.append(
-            "the sampler alone, ms a call (GPU / until done as the CPU sees it): "
+            "the sampler alone, launched behind other work, ms a call (its GPU time / the call on the CPU): "
             + "; ".join(f"{k.replace('_', ' at ')} rows {g:.3f} / {w:.3f}" for k, (g, w) in sm.items())
+        )
+    if waits := res.get("sampler_waits"):
+        lines.append(
+            "waits for the GPU (torch's sync debug mode): "
+            + "; ".join(f"{k.replace('_', ' ')} {'yes' if w else 'no'}" for k, w in waits.items())
         )
     d = res.get("diag", {})
     for n in sorted({min(opt.batches), max(opt.batches)}):
@@ -195,7 +200,9 @@ def table(res: dict[str, Any], opt: RunOptions) -> str:
                 f"step at {n}: {d[f'step_ms_{n}']:.2f} ms as run; rope and the cache writes unfused "
                 f"{d.get(f'step_unfused_rope_ms_{n}', 0.0):.2f} ms; attention in the decode attention kernels / "
                 f"torch's matmuls {d.get(f'step_attention_kernel_ms_{n}', 0.0):.2f} / "
-                f"{d.get(f'step_matmul_attention_ms_{n}', 0.0):.2f} ms; without compiled glue "
+                f"{d.get(f'step_matmul_attention_ms_{n}', 0.0):.2f} ms; residual add + RMSNorm in its kernel / "
+                f"the compiled glue {d.get(f'step_norm_kernel_ms_{n}', 0.0):.2f} / "
+                f"{d.get(f'step_glue_norm_ms_{n}', 0.0):.2f} ms; without compiled glue "
                 f"{d[f'step_plain_ms_{n}']:.2f} ms; also with the module's RMSNorm "
                 f"{d[f'step_module_norm_ms_{n}']:.2f} ms; its GPTQ products alone "
                 f"{d[f'gemms_ms_{n}']:.2f} ms"
