@@ -59,7 +59,7 @@ class BatchedEngine:
         max_len: int | None = None,
         use_graphs: bool | None = None,
         compile_glue: bool | None = None,
-        lookahead: bool = False,
+        lookahead: bool = True,
     ) -> None:
         self.config = config
         self.context_length = config.context_length
@@ -91,7 +91,7 @@ class BatchedEngine:
         max_len: int | None = None,
         use_graphs: bool | None = None,
         compile_glue: bool | None = None,
-        lookahead: bool = False,
+        lookahead: bool = True,
     ) -> BatchedEngine:
         engine = cls(
             config, eos_ids=eos_ids, max_len=max_len, use_graphs=use_graphs, compile_glue=compile_glue,
