@@ -188,24 +188,31 @@ async def one_conversation_diagnostics(
 
 async def profile_conversation(engine: BatchedEngine, prompt: list[int], settings: Settings) -> dict[str, Any]:
     """One conversation through the engine under torch's profiler: the
-    decode time a token against the GPU's busy time a token (the sum of
-    every kernel's and copy's own time, whichever thread launched them), and
-    the table of kernels by GPU time. Busy time well below the time a token
-    means the GPU waits for the CPU; close to it, the work is on the GPU.
-    (The scheduler thread's CPU ops are not recorded, :func:`cpu_split` times
+    decode time a token against the GPU's busy time a decode step (the sum
+    of every kernel's and copy's own time, whichever thread launched them,
+    less that of the same prompt with one token: its prefill), and the table
+    of kernels by GPU time. Busy time well below the time a token means the
+    GPU waits for the CPU; close to it, the work is on the GPU. (The
+    scheduler thread's CPU ops are not recorded, :func:`cpu_split` times
     them: on the CPU the table is near empty.)"""
     on_gpu = engine.core is not None and engine.core.device.type == "cuda"
     activities = [torch.profiler.ProfilerActivity.CPU]
     if on_gpu:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
-        r = await engine_run(engine, [prompt], settings, time_graph=False)
-    events = prof.key_averages()
-    busy_us = sum(float(getattr(e, "self_device_time_total", 0.0)) for e in events) if on_gpu else 0.0
+
+    async def profiled(s: Settings) -> tuple[RunResult, Any, float]:
+        with torch.profiler.profile(activities=activities) as prof:
+            r = await engine_run(engine, [prompt], s, time_graph=False)
+        events = prof.key_averages()
+        busy_us = sum(float(getattr(e, "self_device_time_total", 0.0)) for e in events) if on_gpu else 0.0
+        return r, events, busy_us
+
+    _, _, prefill_us = await profiled(replace(settings, max_new_tokens=1))
+    r, events, busy_us = await profiled(settings)
     steps = max(1, r.tokens - 1)
     return {
         "decode_ms_per_token": r.decode_ms_per_token,
-        "gpu_busy_ms_per_token": busy_us / 1e3 / steps,
+        "gpu_busy_ms_per_token": max(0.0, busy_us - prefill_us) / 1e3 / steps,
         "table": events.table(sort_by="self_device_time_total" if on_gpu else "self_cpu_time_total",
                               row_limit=25, max_name_column_width=70),
     }

@@ -181,7 +181,8 @@ def table(res: dict[str, Any], opt: RunOptions) -> str:
     if pr := res.get("profile_one"):
         lines.append(
             f"one conversation of 32 tokens under torch's profiler: {pr['decode_ms_per_token']:.2f} ms a token, "
-            f"the GPU busy {pr['gpu_busy_ms_per_token']:.2f} ms of it (every kernel's and copy's own time)"
+            f"the GPU busy {pr['gpu_busy_ms_per_token']:.2f} ms of it (every kernel's and copy's own time, "
+            "less the prompt's prefill: the same prompt with one token, profiled alone)"
         )
     if sm := res.get("sampler_ms"):
         lines.append(
