@@ -3,12 +3,13 @@
 Twice a layer a decode step adds a product's output to the residual stream
 and normalizes the sum for the next product (``x + y`` and ``w * rmsnorm(x +
 y)``). torch.compile makes that one Triton kernel (``core._glue_add_norm``),
-4.1 µs at one row on the H200, 0.65 ms of a 12.3 ms token at 80 layers
-(docs/gpu-notes.md, item 35). :func:`add_rms_norm` is the same arithmetic in
-a kernel of its own (one block a row; built at load like the row kernels:
-bot/engine/cuda_ext.py): the sum rounded to half as torch rounds it, the
-squares summed in float, the normalized value rounded to half before the
-weight multiplies it, as :func:`reference` does.
+4.1 µs at one row on the H200, 161 of them a step at 80 layers.
+:func:`add_rms_norm` is the same arithmetic in a kernel of its own (one
+block a row; built at load like the row kernels: bot/engine/cuda_ext.py):
+the sum rounded to half as torch rounds it, the squares summed in float, the
+normalized value rounded to half before the weight multiplies it, as
+:func:`reference` does. 2.5 µs at one row; the 80-layer step 11.50 against
+11.69 ms at one row, 26.94 against 27.22 at 32 (docs/gpu-notes.md, item 36).
 
 :func:`reference` is that arithmetic in torch: the CPU path, what the
 decode step's glue compiles, and the oracle the kernel is compared with
