@@ -47,7 +47,7 @@ mkdir -p /tmp/gptq-ext /tmp/xwin-kernels
 if ls $KC/ext.tgz.* >/dev/null 2>&1; then
     cat $KC/ext.tgz.* | tar xz -C /tmp/gptq-ext && echo "kernels restored: $(find /tmp/gptq-ext -name '*.so' | wc -l) libraries"
 fi
-# The project's own kernels (bot/engine/cuda_ext.py: rowquant, attention), each
+# The project's own kernels (bot/engine/cuda_ext.py: rowquant, attention, norm), each
 # carried as .gpu/kcache/<name>.tgz; a build whose stamp does not name the
 # current sources is rebuilt by the engine itself.
 declare -A carried_stamp

@@ -39,14 +39,11 @@ HEAD_DIM = 128  # the kernels' head dim
 GROUPS = (1, 2, 4, 8)  # query heads per kv head the kernels take
 _SOURCE = Path(__file__).with_name("attention.cu")
 _SOURCES = (_SOURCE, _SOURCE.with_name("attention_kernels.cuh"))
-_ext: Any = None
 
 
 def _kernels() -> Any:
-    global _ext
-    if _ext is None:
-        _ext = cuda_ext.load("attention", _SOURCE, _SOURCES, "decode attention kernels")
-    return _ext
+    """The compiled kernels (bot/engine/cuda_ext.py: built once per source and torch version)."""
+    return cuda_ext.load("attention", _SOURCE, _SOURCES, "decode attention kernels")
 
 
 def supports(device: torch.device, dtype: torch.dtype, head_dim: int, group: int) -> bool:

@@ -1,10 +1,12 @@
 """The project's own CUDA kernels, built at load by torch's extension builder.
 
 Each extension (the row-layout 4-bit products, bot/engine/rowquant.py; the
-decode attention, bot/engine/attention.py) is built once per source and torch
-version into ``$XWIN_KERNEL_DIR/<name>`` (default ``~/.cache/xwin-bot/kernels``)
-and imported from there afterwards without a build step: a stamp file names
-the sources' hash and torch's version that the library was built from.
+decode attention, bot/engine/attention.py; the residual add + RMSNorm,
+bot/engine/norm.py) is built once per source and torch version into
+``$XWIN_KERNEL_DIR/<name>`` (default ``~/.cache/xwin-bot/kernels``) and
+imported from there afterwards without a build step: a stamp file names the
+sources' hash and torch's version that the library was built from. A process
+loads each once (:func:`load` keeps what it loaded).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
+_loaded: dict[str, Any] = {}  # name -> the extension this process loaded
+
 
 def source_hash(sources: Sequence[Path]) -> str:
     """The sources' contents, hashed: what a build's stamp names."""
@@ -34,7 +38,15 @@ def kernel_dir() -> Path:
 
 def load(name: str, main: Path, sources: Sequence[Path], what: str) -> Any:
     """The extension ``xwin_<name>`` compiled from ``main`` (which includes
-    the rest of ``sources``): imported if built from these sources, else built."""
+    the rest of ``sources``): the one this process loaded already, else
+    imported if built from these sources, else built."""
+    if name in _loaded:
+        return _loaded[name]
+    _loaded[name] = ext = _import_or_build(name, main, sources, what)
+    return ext
+
+
+def _import_or_build(name: str, main: Path, sources: Sequence[Path], what: str) -> Any:
     build = kernel_dir() / name
     build.mkdir(parents=True, exist_ok=True)
     stamp = f"{source_hash(sources)} torch {torch.__version__}"

@@ -30,14 +30,11 @@ from bot.engine import cuda_ext
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("norm.cu")
-_ext: Any = None
 
 
 def _kernels() -> Any:
-    global _ext
-    if _ext is None:
-        _ext = cuda_ext.load("norm", _SOURCE, (_SOURCE,), "residual add + RMSNorm kernel")
-    return _ext
+    """The compiled kernels (bot/engine/cuda_ext.py: built once per source and torch version)."""
+    return cuda_ext.load("norm", _SOURCE, (_SOURCE,), "residual add + RMSNorm kernel")
 
 
 def supports(device: torch.device, dtype: torch.dtype, hidden: int) -> bool:

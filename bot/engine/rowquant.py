@@ -71,7 +71,6 @@ ONE_ROW_WORDS = 4
 DEQUANT_ITEMS = 4  # words a thread of the dequantize unpacks (bench/gpu_prefill.py measures 1, 4, 8)
 _SOURCE = Path(__file__).with_name("rowquant.cu")
 _SOURCES = (_SOURCE, _SOURCE.with_name("rowquant_kernels.cuh"))  # the glue and the device code it includes
-_ext: Any = None
 
 
 @dataclass
@@ -176,10 +175,7 @@ def reference(rq: RowQuant, dtype: torch.dtype | None = None) -> torch.Tensor:
 
 def _kernels() -> Any:
     """The compiled kernels (bot/engine/cuda_ext.py: built once per source and torch version)."""
-    global _ext
-    if _ext is None:
-        _ext = cuda_ext.load("rowquant", _SOURCE, _SOURCES, "row-layout 4-bit kernels")
-    return _ext
+    return cuda_ext.load("rowquant", _SOURCE, _SOURCES, "row-layout 4-bit kernels")
 
 
 def available(device: torch.device) -> bool:
