@@ -371,7 +371,8 @@ def test_steps_of_one_row_take_the_attention_kernels_path(tiny_model: Any, monke
 def test_compiled_steps_take_the_residual_norm_kernels_path(tiny_model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """With the residual add + RMSNorm kernel on (off the GPU its torch form
     stands in), every compiled decode step calls it twice a layer and once
-    before the head, at one row and at two, and gives the forward's logits."""
+    before the head, at one row and at two, and gives the forward's logits.
+    A core without the compiled glue does not ask for the kernel at all."""
     from bot.engine import norm
 
     calls: list[int] = []
@@ -382,7 +383,12 @@ def test_compiled_steps_take_the_residual_norm_kernels_path(tiny_model: Any, mon
         return add_rms_norm(x, *args)
 
     monkeypatch.setattr(norm, "add_rms_norm", counted)
+    asked: list[int] = []
+    monkeypatch.setattr(norm, "supports", lambda *args: asked.append(1) or False)
+    eager = DecodeCore(tiny_model, 2, 65, use_graphs=False)
+    assert not eager.norm_kernel and asked == []  # nothing would call it: not even built
     core = DecodeCore(tiny_model, 2, 65, use_graphs=False, compile_glue=True)
+    assert asked == [1]
     assert not core.norm_kernel  # not built off the GPU
     core.norm_kernel = True
     p = prompts()[1]

@@ -180,7 +180,8 @@ class DecodeCore:
         self.attention_max_rows = ATTENTION_KERNEL_MAX_ROWS
         self.set_attention_kernel(attention_kernel)
         # The compiled step's residual add + RMSNorm in bot/engine/norm.py's
-        # kernel, where it takes this model (on a GPU; the first start builds it).
+        # kernel, where it takes this model (on a GPU, with the glue compiled:
+        # the first start builds it).
         self.norm_kernel = False
         self.set_norm_kernel(norm_kernel)
 
@@ -197,10 +198,12 @@ class DecodeCore:
     def set_norm_kernel(self, on: bool) -> bool:
         """The compiled decode step's residual add + RMSNorm in the kernel of
         bot/engine/norm.py (where it takes this model), or in the compiled
-        glue. Returns whether the kernel is now used."""
+        glue. Without the compiled glue nothing would call it: off, and not
+        built. Returns whether the kernel is now used."""
         self.reset_graphs()
         hidden = int(self.embed.weight.shape[-1])
-        self.norm_kernel = on and residual_norm.supports(self.device, self.dtype, hidden)
+        self.norm_kernel = (on and self.glue is not None
+                            and residual_norm.supports(self.device, self.dtype, hidden))
         return self.norm_kernel
 
     def _attention_kernel_takes(self, bb: int) -> bool:
