@@ -14,6 +14,7 @@ and bench/gpu_fidelity.py measure them).
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import re
 import tomllib
 from collections.abc import Sequence
@@ -258,12 +259,17 @@ def test_batch_kernel_auto_keeps_marlins_copy_only_where_it_fits(
 
 
 def test_the_kernel_stamp_and_the_package_cover_every_local_include() -> None:
-    """A changed header rebuilds the kernels (the stamp hashes every source
-    file) and an installed package carries it (package data)."""
-    names = {path.name for path in rowquant._SOURCES}
-    for path in rowquant._SOURCES:
-        assert path.exists(), path
-        includes = set(re.findall(r'^#include "([^"]+)"', path.read_text(), flags=re.M))
-        assert includes <= names, f"{path.name} includes {includes - names}, which the stamp does not hash"
+    """A changed header rebuilds the kernels (each extension's stamp hashes
+    every source file it includes) and an installed package carries them
+    (package data)."""
+    from bot.engine import attention, norm
+
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
-    assert names <= set(pyproject["tool"]["setuptools"]["package-data"]["bot.engine"])
+    packaged = pyproject["tool"]["setuptools"]["package-data"]["bot.engine"]
+    for module in (rowquant, attention, norm):
+        names = {path.name for path in module._SOURCES}
+        for path in module._SOURCES:
+            assert path.exists(), path
+            includes = set(re.findall(r'^#include "([^"]+)"', path.read_text(), flags=re.M))
+            assert includes <= names, f"{path.name} includes {includes - names}, which the stamp does not hash"
+            assert any(fnmatch.fnmatch(path.name, pattern) for pattern in packaged), f"{path.name} not packaged"
