@@ -84,6 +84,11 @@ class ModelConfig:
     # 0.19 ms faster at one reply, 0.28 at 32, docs/benchmarks.md). false:
     # the compiled glue's (if the start-up check refuses the kernel).
     norm_kernel: bool = True
+    # The project's CUDA kernels launched as programmatic dependent launches
+    # on a Hopper GPU or later (bot/engine/cuda_ext.py): each decode-step
+    # kernel starts while the one before it ends. false: plain launches (if
+    # the start-up check refuses them).
+    dependent_launch: bool = True
 
 
 @dataclass(frozen=True)

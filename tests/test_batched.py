@@ -368,6 +368,37 @@ def test_steps_of_one_row_take_the_attention_kernels_path(tiny_model: Any, monke
             assert float((got - want).norm() / want.norm()) < 1e-4
 
 
+def test_dependent_launch_reaches_every_extension_and_only_a_hopper_asks_for_it(
+    tiny_model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The core's dependent-launch setting reaches each of the project's
+    extensions, those loaded before and those loaded after; off the GPU
+    (no Hopper) the core leaves every launch plain whatever it is asked."""
+    from bot.engine import cuda_ext
+
+    said: list[tuple[str, bool]] = []
+
+    class Extension:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def set_dependent_launch(self, on: bool) -> None:
+            said.append((self.name, on))
+
+    monkeypatch.setattr(cuda_ext, "_loaded", {"rowquant": Extension("rowquant")})
+    monkeypatch.setattr(cuda_ext, "_dependent", False)
+    monkeypatch.setattr(cuda_ext, "_import_or_build", lambda name, *args: Extension(name))
+    monkeypatch.setattr(cuda_ext, "dependent_launch_supported", lambda device: True)
+    core = DecodeCore(tiny_model, 2, 65, use_graphs=False)
+    assert core.dependent_launch and said == [("rowquant", True)]
+    cuda_ext.load("norm", Path("norm.cu"), (), "norm")
+    assert said[-1] == ("norm", True)
+    assert not core.set_dependent_launch(False) and said[-2:] == [("rowquant", False), ("norm", False)]
+    monkeypatch.setattr(cuda_ext, "dependent_launch_supported", lambda device: False)
+    assert not DecodeCore(tiny_model, 2, 65, use_graphs=False, dependent_launch=True).dependent_launch
+    assert said[-2:] == [("rowquant", False), ("norm", False)]
+
+
 def test_compiled_steps_take_the_residual_norm_kernels_path(tiny_model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """With the residual add + RMSNorm kernel on (off the GPU its torch form
     stands in), every compiled decode step calls it twice a layer and once

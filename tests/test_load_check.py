@@ -84,6 +84,21 @@ def test_batched_engine_refuses_non_finite_logits(llama_tok: Any) -> None:
         engine.verify()
 
 
+def refused_then_started(llama_tok: Any, model: Any, cfg: ModelConfig, message: str, setting: str,
+                         **kwargs: Any) -> BatchedEngine:
+    """The load check refuses ``model`` under ``cfg`` with exactly
+    ``message``; with ``[model] <setting> = false`` the same model starts.
+    Returns that engine."""
+    engine = BatchedEngine.over(model, llama_tok, cfg, eos_ids=(), max_len=129, **kwargs)
+    with pytest.raises(ConfigError) as err:
+        engine.verify()
+    assert str(err.value) == message
+    off = BatchedEngine.over(model, llama_tok, replace(cfg, **{setting: False}), eos_ids=(), max_len=129, **kwargs)
+    assert off.core is not None and not getattr(off.core, setting)
+    assert max(off.verify()) < 1e-4
+    return off
+
+
 def test_wrong_decode_attention_kernels_are_named_and_can_be_turned_off(
     llama_tok: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -102,15 +117,11 @@ def test_wrong_decode_attention_kernels_are_named_and_can_be_turned_off(
     assert max(engine.verify()) < 1e-4
     decode = attention.decode
     monkeypatch.setattr(attention, "decode", lambda q, *args: decode(q, *args) + 0.5)
-    with pytest.raises(ConfigError) as err:
-        engine.verify()
-    assert str(err.value) == (
+    off = refused_then_started(
+        llama_tok, model, cfg,
         "model tiny-attention decodes wrongly with the decode attention kernels (bot/engine/attention.cu) "
-        "and correctly without them: set [model] attention_kernel = false instead"
+        "and correctly without them: set [model] attention_kernel = false instead", "attention_kernel",
     )
-    off = BatchedEngine.over(model, llama_tok, replace(cfg, attention_kernel=False), eos_ids=(), max_len=129)
-    assert off.core is not None and not off.core.attention_kernel
-    assert max(off.verify()) < 1e-4
     # a batched path wrong with the kernels and without them is not blamed on them
     from bot.engine.fidelity import forward_logits, probe_ids
 
@@ -145,16 +156,43 @@ def test_a_wrong_residual_norm_kernel_is_named_alone_and_can_be_turned_off(
         return s, 2 * h
 
     monkeypatch.setattr(norm, "add_rms_norm", wrong)
-    with pytest.raises(ConfigError) as err:
-        engine.verify()
-    assert str(err.value) == (
+    off = refused_then_started(
+        llama_tok, model, cfg,
         "model tiny-norm decodes wrongly with the residual add + RMSNorm kernel (bot/engine/norm.cu) "
-        "and correctly without it: set [model] norm_kernel = false instead"
+        "and correctly without it: set [model] norm_kernel = false instead", "norm_kernel", compile_glue=True,
     )
-    off = BatchedEngine.over(model, llama_tok, replace(cfg, norm_kernel=False), eos_ids=(), max_len=129,
-                             compile_glue=True)
-    assert off.core is not None and not off.core.norm_kernel and off.core.attention_kernel
-    assert max(off.verify()) < 1e-4
+    assert off.core is not None and off.core.attention_kernel
+
+
+def test_steps_wrong_only_under_dependent_launches_name_that_setting(
+    llama_tok: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A decode step that goes wrong only while the kernels are launched as
+    dependent launches (a race: a kernel reading what the one before it has
+    not finished writing), with the attention kernels on too, is named as
+    the dependent launches' fault and their setting; with that setting off
+    the same model starts."""
+    from bot.engine import attention, cuda_ext
+    from bot.engine.batched import DecodeCore
+
+    monkeypatch.setattr(attention, "supports", lambda *args: True)
+    monkeypatch.setattr(cuda_ext, "dependent_launch_supported", lambda device: True)
+    monkeypatch.setattr(cuda_ext, "_dependent", False)
+    body = DecodeCore._decode_body
+
+    def racy(self: Any, *args: Any) -> torch.Tensor:
+        out = body(self, *args)
+        return out + 0.5 if cuda_ext._dependent else out
+
+    monkeypatch.setattr(DecodeCore, "_decode_body", racy)
+    cfg = ModelConfig(id="tiny-launch", max_batch=2, context_length=128)
+    off = refused_then_started(
+        llama_tok, tiny_llama(), cfg,
+        "model tiny-launch decodes wrongly with the dependent launches of the project's kernels "
+        "(bot/engine/dependent_launch.cuh) and correctly without them: set [model] dependent_launch = false instead",
+        "dependent_launch",
+    )
+    assert off.core is not None and off.core.attention_kernel
 
 
 async def test_non_finite_logits_while_serving_fail_only_that_reply(

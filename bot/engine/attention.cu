@@ -16,16 +16,16 @@ void launch(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor
   const int rows = static_cast<int>(q.size(0)), n_kv = static_cast<int>(kc.size(1));
   const int max_len = static_cast<int>(kc.size(2));
   auto stream = at::cuda::getCurrentCUDAStream();
-  const dim3 grid(splits, n_kv, rows);
-  attn_split_kernel<G><<<grid, split_warps<G>() * 32, 0, stream>>>(
+  const bool dependent = dependent_launch_on();
+  C10_CUDA_CHECK(launch_dependent(
+      dependent, attn_split_kernel<G>, dim3(splits, n_kv, rows), dim3(split_warps<G>() * 32), 0, stream,
       reinterpret_cast<const half*>(q.data_ptr<at::Half>()), reinterpret_cast<const half*>(kc.data_ptr<at::Half>()),
       reinterpret_cast<const half*>(vc.data_ptr<at::Half>()), pos.data_ptr<int64_t>(), part_o.data_ptr<float>(),
-      reinterpret_cast<float2*>(part_ml.data_ptr<float>()), n_kv, max_len, ctx, per, splits, scale);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  attn_merge_kernel<G><<<dim3(n_kv * G, rows), kDim, 0, stream>>>(
-      part_o.data_ptr<float>(), reinterpret_cast<const float2*>(part_ml.data_ptr<float>()), pos.data_ptr<int64_t>(),
-      reinterpret_cast<half*>(out.data_ptr<at::Half>()), n_kv, ctx, per, splits);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+      reinterpret_cast<float2*>(part_ml.data_ptr<float>()), n_kv, max_len, ctx, per, splits, scale));
+  C10_CUDA_CHECK(launch_dependent(
+      dependent, attn_merge_kernel<G>, dim3(n_kv * G, rows), dim3(kDim), 0, stream, part_o.data_ptr<float>(),
+      reinterpret_cast<const float2*>(part_ml.data_ptr<float>()), pos.data_ptr<int64_t>(),
+      reinterpret_cast<half*>(out.data_ptr<at::Half>()), n_kv, ctx, per, splits));
 }
 
 }  // namespace
@@ -73,5 +73,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("set_dependent_launch", [](bool on) { dependent_launch_on() = on; },
+        "the kernels' launches as programmatic dependent launches (Hopper and later)");
   m.def("decode_attention", &decode_attention, "one token per row against its cached keys 0..pos");
 }

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 HEAD_DIM = 128  # the kernels' head dim
 GROUPS = (1, 2, 4, 8)  # query heads per kv head the kernels take
 _SOURCE = Path(__file__).with_name("attention.cu")
-_SOURCES = (_SOURCE, _SOURCE.with_name("attention_kernels.cuh"))
+_SOURCES = (_SOURCE, _SOURCE.with_name("attention_kernels.cuh"), _SOURCE.with_name("dependent_launch.cuh"))
 
 
 def _kernels() -> Any:

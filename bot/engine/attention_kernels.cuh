@@ -17,10 +17,16 @@
 //
 // Keys past pos[r] are never read; a block whose keys all lie past it writes
 // nothing, and the merge reads only the splits that start at or before it.
+//
+// Launched as dependent launches (dependent_launch.cuh): a split block whose
+// first round lies wholly before pos[r] (keys earlier steps wrote) fetches it
+// before it waits for the kernel before it (which wrote key pos[r] and q).
 #pragma once
 #include <cuda_fp16.h>
 #include <algorithm>
 #include <cstdint>
+
+#include "dependent_launch.cuh"
 
 constexpr int kDim = 128;        // the head dim the kernels take
 constexpr int kKeys = 32;        // keys a block scores at once: one per lane
@@ -71,7 +77,12 @@ __global__ void __launch_bounds__(split_warps<G>() * 32) attn_split_kernel(
     }
     asm volatile("cp.async.commit_group;\n" ::);
   };
-  fetch(begin, min(kKeys, end - begin));  // before anything waits
+  const int first = min(kKeys, end - begin);
+  const bool early = begin + first <= pos[r];  // the first round holds no key this step writes
+  if (early) fetch(begin, first);             // before anything waits
+  wait_for_prior_kernels();                   // q and key pos[r] are the last kernel's
+  dependents_may_launch();
+  if (!early) fetch(begin, first);
   {  // q of the G heads that read kv head h, times the scale, in float: 16 bytes a thread
     const int4* qr = reinterpret_cast<const int4*>(q + (static_cast<size_t>(r) * n_kv + h) * G * kDim);
     for (int i = threadIdx.x; i < G * kDim / 8; i += kThreads) {
@@ -188,6 +199,8 @@ __global__ void __launch_bounds__(kDim) attn_merge_kernel(
   __shared__ float w[kMaxSplits];
   const int head = blockIdx.x, r = blockIdx.y, d = threadIdx.x;
   const int h = head / G, g = head % G;
+  wait_for_prior_kernels();
+  dependents_may_launch();
   const int last = min(static_cast<int>(pos[r]), ctx - 1);
   const int used = min(splits, last / per + 1);  // the splits that start at or before it
   const size_t base = (static_cast<size_t>(r) * n_kv + h) * splits;

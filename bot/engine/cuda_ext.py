@@ -7,6 +7,13 @@ bot/engine/norm.py) is built once per source and torch version into
 imported from there afterwards without a build step: a stamp file names the
 sources' hash and torch's version that the library was built from. A process
 loads each once (:func:`load` keeps what it loaded).
+
+On a Hopper GPU or later their launches can be programmatic dependent
+launches (:func:`set_dependent_launch`; ``dependent_launch.cuh``): a kernel
+of a decode step starts while the one before it finishes, and a row kernel
+loads its first weights before it waits for its input, where each kernel
+otherwise starts only once the last has ended and then waits for its first
+bytes (a one-row step at 80 layers is ~800 kernels).
 """
 
 from __future__ import annotations
@@ -25,6 +32,23 @@ import torch
 log = logging.getLogger(__name__)
 
 _loaded: dict[str, Any] = {}  # name -> the extension this process loaded
+_dependent = False  # their launches are dependent ones (set_dependent_launch)
+
+
+def dependent_launch_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch takes this device: a Hopper GPU or later."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def set_dependent_launch(on: bool) -> None:
+    """Every extension's launches (those loaded and those loaded later) as
+    programmatic dependent launches, or plain ones. The caller checks
+    :func:`dependent_launch_supported`; graphs captured before keep the
+    launches they were captured with."""
+    global _dependent
+    _dependent = on
+    for ext in _loaded.values():
+        ext.set_dependent_launch(on)
 
 
 def source_hash(sources: Sequence[Path]) -> str:
@@ -43,6 +67,7 @@ def load(name: str, main: Path, sources: Sequence[Path], what: str) -> Any:
     if name in _loaded:
         return _loaded[name]
     _loaded[name] = ext = _import_or_build(name, main, sources, what)
+    ext.set_dependent_launch(_dependent)
     return ext
 
 

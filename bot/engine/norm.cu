@@ -9,6 +9,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_fp16.h>
 
+#include "dependent_launch.cuh"
+
 namespace {
 
 constexpr int kThreads = 1024;
@@ -23,6 +25,8 @@ __global__ void __launch_bounds__(kThreads) add_rms_norm_kernel(
     const int4* __restrict__ x, const int4* __restrict__ y, const int4* __restrict__ w, int4* __restrict__ sum,
     int4* __restrict__ normed, int vecs, float inv_hidden, float eps) {
   const size_t base = static_cast<size_t>(blockIdx.x) * vecs;
+  wait_for_prior_kernels();  // x and y are earlier kernels' outputs (a dependent launch: dependent_launch.cuh)
+  dependents_may_launch();
   float sq = 0.f;
   for (int i = threadIdx.x; i < vecs; i += blockDim.x) {
     int4 a = x[base + i];
@@ -88,16 +92,18 @@ std::vector<torch::Tensor> add_rms_norm(torch::Tensor x, torch::Tensor y, torch:
   const int vecs = static_cast<int>(hidden / 8);
   const int threads = std::min(kThreads, ((vecs + 31) / 32) * 32);
   if (x.size(0) > 0) {
-    add_rms_norm_kernel<<<static_cast<unsigned>(x.size(0)), threads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        reinterpret_cast<const int4*>(x.data_ptr<at::Half>()), reinterpret_cast<const int4*>(y.data_ptr<at::Half>()),
-        reinterpret_cast<const int4*>(w.data_ptr<at::Half>()), reinterpret_cast<int4*>(sum.data_ptr<at::Half>()),
-        reinterpret_cast<int4*>(normed.data_ptr<at::Half>()), vecs, 1.f / static_cast<float>(hidden),
-        static_cast<float>(eps));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    C10_CUDA_CHECK(launch_dependent(
+        dependent_launch_on(), add_rms_norm_kernel, dim3(static_cast<unsigned>(x.size(0))), dim3(threads), 0,
+        at::cuda::getCurrentCUDAStream(), reinterpret_cast<const int4*>(x.data_ptr<at::Half>()),
+        reinterpret_cast<const int4*>(y.data_ptr<at::Half>()), reinterpret_cast<const int4*>(w.data_ptr<at::Half>()),
+        reinterpret_cast<int4*>(sum.data_ptr<at::Half>()), reinterpret_cast<int4*>(normed.data_ptr<at::Half>()), vecs,
+        1.f / static_cast<float>(hidden), static_cast<float>(eps)));
   }
   return {sum, normed};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("set_dependent_launch", [](bool on) { dependent_launch_on() = on; },
+        "the kernel's launches as programmatic dependent launches (Hopper and later)");
   m.def("add_rms_norm", &add_rms_norm, "(x + y, w * rmsnorm(x + y)) for rows of half");
 }

@@ -30,11 +30,12 @@ from bot.engine import cuda_ext
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("norm.cu")
+_SOURCES = (_SOURCE, _SOURCE.with_name("dependent_launch.cuh"))
 
 
 def _kernels() -> Any:
     """The compiled kernels (bot/engine/cuda_ext.py: built once per source and torch version)."""
-    return cuda_ext.load("norm", _SOURCE, (_SOURCE,), "residual add + RMSNorm kernel")
+    return cuda_ext.load("norm", _SOURCE, _SOURCES, "residual add + RMSNorm kernel")
 
 
 def supports(device: torch.device, dtype: torch.dtype, hidden: int) -> bool:

@@ -24,18 +24,21 @@
 
 namespace {
 
+bool gemv_late_trigger = false;  // the row kernel lets the next kernel launch late (set_gemv_late_trigger)
+
 template <int M, int R, int W = gemv_words(M)>
 void launch_gemv(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
                  const torch::Tensor& zero, torch::Tensor& out) {
   const int n = static_cast<int>(w.size(0));
   const int chunks = static_cast<int>(w.size(1) / 4);
   const int blocks = (n + kWarps * R - 1) / (kWarps * R);
-  gemv_kernel<M, R, kGemvStages, true, W><<<blocks, kWarps * 32, 0, at::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const int4*>(w.data_ptr<int32_t>()),
+  C10_CUDA_CHECK(launch_dependent(
+      dependent_launch_on(), gemv_kernel<M, R, kGemvStages, true, W>, dim3(blocks), dim3(kWarps * 32), 0,
+      at::cuda::getCurrentCUDAStream(), reinterpret_cast<const int4*>(w.data_ptr<int32_t>()),
       reinterpret_cast<const half*>(scale.data_ptr<at::Half>()),
       reinterpret_cast<const half*>(zero.data_ptr<at::Half>()),
       reinterpret_cast<const int4*>(x.data_ptr<at::Half>()),
-      reinterpret_cast<half*>(out.data_ptr<at::Half>()), n, chunks);
+      reinterpret_cast<half*>(out.data_ptr<at::Half>()), n, chunks, gemv_late_trigger));
 }
 
 // one_row_words: words a half sum at one row, 2 or 4 (rowquant.ONE_ROW_WORDS).
@@ -167,6 +170,10 @@ torch::Tensor rowquant_dequant(torch::Tensor w, torch::Tensor scale, torch::Tens
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("set_dependent_launch", [](bool on) { dependent_launch_on() = on; },
+        "the row kernel's launches as programmatic dependent launches (Hopper and later)");
+  m.def("set_gemv_late_trigger", [](bool late) { gemv_late_trigger = late; },
+        "the row kernel lets the next kernel launch once its blocks have summed, not once they have waited");
   m.def("gemv", &rowquant_gemv, "x [m<=4, k] times the row-packed 4-bit weights");
   m.def("mma", &rowquant_mma, "x [m<=32, k] times the row-packed 4-bit weights, on tensor cores");
   m.def("dequant", &rowquant_dequant, "the row-packed 4-bit weights as a half [n, k] matrix");

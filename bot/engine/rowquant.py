@@ -70,7 +70,8 @@ ROWS_PER_WARP = 4  # output rows a warp computes (bench/gpu_rowquant.py measures
 ONE_ROW_WORDS = 4
 DEQUANT_ITEMS = 4  # words a thread of the dequantize unpacks (bench/gpu_prefill.py measures 1, 4, 8)
 _SOURCE = Path(__file__).with_name("rowquant.cu")
-_SOURCES = (_SOURCE, _SOURCE.with_name("rowquant_kernels.cuh"))  # the glue and the device code it includes
+_SOURCES = (_SOURCE, _SOURCE.with_name("rowquant_kernels.cuh"),  # the glue and the device code it includes
+            _SOURCE.with_name("dependent_launch.cuh"))
 
 
 @dataclass

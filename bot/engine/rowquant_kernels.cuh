@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <limits>
 
+#include "dependent_launch.cuh"
+
 namespace {
 
 constexpr int kWarps = 4;
@@ -63,10 +65,16 @@ constexpr int gemv_words(int /*m*/) { return 2; }
 // pair (hsub2, hfma2) and one conversion per W words, where the kernel was
 // bound by that pipe (item 28). Not LATE (W = 1 only): (q - z) * s before each
 // pair meets x, as before; the probe keeps it as the same run's baseline.
+//
+// Launched as a dependent launch (dependent_launch.cuh), a block loads the
+// first ring of its weights while the kernel before it still runs, and waits
+// for it only before reading x. `late_trigger`: the kernel after it may
+// launch once every block has summed its rows, not as soon as each has
+// waited.
 template <int M, int R, int S = kGemvStages, bool LATE = true, int W = gemv_words(M)>
 __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(
     const int4* __restrict__ w, const half* __restrict__ scale, const half* __restrict__ zero,
-    const int4* __restrict__ x, half* __restrict__ out, int n, int chunks) {
+    const int4* __restrict__ x, half* __restrict__ out, int n, int chunks, bool late_trigger = false) {
   static_assert(W == 1 || W == 2 || W == 4, "a chunk holds 4 words");
   static_assert(LATE || W == 1, "scaled pairs: one word a half sum");
   constexpr int kDown = W == 1 ? 6 : W == 2 ? 7 : 8;  // 2^kDown = 64 W
@@ -101,6 +109,8 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(
       for (int r = 0; r < R; ++r) q[t][r] = load_once(wr[r] + c);
     }
   }
+  wait_for_prior_kernels();  // x is the last kernel's output
+  if (!late_trigger) dependents_may_launch();
   for (int base = lane; base < chunks; base += 32 * S) {
 #pragma unroll
     for (int t = 0; t < S; ++t) {
@@ -148,6 +158,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(
       }
     }
   }
+  if (late_trigger) dependents_may_launch();
 #pragma unroll
   for (int r = 0; r < R; ++r)
 #pragma unroll

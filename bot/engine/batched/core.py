@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bot.engine import attention
+from bot.engine import attention, cuda_ext
 from bot.engine import norm as residual_norm
 from bot.engine.products import LAYOUT, PROMPT_MIN_TOKENS, ROW_MAX_ROWS, LayerProducts
 from bot.errors import GenerationError
@@ -124,6 +124,7 @@ class DecodeCore:
         compile_glue: bool = False,
         attention_kernel: bool = True,
         norm_kernel: bool = True,
+        dependent_launch: bool = True,
     ) -> None:
         inner = model.model
         cfg = model.config
@@ -184,6 +185,10 @@ class DecodeCore:
         # the first start builds it).
         self.norm_kernel = False
         self.set_norm_kernel(norm_kernel)
+        # The project's kernels launched as programmatic dependent launches
+        # (bot/engine/cuda_ext.py), where the GPU takes them (Hopper or later).
+        self.dependent_launch = False
+        self.set_dependent_launch(dependent_launch)
 
     def set_attention_kernel(self, on: bool, max_rows: int = ATTENTION_KERNEL_MAX_ROWS) -> bool:
         """Attention of decode steps of at most ``max_rows`` rows in the
@@ -205,6 +210,16 @@ class DecodeCore:
         self.norm_kernel = (on and self.glue is not None
                             and residual_norm.supports(self.device, self.dtype, hidden))
         return self.norm_kernel
+
+    def set_dependent_launch(self, on: bool) -> bool:
+        """The project's kernels (row kernel, attention, norm) launched as
+        programmatic dependent launches, each starting while the kernel
+        before it ends (bot/engine/cuda_ext.py), where this GPU takes them,
+        or the plain way. Returns whether they now are."""
+        self.reset_graphs()
+        self.dependent_launch = on and cuda_ext.dependent_launch_supported(self.device)
+        cuda_ext.set_dependent_launch(self.dependent_launch)
+        return self.dependent_launch
 
     def _attention_kernel_takes(self, bb: int) -> bool:
         return self.attention_kernel and bb <= self.attention_max_rows

@@ -39,6 +39,8 @@ def _step_kernels(core: DecodeCore) -> list[_StepKernel]:
                     lambda: core.attention_kernel, core.set_attention_kernel),
         _StepKernel("the residual add + RMSNorm kernel", "bot/engine/norm.cu", "norm_kernel", False,
                     lambda: core.norm_kernel, core.set_norm_kernel),
+        _StepKernel("the dependent launches of the project's kernels", "bot/engine/dependent_launch.cuh",
+                    "dependent_launch", True, lambda: core.dependent_launch, core.set_dependent_launch),
     ]
 
 
@@ -177,6 +179,7 @@ class BatchedEngine:
         self.core = DecodeCore(
             model, self.max_batch, cache_len, use_graphs=self._use_graphs, compile_glue=glue,
             attention_kernel=self.config.attention_kernel, norm_kernel=self.config.norm_kernel,
+            dependent_launch=self.config.dependent_launch,
         )
         eos = list(self._eos_ids) if self._eos_ids is not None else []
         if self._eos_ids is None and self.tokenizer.eos_id is not None:
