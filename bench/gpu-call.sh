@@ -75,6 +75,9 @@ bring_back_gptq_kernels() {  # GPTQModel's JIT-built kernels (Marlin's: ~245 s t
     fi
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+if [ "$MODE" != rowquant ]; then  # the project's kernels whose sources changed, built side by side
+    timeout "$(left 300)" python3 -m bench.build_kernels 2>&1 | grep -v Warning | tail -20
+fi
 # The card's clocks, power and throttle reasons every 200 ms while the benchmark
 # runs ($OUT/clocks.csv; the bench's log lines carry the time of day): whether a
 # busier GPU (the lookahead) runs its steps slower.

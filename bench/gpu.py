@@ -65,6 +65,7 @@ from bench.gpu_measure import (
     check_long_prefill,
     chunk_variants,
     copy_bandwidth,
+    dependent_launch_pairs,
     engine_run,
     followup_run,
     generate_batch_run,
@@ -309,6 +310,8 @@ async def main_async(opt: Options) -> dict[str, Any]:
     if 1 in opt.batches:
         one = worker_prompt_ids(engine, worker_texts(1, words, shape.vocab), settings)
         res.update(await one_conversation_diagnostics(engine, one, settings))
+        res["dependent_pairs"] = await dependent_launch_pairs(engine, one, settings)
+        log(f"one conversation, kernels launched plainly / dependent, decode tok/s: {res['dependent_pairs']}")
     await engine.close()
     # where a decode step's time goes: the quantized products alone, and the
     # step with the module's own RMSNorm instead of the fused one

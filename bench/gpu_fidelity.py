@@ -40,6 +40,8 @@ from bench.gpu_measure import (
     check_logits,
     check_long_prefill,
     check_norm_kernel,
+    dependent_launch,
+    dependent_launch_steps,
     engine_run,
     log,
     lookahead_pairs,
@@ -103,8 +105,45 @@ def time_prefill(engine: BatchedEngine, n: int, vocab: int) -> float:
     return sorted(times)[1]
 
 
+def dependent_launch_rows(engine: BatchedEngine, model: Any, vocab: int, probe: Any) -> dict[str, Any]:
+    """The project's kernels as programmatic dependent launches: the load
+    check and the step against the forward with them (three times over: a
+    race would not show every time), the step and the products plain and
+    dependent (alternating), and the row kernel letting the next kernel
+    launch as soon as its blocks have waited or once they have summed."""
+    core = engine.core
+    assert core is not None
+    out: dict[str, Any] = {}
+    with dependent_launch(core, True) as used:
+        out["dependent_launch"] = used
+        if not used:
+            return out
+        try:
+            out["dependent_load_check"] = engine.verify(probe)
+        except ConfigError as exc:
+            out["dependent_refused"] = str(exc)
+        out["dependent_step_errs"] = [check_logits(engine, model, vocab, 48, rows=r)[1] for r in (2, 1, 2)]
+    out.update(dependent_launch_steps(core, 1100))
+    kernels = rowquant._kernels()
+    with dependent_launch(core, True):
+        try:
+            for late in (False, True, False, True):
+                kernels.set_gemv_late_trigger(late)
+                core.reset_graphs()
+                key = "late" if late else "early"
+                out.setdefault(f"{key}_trigger_step_ms_1", []).append(1e3 * time_step(core, 1, 1100))
+                out.setdefault(f"{key}_trigger_gemms_ms_1", []).append(1e3 * time_gemms(core, 1))
+            out["late_trigger_one_row_err"] = check_logits(engine, model, vocab, 48, rows=1)[1]
+        finally:
+            kernels.set_gemv_late_trigger(False)
+            core.reset_graphs()
+        log(json.dumps(out, default=str))
+    return out
+
+
 def one(path: Path, backend: str, ref_ids: list[int], ref: torch.Tensor, vocab: int,
-        profile: bool = False, batch_kernel: str = "auto", sweep: bool = True) -> dict[str, Any]:
+        profile: bool = False, batch_kernel: str = "auto", sweep: bool = True,
+        focus: str = "") -> dict[str, Any]:
     row: dict[str, Any] = {"backend": backend, "batch_kernel": batch_kernel}
     t0 = time.perf_counter()
     try:
@@ -140,6 +179,15 @@ def one(path: Path, backend: str, ref_ids: list[int], ref: torch.Tensor, vocab: 
         row["step_ms_2"] = 1e3 * time_step(core, 2, 1100)
         row["step_ms_32"] = 1e3 * time_step(core, 32, 1100)
         row["gemms_ms_1"] = 1e3 * time_gemms(core, 1)
+        if focus == "dependent":  # this round's question alone, then the conversation
+            row.update(dependent_launch_rows(engine, model, vocab, loader.probe_logits))
+            log(json.dumps(row, default=str))
+            row["lookahead"] = asyncio.run(lookahead(engine, vocab))
+            with dependent_launch(core, False):
+                row["plain_lookahead"] = asyncio.run(lookahead(engine, vocab))
+            del engine, core, model, loader
+            _free()
+            return row
         for n in (1, 32):  # the same step with rope compiled alone and the cache writes eager
             row[f"unfused_rope_step_ms_{n}"] = 1e3 * time_step_unfused_rope(core, n, 1100)
         if core.products:  # words a half sum at one row (rowquant.ONE_ROW_WORDS): 4 against the forward
@@ -232,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip the prefill crossover sweep (64-1,000 tokens, three ways each)")
     ap.add_argument("--profile-step", action="store_true",
                     help="also the one-row decode step's GPU time by kernel (torch's profiler)")
+    ap.add_argument("--focus", default="", choices=["", "dependent"],
+                    help="dependent: after the checks, the dependent launches' measurements alone")
     a = ap.parse_args(argv)
     results: list[dict[str, Any]] = []
     for group in [int(g) for g in a.groups.split(",")]:
@@ -243,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         for backend in a.backends.split(","):
             if group > 0 and backend == "marlin-raw":
                 continue
-            row = one(path, backend, ref_ids, ref, shape.vocab, a.profile_step, a.batch_kernel, a.sweep)
+            row = one(path, backend, ref_ids, ref, shape.vocab, a.profile_step, a.batch_kernel, a.sweep, a.focus)
             row["group"] = group
             log(json.dumps(row, default=str))
             results.append(row)
