@@ -493,6 +493,9 @@ def check_attention_kernel(core: DecodeCore, rows: Sequence[int] = (1, 2, 32), c
         pos[0] = 0
         if n > 1:
             pos[1] = ctx - 1
+        # the split kernel reads pos before it waits for the kernel launched before it (a dependent
+        # launch): pos must not be that kernel's output, as the engine's never is
+        torch.cuda.synchronize(core.device)
         got = attention.decode(q, kc, vc, pos, ctx, core.scale).float()
         want = attention.reference(q.float(), kc.float(), vc.float(), pos, ctx, core.scale)
         worst = max(worst, float((got - want).abs().max() / want.abs().max()))

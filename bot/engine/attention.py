@@ -66,7 +66,12 @@ def decode(
     against one layer's caches ``[>= rows, kv_heads, max_len, head_dim]``:
     row ``r`` reads its keys and values ``0..pos[r]`` (at most the first
     ``ctx``). Returns ``[rows, heads * head_dim]``. On the GPU the kernels,
-    ``per`` keys a block (0: their own plan); elsewhere :func:`reference`."""
+    ``per`` keys a block (0: their own plan); elsewhere :func:`reference`.
+    Launched as dependent launches (bot/engine/cuda_ext.py), the kernels
+    read ``pos`` and the keys before ``pos`` before they wait for the
+    kernel launched just before them: that kernel must not write them (the
+    engine's positions are copied in before a step, its older keys written
+    by earlier steps)."""
     if q.is_cuda and q.dtype == torch.float16 and q.shape[-1] == HEAD_DIM:
         out: torch.Tensor = _kernels().decode_attention(q.contiguous(), k_cache, v_cache, pos, ctx, scale, per)
         return out

@@ -202,7 +202,10 @@ def _aligned(x: torch.Tensor) -> torch.Tensor:
 
 
 def gemv(rq: RowQuant, x: torch.Tensor) -> torch.Tensor:
-    """``x [m, in] @ W.T`` for ``m <= MAX_ROWS`` (the CUDA kernel on a GPU)."""
+    """``x [m, in] @ W.T`` for ``m <= MAX_ROWS`` (the CUDA kernel on a GPU).
+    Launched as a dependent launch (bot/engine/cuda_ext.py), the kernel
+    reads its weights before it waits for the kernel launched just before
+    it: weights are written once, at load."""
     if _on_kernels(rq) and x.dtype == torch.float16:
         out: torch.Tensor = _kernels().gemv(_aligned(x), rq.w, rq.scale, rq.zero, ROWS_PER_WARP, ONE_ROW_WORDS)
         return out
