@@ -109,8 +109,9 @@ def dependent_launch_rows(engine: BatchedEngine, model: Any, vocab: int, probe: 
     """The project's kernels as programmatic dependent launches: the load
     check and the step against the forward with them (three times over: a
     race would not show every time), the step and the products plain and
-    dependent (alternating), and the row kernel letting the next kernel
-    launch as soon as its blocks have waited or once they have summed."""
+    dependent (alternating), the row kernel letting the next kernel launch
+    as soon as its blocks have waited or once they have summed, and the row
+    kernel's rows a warp and words a half sum at one row with them."""
     core = engine.core
     assert core is not None
     out: dict[str, Any] = {}
@@ -136,6 +137,20 @@ def dependent_launch_rows(engine: BatchedEngine, model: Any, vocab: int, probe: 
             out["late_trigger_one_row_err"] = check_logits(engine, model, vocab, 48, rows=1)[1]
         finally:
             kernels.set_gemv_late_trigger(False)
+            core.reset_graphs()
+        own = rowquant.ROWS_PER_WARP, rowquant.ONE_ROW_WORDS
+        try:  # the row kernel's shape at one row under dependent launches: rows a warp, words a half sum
+            shapes = ((4, 4), (2, 4), (8, 4), (4, 2))
+            for rows, words in shapes * 2:
+                rowquant.ROWS_PER_WARP, rowquant.ONE_ROW_WORDS = rows, words
+                core.reset_graphs()
+                out.setdefault(f"rows{rows}_words{words}_step_ms_1", []).append(1e3 * time_step(core, 1, 1100))
+            for rows, words in shapes[1:]:
+                rowquant.ROWS_PER_WARP, rowquant.ONE_ROW_WORDS = rows, words
+                core.reset_graphs()
+                out[f"rows{rows}_words{words}_one_row_err"] = check_logits(engine, model, vocab, 48, rows=1)[1]
+        finally:
+            rowquant.ROWS_PER_WARP, rowquant.ONE_ROW_WORDS = own
             core.reset_graphs()
         log(json.dumps(out, default=str))
     return out
