@@ -10,8 +10,8 @@
 #   bench/gpu-call.sh attn-probe # the decode attention kernels without torch (bench/attention_probe.cu)
 # Run from the repository's root. Expects the wheels in .whl (scripts/gpu-wheels)
 # and, if a previous call brought them back, GPTQModel's compiled kernels as
-# .gpu/kcache/ext.tgz.* and the project's own as .gpu/kcache/rowquant.tgz and
-# attention.tgz (carry both folders).
+# .gpu/kcache/ext.tgz.* and the project's own as .gpu/kcache/<name>.tgz
+# (rowquant, attention, norm; carry both folders).
 set -uo pipefail
 MODE=${1:-fidelity}
 START=$(date +%s)
