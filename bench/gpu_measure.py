@@ -69,6 +69,32 @@ def copy_bandwidth(dev: torch.device) -> float:
     return 2 * n / statistics.median(times)
 
 
+def timed_call(fn: Callable[[], object], device: torch.device, busy_first: bool = False) -> tuple[float, float]:
+    """One call of ``fn``: (seconds of GPU time between two events around it,
+    seconds the call itself takes on the CPU). ``busy_first``: the GPU is
+    kept busy (~1 ms of ``torch.cuda._sleep``) while it is launched, as the
+    scheduler launches work behind a decode step. On the CPU both are the
+    call's time."""
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        return dt, dt
+    if busy_first:
+        torch.cuda.synchronize(device)
+    e0 = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+    e1 = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+    if busy_first:
+        torch.cuda._sleep(2_000_000)  # type: ignore[no-untyped-call]  # ~1 ms at ~2 GHz
+    e0.record()
+    t0 = time.perf_counter()
+    fn()
+    dt_cpu = time.perf_counter() - t0
+    e1.record()
+    e1.synchronize()
+    return float(e0.elapsed_time(e1)) / 1e3, dt_cpu
+
+
 def time_step(core: DecodeCore, n: int, ctx: int, reps: int = 20) -> float:
     """Median seconds of one decode step (graph replay, or eager) for n rows
     reading ``ctx`` positions; writes only at the scratch position."""
@@ -78,23 +104,11 @@ def time_step(core: DecodeCore, n: int, ctx: int, reps: int = 20) -> float:
             core.tokens[:n].fill_(1)
             core.positions[:n].fill_(core.scratch)
             bb, cb = core.buckets(n, ctx - 1)
-            if core.device.type == "cuda":
-                e0 = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-                e1 = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-                if core.use_graphs:
-                    graph, _ = core._graph(bb, cb)
-                    e0.record()
-                    graph.replay()
-                else:
-                    e0.record()
-                    core._decode_body(bb, cb)
-                e1.record()
-                e1.synchronize()
-                dt = float(e0.elapsed_time(e1)) / 1e3
+            if core.device.type == "cuda" and core.use_graphs:
+                graph, _ = core._graph(bb, cb)  # captured before the events
+                dt = timed_call(graph.replay, core.device)[0]
             else:
-                t0 = time.perf_counter()
-                core._decode_body(bb, cb)
-                dt = time.perf_counter() - t0
+                dt = timed_call(lambda: core._decode_body(bb, cb), core.device)[0]  # noqa: B023 (called at once)
             if i >= 3:
                 times.append(dt)
     times.sort()
@@ -417,22 +431,7 @@ def time_sampler(core: DecodeCore, n: int, settings: Settings, reps: int = 20) -
     gpu: list[float] = []
     cpu: list[float] = []
     for i in range(reps + 3):
-        if core.device.type == "cuda":
-            torch.cuda.synchronize(core.device)
-            e0 = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-            e1 = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-            torch.cuda._sleep(2_000_000)  # type: ignore[no-untyped-call]  # ~1 ms at ~2 GHz
-            e0.record()
-            t0 = time.perf_counter()
-            sampler.sample_ids(logits, every)
-            dt_cpu = time.perf_counter() - t0
-            e1.record()
-            e1.synchronize()
-            dt_gpu = float(e0.elapsed_time(e1)) / 1e3
-        else:
-            t0 = time.perf_counter()
-            sampler.sample_ids(logits, every)
-            dt_cpu = dt_gpu = time.perf_counter() - t0
+        dt_gpu, dt_cpu = timed_call(lambda: sampler.sample_ids(logits, every), core.device, busy_first=True)
         if i >= 3:
             gpu.append(dt_gpu)
             cpu.append(dt_cpu)
