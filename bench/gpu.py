@@ -20,7 +20,9 @@ Steps, each printed as a row of one table at the end:
    each conversation's longest wait between two tokens (median and max);
 7. with ``--chunk-variants 256,512,0``: the largest batch's burst again,
    engine only, once per prefill chunk (0: off), to show what chunked
-   prefill does to those waits, ms/token and TTFT.
+   prefill does to those waits, ms/token and TTFT; with ``--mixed-variants
+   apart,mixed`` each chunk both ways (a prefill then a step, or the two in
+   one forward: ``[model] mixed_prefill``).
 
 ``--tiny`` builds a 2-layer random Llama (no GPTQ) and runs every row small,
 so the script cannot rot; tests/test_bench_cpu.py runs it.
@@ -105,6 +107,7 @@ class Options:
     followup_tokens: int = 0
     prefill_chunk: int = ModelConfig.prefill_chunk  # [model] prefill_chunk of the engine
     chunk_variants: list[int] = field(default_factory=list)  # the largest burst again at each (0: off)
+    mixed_variants: list[bool] = field(default_factory=list)  # ... and each way a chunk runs (mixed / apart)
     pairs: int = 2  # engine and worker runs per batch, alternating (bench.gpu_measure.paired_runs)
     kernel_steps: bool = True  # the decode step with fused Marlin, then with the tensor-core kernel
     batch_kernel: str = "auto"  # [model] batch_kernel of the engine
@@ -135,6 +138,10 @@ def parse(argv: list[str] | None) -> Options:
     ap.add_argument("--chunk-variants", default="",
                     help="after the batch runs, the largest batch's burst again at each of these "
                          "prefill chunks, e.g. 256,512,0 (0: off); default: skipped")
+    ap.add_argument("--mixed-variants", default="",
+                    help="with --chunk-variants, each chunk once per way of running it: mixed (with "
+                         "the decode step in one forward), apart (a prefill, then a step), e.g. "
+                         "apart,mixed; default: the engine's own ([model] mixed_prefill)")
     ap.add_argument("--no-kernel-steps", dest="kernel_steps", action="store_false",
                     help="skip the decode step timed with fused Marlin and with the tensor-core kernel")
     ap.add_argument("--batch-kernel", default="auto", choices=["auto", "marlin", "mma"],
@@ -153,6 +160,9 @@ def parse(argv: list[str] | None) -> Options:
         ap.error(f"--chunk-variants takes whole numbers separated by commas, got {a.chunk_variants!r}")
     if any(v < 0 for v in variants):
         ap.error("--chunk-variants: each chunk must be 0 (off) or more")
+    modes = [x.strip() for x in a.mixed_variants.split(",") if x.strip()]
+    if any(m not in ("mixed", "apart") for m in modes):
+        ap.error(f"--mixed-variants takes mixed and apart, separated by commas, got {a.mixed_variants!r}")
     tiny = bool(a.tiny)
     default_ckpt = Path(tempfile.gettempdir()) / ("xwin-bench-tiny" if tiny else "xwin-bench-70b")
     if not tiny and Path("/dev/shm").is_dir():
@@ -179,6 +189,7 @@ def parse(argv: list[str] | None) -> Options:
         followup_tokens=100 if tiny else a.followup_tokens,
         prefill_chunk=a.prefill_chunk,
         chunk_variants=variants,
+        mixed_variants=[m == "mixed" for m in modes],
         pairs=a.pairs,
         kernel_steps=bool(a.kernel_steps),
         batch_kernel=a.batch_kernel,
@@ -305,7 +316,7 @@ async def main_async(opt: Options) -> dict[str, Any]:
                 runs[kind][n] = every[kind][n][ratio["reported"][kind]]
             log(f"worker/engine n={n}: {ratio['ratio']:.3f} (pairs {', '.join(f'{x:.3f}' for x in ratio['pairs'])})")
     # chunked prefill: the same burst at each chunk, engine only, cold
-    variants = await chunk_variants(engine, burst, settings, opt.chunk_variants)
+    variants = await chunk_variants(engine, burst, settings, opt.chunk_variants, opt.mixed_variants)
     # one conversation: lookahead, sampling, the scheduler thread and the profiler (its time beyond the step)
     if 1 in opt.batches:
         one = worker_prompt_ids(engine, worker_texts(1, words, shape.vocab), settings)

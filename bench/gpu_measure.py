@@ -29,7 +29,7 @@ from bot.engine import attention
 from bot.engine import norm as residual_norm
 from bot.engine.base import StreamStats
 from bot.engine.batched import BatchedEngine, DecodeCore
-from bot.engine.batched.core import _glue_rope_qk
+from bot.engine.batched.core import Fill, _glue_rope_qk
 from bot.engine.batched.sampler import Sampler
 from bot.engine.batched.scheduler import _Launched
 from bot.engine.fidelity import forward_logits, relative_error
@@ -678,22 +678,26 @@ async def lookahead_pairs(
 
 @contextmanager
 def traced(core: DecodeCore) -> Iterator[list[tuple[str, int, float]]]:
-    """Every prefill and decode step the core runs inside the block, as
-    (kind, tokens, seconds), each timed between two synchronizations (so
+    """Every forward (a prompt's chunk alone: "prefill"; with decode rows:
+    "mixed") and decode step the core runs inside the block, as (kind, prompt
+    tokens or rows, seconds), each timed between two synchronizations (so
     the GPU time of that call alone; the syncs cost a little)."""
     spans: list[tuple[str, int, float]] = []
-    prefill, step = core.prefill, core.step
+    forward, step = core.forward, core.step
 
     def sync() -> None:
         if core.device.type == "cuda":
             torch.cuda.synchronize(core.device)
 
-    def timed_prefill(row: int, ids: Sequence[int], start: int = 0) -> torch.Tensor:
+    def timed_forward(
+        fills: Sequence[Fill], tokens: Sequence[int] | torch.Tensor = (), positions: Sequence[int] = ()
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         sync()
         t0 = time.perf_counter()
-        out = prefill(row, ids, start)
+        out = forward(fills, tokens, positions)
         sync()
-        spans.append(("prefill", len(ids) - start, time.perf_counter() - t0))
+        spans.append(("mixed" if len(tokens) else "prefill", sum(len(f.ids) - f.start for f in fills),
+                      time.perf_counter() - t0))
         return out
 
     def timed_step(tokens: Sequence[int] | torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
@@ -704,46 +708,56 @@ def traced(core: DecodeCore) -> Iterator[list[tuple[str, int, float]]]:
         spans.append(("step", len(tokens), time.perf_counter() - t0))
         return out
 
-    core.prefill, core.step = timed_prefill, timed_step  # type: ignore[method-assign]
+    core.forward, core.step = timed_forward, timed_step  # type: ignore[method-assign]
     try:
         yield spans
     finally:
-        del core.prefill, core.step  # the class's methods again
+        del core.forward, core.step  # the class's methods again
 
 
 def where_time_went(spans: list[tuple[str, int, float]], wall: float) -> dict[str, float]:
-    """The scheduler's time in prefills and steps, and what is left of the wall time."""
-    pre = [s for s in spans if s[0] == "prefill"]
+    """The scheduler's time in forwards that carry prompt tokens (``mixed``
+    of them with decode rows too) and in decode steps, and what is left of
+    the wall time."""
+    pre = [s for s in spans if s[0] in ("prefill", "mixed")]
     steps = [s for s in spans if s[0] == "step"]
     pre_s = sum(s[2] for s in pre)
     step_s = sum(s[2] for s in steps)
     tokens = sum(s[1] for s in pre)
     return {
         "prefill_s": pre_s, "prefills": len(pre), "prefill_ms_per_1k_tokens": 1e6 * pre_s / tokens if tokens else 0.0,
+        "mixed": sum(s[0] == "mixed" for s in pre),
         "step_s": step_s, "steps": len(steps), "other_s": wall - pre_s - step_s,
     }
 
 
 async def chunk_variants(
-    engine: BatchedEngine, prompts: list[list[int]], settings: Settings, chunks: list[int]
+    engine: BatchedEngine, prompts: list[list[int]], settings: Settings, chunks: list[int],
+    mixed: Sequence[bool] = (),
 ) -> dict[str, RunResult]:
     """The same burst (``prompts`` arriving together, cold) once per prefill
     chunk in ``chunks``, set on the live scheduler (0: off, a chunk longer
-    than any prompt). Keyed by the chunk; the scheduler's own chunk is put back."""
+    than any prompt), and with ``mixed`` once per way of running a chunk
+    (True: with the decode step in one forward; False: apart). Keyed by the
+    chunk (and "mixed" / "apart"); the scheduler's own settings are put back."""
     scheduler = engine.scheduler
     assert scheduler is not None
-    own = scheduler.prefill_chunk
+    own = scheduler.prefill_chunk, scheduler.mixed
     out: dict[str, RunResult] = {}
     try:
         for chunk in chunks:
-            scheduler.prefill_chunk = chunk or scheduler.core.max_len
-            with traced(scheduler.core) as spans:
-                r = await engine_run(engine, prompts, settings, time_graph=False)
-            r.extra["where"] = where_time_went(spans, r.wall_s)
-            out[str(chunk)] = r
-            log(f"engine  n={len(prompts)}, prefill chunk {chunk or 'off'}: {r}")
+            for mode in mixed or (own[1],):
+                scheduler.prefill_chunk = chunk or scheduler.core.max_len
+                scheduler.mixed = mode
+                with traced(scheduler.core) as spans:
+                    r = await engine_run(engine, prompts, settings, time_graph=False)
+                r.extra["where"] = where_time_went(spans, r.wall_s)
+                key = f"{chunk} {'mixed' if mode else 'apart'}" if mixed else str(chunk)
+                out[key] = r
+                log(f"engine  n={len(prompts)}, prefill chunk {chunk or 'off'}"
+                    f"{', mixed' if mode else ', apart'}: {r}")
     finally:
-        scheduler.prefill_chunk = own
+        scheduler.prefill_chunk, scheduler.mixed = own
     return out
 
 

@@ -60,18 +60,21 @@ def _chunk_rows(res: dict[str, Any], opt: RunOptions) -> list[str]:
         f"once per prefill chunk (the batch runs above: {res.get('prefill_chunk', '-')})",
         "",
         "| prefill chunk | wall s | ms/token each | TTFT median (p90) | longest gap median (max) | "
-        "chunks | in prefills (ms per 1k tokens) | in steps | elsewhere |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "chunks | in prefills (ms per 1k tokens) | of them mixed | in steps | elsewhere |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for chunk, r in variants.items():
+    for key, r in variants.items():
+        chunk, _, mode = key.partition(" ")
+        label = (chunk if chunk != "0" else "off") + (f" {mode}" if mode else "")
         w = r["extra"].get("where") or {}
         lines.append(
-            f"| {chunk if chunk != '0' else 'off'} | {r['wall_s']:.2f} | {r['decode_ms_per_token']:.1f} | "
+            f"| {label} | {r['wall_s']:.2f} | {r['decode_ms_per_token']:.1f} | "
             f"{_ttft(r)} | {_gap(r)} | {r['extra'].get('prefill_chunks', 0)} | "
             f"{w.get('prefill_s', 0.0):.2f} s, {w.get('prefills', 0)} ({w.get('prefill_ms_per_1k_tokens', 0.0):.0f}) | "
-            f"{w.get('step_s', 0.0):.2f} s, {w.get('steps', 0)} | {w.get('other_s', 0.0):.2f} s |"
+            f"{w.get('mixed', 0)} | {w.get('step_s', 0.0):.2f} s, {w.get('steps', 0)} | {w.get('other_s', 0.0):.2f} s |"
         )
-    return [*lines, "(prefill and step times: each call between two synchronizations)", ""]
+    return [*lines, "(prefill and step times: each call between two synchronizations; a mixed forward, "
+                    "a chunk with the decode step, counts as a prefill)", ""]
 
 
 def _batch_kernel_rows(res: dict[str, Any]) -> list[str]:

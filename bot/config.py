@@ -54,7 +54,14 @@ class ModelConfig:
     # -- chunked prefill (issue 14, decode = "batched"): while other replies
     # are decoding, a prompt longer than this many tokens is prefilled in
     # chunks of it, with a decode step for the others between chunks.
-    prefill_chunk: int = 512
+    # 1024 with mixed_prefill: a burst of 32 prompts of 1,024 tokens got
+    # its first tokens ~1 s sooner than with 512, a decoding reply waiting
+    # at most 0.27 s for a token (0.17 s with 512; docs/benchmarks.md).
+    prefill_chunk: int = 1024
+    # Each such chunk (and a short prompt) goes through one forward together
+    # with the other replies' decode step, their tokens riding on the chunk's
+    # read of the weights; false: a prefill, then a step of its own.
+    mixed_prefill: bool = True
     # Keep a finished reply's KV cache for the follow-up that starts with the same
     # tokens (decode = "batched"). Reuse is by exact token ids, so no other
     # conversation's text can enter a reply; but a reused prefix makes the first

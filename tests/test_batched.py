@@ -21,6 +21,7 @@ from bot.config import ModelConfig, Secrets
 from bot.engine import make_engine as engine_from_config
 from bot.engine.base import StreamStats
 from bot.engine.batched import BatchedEngine, DecodeCore, Sampler
+from bot.engine.batched.core import Fill
 from bot.engine.batched.scheduler import Request
 from bot.errors import MODEL_FAILED, GenerationError
 from bot.store import Store
@@ -331,6 +332,38 @@ def test_decode_core_step_matches_forward(tiny_model: Any) -> None:
         step = core.step([7, 9], [len(p), 2])[0]
         ref = tiny_model(torch.tensor([[*p, 7]])).logits[0, -1]
     assert float((step - ref).norm() / ref.norm()) < 1e-4
+
+
+def test_one_forward_of_prompt_chunks_and_decode_rows_matches_them_apart(tiny_model: Any) -> None:
+    """``DecodeCore.forward``: two rows decode while one forward also fills
+    row 2 with a prompt's second chunk (past a prefix already in the cache)
+    and row 3 with a whole prompt: every logit and every cache entry as a
+    prefill of each and a step apart give them, and as the forward."""
+    a, b, c, d = prompts()[0], prompts()[1], prompts()[2], [1, 5, 9, 33, 70, 4]
+    apart, together = DecodeCore(tiny_model, 4, 65), DecodeCore(tiny_model, 4, 65)
+    with torch.inference_mode():
+        for core in (apart, together):
+            core.prefill(0, a)
+            core.prefill(1, b)
+            core.prefill(2, c[:5])  # the first chunk
+        want_c = apart.prefill(2, c, start=5)
+        want_d = apart.prefill(3, d)
+        want_step = apart.step([7, 9], [len(a), len(b)])
+        fills, step = together.forward([Fill(2, c, 5), Fill(3, d)], [7, 9], [len(a), len(b)])
+        ref_step = tiny_model(torch.tensor([[*a, 7]])).logits[0, -1]
+        ref_c = tiny_model(torch.tensor([c])).logits[0, -1]
+    assert fills.shape == (2, VOCAB) and step.shape == (2, VOCAB)
+    for got, want in ((fills[0], want_c), (fills[1], want_d), (step, want_step)):
+        assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
+    assert float((step[0] - ref_step).norm() / ref_step.norm()) < 1e-4
+    assert float((fills[0] - ref_c).norm() / ref_c.norm()) < 1e-4
+    lengths = (len(a) + 1, len(b) + 1, len(c), len(d))
+    for row, n in enumerate(lengths):
+        for cache in ("k_cache", "v_cache"):
+            got, want = getattr(together, cache)[:, row, :, :n], getattr(apart, cache)[:, row, :, :n]
+            assert torch.allclose(got, want, atol=1e-6), (row, cache)
+    with pytest.raises(ValueError, match="decoding rows"):  # a fill into a decoding row
+        together.forward([Fill(1, d)], [7, 9], [len(a) + 1, len(b) + 1])
 
 
 def test_steps_of_one_row_take_the_attention_kernels_path(tiny_model: Any, monkeypatch: pytest.MonkeyPatch) -> None:

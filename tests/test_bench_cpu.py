@@ -21,7 +21,8 @@ def test_bench_tiny_prints_the_table(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(
         [sys.executable, "-m", "bench.gpu", "--tiny", "--checkpoint", str(tmp_path / "ckpt"),
-         "--out", str(out), "--prefill-chunk", "16", "--chunk-variants", "16,0", "--pairs", "2"],
+         "--out", str(out), "--prefill-chunk", "16", "--chunk-variants", "16,0", "--mixed-variants", "apart,mixed",
+         "--pairs", "2"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=280,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -66,23 +67,27 @@ def test_bench_tiny_prints_the_table(tmp_path: Path) -> None:
     assert res["prefill_chunk"] == 16
     for n in (1, 4, 16, 32):
         _assert_pairs(res, text, str(n), 2)
-    # the largest burst again, once per chunk (0: off), each a row of its own table
+    # the largest burst again, once per chunk (0: off) and way of running it, each a row of its own table
     variants = res["chunk_variants"]
-    assert set(variants) == {"16", "0"}
-    for chunk, label in (("16", "16"), ("0", "off")):
-        v = variants[chunk]
+    assert set(variants) == {"16 apart", "16 mixed", "0 apart", "0 mixed"}
+    for key, label in (("16 apart", "16 apart"), ("16 mixed", "16 mixed"), ("0 apart", "off apart"),
+                       ("0 mixed", "off mixed")):
+        v = variants[key]
         assert v["n"] == 32 and v["tokens"] == 32 * 8
         assert 0 < v["extra"]["gap_p50_s"] <= v["extra"]["gap_max_s"] <= v["wall_s"]
         assert 0 < v["ttft_s"] <= v["extra"]["ttft_p90_s"] and v["decode_ms_per_token"] > 0
         row = re.search(rf"^\| {label} \| ([\d.]+) \| ([\d.]+) \| (\d+) ms \(p90 (\d+)\) \| "
-                        rf"(\d+) ms \(max (\d+)\) \| (\d+) \|", text, re.M)
+                        rf"(\d+) ms \(max (\d+)\) \| (\d+) \| [^|]+ \| (\d+) \|", text, re.M)
         assert row, f"no chunk {label} row in:\n{text[-2000:]}"
         assert int(row[5]) <= int(row[6]) and int(row[7]) == v["extra"]["prefill_chunks"]
         where = v["extra"]["where"]  # the scheduler's time: every prompt prefilled, steps run
         assert where["prefills"] >= 32 and where["steps"] >= 7
         assert 0 < where["prefill_s"] + where["step_s"] <= v["wall_s"]
+        # mixed: the prompts admitted while others decode ride with their step; apart: none
+        assert int(row[8]) == where["mixed"] and (where["mixed"] > 0) == key.endswith("mixed")
     # prompts longer than 16 tokens are chunked while others decode; off, never
-    assert variants["16"]["extra"]["prefill_chunks"] > 0 == variants["0"]["extra"]["prefill_chunks"]
+    for mode in ("apart", "mixed"):
+        assert variants[f"16 {mode}"]["extra"]["prefill_chunks"] > 0 == variants[f"0 {mode}"]["extra"]["prefill_chunks"]
 
 
 def _assert_pairs(res: dict[str, Any], text: str, n: str, k: int) -> None:

@@ -23,39 +23,54 @@ import torch
 
 from bot.config import ModelConfig
 from bot.engine.batched import MSG_NON_FINITE, BatchedEngine
+from bot.engine.batched.core import Fill
 from bot.errors import GenerationError
 from tests.test_batched import VOCAB, collect, greedy, reference, tiny_llama, tiny_model  # noqa: F401
 from tests.test_prefix_cache import prompt
 
 CHUNK = 16
-Event = tuple[str, int, int, int]  # ("prefill", row, start, end) or ("step", rows, 0, 0)
+# ("prefill", row, start, end) for each prompt chunk of a forward, then
+# ("step", rows, mixed, 0): a decode step, in that forward (mixed = 1) or alone
+Event = tuple[str, int, int, int]
 
 
 def recorded(
-    model: Any, tokenizer: Any, max_batch: int = 4, gate: threading.Event | None = None, lookahead: bool = False
+    model: Any, tokenizer: Any, max_batch: int = 4, gate: threading.Event | None = None, lookahead: bool = False,
+    mixed: bool = False,
 ) -> tuple[BatchedEngine, list[Event]]:
-    """An engine whose DecodeCore logs every prefill call and decode step, in
-    order; with ``gate``, the first prefill waits for it."""
-    cfg = ModelConfig(id="tiny", max_batch=max_batch, context_length=128, prefill_chunk=CHUNK)
+    """An engine whose DecodeCore logs every prompt chunk and decode step, in
+    order; with ``gate``, the first forward waits for it."""
+    cfg = ModelConfig(id="tiny", max_batch=max_batch, context_length=128, prefill_chunk=CHUNK, mixed_prefill=mixed)
     engine = BatchedEngine.over(model, tokenizer, cfg, eos_ids=(), max_len=129, lookahead=lookahead)
     core = engine.core
     assert core is not None
     events: list[Event] = []
-    real_prefill, real_step = core.prefill, core.step
+    real_forward, real_step = core.forward, core.step
 
-    def prefill(row: int, ids: Sequence[int], start: int = 0) -> torch.Tensor:
-        events.append(("prefill", row, start, len(ids)))
+    def forward(
+        fills: Sequence[Fill], tokens: Sequence[int] | torch.Tensor = (), positions: Sequence[int] = ()
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        events.extend(("prefill", f.row, f.start, len(f.ids)) for f in fills)
+        if len(tokens):
+            events.append(("step", len(tokens), 1, 0))
         if gate is not None:
             assert gate.wait(timeout=30)
-        return real_prefill(row, ids, start=start)
+        return real_forward(fills, tokens, positions)
 
     def step(tokens: Sequence[int] | torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
         events.append(("step", len(tokens), 0, 0))
         return real_step(tokens, positions)
 
-    core.prefill = prefill  # type: ignore[method-assign]
+    core.forward = forward  # type: ignore[method-assign]
     core.step = step  # type: ignore[method-assign]
     return engine, events
+
+
+@pytest.fixture(params=[False, True], ids=["prefill-then-step", "mixed"])
+def mixed(request: pytest.FixtureRequest) -> bool:
+    """Both ways a turn runs a chunk: a prefill and then a decode step, or the
+    chunk and the step in one forward (``[model] mixed_prefill``)."""
+    return bool(request.param)
 
 
 def chunks_of(events: list[Event], row: int) -> list[tuple[int, int]]:
@@ -78,9 +93,9 @@ async def failure(engine: BatchedEngine, ids: list[int]) -> BaseException | None
 
 
 async def test_long_prompt_is_chunked_between_decode_steps_and_matches_generate(
-    tiny_model: Any, llama_tok: Any, lookahead: bool  # noqa: F811
+    tiny_model: Any, llama_tok: Any, lookahead: bool, mixed: bool  # noqa: F811
 ) -> None:
-    engine, events = recorded(tiny_model, llama_tok, max_batch=3, lookahead=lookahead)
+    engine, events = recorded(tiny_model, llama_tok, max_batch=3, lookahead=lookahead, mixed=mixed)
     short, brief, long = prompt(11, 8), prompt(16, 8), prompt(12, 90)
     await engine.start()
     try:
@@ -106,14 +121,17 @@ async def test_long_prompt_is_chunked_between_decode_steps_and_matches_generate(
     assert chunks_of(events[:events_before], 2) == [(0, 16), (16, 32), (32, 48), (48, 64), (64, 80), (80, 90)]
     # a decode step of the others between every two chunks: no stall
     assert steps_between_chunks(events[:events_before], 2) == [1, 1, 1, 1, 1]
+    # mixed: each chunk's step is the same forward as the chunk
+    after = [events[i + 1] for i, e in enumerate(events[:events_before]) if e[:2] == ("prefill", 2)]
+    assert [flag for kind, _, flag, _ in after[:-1]] == [int(mixed)] * 5 and {k for k, *_ in after} == {"step"}
     assert engine.scheduler.prefill_chunks == 5  # type: ignore[union-attr]
     assert chunks_of(events[events_before:], 0) == [(0, 90)]
 
 
 async def test_chunked_follow_up_reuses_the_prefix_and_matches_generate(
-    tiny_model: Any, llama_tok: Any  # noqa: F811
+    tiny_model: Any, llama_tok: Any, mixed: bool  # noqa: F811
 ) -> None:
-    engine, events = recorded(tiny_model, llama_tok)
+    engine, events = recorded(tiny_model, llama_tok, mixed=mixed)
     await engine.start()
     try:
         first = prompt(5, 40)
@@ -138,7 +156,7 @@ async def test_chunked_follow_up_reuses_the_prefix_and_matches_generate(
 
 
 async def test_nan_in_one_chunk_fails_that_reply_only(
-    llama_tok: Any, caplog: pytest.LogCaptureFixture, lookahead: bool
+    llama_tok: Any, caplog: pytest.LogCaptureFixture, lookahead: bool, mixed: bool
 ) -> None:
     model = tiny_llama(VOCAB)  # its own: poisoned below
     short = prompt(11, 8)
@@ -150,7 +168,7 @@ async def test_nan_in_one_chunk_fails_that_reply_only(
     saved = model.model.embed_tokens.weight[poison].clone()
     with torch.no_grad():
         model.model.embed_tokens.weight[poison] = float("nan")
-    engine, events = recorded(model, llama_tok, lookahead=lookahead)
+    engine, events = recorded(model, llama_tok, lookahead=lookahead, mixed=mixed)
     caplog.set_level(logging.ERROR, logger="bot.engine.batched")
     await engine.start()
     try:
@@ -174,7 +192,7 @@ async def test_nan_in_one_chunk_fails_that_reply_only(
 
 
 async def test_nan_in_the_last_chunk_of_a_moved_row_leaves_no_nan_behind(
-    llama_tok: Any, caplog: pytest.LogCaptureFixture
+    llama_tok: Any, caplog: pytest.LogCaptureFixture, mixed: bool
 ) -> None:
     """A row that ended while the long prompt filled: the filled row would be
     moved down; a NaN in its last chunk must not stay in the row it filled
@@ -186,7 +204,7 @@ async def test_nan_in_the_last_chunk_of_a_moved_row_leaves_no_nan_behind(
     with torch.no_grad():
         model.model.embed_tokens.weight[poison] = float("nan")
     gate = threading.Event()
-    engine, events = recorded(model, llama_tok, max_batch=3, gate=gate)
+    engine, events = recorded(model, llama_tok, max_batch=3, gate=gate, mixed=mixed)
     core = engine.core
     assert core is not None
     caplog.set_level(logging.ERROR, logger="bot.engine.batched")
@@ -213,10 +231,10 @@ async def test_nan_in_the_last_chunk_of_a_moved_row_leaves_no_nan_behind(
 
 
 async def test_short_prompts_arriving_together_share_the_chunk_budget(
-    tiny_model: Any, llama_tok: Any  # noqa: F811
+    tiny_model: Any, llama_tok: Any, mixed: bool  # noqa: F811
 ) -> None:
     gate = threading.Event()
-    engine, events = recorded(tiny_model, llama_tok, gate=gate)
+    engine, events = recorded(tiny_model, llama_tok, gate=gate, mixed=mixed)
     first, others = prompt(11, 8), [prompt(20 + i, 10) for i in range(3)]
     await engine.start()
     try:
@@ -232,6 +250,10 @@ async def test_short_prompts_arriving_together_share_the_chunk_budget(
         gate.set()
         await engine.close()
     assert got == [reference(tiny_model, first, 40), *(reference(tiny_model, p, 5) for p in others)]
-    # row 0 decodes; then 10 + 10 tokens reach the budget of 16: a step before the third
-    kinds = [(k, r) for k, r, _, _ in events[:6]]
-    assert kinds == [("prefill", 0), ("prefill", 1), ("prefill", 2), ("step", 3), ("prefill", 3), ("step", 4)]
+    kinds = [(k, r) for k, r, _, _ in events[:7]]
+    if mixed:  # row 0 decodes; then each prompt rides in one forward with the step of the rows before it
+        assert kinds == [("prefill", 0), ("prefill", 1), ("step", 1), ("prefill", 2), ("step", 2),
+                         ("prefill", 3), ("step", 3)]
+        assert [e[2] for e in events[:7] if e[0] == "step"] == [1, 1, 1]
+    else:  # row 0 decodes; then 10 + 10 tokens reach the budget of 16: a step before the third
+        assert kinds[:6] == [("prefill", 0), ("prefill", 1), ("prefill", 2), ("step", 3), ("prefill", 3), ("step", 4)]

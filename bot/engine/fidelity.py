@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from bot.engine.base import PromptTokenizer
+from bot.engine.batched.core import Fill
 from bot.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,8 @@ def check_decode_path(
     transformers' forward (``reference``, from :func:`forward_logits`).
     With fused products (bot/engine/products.py) each kernel they hold is
     checked: also a prompt long enough for the dequantizing path (where the
-    cache holds one), and a step of two rows (the batch kernel).
+    cache holds one; with a decode step of row 0 in the same forward, as the
+    scheduler's mixed turns run), and a step of two rows (the batch kernel).
     Raise if any is non-finite or off by more than :data:`TOLERANCE`;
     return (prefill error, step error)."""
     products = core.products or []
@@ -99,11 +101,20 @@ def check_decode_path(
         prefill_error = relative_error(first, reference[-2])
         step_error = relative_error(step, reference[-1])
         finite = bool(torch.isfinite(first).all()) and bool(torch.isfinite(step).all())
-        # long prompts go through another kernel: check it too, if a prompt that long fits
+        # long prompts go through another kernel: check it too, if a prompt that
+        # long fits, in one forward with a decode step of row 0 where there
+        # are two rows (the scheduler's mixed turns: the step through it too)
         if products and core.prompt_min_tokens < core.scratch:
             n = core.prompt_min_tokens
             long_ids = (ids * (n // len(ids) + 1))[:n]
-            long = core.prefill(0, long_ids).float()
+            if core.max_batch >= 2:
+                fill, mixed = core.forward([Fill(1, long_ids)], [ids[-1]], [len(ids) - 1])
+                long = fill[0].float()
+                finite = finite and bool(torch.isfinite(mixed).all())
+                step_error = max(step_error, relative_error(mixed[0].float(), reference[-1]))
+                core.clear(1)
+            else:
+                long = core.prefill(0, long_ids).float()
             finite = finite and bool(torch.isfinite(long).all())
             prefill_error = max(prefill_error, relative_error(long, forward_logits(core.model, long_ids)[-1]))
         # steps of several rows go through the batch kernel

@@ -18,13 +18,15 @@ the GPTQ ``q/k/v/o_proj`` and MLP layers, ``lm_head``), not ``generate()``:
   80-layer model is bound by the CPU launching ~3,000 kernels a step;
 - the small element-wise work between the GPTQ products (rope, softmax,
   residual + RMSNorm, SiLU x up) is fused by ``torch.compile`` on the GPU;
-- a prompt is prefilled alone, eagerly (its matrix products are large enough
-  to hide the launches), between two decode steps; where the loader fused
-  each layer's products (``bot.engine.products``, ``DecodeCore.set_products``)
-  a one-row step goes through the row kernel, several rows through fused
-  Marlin, long prompts through dequantize + cuBLAS; while other rows decode, a prompt
-  longer than ``[model] prefill_chunk`` is prefilled a chunk at a time with a
-  decode step between chunks (``BatchScheduler``), so it stalls no one;
+- a prompt is prefilled eagerly (its matrix products are large enough to
+  hide the launches); where the loader fused each layer's products
+  (``bot.engine.products``, ``DecodeCore.set_products``) a one-row step goes
+  through the row kernel, several rows through fused Marlin, long prompts
+  through dequantize + cuBLAS; while other rows decode, a prompt longer than
+  ``[model] prefill_chunk`` is prefilled a chunk at a time, and each chunk
+  (or short prompt) goes through one forward with the decoding rows' step
+  (``DecodeCore.forward``, ``[model] mixed_prefill``), so it stalls no one
+  and their tokens ride on its read of the weights;
 - a finished reply's cache row is parked for a follow-up, which then
   prefills only its new tokens (``bot.engine.prefix_cache``);
 - a row whose logits are not finite fails that reply alone (nothing is

@@ -11,10 +11,11 @@ thread uses it: the scheduler's.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,16 @@ _MODULES = {name: (parent, attrs) for name, parent, attrs in LAYOUT}  # product 
 ATTENTION_KERNEL_MAX_ROWS = 1
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 _CTX_BUCKETS = tuple(range(256, 32768 + 1, 256))  # attention reads at most 255 extra positions
+
+
+class Fill(NamedTuple):
+    """A prompt chunk for :meth:`DecodeCore.forward`: ``ids[start:]`` go into
+    ``row``'s cache at positions ``start..len(ids)-1`` (the row holds the
+    first ``start`` already)."""
+
+    row: int
+    ids: Sequence[int]
+    start: int = 0
 
 
 def _bucket(n: int, buckets: Sequence[int], cap: int) -> int:
@@ -386,20 +397,47 @@ class DecodeCore:
         """Fill ``row``'s cache with a prompt; the logits after its last token.
         With ``start``, the row already holds the first ``start`` tokens' keys
         and values (a reused prefix): only the rest is computed."""
-        n = len(ids)
-        self.check_fits(n)
-        if not 0 <= start < n:
-            raise ValueError(f"start {start} outside a prompt of {n} tokens")
-        hd, nkv = self.head_dim, self.n_kv
-        m = n - start
-        t = torch.tensor(ids[start:], dtype=torch.long, device=self.device)
-        x = self.embed(t)[None]  # [1, m, D]
-        cos = self.cos[start:n][:, None]  # [m, 1, hd]
-        sin = self.sin[start:n][:, None]
-        mask = None
-        if start:  # new token i sees cache positions 0..start+i
-            mask = self.ctx_range[:n][None, :] <= (start + self.ctx_range[:m])[:, None]
-        use_row = m >= self.prompt_min_tokens  # dequantize + cuBLAS, where products have a row packing
+        return self.forward([Fill(row, ids, start)])[0][0]
+
+    @torch.no_grad()
+    def forward(
+        self, fills: Sequence[Fill], tokens: Sequence[int] | torch.Tensor = (), positions: Sequence[int] = ()
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One eager forward of prompt chunks and decode rows together: each
+        :class:`Fill` writes its prompt's tokens ``start..len(ids)-1`` into its
+        row's cache, and rows ``0..n-1`` advance by one token each (``tokens``
+        at ``positions``, as :meth:`step` takes them). Every token goes through
+        the same products, so the decode rows ride on the prompt chunk's
+        weight read instead of reading the weights again in a step of their
+        own. Returns (the logits after each fill's last token ``[fills,
+        vocab]``, the decode rows' logits ``[n, vocab]``). The fills' rows
+        must lie at or above ``n``."""
+        n = len(tokens)
+        if len(positions) != n:
+            raise ValueError(f"{n} tokens for {len(positions)} positions")
+        spans = []  # (row, start, end) of each fill
+        for f in fills:
+            self.check_fits(len(f.ids))
+            if not 0 <= f.start < len(f.ids):
+                raise ValueError(f"start {f.start} outside a prompt of {len(f.ids)} tokens")
+            if f.row < n:
+                raise ValueError(f"fill row {f.row} is one of the {n} decoding rows")
+            spans.append((f.row, f.start, len(f.ids)))
+        hd, nkv, dev = self.head_dim, self.n_kv, self.device
+        new_ids = [t for f in fills for t in f.ids[f.start:]]
+        m = len(new_ids)  # prompt tokens; then the n decode rows
+        total = m + n
+        ids_t = torch.tensor(new_ids, dtype=torch.long, device=dev)
+        if n:
+            step_tokens = tokens if isinstance(tokens, torch.Tensor) else torch.tensor(list(tokens), dtype=torch.long)
+            ids_t = torch.cat([ids_t, step_tokens.to(dev, torch.long)])
+        fill_pos = [p for _, s, e in spans for p in range(s, e)]
+        pos = torch.tensor(fill_pos + list(positions), dtype=torch.long, device=dev)
+        fill_rows = [r for r, s, e in spans for _ in range(s, e)]
+        rows = torch.tensor(fill_rows + list(range(n)), dtype=torch.long, device=dev)
+        x = self.embed(ids_t)  # [total, D]
+        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [total, 1, hd]
+        use_row = total >= self.prompt_min_tokens  # dequantize + cuBLAS, where products have a row packing
         gqa = nkv != self.n_heads
         # The compiled glue where the GPU's work is long (the dequantizing
         # prompts); a short prompt is bound by the CPU's launches, and with
@@ -409,6 +447,19 @@ class DecodeCore:
         rope_qk = glue.get("prompt_rope_qk", _glue_rope_qk)
         silu_mul = glue.get("prompt_silu_mul", _glue_silu_mul)
         fused_add_norm = glue.get("prompt_add_norm")
+        # each fill's attention: causal over its own new tokens (nothing
+        # before them), or, past a reused prefix, token i sees 0..start+i
+        masks = [None if s == 0 else self.ctx_range[:e][None, :] <= (s + self.ctx_range[: e - s])[:, None]
+                 for _, s, e in spans]
+        kernel, ctx, bias = False, 0, None
+        if n:
+            max_pos = max(positions)
+            ctx = _bucket(max_pos + 1, _CTX_BUCKETS, self.max_len)
+            kernel = self._attention_kernel_takes(n)
+            if not kernel:
+                visible = self.ctx_range[:ctx][None, :] <= pos[m:, None]
+                bias = torch.zeros(visible.shape, dtype=torch.float32, device=dev)
+                bias = bias.masked_fill(~visible, float("-inf"))[:, None, None, :]
 
         def add_norm(x: torch.Tensor, y: torch.Tensor, module: Any) -> tuple[torch.Tensor, torch.Tensor]:
             if fused_add_norm is not None:
@@ -419,23 +470,39 @@ class DecodeCore:
         h = self._norm(self.layers[0].input_layernorm, x)
         for li, layer in enumerate(self.layers):
             q, k, v = self._proj(li, "qkv", h, use_row)
-            q, k = rope_qk(q.view(m, self.n_heads, hd), k.view(m, nkv, hd), cos, sin)
-            q, k = q.transpose(0, 1)[None], k.transpose(0, 1)[None]  # [1, heads, m, hd] views
-            v = v.view(1, m, nkv, hd).transpose(1, 2)
-            self.k_cache[li, row, :, start:n] = k[0]
-            self.v_cache[li, row, :, start:n] = v[0]
-            if mask is None:
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            q, k = rope_qk(q.view(total, self.n_heads, hd), k.view(total, nkv, hd), cos, sin)
+            v = v.view(total, nkv, hd)
+            kc, vc = self.k_cache[li], self.v_cache[li]
+            if len(spans) == 1 and not n:  # one prompt alone: a slice, not a scatter
+                row, s, e = spans[0]
+                kc[row, :, s:e] = k.transpose(0, 1)
+                vc[row, :, s:e] = v.transpose(0, 1)
             else:
-                kc = self.k_cache[li, row, :, :n][None]
-                vc = self.v_cache[li, row, :, :n][None]
-                o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=gqa)
-            o = o.transpose(1, 2).reshape(1, m, self.n_heads * hd)
+                kc[rows, :, pos] = k
+                vc[rows, :, pos] = v
+            outs = []
+            at = 0
+            for (row, s, e), mask in zip(spans, masks, strict=True):
+                qf = q[at : at + e - s].transpose(0, 1)[None]  # [1, heads, tokens, hd]
+                if mask is None:
+                    kf = k[at : at + e - s].transpose(0, 1)[None]
+                    vf = v[at : at + e - s].transpose(0, 1)[None]
+                    o = F.scaled_dot_product_attention(qf, kf, vf, is_causal=True, enable_gqa=gqa)
+                else:
+                    o = F.scaled_dot_product_attention(qf, kc[row, :, :e][None], vc[row, :, :e][None],
+                                                       attn_mask=mask, enable_gqa=gqa)
+                outs.append(o[0].transpose(0, 1).reshape(e - s, self.n_heads * hd))
+                at += e - s
+            if n:
+                outs.append(self._attend(li, q[m:], pos[m:], ctx, bias, _glue_probs, kernel))
+            o = outs[0] if len(outs) == 1 else torch.cat(outs)
             x, h = add_norm(x, self._proj(li, "o", o, use_row)[0], layer.post_attention_layernorm)
             down = self._proj(li, "down", silu_mul(*self._proj(li, "gate_up", h, use_row)), use_row)[0]
             x, h = add_norm(x, down, self.layers[li + 1].input_layernorm if li + 1 < len(self.layers) else self.norm)
-        out: torch.Tensor = self.lm_head(h[:, -1])[0]
-        return out
+        ends = list(itertools.accumulate(e - s for _, s, e in spans))
+        last = torch.tensor([e - 1 for e in ends] + list(range(m, total)), dtype=torch.long, device=dev)
+        out: torch.Tensor = self.lm_head(h[last])
+        return out[: len(spans)], out[len(spans):]
 
     def _graph(self, bb: int, ctx: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         key = (bb, ctx)

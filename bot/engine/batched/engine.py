@@ -186,7 +186,7 @@ class BatchedEngine:
             eos = [self.tokenizer.eos_id]
         self.scheduler = BatchScheduler(
             self.core, eos, on_finish=self._record, prefill_chunk=self.config.prefill_chunk,
-            prefix_cache=self.config.prefix_cache, lookahead=self._lookahead,
+            prefix_cache=self.config.prefix_cache, lookahead=self._lookahead, mixed=self.config.mixed_prefill,
         )
         # The prompt builder must not make prompts the cache cannot hold.
         self.context_length = min(self.context_length, self.core.scratch - 1)

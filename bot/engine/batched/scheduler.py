@@ -5,8 +5,9 @@ and the :class:`~bot.engine.batched.sampler.Sampler` and is the only thread
 that touches them. A :class:`Request` is one reply: it comes in through the
 scheduler's inbox (a thread-safe queue) and its token ids go back to its
 stream's asyncio queue, on the stream's own event loop (``_post``,
-``_deliver``). While rows decode, prompts are prefilled a chunk at a time
-between decode steps (``prefill_chunk``). Finished rows are compacted and
+``_deliver``). While rows decode, prompts are prefilled a chunk at a time,
+each chunk in one forward with the rows' decode step (``prefill_chunk``,
+``mixed``). Finished rows are compacted and
 parked for a follow-up (``bot.engine.prefix_cache``); a row whose logits are
 not finite fails alone. With ``lookahead`` the next step is queued before the
 CPU reads this one's tokens (:meth:`BatchScheduler._step`).
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bot.engine.base import StreamStats
-from bot.engine.batched.core import DecodeCore
+from bot.engine.batched.core import DecodeCore, Fill
 from bot.engine.batched.sampler import Sampler
 from bot.engine.prefix_cache import PrefixCache
 from bot.errors import GenerationError
@@ -39,7 +40,7 @@ MSG_NON_FINITE = "the model produced invalid numbers (NaN) and this reply was st
 # While other rows decode, longer prompts are prefilled this many tokens at a
 # time with a decode step between chunks ([model] prefill_chunk; issue 14).
 # Full chunks (and tails of 256 or more: products.PROMPT_MIN_TOKENS) go through dequantize + cuBLAS.
-PREFILL_CHUNK = 512
+PREFILL_CHUNK = 1024
 
 
 _Item = list[int] | BaseException | None
@@ -119,6 +120,12 @@ class BatchScheduler:
     Shorter prompts arriving together share that budget: a turn stops
     admitting once ``prefill_chunk`` prompt tokens are prefilled.
 
+    Mixed turns (``mixed``, on by default): while rows decode, each chunk
+    (a short prompt is one chunk) and the live rows' decode step go through
+    one eager forward (``DecodeCore.forward``) instead of a prefill and a
+    step: the rows' tokens ride on the chunk's weight read, so a turn costs
+    about the chunk alone. One prompt fills at a time, one chunk a turn.
+
     Lookahead (``lookahead``, on by default: on the H200, 8 layers, one
     conversation's token took 1.45 ms with it against 1.68 without, the same
     greedy reply; docs/gpu-notes.md items 33 and 35): while nothing waits
@@ -138,6 +145,7 @@ class BatchScheduler:
         prefill_chunk: int = PREFILL_CHUNK,
         prefix_cache: bool = True,
         lookahead: bool = True,
+        mixed: bool = True,
     ) -> None:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be 1 or more, got {prefill_chunk}")
@@ -154,6 +162,8 @@ class BatchScheduler:
         self._filling: Request | None = None
         self._fill_row = 0
         self.prefill_chunks = 0  # chunks that left a prompt unfinished (a decode step came next)
+        self.mixed = mixed  # a chunk and the decode step in one forward (_mixed_turn)
+        self.mixed_turns = 0
         self._thread: threading.Thread | None = None
         self._stop = False
         self.steps = 0
@@ -194,10 +204,13 @@ class BatchScheduler:
         while not self._stop:
             try:
                 if self._ahead is None:  # with a step queued, it is read first
-                    if self._filling is not None:
-                        self._prefill_chunk()
-                    else:
+                    if self._filling is None:
                         self._admit(block=not self._live)
+                    elif not (self._live and self.mixed):
+                        self._prefill_chunk()
+                    if self._filling is not None and self._live and self.mixed:
+                        self._mixed_turn()  # the chunk and the step in one forward
+                        continue
                 if self._live:
                     self._step()
             except BaseException as exc:  # fail every live stream, keep serving
@@ -249,6 +262,8 @@ class BatchScheduler:
                 _post(req, _prefill_error(exc))
                 continue
             self._filling, self._fill_row = req, row
+            if self._live and self.mixed:
+                return  # its first chunk rides with the next decode step (_mixed_turn)
             if self._live:
                 spent += len(req.ids) - req.reused
             self._prefill_chunk()
@@ -266,6 +281,40 @@ class BatchScheduler:
         end = min(n, req.position + self.prefill_chunk) if self._live else n
         try:
             logits = self.core.prefill(row, req.ids[:end], start=req.position)[None]
+        except Exception as exc:
+            self._filling = None
+            _post(req, _prefill_error(exc))
+            return
+        self._chunk_done(req, row, end, logits)
+
+    def _mixed_turn(self) -> None:
+        """The next chunk of ``_filling`` and a decode step of the live rows in
+        one forward (``DecodeCore.forward``): the rows' tokens ride on the
+        chunk's weight read. The step's tokens are taken first (rows that
+        end are retired), then the chunk's, as :meth:`_prefill_chunk` does."""
+        req, row = self._filling, self._fill_row
+        assert req is not None
+        for done in [r for r in self._live if r.cancelled]:
+            _post(done, None)
+            self._retire(done)
+        if req.cancelled or not self._live:  # alone now: the plain path takes it
+            self._prefill_chunk()
+            return
+        live = list(self._live)
+        end = min(len(req.ids), req.position + self.prefill_chunk)
+        fill, step = self.core.forward([Fill(row, req.ids[:end], req.position)],
+                                       [r.last_token for r in live], [r.position for r in live])
+        self.mixed_turns += 1
+        self._advance(self._sampled(live, step).read())
+        self._flush()
+        self._chunk_done(req, row, end, fill)
+
+    def _chunk_done(self, req: Request, row: int, end: int, logits: torch.Tensor) -> None:
+        """A chunk of ``req`` (its tokens up to ``end``) is in ``row``'s cache,
+        ``logits [1, vocab]`` after its last token: a failed reply if they
+        are not finite; after the last chunk, its first token, and it is live."""
+        n = len(req.ids)
+        try:
             if end < n:
                 self.prefill_chunks += 1
             if not bool(torch.isfinite(logits).all()):
@@ -399,7 +448,11 @@ class BatchScheduler:
 
     def _launch(self, live: list[Request], tokens: list[int] | torch.Tensor, positions: list[int]) -> _Launched:
         """Queue a decode step of ``live`` and its sampling; nothing waits for the GPU."""
-        logits = self.core.step(tokens, positions)
+        return self._sampled(live, self.core.step(tokens, positions))
+
+    def _sampled(self, live: list[Request], logits: torch.Tensor) -> _Launched:
+        """Queue the sampling of a step's logits (the rows ``live``) and the
+        copy of its tokens and finite flags to the host."""
         ids = self.sampler.sample_ids(logits, [r.settings for r in live])
         k = self._launches % 2
         self._launches += 1
