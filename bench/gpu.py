@@ -22,7 +22,8 @@ Steps, each printed as a row of one table at the end:
    engine only, once per prefill chunk (0: off), to show what chunked
    prefill does to those waits, ms/token and TTFT; with ``--mixed-variants
    apart,mixed`` each chunk both ways (a prefill then a step, or the two in
-   one forward: ``[model] mixed_prefill``).
+   one forward: ``[model] mixed_prefill``); with ``--short-burst 100`` a
+   burst of as many prompts of ~100 tokens, both ways.
 
 ``--tiny`` builds a 2-layer random Llama (no GPTQ) and runs every row small,
 so the script cannot rot; tests/test_bench_cpu.py runs it.
@@ -108,6 +109,7 @@ class Options:
     prefill_chunk: int = ModelConfig.prefill_chunk  # [model] prefill_chunk of the engine
     chunk_variants: list[int] = field(default_factory=list)  # the largest burst again at each (0: off)
     mixed_variants: list[bool] = field(default_factory=list)  # ... and each way a chunk runs (mixed / apart)
+    short_burst: int = 0  # tokens of each prompt of a burst of short ones, apart and mixed (0: skipped)
     pairs: int = 2  # engine and worker runs per batch, alternating (bench.gpu_measure.paired_runs)
     kernel_steps: bool = True  # the decode step with fused Marlin, then with the tensor-core kernel
     batch_kernel: str = "auto"  # [model] batch_kernel of the engine
@@ -142,6 +144,9 @@ def parse(argv: list[str] | None) -> Options:
                     help="with --chunk-variants, each chunk once per way of running it: mixed (with "
                          "the decode step in one forward), apart (a prefill, then a step), e.g. "
                          "apart,mixed; default: the engine's own ([model] mixed_prefill)")
+    ap.add_argument("--short-burst", type=int, default=0,
+                    help="after the batch runs, a burst of as many prompts as the largest batch, each "
+                         "about this many tokens, once apart and once mixed (chat-room mentions); default: skipped")
     ap.add_argument("--no-kernel-steps", dest="kernel_steps", action="store_false",
                     help="skip the decode step timed with fused Marlin and with the tensor-core kernel")
     ap.add_argument("--batch-kernel", default="auto", choices=["auto", "marlin", "mma"],
@@ -190,6 +195,7 @@ def parse(argv: list[str] | None) -> Options:
         prefill_chunk=a.prefill_chunk,
         chunk_variants=variants,
         mixed_variants=[m == "mixed" for m in modes],
+        short_burst=max(0, a.short_burst),
         pairs=a.pairs,
         kernel_steps=bool(a.kernel_steps),
         batch_kernel=a.batch_kernel,
@@ -317,6 +323,13 @@ async def main_async(opt: Options) -> dict[str, Any]:
             log(f"worker/engine n={n}: {ratio['ratio']:.3f} (pairs {', '.join(f'{x:.3f}' for x in ratio['pairs'])})")
     # chunked prefill: the same burst at each chunk, engine only, cold
     variants = await chunk_variants(engine, burst, settings, opt.chunk_variants, opt.mixed_variants)
+    # short prompts arriving together: each a forward of its own, or packed into shared ones
+    shorts: dict[str, RunResult] = {}
+    if opt.short_burst:
+        texts = worker_texts(max_batch, max(1, opt.short_burst - 45), shape.vocab)
+        short_prompts = worker_prompt_ids(engine, texts, settings)
+        res["short_burst_len"] = statistics.mean(len(p) for p in short_prompts)
+        shorts = await chunk_variants(engine, short_prompts, settings, [opt.prefill_chunk], [False, True])
     # one conversation: lookahead, sampling, the scheduler thread and the profiler (its time beyond the step)
     if 1 in opt.batches:
         one = worker_prompt_ids(engine, worker_texts(1, words, shape.vocab), settings)
@@ -392,6 +405,7 @@ async def main_async(opt: Options) -> dict[str, Any]:
     }
     res["worker_engine"] = {str(n): v for n, v in ratios.items()}
     res["chunk_variants"] = {c: _run_json(r) for c, r in variants.items()}
+    res["short_burst"] = {c: _run_json(r) for c, r in shorts.items()}
     res["options"] = {k: str(v) for k, v in opt.__dict__.items()}
     one = runs["engine"].get(1)
     res["single_ms_step"] = one.decode_ms_per_token if one else 0.0

@@ -726,7 +726,7 @@ def where_time_went(spans: list[tuple[str, int, float]], wall: float) -> dict[st
     tokens = sum(s[1] for s in pre)
     return {
         "prefill_s": pre_s, "prefills": len(pre), "prefill_ms_per_1k_tokens": 1e6 * pre_s / tokens if tokens else 0.0,
-        "mixed": sum(s[0] == "mixed" for s in pre),
+        "prompt_tokens": tokens, "mixed": sum(s[0] == "mixed" for s in pre),
         "step_s": step_s, "steps": len(steps), "other_s": wall - pre_s - step_s,
     }
 

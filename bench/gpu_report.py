@@ -51,13 +51,20 @@ def _pair_count(res: dict[str, Any]) -> int:
     return max((len(r["pairs"]) for r in res.get("worker_engine", {}).values()), default=1)
 
 
-def _chunk_rows(res: dict[str, Any], opt: RunOptions) -> list[str]:
-    variants = res.get("chunk_variants") or {}
+def _chunk_rows(res: dict[str, Any], opt: RunOptions, short: bool = False) -> list[str]:
+    variants = res.get("short_burst" if short else "chunk_variants") or {}
     if not variants:
         return []
-    lines = [
+    title = (
+        f"short prompts: {max(opt.batches)} prompts of {res.get('short_burst_len', 0):.0f} tokens arriving "
+        "together, engine only, cold, each in a forward of its own and then a step (apart) or packed "
+        "into shared forwards with the steps (mixed)"
+        if short else
         f"chunked prefill: {max(opt.batches)} prompts arriving together, engine only, cold, "
-        f"once per prefill chunk (the batch runs above: {res.get('prefill_chunk', '-')})",
+        f"once per prefill chunk (the batch runs above: {res.get('prefill_chunk', '-')})"
+    )
+    lines = [
+        title,
         "",
         "| prefill chunk | wall s | ms/token each | TTFT median (p90) | longest gap median (max) | "
         "chunks | in prefills (ms per 1k tokens) | of them mixed | in steps | elsewhere |",
@@ -160,6 +167,7 @@ def table(res: dict[str, Any], opt: RunOptions) -> str:
             )
     lines.append("")
     lines += _chunk_rows(res, opt)
+    lines += _chunk_rows(res, opt, short=True)
     if la := res.get("lookahead"):
         lines.append(
             "one conversation, decode tok/s, the scheduler reading each step before queuing the next / "

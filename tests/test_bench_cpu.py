@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import statistics
@@ -22,6 +23,7 @@ def test_bench_tiny_prints_the_table(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "bench.gpu", "--tiny", "--checkpoint", str(tmp_path / "ckpt"),
          "--out", str(out), "--prefill-chunk", "16", "--chunk-variants", "16,0", "--mixed-variants", "apart,mixed",
+         "--short-burst", "12",
          "--pairs", "2"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=280,
     )
@@ -81,13 +83,30 @@ def test_bench_tiny_prints_the_table(tmp_path: Path) -> None:
         assert row, f"no chunk {label} row in:\n{text[-2000:]}"
         assert int(row[5]) <= int(row[6]) and int(row[7]) == v["extra"]["prefill_chunks"]
         where = v["extra"]["where"]  # the scheduler's time: every prompt prefilled, steps run
-        assert where["prefills"] >= 32 and where["steps"] >= 7
+        assert where["prompt_tokens"] == round(32 * res["prompt_len"]["32"]) and where["steps"] >= 7
+        # apart, a forward (or more) a prompt; mixed, prompts arriving together share
+        # forwards: with chunks of 16, each full but the first (a whole prompt) and the last
+        if key.endswith("apart"):
+            assert where["prefills"] >= 32, (key, where)
+        elif key.startswith("16"):
+            assert where["prefills"] <= math.ceil(where["prompt_tokens"] / 16) + 1, (key, where)
+        else:
+            assert where["prefills"] < 32, (key, where)
         assert 0 < where["prefill_s"] + where["step_s"] <= v["wall_s"]
         # mixed: the prompts admitted while others decode ride with their step; apart: none
         assert int(row[8]) == where["mixed"] and (where["mixed"] > 0) == key.endswith("mixed")
     # prompts longer than 16 tokens are chunked while others decode; off, never
-    for mode in ("apart", "mixed"):
-        assert variants[f"16 {mode}"]["extra"]["prefill_chunks"] > 0 == variants[f"0 {mode}"]["extra"]["prefill_chunks"]
+    # (mixed: only where a turn's budget, the cache's length, ends mid-prompt)
+    assert variants["16 apart"]["extra"]["prefill_chunks"] > 0 == variants["0 apart"]["extra"]["prefill_chunks"]
+    assert variants["16 mixed"]["extra"]["prefill_chunks"] > variants["0 mixed"]["extra"]["prefill_chunks"]
+    # short prompts arriving together, apart and mixed (a table of their own; here
+    # they are longer than the chunk of 16: the worker's prompt adds its system prompt)
+    shorts = res["short_burst"]
+    assert set(shorts) == {"16 apart", "16 mixed"}
+    apart, mixed = (shorts[k]["extra"]["where"] for k in ("16 apart", "16 mixed"))
+    assert mixed["mixed"] > 0 == apart["mixed"]
+    assert apart["prompt_tokens"] == mixed["prompt_tokens"] == round(32 * res["short_burst_len"])
+    assert re.search(rf"^short prompts: 32 prompts of {res['short_burst_len']:.0f} tokens", text, re.M)
 
 
 def _assert_pairs(res: dict[str, Any], text: str, n: str, k: int) -> None:

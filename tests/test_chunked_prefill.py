@@ -29,13 +29,28 @@ from tests.test_batched import VOCAB, collect, greedy, reference, tiny_llama, ti
 from tests.test_prefix_cache import prompt
 
 CHUNK = 16
-# ("prefill", row, start, end) for each prompt chunk of a forward, then
-# ("step", rows, mixed, 0): a decode step, in that forward (mixed = 1) or alone
-Event = tuple[str, int, int, int]
+# ("prefill", row, start, end, the prompt's first ids) for each prompt chunk
+# of a forward, then ("step", rows, mixed, 0, ()): a decode step, in that
+# forward (mixed = 1) or alone
+Event = tuple[str, int, int, int, tuple[int, ...]]
+
+
+class Gate:
+    """Holds the decode thread in its first forward: ``entered`` is set once
+    it waits there, and it goes on once ``opened`` is."""
+
+    def __init__(self) -> None:
+        self.entered, self.opened = threading.Event(), threading.Event()
+
+    async def reach(self) -> None:
+        deadline = time.monotonic() + 30
+        while not self.entered.is_set():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.005)
 
 
 def recorded(
-    model: Any, tokenizer: Any, max_batch: int = 4, gate: threading.Event | None = None, lookahead: bool = False,
+    model: Any, tokenizer: Any, max_batch: int = 4, gate: Gate | None = None, lookahead: bool = False,
     mixed: bool = False,
 ) -> tuple[BatchedEngine, list[Event]]:
     """An engine whose DecodeCore logs every prompt chunk and decode step, in
@@ -50,15 +65,16 @@ def recorded(
     def forward(
         fills: Sequence[Fill], tokens: Sequence[int] | torch.Tensor = (), positions: Sequence[int] = ()
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        events.extend(("prefill", f.row, f.start, len(f.ids)) for f in fills)
+        events.extend(("prefill", f.row, f.start, len(f.ids), key(f.ids)) for f in fills)
         if len(tokens):
-            events.append(("step", len(tokens), 1, 0))
+            events.append(("step", len(tokens), 1, 0, ()))
         if gate is not None:
-            assert gate.wait(timeout=30)
+            gate.entered.set()
+            assert gate.opened.wait(timeout=30)
         return real_forward(fills, tokens, positions)
 
     def step(tokens: Sequence[int] | torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
-        events.append(("step", len(tokens), 0, 0))
+        events.append(("step", len(tokens), 0, 0, ()))
         return real_step(tokens, positions)
 
     core.forward = forward  # type: ignore[method-assign]
@@ -73,14 +89,32 @@ def mixed(request: pytest.FixtureRequest) -> bool:
     return bool(request.param)
 
 
+def key(ids: Sequence[int]) -> tuple[int, ...]:
+    """What tells the test's prompts apart in the events."""
+    return tuple(ids[:6])
+
+
 def chunks_of(events: list[Event], row: int) -> list[tuple[int, int]]:
-    return [(s, e) for kind, r, s, e in events if kind == "prefill" and r == row]
+    return [(s, e) for kind, r, s, e, _ in events if kind == "prefill" and r == row]
 
 
-def steps_between_chunks(events: list[Event], row: int) -> list[int]:
-    """Decode steps run between consecutive prefill chunks of ``row``."""
-    at = [i for i, (kind, r, _, _) in enumerate(events) if kind == "prefill" and r == row]
+def chunks_for(events: list[Event], ids: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(row, start, end) of each chunk of the prompt ``ids``, in order."""
+    return [(r, s, e) for kind, r, s, e, k in events if kind == "prefill" and k == key(ids)]
+
+
+def steps_between_chunks(events: list[Event], row: int | None = None, ids: Sequence[int] = ()) -> list[int]:
+    """Decode steps run between consecutive prefill chunks of ``row`` (or of the prompt ``ids``)."""
+    at = [i for i, (kind, r, _, _, k) in enumerate(events)
+          if kind == "prefill" and (r == row if row is not None else k == key(ids))]
     return [sum(events[i][0] == "step" for i in range(a, b)) for a, b in itertools.pairwise(at)]
+
+
+def assert_cut_in_turns(chunks: list[tuple[int, int, int]], start: int, n: int) -> None:
+    """Packed turns (mixed): a prompt's chunks run from ``start`` to its
+    length ``n`` without a gap, none longer than the budget."""
+    assert [s for _, s, _ in chunks] == [start] + [e for _, _, e in chunks[:-1]], chunks
+    assert chunks[-1][2] == n and all(0 < e - s <= CHUNK for _, s, e in chunks), chunks
 
 
 async def failure(engine: BatchedEngine, ids: list[int]) -> BaseException | None:
@@ -117,15 +151,21 @@ async def test_long_prompt_is_chunked_between_decode_steps_and_matches_generate(
     assert got_brief == reference(tiny_model, brief, 3)
     assert got_long == reference(tiny_model, long, 8)  # its row moved down to row 1 at the end
     assert alone == got_long
-    assert chunks_of(events, 0)[0] == chunks_of(events, 1)[0] == (0, 8)
-    assert chunks_of(events[:events_before], 2) == [(0, 16), (16, 32), (32, 48), (48, 64), (64, 80), (80, 90)]
-    # a decode step of the others between every two chunks: no stall
-    assert steps_between_chunks(events[:events_before], 2) == [1, 1, 1, 1, 1]
-    # mixed: each chunk's step is the same forward as the chunk
-    after = [events[i + 1] for i, e in enumerate(events[:events_before]) if e[:2] == ("prefill", 2)]
-    assert [flag for kind, _, flag, _ in after[:-1]] == [int(mixed)] * 5 and {k for k, *_ in after} == {"step"}
-    assert engine.scheduler.prefill_chunks == 5  # type: ignore[union-attr]
-    assert chunks_of(events[events_before:], 0) == [(0, 90)]
+    assert chunks_for(events, short)[0] == (0, 0, 8) and chunks_for(events, brief)[0] == (1, 0, 8)
+    chunks = chunks_for(events[:events_before], long)
+    if mixed:  # packed turns: a chunk with the brief prompt, then on; its row moved down once brief ended
+        assert_cut_in_turns(chunks, 0, 90)
+        assert chunks[0][0] == 2 and chunks[-1][0] == 1
+    else:
+        assert chunks == [(2, s, min(s + 16, 90)) for s in range(0, 90, 16)]
+    # a decode step of the others between every two chunks: no stall; mixed,
+    # each chunk's step in the same forward as the chunk
+    assert steps_between_chunks(events[:events_before], ids=long) == [1] * (len(chunks) - 1)
+    after = [next(x for x in events[i:] if x[0] == "step") for i, e in enumerate(events[:events_before])
+             if e[0] == "prefill" and e[4] == key(long)]
+    assert [flag for _, _, flag, _, _ in after[:-1]] == [int(mixed)] * (len(chunks) - 1)
+    assert engine.scheduler.prefill_chunks == len(chunks) - 1  # type: ignore[union-attr]
+    assert chunks_for(events[events_before:], long) == [(0, 0, 90)]
 
 
 async def test_chunked_follow_up_reuses_the_prefix_and_matches_generate(
@@ -151,8 +191,17 @@ async def test_chunked_follow_up_reuses_the_prefix_and_matches_generate(
     assert got_follow == reference(tiny_model, follow, 7)
     assert prefix.hits == 1 and prefix.reused_tokens == 47
     # parked row 3 copied to row 1, then only the 41 new tokens, in chunks
-    assert chunks_of(events[mark:], 1) == [(47, 63), (63, 79), (79, 88)]
-    assert steps_between_chunks(events[mark:], 1) == [1, 1]
+    chunks = chunks_for(events[mark:], follow)
+    if mixed:  # its first chunk may share a turn with the other prompt
+        assert_cut_in_turns(chunks, 47, 88)
+        assert {r for r, _, _ in chunks} == {1}
+    else:
+        assert chunks == [(1, 47, 63), (1, 63, 79), (1, 79, 88)]
+    steps = steps_between_chunks(events[mark:], ids=follow)
+    if mixed:  # a first chunk packed with the other prompt had no row decoding beside it
+        assert steps[1:] == [1] * (len(chunks) - 2) and steps[0] in (0, 1)
+    else:
+        assert steps == [1, 1]
 
 
 async def test_nan_in_one_chunk_fails_that_reply_only(
@@ -177,9 +226,15 @@ async def test_nan_in_one_chunk_fails_that_reply_only(
         )
         # stopped at the poisoned chunk; the decoding reply is untouched
         assert isinstance(err, GenerationError) and str(err) == MSG_NON_FINITE
-        assert chunks_of(events, 1) == [(0, 16), (16, 32)]
+        chunks = chunks_for(events, long)
+        if mixed:  # packed turns: the first chunk may share a forward with the short prompt
+            assert [s for _, s, _ in chunks] == [0] + [e for _, _, e in chunks[:-1]]
+            assert chunks[-1][1] <= 20 < chunks[-1][2] <= 20 + CHUNK
+        else:
+            assert chunks == [(1, 0, 16), (1, 16, 32)]
         assert got_short == ref_short
-        assert sum("non-finite logits after 32 tokens" in r.getMessage() for r in caplog.records) == 1
+        end = chunks[-1][2]
+        assert sum(f"non-finite logits after {end} tokens" in r.getMessage() for r in caplog.records) == 1
         # the engine keeps serving, the failed prompt's row included
         with torch.no_grad():
             model.model.embed_tokens.weight[poison] = saved
@@ -203,7 +258,7 @@ async def test_nan_in_the_last_chunk_of_a_moved_row_leaves_no_nan_behind(
     long[66] = poison  # in the last chunk (tokens 64..69)
     with torch.no_grad():
         model.model.embed_tokens.weight[poison] = float("nan")
-    gate = threading.Event()
+    gate = Gate()
     engine, events = recorded(model, llama_tok, max_batch=3, gate=gate, mixed=mixed)
     core = engine.core
     assert core is not None
@@ -211,49 +266,56 @@ async def test_nan_in_the_last_chunk_of_a_moved_row_leaves_no_nan_behind(
     await engine.start()
     try:
         runs = [asyncio.create_task(collect(engine.stream_ids(short, greedy(100))))]
+        await gate.reach()  # short's forward holds; the others queue behind it
         runs.append(asyncio.create_task(collect(engine.stream_ids(brief, greedy(3)))))
         runs.append(asyncio.create_task(failure(engine, long)))
         deadline = time.monotonic() + 30
         while engine.scheduler._inbox.qsize() < 2:  # type: ignore[union-attr]  # brief and long wait
             assert time.monotonic() < deadline
             await asyncio.sleep(0.005)
-        gate.set()
+        gate.opened.set()
         err = await asyncio.wait_for(runs[2], timeout=60)
         assert isinstance(err, GenerationError) and str(err) == MSG_NON_FINITE
         # brief (row 1) ended while long filled row 2: the last chunk came after
-        assert chunks_of(events, 2)[-1] == (64, 70)
+        # (mixed: the row moved down before that chunk, at the start of its turn)
+        chunks = chunks_for(events, long)
+        assert chunks[0][0] == 2 and chunks[-1][1] <= 66 < chunks[-1][2] == 70
+        assert chunks[-1][0] == (1 if mixed else 2)
         assert sum("non-finite logits after 70 tokens" in r.getMessage() for r in caplog.records) == 1
         assert bool(torch.isfinite(core.k_cache).all()) and bool(torch.isfinite(core.v_cache).all())
         await asyncio.wait_for(asyncio.gather(*runs[:2]), timeout=60)
     finally:
-        gate.set()
+        gate.opened.set()
         await engine.close()
 
 
 async def test_short_prompts_arriving_together_share_the_chunk_budget(
     tiny_model: Any, llama_tok: Any, mixed: bool  # noqa: F811
 ) -> None:
-    gate = threading.Event()
+    gate = Gate()
     engine, events = recorded(tiny_model, llama_tok, gate=gate, mixed=mixed)
     first, others = prompt(11, 8), [prompt(20 + i, 10) for i in range(3)]
     await engine.start()
     try:
         runs = [asyncio.create_task(collect(engine.stream_ids(first, greedy(40))))]
+        await gate.reach()  # the first prompt's forward holds; the others queue behind it
         runs += [asyncio.create_task(collect(engine.stream_ids(p, greedy(5)))) for p in others]
         deadline = time.monotonic() + 30
         while engine.scheduler._inbox.qsize() < 3:  # type: ignore[union-attr]  # all three wait
             assert time.monotonic() < deadline
             await asyncio.sleep(0.005)
-        gate.set()  # the decode thread was held in the first prompt's prefill
+        gate.opened.set()  # the decode thread was held in the first prompt's prefill
         got = await asyncio.wait_for(asyncio.gather(*runs), timeout=60)
     finally:
-        gate.set()
+        gate.opened.set()
         await engine.close()
     assert got == [reference(tiny_model, first, 40), *(reference(tiny_model, p, 5) for p in others)]
-    kinds = [(k, r) for k, r, _, _ in events[:7]]
-    if mixed:  # row 0 decodes; then each prompt rides in one forward with the step of the rows before it
-        assert kinds == [("prefill", 0), ("prefill", 1), ("step", 1), ("prefill", 2), ("step", 2),
-                         ("prefill", 3), ("step", 3)]
-        assert [e[2] for e in events[:7] if e[0] == "step"] == [1, 1, 1]
+    kinds = [(k, r) for k, r, _, _, _ in events[:7]]
+    if mixed:  # row 0 decodes; then the three share forwards of 16 prompt tokens with its steps
+        assert [e[:4] for e in events[:7]] == [
+            ("prefill", 0, 0, 8),
+            ("prefill", 1, 0, 10), ("prefill", 2, 0, 6), ("step", 1, 1, 0),
+            ("prefill", 2, 6, 10), ("prefill", 3, 0, 10), ("step", 2, 1, 0),
+        ]
     else:  # row 0 decodes; then 10 + 10 tokens reach the budget of 16: a step before the third
         assert kinds[:6] == [("prefill", 0), ("prefill", 1), ("prefill", 2), ("step", 3), ("prefill", 3), ("step", 4)]

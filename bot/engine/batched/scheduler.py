@@ -120,11 +120,14 @@ class BatchScheduler:
     Shorter prompts arriving together share that budget: a turn stops
     admitting once ``prefill_chunk`` prompt tokens are prefilled.
 
-    Mixed turns (``mixed``, on by default): while rows decode, each chunk
-    (a short prompt is one chunk) and the live rows' decode step go through
-    one eager forward (``DecodeCore.forward``) instead of a prefill and a
-    step: the rows' tokens ride on the chunk's weight read, so a turn costs
-    about the chunk alone. One prompt fills at a time, one chunk a turn.
+    Mixed turns (``mixed``, on by default; :meth:`_packed_turn`) replace the
+    two paragraphs above: a turn is one eager forward
+    (``DecodeCore.forward``) of the live rows' decode step and up to
+    ``prefill_chunk`` prompt tokens: the rest of the prompt being filled,
+    then waiting prompts in order, packed (the last may stop mid-prompt and
+    goes on first next turn). The rows' tokens ride on the prompts' read of
+    the weights, and prompts arriving together share it (one dequantize of
+    the weights instead of one each).
 
     Lookahead (``lookahead``, on by default: on the H200, 8 layers, one
     conversation's token took 1.45 ms with it against 1.68 without, the same
@@ -162,8 +165,7 @@ class BatchScheduler:
         self._filling: Request | None = None
         self._fill_row = 0
         self.prefill_chunks = 0  # chunks that left a prompt unfinished (a decode step came next)
-        self.mixed = mixed  # a chunk and the decode step in one forward (_mixed_turn)
-        self.mixed_turns = 0
+        self.mixed = mixed  # prompts and the decode step in one forward (_packed_turn)
         self._thread: threading.Thread | None = None
         self._stop = False
         self.steps = 0
@@ -204,13 +206,14 @@ class BatchScheduler:
         while not self._stop:
             try:
                 if self._ahead is None:  # with a step queued, it is read first
-                    if self._filling is None:
+                    if self.mixed:
+                        prompts = self._filling is not None or not self._inbox.empty() or not self._live
+                        if prompts and self._packed_turn():
+                            continue  # the prompts and the live rows' step in one forward
+                    elif self._filling is None:
                         self._admit(block=not self._live)
-                    elif not (self._live and self.mixed):
+                    else:
                         self._prefill_chunk()
-                    if self._filling is not None and self._live and self.mixed:
-                        self._mixed_turn()  # the chunk and the step in one forward
-                        continue
                 if self._live:
                     self._step()
             except BaseException as exc:  # fail every live stream, keep serving
@@ -235,6 +238,27 @@ class BatchScheduler:
         if self._filling is not None:
             _post(self._filling, err)
             self._filling = None
+
+    def _next_request(self, block: bool) -> Request | None:
+        """The next request that fits the cache, or None when none waits
+        (``block``: for up to half a second); cancelled ones are ended and
+        ones too long for a row failed on the way."""
+        while True:
+            try:
+                req = self._inbox.get(block=block, timeout=0.5 if block else None)
+            except queue.Empty:
+                return None
+            if req is None:
+                return None
+            if req.cancelled:
+                _post(req, None)
+                continue
+            try:
+                self.core.check_fits(len(req.ids))
+            except Exception as exc:
+                _post(req, _prefill_error(exc))
+                continue
+            return req
 
     def _admit(self, block: bool) -> None:
         """Take new requests while rows are free, prefilling each (a long
@@ -262,8 +286,6 @@ class BatchScheduler:
                 _post(req, _prefill_error(exc))
                 continue
             self._filling, self._fill_row = req, row
-            if self._live and self.mixed:
-                return  # its first chunk rides with the next decode step (_mixed_turn)
             if self._live:
                 spent += len(req.ids) - req.reused
             self._prefill_chunk()
@@ -286,28 +308,69 @@ class BatchScheduler:
             _post(req, _prefill_error(exc))
             return
         self._chunk_done(req, row, end, logits)
+        self._flush()
 
-    def _mixed_turn(self) -> None:
-        """The next chunk of ``_filling`` and a decode step of the live rows in
-        one forward (``DecodeCore.forward``): the rows' tokens ride on the
-        chunk's weight read. The step's tokens are taken first (rows that
-        end are retired), then the chunk's, as :meth:`_prefill_chunk` does."""
-        req, row = self._filling, self._fill_row
-        assert req is not None
+    def _packed_turn(self) -> bool:
+        """One forward of prompt tokens and the live rows' decode step
+        (``DecodeCore.forward``), packed up to ``prefill_chunk`` prompt
+        tokens: the rest of the prompt being filled, then new requests in
+        order, each from its own idle row (the last one may stop mid-prompt:
+        it goes on next turn). With no row decoding the first prompt goes in
+        whole. Returns whether there was a prompt to run (else the caller
+        steps the live rows alone). Rows that finish are retired only after
+        every prompt of the turn has its row, so none is parked over."""
         for done in [r for r in self._live if r.cancelled]:
             _post(done, None)
             self._retire(done)
-        if req.cancelled or not self._live:  # alone now: the plain path takes it
-            self._prefill_chunk()
-            return
         live = list(self._live)
-        end = min(len(req.ids), req.position + self.prefill_chunk)
-        fill, step = self.core.forward([Fill(row, req.ids[:end], req.position)],
-                                       [r.last_token for r in live], [r.position for r in live])
-        self.mixed_turns += 1
-        self._advance(self._sampled(live, step).read())
+        first = len(live)  # the turn's prompts take rows first, first + 1, ...
+        budget = self.prefill_chunk
+        fills: list[tuple[Request, int, int]] = []  # (request, row, end of this chunk)
+        req = self._filling
+        self._filling = None
+        if req is not None and req.cancelled:
+            _post(req, None)
+            req = None
+        if req is not None:
+            if self._fill_row != first:  # live rows left while it filled: move it down
+                self.prefix.evict(first)
+                self.core.move(self._fill_row, first, req.position)
+            end = min(len(req.ids), req.position + budget) if live else len(req.ids)
+            fills.append((req, first, end))
+            budget -= end - req.position
+        while budget > 0 and (not fills or fills[-1][2] == len(fills[-1][0].ids)) \
+                and first + len(fills) < self.core.max_batch:
+            req = self._next_request(block=not live and not fills)
+            if req is None:
+                break
+            row = first + len(fills)
+            try:
+                req.reused = req.position = self._claim(row, req)
+            except Exception as exc:
+                _post(req, _prefill_error(exc))
+                continue
+            end = min(len(req.ids), req.position + budget) if live or fills else len(req.ids)
+            fills.append((req, row, end))
+            budget -= end - req.position
+        if not fills:
+            return False
+        try:
+            out, step = self.core.forward([Fill(row, req.ids[:end], req.position) for req, row, end in fills],
+                                          [r.last_token for r in live], [r.position for r in live])
+            results = self._sampled(live, step).read() if live else []
+        except Exception as exc:  # the live rows fail in _run; these prompts are not live yet
+            for req, row, _ in fills:
+                self.core.clear(row)
+                _post(req, _prefill_error(exc))
+            raise
+        for (req, row, end), logits in zip(fills, out, strict=True):
+            if end < len(req.ids):
+                self._filling, self._fill_row = req, row
+            self._chunk_done(req, row, end, logits[None])
+        if results:
+            self._advance(results)
         self._flush()
-        self._chunk_done(req, row, end, fill)
+        return True
 
     def _chunk_done(self, req: Request, row: int, end: int, logits: torch.Tensor) -> None:
         """A chunk of ``req`` (its tokens up to ``end``) is in ``row``'s cache,
@@ -336,7 +399,6 @@ class BatchScheduler:
         req.position = n
         self._live.append(req)
         self._take([(req, tok, True)])
-        self._flush()
 
     def _fail_prefill(self, req: Request, row: int, tokens: int) -> None:
         log.error("non-finite logits after %d tokens of a prompt of %d; the reply is failed",
