@@ -748,7 +748,12 @@ async def chunk_variants(
         for chunk in chunks:
             for mode in mixed or (own[1],):
                 scheduler.prefill_chunk = chunk or scheduler.core.max_len
-                scheduler.mixed = mode
+                if scheduler.mixed != mode:
+                    scheduler.mixed = mode
+                    # the idle decode thread waits for a request inside the
+                    # admission of the way it ran (half a second at most): the
+                    # first turn of this run must not be taken that way
+                    await asyncio.sleep(0.6)
                 with traced(scheduler.core) as spans:
                     r = await engine_run(engine, prompts, settings, time_graph=False)
                 r.extra["where"] = where_time_went(spans, r.wall_s)
