@@ -364,6 +364,8 @@ def test_one_forward_of_prompt_chunks_and_decode_rows_matches_them_apart(tiny_mo
             assert torch.allclose(got, want, atol=1e-6), (row, cache)
     with pytest.raises(ValueError, match="decoding rows"):  # a fill into a decoding row
         together.forward([Fill(1, d)], [7, 9], [len(a) + 1, len(b) + 1])
+    with pytest.raises(ValueError, match="another fill's"):  # two fills into one row
+        together.forward([Fill(2, d), Fill(2, c)])
 
 
 def test_steps_of_one_row_take_the_attention_kernels_path(tiny_model: Any, monkeypatch: pytest.MonkeyPatch) -> None:

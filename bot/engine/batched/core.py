@@ -412,17 +412,17 @@ class DecodeCore:
         weight read instead of reading the weights again in a step of their
         own. Returns (the logits after each fill's last token ``[fills,
         vocab]``, the decode rows' logits ``[n, vocab]``). The fills' rows
-        must lie at or above ``n``."""
+        must be distinct and lie at or above ``n``."""
         n = len(tokens)
         if len(positions) != n:
             raise ValueError(f"{n} tokens for {len(positions)} positions")
-        spans = []  # (row, start, end) of each fill
+        spans: list[tuple[int, int, int]] = []  # (row, start, end) of each fill
         for f in fills:
             self.check_fits(len(f.ids))
             if not 0 <= f.start < len(f.ids):
                 raise ValueError(f"start {f.start} outside a prompt of {len(f.ids)} tokens")
-            if f.row < n:
-                raise ValueError(f"fill row {f.row} is one of the {n} decoding rows")
+            if f.row < n or f.row in {r for r, _, _ in spans}:
+                raise ValueError(f"fill row {f.row} is one of the {n} decoding rows or another fill's")
             spans.append((f.row, f.start, len(f.ids)))
         hd, nkv, dev = self.head_dim, self.n_kv, self.device
         new_ids = [t for f in fills for t in f.ids[f.start:]]

@@ -268,19 +268,12 @@ class BatchScheduler:
         next decode step runs."""
         spent = 0
         while self._filling is None and len(self._live) < self.core.max_batch and spent < self.prefill_chunk:
-            try:
-                req = self._inbox.get(block=block, timeout=0.5 if block else None)
-            except queue.Empty:
-                return
-            block = False
+            req = self._next_request(block)
             if req is None:
                 return
-            if req.cancelled:
-                _post(req, None)
-                continue
+            block = False
             row = len(self._live)
             try:
-                self.core.check_fits(len(req.ids))
                 req.reused = req.position = self._claim(row, req)
             except Exception as exc:
                 _post(req, _prefill_error(exc))
