@@ -52,15 +52,16 @@ class ModelConfig:
     # Tokenizer to build prompts with for the openai engine ("" = same as id).
     tokenizer: str = ""
     # -- chunked prefill (issue 14, decode = "batched"): while other replies
-    # are decoding, a prompt longer than this many tokens is prefilled in
-    # chunks of it, with a decode step for the others between chunks.
-    # 1024 with mixed_prefill: a burst of 32 prompts of 1,024 tokens got
-    # its first tokens ~1 s sooner than with 512, a decoding reply waiting
-    # at most 0.27 s for a token (0.17 s with 512; docs/benchmarks.md).
+    # are decoding, at most this many prompt tokens are prefilled at a time
+    # (a longer prompt in chunks), with a decode step for the others between.
+    # 1024 with mixed_prefill: 32 prompts of 1,005 tokens at once got their
+    # median first token 0.8 s sooner than with 512, a decoding reply
+    # waiting at most 0.27 s for a token (0.23 s with 512; docs/benchmarks.md).
     prefill_chunk: int = 1024
-    # Each such chunk (and a short prompt) goes through one forward together
-    # with the other replies' decode step, their tokens riding on the chunk's
-    # read of the weights; false: a prefill, then a step of its own.
+    # Those prompt tokens (from every waiting prompt, packed) go through one
+    # forward together with the other replies' decode step, their tokens
+    # riding on the prompts' read of the weights; false: each prompt's chunk
+    # in a forward of its own, then a step.
     mixed_prefill: bool = True
     # Keep a finished reply's KV cache for the follow-up that starts with the same
     # tokens (decode = "batched"). Reuse is by exact token ids, so no other
