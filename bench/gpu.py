@@ -71,6 +71,7 @@ from bench.gpu_measure import (
     dependent_launch_pairs,
     engine_run,
     followup_run,
+    fresh_length_ttft,
     generate_batch_run,
     generate_run,
     log,
@@ -110,6 +111,7 @@ class Options:
     chunk_variants: list[int] = field(default_factory=list)  # the largest burst again at each (0: off)
     mixed_variants: list[bool] = field(default_factory=list)  # ... and each way a chunk runs (mixed / apart)
     short_burst: int = 0  # tokens of each prompt of a burst of short ones, apart and mixed (0: skipped)
+    fresh_lengths: int = 0  # prompts of lengths not seen before, each way of a prompt's attention (0: skipped)
     pairs: int = 2  # engine and worker runs per batch, alternating (bench.gpu_measure.paired_runs)
     kernel_steps: bool = True  # the decode step with fused Marlin, then with the tensor-core kernel
     batch_kernel: str = "auto"  # [model] batch_kernel of the engine
@@ -147,6 +149,10 @@ def parse(argv: list[str] | None) -> Options:
     ap.add_argument("--short-burst", type=int, default=0,
                     help="after the batch runs, a burst of as many prompts as the largest batch, each "
                          "about this many tokens, once apart and once mixed (chat-room mentions); default: skipped")
+    ap.add_argument("--fresh-lengths", type=int, default=0,
+                    help="after the TTFT, this many prompts alone of lengths no prompt had before, "
+                         "and each again, with the prompts' attention on torch's SDPA choice (cuDNN on "
+                         "Hopper) and on the engine's (flash), alternating; default: skipped")
     ap.add_argument("--no-kernel-steps", dest="kernel_steps", action="store_false",
                     help="skip the decode step timed with fused Marlin and with the tensor-core kernel")
     ap.add_argument("--batch-kernel", default="auto", choices=["auto", "marlin", "mma"],
@@ -196,6 +202,7 @@ def parse(argv: list[str] | None) -> Options:
         chunk_variants=variants,
         mixed_variants=[m == "mixed" for m in modes],
         short_burst=max(0, a.short_burst),
+        fresh_lengths=max(0, a.fresh_lengths),
         pairs=a.pairs,
         kernel_steps=bool(a.kernel_steps),
         batch_kernel=a.batch_kernel,
@@ -299,6 +306,11 @@ async def main_async(opt: Options) -> dict[str, Any]:
     # no prefix cache the whole thread is prefilled again
     if opt.followup_tokens:
         await followup_run(engine, res, rng, opt.followup_tokens, shape.vocab, settings)
+    # prompts of new lengths: what a chat user's prompt (of any length) pays
+    if opt.fresh_lengths:
+        res["fresh_lengths"] = await fresh_length_ttft(
+            engine, shape.vocab, settings, opt.ttft_tokens + 101, opt.fresh_lengths)
+        log(f"TTFT of prompts of new lengths, first / again (ms): {res['fresh_lengths']}")
 
     runs: dict[str, dict[int, RunResult]] = {"engine": {}, "worker": {}, "generate": {}, "generate_batch": {}}
     every: dict[str, dict[int, list[RunResult]]] = {"engine": {}, "worker": {}}  # every paired run

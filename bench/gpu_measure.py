@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend
 
 from bot.config import BotConfig, Config, GenerationConfig
 from bot.engine import attention
 from bot.engine import norm as residual_norm
 from bot.engine.base import StreamStats
 from bot.engine.batched import BatchedEngine, DecodeCore
-from bot.engine.batched.core import Fill, _glue_rope_qk
+from bot.engine.batched.core import PROMPT_ATTENTION, Fill, _glue_rope_qk
 from bot.engine.batched.sampler import Sampler
 from bot.engine.batched.scheduler import _Launched
 from bot.engine.fidelity import forward_logits, relative_error
@@ -643,6 +644,35 @@ async def engine_run(
         ctx = len(prompts[0]) + settings.max_new_tokens // 2
         res.extra["graph_step_ms"] = 1e3 * await asyncio.to_thread(time_step, core, len(prompts), ctx)
     return res
+
+
+async def fresh_length_ttft(
+    engine: BatchedEngine, vocab: int, settings: Settings, base: int, count: int
+) -> dict[str, dict[str, list[float]]]:
+    """TTFT (ms) of a prompt alone whose length no prompt had before
+    ("first"), and of the same prompt again, cold ("again"), with the
+    prompts' attention on torch's own choice of SDPA backend (cuDNN's first
+    on Hopper: "cudnn") and on the engine's (``core.PROMPT_ATTENTION``:
+    "flash"); alternating, each way with lengths of its own (``base`` +
+    2 i, + 2 i + 1), as cuDNN builds a graph for each new shape."""
+    core = engine.core
+    assert core is not None
+    own = core.prompt_attention
+    ways = {"cudnn": [SDPBackend.CUDNN_ATTENTION, *PROMPT_ATTENTION], "flash": list(PROMPT_ATTENTION)}
+    out: dict[str, dict[str, list[float]]] = {w: {"first": [], "again": []} for w in ways}
+    rng = torch.Generator().manual_seed(11)
+    one = replace(settings, max_new_tokens=1)
+    try:
+        for i in range(count):
+            for j, (way, backends) in enumerate(ways.items()):
+                core.prompt_attention = backends
+                ids = random_prompt(rng, base + 2 * i + j, vocab)
+                for key in ("first", "again"):
+                    r = await engine_run(engine, [ids], one, time_graph=False)
+                    out[way][key].append(1e3 * r.ttft_s)
+    finally:
+        core.prompt_attention = own
+    return out
 
 
 async def lookahead_pairs(

@@ -6,6 +6,7 @@ JSON with ``--out``); nothing here measures or loads anything.
 
 from __future__ import annotations
 
+import statistics
 from typing import Any, Protocol
 
 
@@ -138,6 +139,15 @@ def table(res: dict[str, Any], opt: RunOptions) -> str:
             f"reused; the thread's first prompt: {res.get('ttft_thread_cold_s', 0.0) * 1e3:.0f} ms; "
             f"the first thread: {res.get('ttft_followup_first_s', 0.0) * 1e3:.0f} / "
             f"{res.get('ttft_thread_cold_first_s', 0.0) * 1e3:.0f} ms) |"
+        )
+    fresh = res.get("fresh_lengths")
+    if fresh:  # --fresh-lengths
+        med = {w: {k: statistics.median(v) for k, v in d.items()} for w, d in fresh.items()}
+        lines.append(
+            f"| TTFT, prompts of new lengths (~{opt.ttft_tokens + 101} tokens), first / again, median of "
+            f"{len(fresh['flash']['first'])} | attention on torch's choice (cuDNN on Hopper) "
+            f"{med['cudnn']['first']:.0f} / {med['cudnn']['again']:.0f} ms; flash (the engine's) "
+            f"{med['flash']['first']:.0f} / {med['flash']['again']:.0f} ms |"
         )
     lines += [
         "",

@@ -23,7 +23,7 @@ def test_bench_tiny_prints_the_table(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "bench.gpu", "--tiny", "--checkpoint", str(tmp_path / "ckpt"),
          "--out", str(out), "--prefill-chunk", "16", "--chunk-variants", "16,0", "--mixed-variants", "apart,mixed",
-         "--short-burst", "12",
+         "--short-burst", "12", "--fresh-lengths", "2",
          "--pairs", "2"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=280,
     )
@@ -99,6 +99,12 @@ def test_bench_tiny_prints_the_table(tmp_path: Path) -> None:
     # (mixed: only where a turn's budget, the cache's length, ends mid-prompt)
     assert variants["16 apart"]["extra"]["prefill_chunks"] > 0 == variants["0 apart"]["extra"]["prefill_chunks"]
     assert variants["16 mixed"]["extra"]["prefill_chunks"] > variants["0 mixed"]["extra"]["prefill_chunks"]
+    # prompts of new lengths, each way of a prompt's attention (on the CPU both are torch's own)
+    fresh = res["fresh_lengths"]
+    assert {w: [len(v) for v in d.values()] for w, d in fresh.items()} == {"cudnn": [2, 2], "flash": [2, 2]}
+    assert all(t > 0 for d in fresh.values() for v in d.values() for t in v)
+    assert re.search(r"^\| TTFT, prompts of new lengths \(~\d+ tokens\), first / again, median of 2 \| "
+                     r"attention on torch's choice \(cuDNN on Hopper\) \d+ / \d+ ms; flash", text, re.M)
     # short prompts arriving together, apart and mixed (a table of their own; here
     # they are longer than the chunk of 16: the worker's prompt adds its system prompt)
     shorts = res["short_burst"]

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from bot.engine import attention, cuda_ext
@@ -34,6 +35,10 @@ _MODULES = {name: (parent, attrs) for name, parent, attrs in LAYOUT}  # product 
 ATTENTION_KERNEL_MAX_ROWS = 1
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 _CTX_BUCKETS = tuple(range(256, 32768 + 1, 256))  # attention reads at most 255 extra positions
+# What a prompt's attention may run on (torch's SDPA), in torch's order: not
+# cuDNN's, which torch prefers on Hopper and which builds a graph for each new
+# prompt length (docs/gpu-notes.md item 41).
+PROMPT_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class Fill(NamedTuple):
@@ -187,6 +192,7 @@ class DecodeCore:
         self.products: list[LayerProducts] | None = None
         self.row_max_rows = ROW_MAX_ROWS  # decode steps this small use the row kernel
         self.prompt_min_tokens = PROMPT_MIN_TOKENS  # prompts this long: dequantize + cuBLAS
+        self.prompt_attention = list(PROMPT_ATTENTION)  # the SDPA backends a prompt's attention may use
         # Small decode steps' attention in bot/engine/attention.py's kernels,
         # where they take this model (on a GPU; the first start builds them).
         self.attention_kernel = False
@@ -486,17 +492,18 @@ class DecodeCore:
                 vc[rows, :, pos] = v
             outs = []
             at = 0
-            for (row, s, e), mask in zip(spans, masks, strict=True):
-                qf = q[at : at + e - s].transpose(0, 1)[None]  # [1, heads, tokens, hd]
-                if mask is None:
-                    kf = k[at : at + e - s].transpose(0, 1)[None]
-                    vf = v[at : at + e - s].transpose(0, 1)[None]
-                    o = F.scaled_dot_product_attention(qf, kf, vf, is_causal=True, enable_gqa=gqa)
-                else:
-                    o = F.scaled_dot_product_attention(qf, kc[row, :, :e][None], vc[row, :, :e][None],
-                                                       attn_mask=mask, enable_gqa=gqa)
-                outs.append(o[0].transpose(0, 1).reshape(e - s, self.n_heads * hd))
-                at += e - s
+            with sdpa_kernel(self.prompt_attention):
+                for (row, s, e), mask in zip(spans, masks, strict=True):
+                    qf = q[at : at + e - s].transpose(0, 1)[None]  # [1, heads, tokens, hd]
+                    if mask is None:
+                        kf = k[at : at + e - s].transpose(0, 1)[None]
+                        vf = v[at : at + e - s].transpose(0, 1)[None]
+                        o = F.scaled_dot_product_attention(qf, kf, vf, is_causal=True, enable_gqa=gqa)
+                    else:
+                        o = F.scaled_dot_product_attention(qf, kc[row, :, :e][None], vc[row, :, :e][None],
+                                                           attn_mask=mask, enable_gqa=gqa)
+                    outs.append(o[0].transpose(0, 1).reshape(e - s, self.n_heads * hd))
+                    at += e - s
             if n:
                 outs.append(self._attend(li, q[m:], pos[m:], ctx, bias, _glue_probs, kernel))
             o = outs[0] if len(outs) == 1 else torch.cat(outs)
