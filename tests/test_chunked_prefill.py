@@ -2,10 +2,12 @@
 
 On the CPU with a tiny random Llama (``[model] prefill_chunk`` = 16 here):
 while a row decodes, a longer prompt is prefilled 16 tokens at a time into its
-own row with a decode step between chunks. Greedy ids must still equal
-transformers' own ``generate()`` (also with a reused prefix), the decoding row
-must get steps between the chunks, and a NaN in one chunk fails that reply
-only, at that chunk.
+own row with a decode step between chunks, both ways a turn can run
+(``[model] mixed_prefill``: a prefill and then a step, or prompts packed into
+one forward with the step). Greedy ids must still equal transformers' own
+``generate()`` (also with a reused prefix), the decoding row must get steps
+between the chunks, and a NaN in one chunk fails that reply only, at that
+chunk.
 """
 
 from __future__ import annotations
@@ -94,19 +96,14 @@ def key(ids: Sequence[int]) -> tuple[int, ...]:
     return tuple(ids[:6])
 
 
-def chunks_of(events: list[Event], row: int) -> list[tuple[int, int]]:
-    return [(s, e) for kind, r, s, e, _ in events if kind == "prefill" and r == row]
-
-
 def chunks_for(events: list[Event], ids: Sequence[int]) -> list[tuple[int, int, int]]:
     """(row, start, end) of each chunk of the prompt ``ids``, in order."""
     return [(r, s, e) for kind, r, s, e, k in events if kind == "prefill" and k == key(ids)]
 
 
-def steps_between_chunks(events: list[Event], row: int | None = None, ids: Sequence[int] = ()) -> list[int]:
-    """Decode steps run between consecutive prefill chunks of ``row`` (or of the prompt ``ids``)."""
-    at = [i for i, (kind, r, _, _, k) in enumerate(events)
-          if kind == "prefill" and (r == row if row is not None else k == key(ids))]
+def steps_between_chunks(events: list[Event], ids: Sequence[int]) -> list[int]:
+    """Decode steps run between consecutive prefill chunks of the prompt ``ids``."""
+    at = [i for i, (kind, _, _, _, k) in enumerate(events) if kind == "prefill" and k == key(ids)]
     return [sum(events[i][0] == "step" for i in range(a, b)) for a, b in itertools.pairwise(at)]
 
 
@@ -160,7 +157,7 @@ async def test_long_prompt_is_chunked_between_decode_steps_and_matches_generate(
         assert chunks == [(2, s, min(s + 16, 90)) for s in range(0, 90, 16)]
     # a decode step of the others between every two chunks: no stall; mixed,
     # each chunk's step in the same forward as the chunk
-    assert steps_between_chunks(events[:events_before], ids=long) == [1] * (len(chunks) - 1)
+    assert steps_between_chunks(events[:events_before], long) == [1] * (len(chunks) - 1)
     after = [next(x for x in events[i:] if x[0] == "step") for i, e in enumerate(events[:events_before])
              if e[0] == "prefill" and e[4] == key(long)]
     assert [flag for _, _, flag, _, _ in after[:-1]] == [int(mixed)] * (len(chunks) - 1)
@@ -197,7 +194,7 @@ async def test_chunked_follow_up_reuses_the_prefix_and_matches_generate(
         assert {r for r, _, _ in chunks} == {1}
     else:
         assert chunks == [(1, 47, 63), (1, 63, 79), (1, 79, 88)]
-    steps = steps_between_chunks(events[mark:], ids=follow)
+    steps = steps_between_chunks(events[mark:], follow)
     if mixed:  # a first chunk packed with the other prompt had no row decoding beside it
         assert steps[1:] == [1] * (len(chunks) - 2) and steps[0] in (0, 1)
     else:
