@@ -26,7 +26,7 @@ import torch
 from bot.config import ModelConfig
 from bot.engine.batched import MSG_NON_FINITE, BatchedEngine
 from bot.engine.batched.core import Fill
-from bot.errors import GenerationError
+from bot.errors import MODEL_FAILED, GenerationError
 from tests.test_batched import VOCAB, collect, greedy, reference, tiny_llama, tiny_model  # noqa: F401
 from tests.test_prefix_cache import prompt
 
@@ -316,3 +316,50 @@ async def test_short_prompts_arriving_together_share_the_chunk_budget(
         ]
     else:  # row 0 decodes; then 10 + 10 tokens reach the budget of 16: a step before the third
         assert kinds[:6] == [("prefill", 0), ("prefill", 1), ("prefill", 2), ("step", 3), ("prefill", 3), ("step", 4)]
+
+
+async def test_a_crash_in_a_packed_turn_fails_its_prompts_and_rows_cleanly(
+    tiny_model: Any, llama_tok: Any  # noqa: F811
+) -> None:
+    """A forward carrying prompts and the live rows' step raises: the reply
+    decoding and the prompts it carried (not live yet) each get the model's
+    failure, its text for users free of the exception's (which goes to the
+    log), and none waits forever; the engine then serves the same prompts
+    as ``generate()`` does."""
+    gate = Gate()
+    engine, _ = recorded(tiny_model, llama_tok, gate=gate, mixed=True)
+    core = engine.core
+    assert core is not None
+    recording = core.forward  # the recorder's, which holds the first forward at the gate
+    failed: list[int] = []
+
+    def crashing(fills: Sequence[Fill], tokens: Sequence[int] | torch.Tensor = (),
+                 positions: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(tokens) and not failed:
+            failed.append(len(fills))
+            raise RuntimeError("CUDA error: illegal address token=xoxb-SECRET")
+        return recording(fills, tokens, positions)
+
+    core.forward = crashing  # type: ignore[method-assign]
+    first, others = prompt(11, 8), [prompt(30 + i, 10) for i in range(2)]
+    await engine.start()
+    try:
+        runs = [asyncio.create_task(failure(engine, first))]
+        await gate.reach()  # the first prompt's forward holds; the others queue behind it
+        runs += [asyncio.create_task(failure(engine, p)) for p in others]
+        deadline = time.monotonic() + 30
+        while engine.scheduler._inbox.qsize() < 2:  # type: ignore[union-attr]
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.005)
+        gate.opened.set()
+        errors = await asyncio.wait_for(asyncio.gather(*runs), timeout=60)
+        again = await asyncio.wait_for(asyncio.gather(
+            *(collect(engine.stream_ids(p, greedy(5))) for p in [first, *others])), timeout=60)
+    finally:
+        gate.opened.set()
+        await engine.close()
+    assert failed == [2]  # the turn that crashed carried both waiting prompts beside row 0's step
+    for err in errors:
+        assert isinstance(err, GenerationError) and err.user_message == MODEL_FAILED
+        assert "SECRET" in err.detail  # for the log; the worker shows users user_message only
+    assert again == [reference(tiny_model, p, 5) for p in [first, *others]]
