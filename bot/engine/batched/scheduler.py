@@ -109,25 +109,24 @@ def _post(req: Request, item: _Item) -> None:
 class BatchScheduler:
     """The decode thread: admits requests, steps all live rows, streams ids.
 
-    Chunked prefill: while rows are decoding, a prompt whose remaining
-    tokens (after any reused prefix) exceed ``prefill_chunk`` is prefilled
-    ``prefill_chunk`` tokens at a time into its own idle row (``_filling``),
-    one chunk per loop turn, each followed by a decode step of the live rows:
-    their tokens keep flowing instead of waiting for the whole prompt. Only
-    the last chunk's logits are sampled. While a prompt is being filled no
-    other prompt is admitted (first come, first served). With no row
-    decoding, the rest of a prompt is prefilled at once (nobody to wait).
-    Shorter prompts arriving together share that budget: a turn stops
-    admitting once ``prefill_chunk`` prompt tokens are prefilled.
+    Chunked prefill (``mixed = False``): while rows are decoding, a prompt
+    whose remaining tokens (after any reused prefix) exceed ``prefill_chunk``
+    is prefilled ``prefill_chunk`` tokens at a time into its own idle row
+    (``_filling``), one chunk per loop turn, each followed by a decode step
+    of the live rows: their tokens keep flowing instead of waiting for the
+    whole prompt. Only the last chunk's logits are sampled. While a prompt
+    is being filled no other prompt is admitted (first come, first served).
+    With no row decoding, the rest of a prompt is prefilled at once (nobody
+    to wait). Shorter prompts arriving together share that budget: a turn
+    stops admitting once ``prefill_chunk`` prompt tokens are prefilled.
 
-    Mixed turns (``mixed``, on by default; :meth:`_packed_turn`) replace the
-    two paragraphs above: a turn is one eager forward
-    (``DecodeCore.forward``) of the live rows' decode step and up to
-    ``prefill_chunk`` prompt tokens: the rest of the prompt being filled,
-    then waiting prompts in order, packed (the last may stop mid-prompt and
-    goes on first next turn). The rows' tokens ride on the prompts' read of
-    the weights, and prompts arriving together share it (one dequantize of
-    the weights instead of one each).
+    Mixed turns (``mixed``, on by default; :meth:`_packed_turn`) instead: a
+    turn is one eager forward (``DecodeCore.forward``) of the live rows'
+    decode step and up to ``prefill_chunk`` prompt tokens: the rest of the
+    prompt being filled, then waiting prompts in order, packed (the last
+    may stop mid-prompt and goes on first next turn). The rows' tokens ride
+    on the prompts' read of the weights, and prompts arriving together share
+    it (one dequantize of the weights instead of one each).
 
     Lookahead (``lookahead``, on by default: on the H200, 8 layers, one
     conversation's token took 1.45 ms with it against 1.68 without, the same
