@@ -34,8 +34,8 @@ the GPTQ ``q/k/v/o_proj`` and MLP layers, ``lm_head``), not ``generate()``:
 
 Measured on an H200 with a GPTQ model of Xwin-70B's shapes and reference
 quantization (docs/benchmarks.md, "GPU (H200)"; docs/gpu-notes.md): the
-graph-replayed step 18.8 ms at 1 conversation (eager ``generate()``: 63-84
-ms a token), 35.3 ms at 32.
+graph-replayed step 10.6-10.8 ms at 1 conversation (the seed's eager
+``generate()``: 46-197 ms a token), 27.0-27.1 ms at 32.
 
 Llama-family models only (Llama, Mistral, Xwin): the loop needs
 ``model.model.{embed_tokens,layers,norm,rotary_emb}`` and ``model.lm_head``.
