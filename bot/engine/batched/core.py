@@ -301,12 +301,8 @@ class DecodeCore:
         x = self.embed(tokens)  # [bb, D]
         cos = self.cos[pos][:, None, :]
         sin = self.sin[pos][:, None, :]
-        bias = None
         kernel = self._attention_kernel_takes(bb)
-        if not kernel:
-            visible = self.ctx_range[:ctx][None, :] <= pos[:, None]
-            bias = torch.zeros(visible.shape, dtype=torch.float32, device=self.device)
-            bias = bias.masked_fill(~visible, float("-inf"))[:, None, None, :]
+        bias = None if kernel else self._step_bias(pos, ctx)
         hd, nkv = self.head_dim, self.n_kv
         if self.glue is not None:
             return self._decode_body_glued(bb, ctx, x, cos, sin, bias, rows, pos, kernel)
@@ -325,6 +321,14 @@ class DecodeCore:
             x = x + self._mlp(li, layer.mlp, self._norm(layer.post_attention_layernorm, x), use_row)
         out: torch.Tensor = self.lm_head(self._norm(self.norm, x))
         return out
+
+    def _step_bias(self, pos: torch.Tensor, ctx: int) -> torch.Tensor:
+        """The mask of a step's attention in torch's matmuls, ``[rows, 1, 1,
+        ctx]``: 0 where row r may read a cache position (``0..pos[r]``),
+        -inf past it."""
+        visible = self.ctx_range[:ctx][None, :] <= pos[:, None]
+        bias = torch.zeros(visible.shape, dtype=torch.float32, device=self.device)
+        return bias.masked_fill(~visible, float("-inf"))[:, None, None, :]
 
     def _attend(
         self, li: int, q: torch.Tensor, pos: torch.Tensor, ctx: int, bias: torch.Tensor | None,
@@ -463,13 +467,9 @@ class DecodeCore:
         masks = [None if s == 0 else causal_lower_right(e - s, e) for _, s, e in spans]
         kernel, ctx, bias = False, 0, None
         if n:
-            max_pos = max(positions)
-            ctx = _bucket(max_pos + 1, _CTX_BUCKETS, self.max_len)
+            ctx = self.buckets(n, max(positions))[1]
             kernel = self._attention_kernel_takes(n)
-            if not kernel:
-                visible = self.ctx_range[:ctx][None, :] <= pos[m:, None]
-                bias = torch.zeros(visible.shape, dtype=torch.float32, device=dev)
-                bias = bias.masked_fill(~visible, float("-inf"))[:, None, None, :]
+            bias = None if kernel else self._step_bias(pos[m:], ctx)
 
         def add_norm(x: torch.Tensor, y: torch.Tensor, module: Any) -> tuple[torch.Tensor, torch.Tensor]:
             if fused_add_norm is not None:

@@ -43,6 +43,10 @@ MSG_NON_FINITE = "the model produced invalid numbers (NaN) and this reply was st
 PREFILL_CHUNK = 1024
 
 
+# An idle decode thread waits this long for a request before it looks at
+# its settings (``mixed``, ``prefill_chunk``) again.
+ADMIT_WAIT_S = 0.5
+
 _Item = list[int] | BaseException | None
 
 
@@ -240,11 +244,11 @@ class BatchScheduler:
 
     def _next_request(self, block: bool) -> Request | None:
         """The next request that fits the cache, or None when none waits
-        (``block``: for up to half a second); cancelled ones are ended and
+        (``block``: for up to ADMIT_WAIT_S); cancelled ones are ended and
         ones too long for a row failed on the way."""
         while True:
             try:
-                req = self._inbox.get(block=block, timeout=0.5 if block else None)
+                req = self._inbox.get(block=block, timeout=ADMIT_WAIT_S if block else None)
             except queue.Empty:
                 return None
             if req is None:
@@ -311,9 +315,7 @@ class BatchScheduler:
         whole. Returns whether there was a prompt to run (else the caller
         steps the live rows alone). Rows that finish are retired only after
         every prompt of the turn has its row, so none is parked over."""
-        for done in [r for r in self._live if r.cancelled]:
-            _post(done, None)
-            self._retire(done)
+        self._retire_cancelled()
         live = list(self._live)
         first = len(live)  # the turn's prompts take rows first, first + 1, ...
         budget = self.prefill_chunk
@@ -500,6 +502,12 @@ class BatchScheduler:
             self._live[row] = moved
         self._live.pop()
 
+    def _retire_cancelled(self) -> None:
+        """End the streams of live rows whose reply was cancelled, and retire their rows."""
+        for req in [r for r in self._live if r.cancelled]:
+            _post(req, None)
+            self._retire(req)
+
     def _launch(self, live: list[Request], tokens: list[int] | torch.Tensor, positions: list[int]) -> _Launched:
         """Queue a decode step of ``live`` and its sampling; nothing waits for the GPU."""
         return self._sampled(live, self.core.step(tokens, positions))
@@ -541,9 +549,7 @@ class BatchScheduler:
     def _step(self) -> None:
         launched, self._ahead = self._ahead, None
         if launched is None:
-            for req in [r for r in self._live if r.cancelled]:
-                _post(req, None)
-                self._retire(req)
+            self._retire_cancelled()
             if not self._live:
                 return
             live = list(self._live)
