@@ -32,7 +32,7 @@ from bot.engine.base import StreamStats
 from bot.engine.batched import BatchedEngine, DecodeCore
 from bot.engine.batched.core import PROMPT_ATTENTION, Fill, _glue_rope_qk
 from bot.engine.batched.sampler import Sampler
-from bot.engine.batched.scheduler import _Launched
+from bot.engine.batched.scheduler import ADMIT_WAIT_S, _Launched
 from bot.engine.fidelity import forward_logits, relative_error
 from bot.engine.transformers import generation_kwargs
 from bot.types import ConversationKey, Incoming, QuietSink, Settings
@@ -719,24 +719,22 @@ def traced(core: DecodeCore) -> Iterator[list[tuple[str, int, float]]]:
         if core.device.type == "cuda":
             torch.cuda.synchronize(core.device)
 
+    def timed(kind: str, count: int, call: Callable[[], Any]) -> Any:
+        sync()
+        t0 = time.perf_counter()
+        out = call()
+        sync()
+        spans.append((kind, count, time.perf_counter() - t0))
+        return out
+
     def timed_forward(
         fills: Sequence[Fill], tokens: Sequence[int] | torch.Tensor = (), positions: Sequence[int] = ()
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        sync()
-        t0 = time.perf_counter()
-        out = forward(fills, tokens, positions)
-        sync()
-        spans.append(("mixed" if len(tokens) else "prefill", sum(len(f.ids) - f.start for f in fills),
-                      time.perf_counter() - t0))
-        return out
+        return timed("mixed" if len(tokens) else "prefill",  # type: ignore[no-any-return]
+                     sum(len(f.ids) - f.start for f in fills), lambda: forward(fills, tokens, positions))
 
     def timed_step(tokens: Sequence[int] | torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
-        sync()
-        t0 = time.perf_counter()
-        out = step(tokens, positions)
-        sync()
-        spans.append(("step", len(tokens), time.perf_counter() - t0))
-        return out
+        return timed("step", len(tokens), lambda: step(tokens, positions))  # type: ignore[no-any-return]
 
     core.forward, core.step = timed_forward, timed_step  # type: ignore[method-assign]
     try:
@@ -781,9 +779,9 @@ async def chunk_variants(
                 if scheduler.mixed != mode:
                     scheduler.mixed = mode
                     # the idle decode thread waits for a request inside the
-                    # admission of the way it ran (half a second at most): the
+                    # admission of the way it ran (ADMIT_WAIT_S at most): the
                     # first turn of this run must not be taken that way
-                    await asyncio.sleep(0.6)
+                    await asyncio.sleep(ADMIT_WAIT_S + 0.1)
                 with traced(scheduler.core) as spans:
                     r = await engine_run(engine, prompts, settings, time_graph=False)
                 r.extra["where"] = where_time_went(spans, r.wall_s)
