@@ -68,6 +68,7 @@ from bench.gpu_measure import (
     check_long_prefill,
     chunk_variants,
     copy_bandwidth,
+    dense_variants,
     dependent_launch_pairs,
     engine_run,
     followup_run,
@@ -77,6 +78,7 @@ from bench.gpu_measure import (
     log,
     one_conversation_diagnostics,
     paired_runs,
+    production_free,
     random_prompt,
     sampler_waits,
     step_breakdown,
@@ -115,6 +117,8 @@ class Options:
     pairs: int = 2  # engine and worker runs per batch, alternating (bench.gpu_measure.paired_runs)
     kernel_steps: bool = True  # the decode step with fused Marlin, then with the tensor-core kernel
     batch_kernel: str = "auto"  # [model] batch_kernel of the engine
+    dense: bool = True  # [model] dense_weights, in the memory a production start would leave
+    dense_variants: bool = False  # the TTFT and the burst without and with dense weights
 
 
 def parse(argv: list[str] | None) -> Options:
@@ -157,6 +161,12 @@ def parse(argv: list[str] | None) -> Options:
                     help="skip the decode step timed with fused Marlin and with the tensor-core kernel")
     ap.add_argument("--batch-kernel", default="auto", choices=["auto", "marlin", "mma"],
                     help="[model] batch_kernel for the engine (default %(default)s; mma: no fused Marlin)")
+    ap.add_argument("--no-dense", dest="dense", action="store_false",
+                    help="keep no dense weights ([model] dense_weights = false); default: what the GPU "
+                         "would hold with the engine's KV cache for max_batch rows of the whole context")
+    ap.add_argument("--dense-variants", action="store_true",
+                    help="after the batch runs, the TTFT and the largest burst with no dense weights "
+                         "and with them, alternating; default: skipped")
     ap.add_argument("--pairs", type=int, default=2,
                     help="engine and worker runs per batch, alternating in ABBA order (E W, W E, ...); "
                          "worker/engine is the median of the pairs' ratios (default %(default)s)")
@@ -206,6 +216,8 @@ def parse(argv: list[str] | None) -> Options:
         pairs=a.pairs,
         kernel_steps=bool(a.kernel_steps),
         batch_kernel=a.batch_kernel,
+        dense=bool(a.dense),
+        dense_variants=bool(a.dense_variants),
     )
 
 
@@ -268,6 +280,10 @@ async def main_async(opt: Options) -> dict[str, Any]:
     core = engine.core
     assert core is not None
     core.set_products(loader.layer_products)
+    dense_free = production_free(engine, max_batch, mcfg.context_length) if cuda else 0
+    res["dense_gb"] = engine.keep_dense(free=dense_free if opt.dense else 0) / 1e9
+    log(f"dense weights: {engine.describe().get('dense weights', 'none')} "
+        f"(production's free memory here: {dense_free / 1e9:.1f} GB)")
     res["cache_len"] = cache_len
     res["prefill_chunk"] = opt.prefill_chunk
     t0 = time.perf_counter()
@@ -335,6 +351,9 @@ async def main_async(opt: Options) -> dict[str, Any]:
             log(f"worker/engine n={n}: {ratio['ratio']:.3f} (pairs {', '.join(f'{x:.3f}' for x in ratio['pairs'])})")
     # chunked prefill: the same burst at each chunk, engine only, cold
     variants = await chunk_variants(engine, burst, settings, opt.chunk_variants, opt.mixed_variants)
+    if opt.dense_variants:
+        res["dense_variants"] = await dense_variants(engine, long_prompt, burst, settings,
+                                                     dense_free if opt.dense else 0)
     # short prompts arriving together: each a forward of its own, or packed into shared ones
     shorts: dict[str, RunResult] = {}
     if opt.short_burst:

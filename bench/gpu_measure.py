@@ -794,6 +794,49 @@ async def chunk_variants(
     return out
 
 
+def production_free(engine: BatchedEngine, max_batch: int, context_length: int) -> int:
+    """The GPU's free memory as the engine's own start would see it when it
+    keeps dense weights (``BatchedEngine.keep_dense``): the bench's cache is
+    sized for its prompts, production's for ``max_batch`` rows of the model's
+    whole context (``kv_cache_len``); dense copies kept now count as free."""
+    from bot.engine import products
+    from bot.engine.batched.engine import kv_cache_len, kv_token_bytes
+
+    core = engine.core
+    assert core is not None
+    torch.cuda.empty_cache()
+    free = torch.cuda.mem_get_info(core.device)[0] + (products.dense_kept(core.products) if core.products else 0)
+    held = core.k_cache.nbytes + core.v_cache.nbytes
+    return int(free + held - kv_token_bytes(engine.model) * max_batch
+               * kv_cache_len(engine.model, max_batch, context_length))
+
+
+async def dense_variants(
+    engine: BatchedEngine, long_prompt: list[int], burst: list[list[int]], settings: Settings, free: int,
+) -> dict[str, Any]:
+    """The 1,000-token prompt's TTFT (median of three) and the burst, with
+    no dense weights kept and with what ``free`` bytes keep, alternating
+    (none, kept, none, kept; the burst in the last two); the engine's dense
+    copies as given by ``free`` afterwards."""
+    out: dict[str, Any] = {}
+    try:
+        for i, (name, f) in enumerate((("none", 0), ("kept", free)) * 2):
+            engine.keep_dense(free=f)
+            ttfts = [(await engine_run(engine, [long_prompt], replace(settings, max_new_tokens=1),
+                                       time_graph=False)).ttft_s for _ in range(3)]
+            row = out.setdefault(name, {"ttft_ms": []})
+            row["ttft_ms"].append(1e3 * statistics.median(ttfts))
+            if i >= 2 and burst:
+                r = await engine_run(engine, burst, settings, time_graph=False)
+                row["burst"] = {**r.__dict__}
+                log(f"engine  n={len(burst)}, dense weights {name}: {r}")
+        log(f"dense weights none / kept: TTFT {len(long_prompt)} tokens (ms) "
+            f"{out['none']['ttft_ms']} / {out['kept']['ttft_ms']}")
+    finally:
+        engine.keep_dense(free=free)
+    return out
+
+
 class _BenchSink(QuietSink):
     def __init__(self) -> None:
         self.done = asyncio.Event()

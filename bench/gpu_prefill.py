@@ -53,6 +53,27 @@ def eager_ms(fn: Callable[[], Any], reps: int = 5) -> float:
     return statistics.median(times)
 
 
+BLOCKS = (1024, 2048, 4096, 8192)
+
+
+def _rows(rq: rowquant.RowQuant, s: int, e: int) -> rowquant.RowQuant:
+    return rowquant.RowQuant(rq.w[s:e], rq.scale[s:e], rq.zero[s:e], (e - s,))
+
+
+def blocked_linear(rq: rowquant.RowQuant, x: torch.Tensor, block: int) -> torch.Tensor:
+    n = rq.out_features
+    out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    for s in range(0, n, block):
+        e = min(n, s + block)
+        torch.mm(x, rowquant.dequantize(_rows(rq, s, e)).t(), out=out[:, s:e])
+    return out
+
+
+def blocked_dequant(rq: rowquant.RowQuant, block: int) -> None:
+    for s in range(0, rq.out_features, block):
+        rowquant.dequantize(_rows(rq, s, min(rq.out_features, s + block)))
+
+
 def products_alone(dev: torch.device) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(1)
     layers = [{name: rowquant.pack([channelwise(fin, n, gen, dev) for n in outs]) for name, fin, outs in SHAPES}
@@ -74,6 +95,19 @@ def products_alone(dev: torch.device) -> dict[str, Any]:
         ms = eager_ms(lambda: [rowquant.linear(rq, xs[n]) for layer in layers for n, rq in layer.items()])
         res[f"inline_items{items}"] = {"ms": ms}
     rowquant.DEQUANT_ITEMS = 4
+    # The dequantize a block of output rows at a time, each block's product
+    # written into its columns of the output: a block small enough stays in
+    # L2 between its dequantize and its product (does HBM see the writes?).
+    want = [rowquant.linear(rq, xs[n]) for n, rq in layers[0].items()]
+    for block in BLOCKS:
+        got = [blocked_linear(rq, xs[n], block) for n, rq in layers[0].items()]
+        err = max(float((g.float() - w.float()).abs().max() / w.float().abs().max())
+                  for g, w in zip(got, want, strict=True))
+        ms = eager_ms(lambda block=block: [blocked_linear(rq, xs[n], block)
+                                           for layer in layers for n, rq in layer.items()])
+        deq = eager_ms(lambda block=block: [blocked_dequant(rq, block) for layer in layers for rq in layer.values()])
+        res[f"blocked_{block}"] = {"ms": ms, "dequant_only_ms": deq, "rel_err_vs_inline": err}
+    del want
     for k, v in res.items():
         log(f"products alone: {k} = {v}")
     return res
@@ -124,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--products-only", action="store_true", help="the products alone, not the whole prefill")
     opt = ap.parse_args(argv)
     dev = torch.device("cuda:0")
     t0 = time.perf_counter()
@@ -132,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     res: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "kernels_s": time.perf_counter() - t0}
     res["products"] = products_alone(dev)
     torch.cuda.empty_cache()
-    res["prefill"] = whole_prefill(opt.layers)
+    if not opt.products_only:
+        res["prefill"] = whole_prefill(opt.layers)
     if opt.out:
         opt.out.write_text(json.dumps(res, indent=1))
     return 0

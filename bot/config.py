@@ -82,6 +82,12 @@ class ModelConfig:
     # "auto", marlin where the GPU holds the copy and the whole KV cache
     # (max_batch x context_length), else mma.
     batch_kernel: Literal["auto", "marlin", "mma"] = "auto"
+    # With row_kernel, GPU memory still free after the weights, Marlin's copy
+    # and the KV cache keeps some products' weights dequantized (half, 4x the
+    # 4-bit bytes), so that long prompts skip unpacking them: one H200, the
+    # unpacking is ~19 % of a 1,000-token prompt's products (docs/benchmarks.md).
+    # Nothing is kept where nothing is free (an 80 GB card). false: none kept.
+    dense_weights: bool = True
     # One reply's decode steps take their attention in the project's CUDA
     # kernels (bot/engine/attention.cu, built at the first start; faster than
     # torch's matmuls at one reply, docs/benchmarks.md), larger steps in

@@ -26,7 +26,8 @@ import torch
 
 from bot.config import ModelConfig
 from bot.engine import products, rowquant
-from bot.engine.batched import BatchedEngine
+from bot.engine.batched import BatchedEngine, DecodeCore
+from bot.engine.batched.engine import DENSE_SPARE, dense_budget
 from bot.engine.gptq_regroup import fused_source, regroup_module
 from bot.engine.transformers import _fused_kernels
 from bot.errors import ConfigError
@@ -98,6 +99,16 @@ def fused(path: Path) -> tuple[Any, Any, list[products.LayerProducts]]:
     return engine, model, built
 
 
+def fused_engine(path: Path) -> tuple[Any, list[products.LayerProducts], BatchedEngine, DecodeCore]:
+    """:func:`fused`'s model in a batched engine of two rows of 64 tokens, over its products."""
+    loader, model, built = fused(path)
+    cfg = ModelConfig(id="channelwise", max_batch=2, context_length=64)
+    engine = BatchedEngine.over(model, loader.tokenizer, cfg, eos_ids=(), max_len=65)
+    assert engine.core is not None
+    engine.core.set_products(built)
+    return model, built, engine, engine.core
+
+
 def test_fused_products_decode_like_generate(channelwise_checkpoint: Path) -> None:  # noqa: F811
     loader = load(channelwise_checkpoint)
     model = loader.model
@@ -144,12 +155,7 @@ def test_fused_products_decode_like_generate(channelwise_checkpoint: Path) -> No
 
 
 def test_the_load_check_catches_a_wrong_batch_kernel(channelwise_checkpoint: Path) -> None:  # noqa: F811
-    loader, model, built = fused(channelwise_checkpoint)
-    cfg = ModelConfig(id="channelwise", max_batch=2, context_length=64)
-    engine = BatchedEngine.over(model, loader.tokenizer, cfg, eos_ids=(), max_len=65)
-    core = engine.core
-    assert core is not None
-    core.set_products(built)
+    _, built, engine, core = fused_engine(channelwise_checkpoint)
     # a cache shorter than the dequantizing path's prompts (a small GPU): the
     # check cannot prefill one there, so it does not try ("does not fit")
     assert core.prompt_min_tokens >= core.scratch
@@ -168,6 +174,53 @@ def test_the_load_check_catches_a_wrong_batch_kernel(channelwise_checkpoint: Pat
         engine.verify()
     assert "set [model] row_kernel = false (Marlin alone)" in str(err.value)  # the nearer fallback
 
+
+
+def test_dense_weights_kept_give_the_same_numbers_within_their_budget(
+    channelwise_checkpoint: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    """``[model] dense_weights``: products kept dequantized (``set_dense``)
+    spare prompts the unpacking and give the same logits and cache, bit for
+    bit; the budget decides how many are kept, the engine's free memory the
+    budget (after a prompt's working memory), and a budget of 0 drops them."""
+    model, built, engine, core = fused_engine(channelwise_checkpoint)
+    core.prompt_min_tokens = 8  # the prompt below goes through the row packing's dequantize
+    unpacked: list[int] = []
+    real = rowquant.reference
+    monkeypatch.setattr(rowquant, "reference", lambda rq, *a: unpacked.append(1) or real(rq, *a))
+    ids = [1, *range(300, 311)]
+
+    def prefill() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        core.clear(0)
+        logits = core.prefill(0, ids)
+        return logits, core.k_cache[:, 0, :, : len(ids)].clone(), core.v_cache[:, 0, :, : len(ids)].clone()
+
+    want = prefill()
+    assert unpacked  # each product unpacked its codes
+    sizes = [p.row.dense_nbytes() for layer in built for p in layer.each()]
+    qkv = built[0].qkv.row
+    assert sizes[0] == qkv.out_features * qkv.in_features * qkv.scale.element_size()
+    assert products.set_dense(built, sum(sizes[:3]) + 1) == (3, sum(sizes[:3]))
+    assert products.dense_kept(built) == sum(sizes[:3])
+    assert products.set_dense(built, sum(sizes)) == (len(sizes), sum(sizes))
+    unpacked.clear()
+    got = prefill()
+    assert unpacked == []  # every product's matrix kept: nothing unpacked
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+    assert products.set_dense(built, 0) == (0, 0) and all(p.row.dense is None for layer in built for p in layer.each())
+
+    # the engine's budget: free memory less a forward of the whole context's
+    # working memory, the largest product unpacked and DENSE_SPARE
+    elt = model.model.embed_tokens.weight.element_size()
+    work = core.scratch * (8 * model.config.hidden_size + 3 * model.config.intermediate_size) * elt
+    spare = work + max(sizes) + DENSE_SPARE
+    assert dense_budget(model, built, spare + sum(sizes[:5]), core.scratch) == sum(sizes[:5])
+    assert dense_budget(model, built, spare - 1, core.scratch) == 0
+    assert engine.keep_dense(free=spare + sum(sizes[:5]) + 7) == sum(sizes[:5])
+    assert engine.describe()["dense weights"].startswith(f"5 of {len(sizes)} products")
+    assert engine.keep_dense(free=0) == 0 and products.dense_kept(built) == 0
+    assert engine.keep_dense() == 0  # on a CPU: nothing kept, whatever is free
 
 
 def test_the_tensor_core_paths_arithmetic() -> None:

@@ -19,6 +19,10 @@ two packings of the same weights and picks by the shape of its input:
   80 layers' products at 2 / 8 / 16 / 32 rows: 13.1 / 13.2 / 17.4 / 21.7 ms
   against fused Marlin's 12.8 / 12.9 / 14.7 / 18.3).
 
+Spare GPU memory may keep some products' weights dequantized
+(:func:`set_dense`): prompts then skip unpacking them (the same half matrix,
+so the same numbers).
+
 The model's own modules become views of the row packing
 (:class:`RowQuantLinear`: the same memory), so transformers' forward, the
 one-at-a-time engine and the load check's reference run on it too.
@@ -104,6 +108,35 @@ class LayerProducts:
     o: Product
     gate_up: Product
     down: Product
+
+    def each(self) -> tuple[Product, ...]:
+        return (self.qkv, self.o, self.gate_up, self.down)
+
+
+def set_dense(layer_products: Sequence[LayerProducts], budget: int) -> tuple[int, int]:
+    """Keep the products' weights dequantized (``RowQuant.dense``), layer by
+    layer from the first, each that still fits in ``budget`` bytes; drop the
+    copies of the rest. Prompts multiplied through the row packing then use
+    the kept matrix instead of unpacking the codes each time (one H200, 1,000
+    tokens: the unpacking is ~19 % of the products' time, docs/gpu-notes.md
+    item 42). Returns the products kept and their bytes."""
+    kept = nbytes = 0
+    for layer in layer_products:
+        for product in layer.each():
+            rq = product.row
+            size = rq.dense_nbytes()
+            if nbytes + size > budget:
+                rq.dense = None
+                continue
+            if rq.dense is None:
+                rq.dense = rowquant.dequantize(rq)
+            kept, nbytes = kept + 1, nbytes + size
+    return kept, nbytes
+
+
+def dense_kept(layer_products: Sequence[LayerProducts]) -> int:
+    """Bytes of the dense copies kept now (:func:`set_dense`)."""
+    return sum(p.row.dense_nbytes() for layer in layer_products for p in layer.each() if p.row.dense is not None)
 
 
 def can_fuse(model: Any) -> bool:

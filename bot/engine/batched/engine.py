@@ -1,10 +1,12 @@
 """The async engine: :class:`BatchedEngine`, an :class:`~bot.engine.base.Engine`
-whose streams are rows of one batch, and :func:`kv_cache_len`, the cache size
-the GPU's memory allows."""
+whose streams are rows of one batch; what the GPU's memory allows: the cache
+size (:func:`kv_cache_len`) and, after it, the dense copies of weights kept for
+prompts (:func:`dense_budget`)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -13,6 +15,7 @@ from typing import Any
 import torch
 
 from bot.config import ModelConfig
+from bot.engine import products
 from bot.engine.base import PromptTokenizer, StreamStats
 from bot.engine.batched.core import DecodeCore
 from bot.engine.batched.scheduler import BatchScheduler, Request
@@ -20,6 +23,7 @@ from bot.engine.detok import IncrementalDecoder
 from bot.errors import ConfigError, GenerationError
 from bot.types import Settings, Turn
 
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class _StepKernel:
@@ -119,7 +123,9 @@ class BatchedEngine:
         self.core.set_products(loader.layer_products)
         # compile the glue and capture the one-conversation graph before the first reply
         self.core.warmup([1], [min(256, self.core.scratch - 1)])
-        self.verify(loader.probe_logits)
+        if self.config.dense_weights:
+            self.keep_dense()
+        self.verify(loader.probe_logits)  # after keep_dense: the check runs the path that serves
         self.warm_prompts()
 
     def warm_prompts(self) -> None:
@@ -127,6 +133,27 @@ class BatchedEngine:
         assert self.core is not None and self.scheduler is not None
         chunk = self.scheduler.prefill_chunk
         self.core.warm_prompts([64, chunk // 2, chunk, 2 * chunk + 7], chunk)
+
+    def keep_dense(self, free: int | None = None) -> int:
+        """Keep as many products' weights dequantized as the GPU's free memory
+        (``free``: bytes, default what it has now; kept copies count as free)
+        holds after a prompt's working memory (:func:`dense_budget`), for
+        ``[model] dense_weights``. Returns the bytes kept."""
+        core = self.core
+        if core is None or not core.products:
+            return 0
+        if free is None:
+            if core.device.type != "cuda":
+                return 0
+            torch.cuda.empty_cache()
+            free = torch.cuda.mem_get_info(core.device)[0] + products.dense_kept(core.products)
+        budget = dense_budget(self.model, core.products, free, core.scratch)
+        n, nbytes = products.set_dense(core.products, budget)
+        total = 4 * len(core.products)
+        self._description["dense weights"] = f"{n} of {total} products ({nbytes / 1e9:.1f} GB)"
+        log.info("dense weights: %d of %d products kept dequantized for prompts (%.1f GB of %.1f GB free)",
+                 n, total, nbytes / 1e9, free / 1e9)
+        return nbytes
 
     def verify(self, reference: Any = None) -> tuple[float, float]:
         """The load check of the batched path (bot/engine/fidelity.py): its
@@ -255,6 +282,9 @@ class BatchedEngine:
 
 # The KV cache takes at most this share of the GPU's free memory.
 KV_FREE_FRACTION = 0.9
+# Bytes :func:`dense_budget` leaves free beyond a prompt's working memory
+# (cuBLAS's workspace, captured graphs, the caching allocator's slack).
+DENSE_SPARE = 2 << 30
 
 
 def kv_token_bytes(model: Any) -> int:
@@ -278,3 +308,16 @@ def kv_cache_len(model: Any, max_batch: int, context_length: int, fraction: floa
     if fit >= want:
         return want
     return int(max(256, fit // 256 * 256))
+
+
+def dense_budget(model: Any, layer_products: Sequence[products.LayerProducts], free: int, tokens: int) -> int:
+    """Bytes of dense weight copies (``products.set_dense``) that ``free``
+    bytes hold, leaving a forward of ``tokens`` prompt tokens what it holds at
+    once: per token ~8 hidden-size and 3 intermediate-size vectors (hidden
+    states, residual, norm, q/k/v, attention, o; gate/up and SiLU x up), one
+    product dequantized (the largest), and :data:`DENSE_SPARE`."""
+    cfg = model.config
+    elt = int(model.model.embed_tokens.weight.element_size())
+    activations = tokens * (8 * cfg.hidden_size + 3 * cfg.intermediate_size) * elt
+    largest = max((p.row.dense_nbytes() for layer in layer_products for p in layer.each()), default=0)
+    return int(max(0, free - activations - largest - DENSE_SPARE))
