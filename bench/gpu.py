@@ -119,6 +119,7 @@ class Options:
     batch_kernel: str = "auto"  # [model] batch_kernel of the engine
     dense: bool = True  # [model] dense_weights, in the memory a production start would leave
     dense_variants: bool = False  # the TTFT and the burst without and with dense weights
+    warm_all: bool = False  # every step graph captured (the idle warm-up), timed, before the runs
 
 
 def parse(argv: list[str] | None) -> Options:
@@ -167,6 +168,9 @@ def parse(argv: list[str] | None) -> Options:
     ap.add_argument("--dense-variants", action="store_true",
                     help="after the batch runs, the TTFT and the largest burst with no dense weights "
                          "and with them, alternating; default: skipped")
+    ap.add_argument("--warm-all", action="store_true",
+                    help="before the runs, capture every step graph as an idle engine does, timed; "
+                         "default: only the runs' own, and no idle warm-up while they run")
     ap.add_argument("--pairs", type=int, default=2,
                     help="engine and worker runs per batch, alternating in ABBA order (E W, W E, ...); "
                          "worker/engine is the median of the pairs' ratios (default %(default)s)")
@@ -218,6 +222,7 @@ def parse(argv: list[str] | None) -> Options:
         batch_kernel=a.batch_kernel,
         dense=bool(a.dense),
         dense_variants=bool(a.dense_variants),
+        warm_all=bool(a.warm_all),
     )
 
 
@@ -303,7 +308,19 @@ async def main_async(opt: Options) -> dict[str, Any]:
     engine.warm_prompts()  # as the engine's start does
     log(f"load check (batched vs forward, probe prompt): {res['load_check']}")
     res["capture_s"] = time.perf_counter() - t0
-    log(f"graphs captured in {core.capture_s:.1f} s (compiled glue: {core.glue is not None})")
+    log(f"graphs captured in {core.capture_s:.1f} s (compiled glue: {core.glue is not None}): {len(core.graphs())}")
+    assert engine.scheduler is not None
+    if opt.warm_all:  # what an idle engine does after its start, one graph at a time
+        t0, n0, cap0 = time.perf_counter(), len(core.graphs()), core.capture_s
+        held0 = torch.cuda.memory_reserved() if cuda else 0
+        while core.warm_next():
+            pass
+        res["warm_all"] = {"graphs": len(core.graphs()) - n0, "capture_s": core.capture_s - cap0,
+                           "wall_s": time.perf_counter() - t0,
+                           "reserved_gb": ((torch.cuda.memory_reserved() if cuda else 0) - held0) / 1e9}
+        log(f"idle warm-up: {res['warm_all']}")
+    else:  # the runs' graphs are captured above: none while they are timed
+        engine.scheduler.warm_idle = False
 
     gen = GenerationConfig(max_new_tokens=opt.new_tokens)
     settings = settings_from_generation(gen)

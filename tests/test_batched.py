@@ -552,3 +552,82 @@ async def test_warm_prompts_leave_no_trace(tiny_model: Any, llama_tok: Any) -> N
         assert await collect(engine.stream_ids(p, greedy(6))) == reference(tiny_model, p, 6)
     finally:
         await engine.close()
+
+
+def test_the_idle_warm_up_plans_every_step_shape_shortest_contexts_first(tiny_model: Any) -> None:
+    """``DecodeCore.warm_next`` captures, one per call, the graph of every
+    (batch bucket, context bucket) a step can take (the capture itself runs
+    on a GPU: the benchmark's checks replay such graphs), the shortest
+    contexts first, skipping the ones already captured; False at the end."""
+    core = DecodeCore(tiny_model, max_batch=5, max_len=700, use_graphs=False)
+    assert not core.warm_next()  # without graphs: nothing to capture
+    core.use_graphs = True
+    captured: list[tuple[int, int]] = []
+
+    def capture(bb: int, ctx: int) -> Any:
+        captured.append((bb, ctx))
+        core._graphs[(bb, ctx)] = (None, None)  # type: ignore[assignment]
+
+    core._graph = capture  # type: ignore[assignment, method-assign]
+    capture(*core.buckets(1, 10))  # the start's one-row graph
+    while core.warm_next():
+        pass
+    shapes = {core.buckets(n, pos) for n in range(1, 6) for pos in range(core.scratch)}
+    assert sorted(captured) == sorted(shapes) and len(captured) == len(set(captured))
+    assert [ctx for _, ctx in captured[1:]] == sorted(ctx for _, ctx in captured[1:])
+    assert core.graphs() == sorted(shapes)
+    core.reset_graphs()  # the graphs dropped (a kernel turned off): planned again
+    assert core.warm_next() and core.graphs() == [(1, 256)]
+
+
+async def test_an_idle_engine_warms_between_looks_at_its_inbox(
+    tiny_model: Any, llama_tok: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The decode thread calls ``warm_next`` only while nothing decodes or
+    waits, serves a request that arrives meanwhile after at most the capture
+    in progress, stops once it returns False, and a capture that fails is
+    logged and ends the warm-up without touching the replies."""
+    engine = make_engine(tiny_model, llama_tok)
+    core, scheduler = engine.core, engine.scheduler
+    assert core is not None and scheduler is not None
+    busy: list[tuple[int, bool]] = []  # (rows live, a prompt filling) at each call
+    left = [6]
+
+    def warm_next() -> bool:
+        busy.append((len(scheduler._live), scheduler._filling is not None))
+        time.sleep(0.05)  # a capture
+        left[0] -= 1
+        return left[0] > 0
+
+    core.warm_next = warm_next  # type: ignore[method-assign]
+    await engine.start()
+    try:
+        for _ in range(100):
+            if busy:
+                break
+            await asyncio.sleep(0.01)
+        p = prompts()[0]
+        assert await collect(engine.stream_ids(p, greedy(8))) == reference(tiny_model, p, 8)
+        assert len(busy) < 6  # served in the warm-up, not after it
+        for _ in range(200):
+            if not scheduler.warm_idle:
+                break
+            await asyncio.sleep(0.01)
+        assert len(busy) == 6 and set(busy) == {(0, False)}
+        await asyncio.sleep(0.6)  # an idle admission wait: no more calls
+        assert len(busy) == 6
+
+        def broken() -> bool:
+            raise RuntimeError("CUDA error: out of memory")
+
+        core.warm_next = broken  # type: ignore[method-assign]
+        scheduler.warm_idle = True
+        for _ in range(100):
+            if not scheduler.warm_idle:
+                break
+            await asyncio.sleep(0.01)
+        assert not scheduler.warm_idle
+        assert "capturing a decode step's graph while idle failed" in caplog.text
+        assert await collect(engine.stream_ids(p, greedy(8))) == reference(tiny_model, p, 8)
+    finally:
+        await engine.close()

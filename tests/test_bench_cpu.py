@@ -23,7 +23,7 @@ def test_bench_tiny_prints_the_table(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "bench.gpu", "--tiny", "--checkpoint", str(tmp_path / "ckpt"),
          "--out", str(out), "--prefill-chunk", "16", "--chunk-variants", "16,0", "--mixed-variants", "apart,mixed",
-         "--short-burst", "12", "--fresh-lengths", "2",
+         "--short-burst", "12", "--fresh-lengths", "2", "--dense-variants", "--warm-all",
          "--pairs", "2"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=280,
     )
@@ -67,6 +67,13 @@ def test_bench_tiny_prints_the_table(tmp_path: Path) -> None:
         for r in res["runs"][kind].values():
             assert 0 < r["extra"]["gap_p50_s"] <= r["extra"]["gap_max_s"] <= r["wall_s"], (kind, r)
     assert res["prefill_chunk"] == 16
+    # dense weights none / kept, alternating (the tiny model has no fused products: none kept either way)
+    dense = res["dense_variants"]
+    assert res["dense_gb"] == 0 and set(dense) == {"none", "kept"}
+    for row in dense.values():
+        assert len(row["ttft_ms"]) == 2 and min(row["ttft_ms"]) > 0 and row["burst"]["n"] == 32
+    assert re.search(r"dense weights none / kept: TTFT \d+ tokens \(ms\) \[[\d., ]+\] / \[[\d., ]+\]", text)
+    assert res["warm_all"]["graphs"] == 0  # no graphs on the CPU
     for n in (1, 4, 16, 32):
         _assert_pairs(res, text, str(n), 2)
     # the largest burst again, once per chunk (0: off) and way of running it, each a row of its own table

@@ -186,6 +186,7 @@ class DecodeCore:
         self.ctx_range = torch.arange(max_len, device=self.device)
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool: Any = None
+        self._plan: list[tuple[int, int]] | None = None  # graphs warm_next has still to capture
         self.capture_s = 0.0
         # Fused products per layer (bot/engine/products.py), where the loader
         # built them; otherwise the model's own modules.
@@ -281,6 +282,7 @@ class DecodeCore:
         are all gone must not be captured into again)."""
         self._graphs = {}
         self._pool = None
+        self._plan = None
 
     # -- eager pieces ---------------------------------------------------------
 
@@ -543,6 +545,10 @@ class DecodeCore:
         self.capture_s += time.perf_counter() - t0
         return graph, out
 
+    def graphs(self) -> list[tuple[int, int]]:
+        """The (batch bucket, context bucket) of every step graph captured."""
+        return sorted(self._graphs)
+
     def batch_buckets(self) -> list[int]:
         """Every batch size a step is captured for (rows are padded up to one)."""
         return sorted({min(b, self.max_batch) for b in _BATCH_BUCKETS})
@@ -581,6 +587,26 @@ class DecodeCore:
             for n in batches:
                 for c in contexts:
                     self._graph(*self.buckets(n, c - 1))
+
+    def warm_next(self) -> bool:
+        """Capture one step graph not captured yet, of every (batch bucket,
+        context bucket) a step can take, the shortest contexts first (each
+        context's every batch size), and return True; False once every one
+        is (or without graphs). The decode thread calls it while idle, so
+        that a burst does not stop to capture each new shape (~0.3 s each at
+        80 layers: docs/gpu-notes.md item 43)."""
+        if not self.use_graphs:
+            return False
+        if self._plan is None:
+            ctxs = sorted({self.buckets(1, pos)[1] for pos in range(self.scratch)})
+            self._plan = [(bb, ctx) for ctx in ctxs for bb in self.batch_buckets()]
+        while self._plan:
+            key = self._plan.pop(0)
+            if key not in self._graphs:
+                with torch.no_grad():
+                    self._graph(*key)
+                return True
+        return False
 
     def warm_prompts(self, lengths: Sequence[int], chunk: int) -> int:
         """Prefill a dummy prompt of each length (and, past ``chunk``, its

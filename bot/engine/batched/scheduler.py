@@ -141,6 +141,12 @@ class BatchScheduler:
     inputs) runs while the GPU computes instead of the GPU idling through
     it. A row that ends at step N (EOS, cancelled, NaN) drops its token of
     step N+1; rows move only after step N+1 is read.
+
+    Idle warm-up (``warm_idle``, on by default): a step runs as the CUDA
+    graph of its (batch bucket, context bucket), captured the first time
+    it is needed; while nothing decodes and nothing waits, the thread
+    captures the ones left (``DecodeCore.warm_next``), one at a time between
+    looks at the inbox, so that a burst's steps do not stop for them.
     """
 
     def __init__(
@@ -152,6 +158,7 @@ class BatchScheduler:
         prefix_cache: bool = True,
         lookahead: bool = True,
         mixed: bool = True,
+        warm_idle: bool = True,
     ) -> None:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be 1 or more, got {prefill_chunk}")
@@ -169,6 +176,9 @@ class BatchScheduler:
         self._fill_row = 0
         self.prefill_chunks = 0  # chunks that left a prompt unfinished (a decode step came next)
         self.mixed = mixed  # prompts and the decode step in one forward (_packed_turn)
+        # While idle, capture the step graphs a burst will need (DecodeCore.warm_next);
+        # turned off once every one is captured or a capture fails.
+        self.warm_idle = warm_idle
         self._thread: threading.Thread | None = None
         self._stop = False
         self.steps = 0
@@ -244,12 +254,17 @@ class BatchScheduler:
 
     def _next_request(self, block: bool) -> Request | None:
         """The next request that fits the cache, or None when none waits
-        (``block``: for up to ADMIT_WAIT_S); cancelled ones are ended and
-        ones too long for a row failed on the way."""
+        (``block``: for up to ADMIT_WAIT_S, the thread being idle: it first
+        captures the step graphs left, one between looks at the inbox);
+        cancelled ones are ended and ones too long for a row failed on the way."""
         while True:
+            warm = block and self.warm_idle
             try:
-                req = self._inbox.get(block=block, timeout=ADMIT_WAIT_S if block else None)
+                req = self._inbox.get(block=block and not warm, timeout=ADMIT_WAIT_S if block else None)
             except queue.Empty:
+                if warm:
+                    self._warm_next()
+                    continue
                 return None
             if req is None:
                 return None
@@ -262,6 +277,18 @@ class BatchScheduler:
                 _post(req, _prefill_error(exc))
                 continue
             return req
+
+    def _warm_next(self) -> None:
+        """One step graph captured while idle (``DecodeCore.warm_next``): a
+        request arriving meanwhile waits for that one capture at most."""
+        try:
+            self.warm_idle = self.core.warm_next()
+        except Exception:
+            log.exception("capturing a decode step's graph while idle failed; the rest are captured when needed")
+            self.warm_idle = False
+        if not self.warm_idle:
+            log.info("step graphs captured: %d (%.1f s capturing in all)", len(self.core.graphs()),
+                     self.core.capture_s)
 
     def _admit(self, block: bool) -> None:
         """Take new requests while rows are free, prefilling each (a long
