@@ -263,12 +263,18 @@ class DecodeCore:
 
         torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
         fns = {
-            "rope_store": _glue_rope_store,
             "probs": _glue_probs,
             "add_norm": _glue_add_norm,
             "silu_mul": _glue_silu_mul,
         }
         self.glue = {k: torch.compile(f, fullgraph=True) for k, f in fns.items()}  # type: ignore[call-overload]
+        # rope_store writes into the KV cache: inductor, timing its candidate
+        # kernels at each compilation, first copies every tensor a kernel
+        # writes, i.e. the whole key cache (16 GB in a 70B bench run: out of
+        # memory beside dense weights, and on a card whose cache fills what
+        # the weights leave). One configuration, nothing timed, nothing copied.
+        self.glue["rope_store"] = torch.compile(  # type: ignore[call-overload]
+            _glue_rope_store, fullgraph=True, options={"triton.autotune_pointwise": False})
         # prompts: compiled apart from the steps' (whose shapes are a few
         # buckets); the second prompt length recompiles them with the length
         # dynamic (torch's automatic dynamic shapes), for every length after
