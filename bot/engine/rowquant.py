@@ -85,7 +85,7 @@ class RowQuant:
     scale: torch.Tensor  # [out], the model's dtype (half for the CUDA kernels)
     zero: torch.Tensor  # [out], 1024 + the zero point (see the kernel), the scales' dtype
     splits: tuple[int, ...]  # the fused products' output sizes, in order
-    # The weights dequantized once and kept (products.keep_dense), or None:
+    # The weights dequantized once and kept (products.set_dense), or None:
     # :func:`dequantize` then returns it instead of unpacking the codes again.
     dense: torch.Tensor | None = None
 

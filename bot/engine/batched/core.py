@@ -599,7 +599,7 @@ class DecodeCore:
         context bucket) a step can take, the shortest contexts first (each
         context's every batch size), and return True; False once every one
         is (or without graphs). The decode thread calls it while idle, so
-        that a burst does not stop to capture each new shape (~0.3 s each at
+        that a burst does not stop to capture each new shape (0.21 s each at
         80 layers: docs/gpu-notes.md item 43)."""
         if not self.use_graphs:
             return False

@@ -25,6 +25,7 @@ from bot.types import Settings, Turn
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class _StepKernel:
     """One of the decode step's own kernels, as the load check names it."""
