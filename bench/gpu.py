@@ -83,6 +83,7 @@ from bench.gpu_measure import (
     sampler_waits,
     step_breakdown,
     time_sampler,
+    ttft_median,
     worker_prompt_ids,
     worker_texts,
 )
@@ -328,12 +329,8 @@ async def main_async(opt: Options) -> dict[str, Any]:
     rng = torch.Generator().manual_seed(0)
 
     # TTFT, 1 conversation, max_new_tokens=1
-    ttfts = []
     long_prompt = random_prompt(rng, opt.ttft_tokens, shape.vocab)
-    for _ in range(3):
-        r = await engine_run(engine, [long_prompt], replace(settings, max_new_tokens=1))
-        ttfts.append(r.ttft_s)
-    res["ttft_s"] = statistics.median(ttfts)
+    res["ttft_s"] = await ttft_median(engine, long_prompt, settings)
     log(f"TTFT {opt.ttft_tokens} tokens: {res['ttft_s'] * 1e3:.0f} ms")
     # a follow-up of 20 tokens in a thread with 3,000 tokens of history: with
     # no prefix cache the whole thread is prefilled again

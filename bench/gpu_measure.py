@@ -646,6 +646,15 @@ async def engine_run(
     return res
 
 
+async def ttft_median(engine: BatchedEngine, prompt: list[int], settings: Settings, runs: int = 3,
+                      time_graph: bool = True) -> float:
+    """Seconds to the first token of ``prompt`` alone (one new token, cold),
+    the median of ``runs`` runs."""
+    one = replace(settings, max_new_tokens=1)
+    return statistics.median([(await engine_run(engine, [prompt], one, time_graph=time_graph)).ttft_s
+                              for _ in range(runs)])
+
+
 async def fresh_length_ttft(
     engine: BatchedEngine, vocab: int, settings: Settings, base: int, count: int
 ) -> dict[str, dict[str, list[float]]]:
@@ -799,15 +808,12 @@ def production_free(engine: BatchedEngine, max_batch: int, context_length: int) 
     keeps dense weights (``BatchedEngine.keep_dense``): the bench's cache is
     sized for its prompts, production's for ``max_batch`` rows of the model's
     whole context (``kv_cache_len``); dense copies kept now count as free."""
-    from bot.engine import products
     from bot.engine.batched.engine import kv_cache_len, kv_token_bytes
 
     core = engine.core
     assert core is not None
-    torch.cuda.empty_cache()
-    free = torch.cuda.mem_get_info(core.device)[0] + (products.dense_kept(core.products) if core.products else 0)
     held = core.k_cache.nbytes + core.v_cache.nbytes
-    return int(free + held - kv_token_bytes(engine.model) * max_batch
+    return int(engine.free_memory() + held - kv_token_bytes(engine.model) * max_batch
                * kv_cache_len(engine.model, max_batch, context_length))
 
 
@@ -822,10 +828,8 @@ async def dense_variants(
     try:
         for i, (name, f) in enumerate((("none", 0), ("kept", free)) * 2):
             engine.keep_dense(free=f)
-            ttfts = [(await engine_run(engine, [long_prompt], replace(settings, max_new_tokens=1),
-                                       time_graph=False)).ttft_s for _ in range(3)]
             row = out.setdefault(name, {"ttft_ms": []})
-            row["ttft_ms"].append(1e3 * statistics.median(ttfts))
+            row["ttft_ms"].append(1e3 * await ttft_median(engine, long_prompt, settings, time_graph=False))
             if i >= 2 and burst:
                 r = await engine_run(engine, burst, settings, time_graph=False)
                 row["burst"] = {**r.__dict__}

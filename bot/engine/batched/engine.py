@@ -146,8 +146,7 @@ class BatchedEngine:
         if free is None:
             if core.device.type != "cuda":
                 return 0
-            torch.cuda.empty_cache()
-            free = torch.cuda.mem_get_info(core.device)[0] + products.dense_kept(core.products)
+            free = self.free_memory()
         budget = dense_budget(self.model, core.products, free, core.scratch)
         n, nbytes = products.set_dense(core.products, budget)
         total = 4 * len(core.products)
@@ -155,6 +154,15 @@ class BatchedEngine:
         log.info("dense weights: %d of %d products kept dequantized for prompts (%.1f GB of %.1f GB free)",
                  n, total, nbytes / 1e9, free / 1e9)
         return nbytes
+
+    def free_memory(self) -> int:
+        """The GPU's free bytes after the caching allocator gives back what it
+        holds unused, the dense copies kept now (:meth:`keep_dense`) counted
+        as free."""
+        assert self.core is not None
+        torch.cuda.empty_cache()
+        kept = products.dense_kept(self.core.products) if self.core.products else 0
+        return int(torch.cuda.mem_get_info(self.core.device)[0]) + kept
 
     def verify(self, reference: Any = None) -> tuple[float, float]:
         """The load check of the batched path (bot/engine/fidelity.py): its
